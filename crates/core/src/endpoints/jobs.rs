@@ -1,0 +1,138 @@
+//! `tokenjobstate.cgi` (the waiting page's poll) and `update-jobs.cgi` (the
+//! scheduler's push).
+
+use http::{header, HeaderValue, Method, Request, StatusCode};
+
+use super::{
+    allowed_client, missing, query_params, require_method, text_response, Body, Context, Outcome,
+    ONLY_GET,
+};
+use crate::query::Params;
+
+pub(super) fn tokenjobstate(ctx: &mut Context, request: &Request<Body>) -> Outcome {
+    require_method(
+        request,
+        &[Method::GET, Method::OPTIONS],
+        "GET, OPTIONS",
+        ONLY_GET,
+    )?;
+    let params = query_params(request);
+    // The page sends `window.location.hostname`: keep the first label.
+    let raw = params.get("token").ok_or_else(|| missing("token"))?;
+    let label = raw.split(|&b| b == b'.').next().unwrap_or_default();
+    if label.is_empty() {
+        return Err(missing("token"));
+    }
+    let token = std::str::from_utf8(label)
+        .ok()
+        .map(str::to_ascii_lowercase)
+        .filter(|t| crate::token::is_valid_alias(t));
+
+    let allowed_origin = token.as_deref().and_then(|alias| {
+        let origin = request.headers().get(header::ORIGIN)?;
+        let expected = ctx.config.alias_origin(alias);
+        origin
+            .as_bytes()
+            .eq_ignore_ascii_case(expected.as_bytes())
+            .then(|| origin.clone())
+    });
+
+    let mut response = if request.method() == Method::OPTIONS {
+        let mut preflight = text_response(StatusCode::NO_CONTENT, "text/plain", Vec::new());
+        let headers = preflight.headers_mut();
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, OPTIONS"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        preflight
+    } else {
+        let code = match &token {
+            Some(alias) => {
+                let (now, ttl) = (ctx.now(), ctx.config.ttl_secs);
+                let found = ctx.store()?.token_job(alias, now, ttl)?;
+                found.map(|job| ctx.classifier.display_code(&job, now.timestamp()))
+            }
+            None => None,
+        };
+        // Unknown tokens get 200 and an empty body: the page keeps polling.
+        text_response(
+            StatusCode::OK,
+            "text/plain",
+            code.unwrap_or("").as_bytes().to_vec(),
+        )
+    };
+    let headers = response.headers_mut();
+    if let Some(origin) = allowed_origin {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    }
+    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    Ok(response)
+}
+
+pub(super) fn update_jobs(ctx: &mut Context, request: &Request<Body>) -> Outcome {
+    require_method(
+        request,
+        &[Method::POST],
+        "POST",
+        "Only POST method is supported",
+    )?;
+    let form = Params::parse(request.body());
+    let table = form.get("jobstates").ok_or_else(|| missing("jobstates"))?;
+    allowed_client(request, &ctx.config.jobstateipmask, "")?;
+    let states = parse_job_table(table);
+    let now = ctx.now().timestamp();
+    ctx.store()?.update_jobstates(&states, now)?;
+    Ok(text_response(
+        StatusCode::OK,
+        "text/html",
+        b"Successfully updated jobs! \n".to_vec(),
+    ))
+}
+
+/// `<jobid> <state>` lines, extra fields ignored. Unlike the original,
+/// leading blanks (default `squeue` output) are fine and underscores and
+/// digits in states are kept (`OUT_OF_MEMORY`, `NODE_FAIL`).
+pub fn parse_job_table(table: &[u8]) -> Vec<(String, String)> {
+    let keep = |field: &[u8], extra: &[u8]| -> String {
+        field
+            .iter()
+            .filter(|b| b.is_ascii_alphanumeric() || extra.contains(b))
+            .map(|&b| b as char)
+            .collect()
+    };
+    table
+        .split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let mut fields = line
+                .split(|b| b.is_ascii_whitespace())
+                .filter(|f| !f.is_empty());
+            let jobid = keep(fields.next()?, b"-._");
+            let state = keep(fields.next()?, b"_");
+            let usable = |s: &str| !s.is_empty() && s != "0";
+            (usable(&jobid) && usable(&state) && jobid.len() < 48).then_some((jobid, state))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squeue_style_tables() {
+        let table =
+            b"\n  12345 PENDING\n12346 OUT_OF_MEMORY extra\n0 R\n12347\n12348.tscc-mgr.local R\r\n";
+        assert_eq!(
+            parse_job_table(table),
+            vec![
+                ("12345".to_owned(), "PENDING".to_owned()),
+                ("12346".to_owned(), "OUT_OF_MEMORY".to_owned()),
+                ("12348.tscc-mgr.local".to_owned(), "R".to_owned()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! The endpoint handlers: one function per endpoint of the original, all of
+//! the shape `(context, http::Request) -> http::Response`, so the CGI adapter
+//! and the native server run the very same code.
+//!
+//! Answers keep the original's bytes: success bodies exactly, and every error
+//! body is `Oops! <the original's message>\n`. Statuses are proper ones
+//! (400, 403, 404, 405, 409, 413, 500, 503) unless `legacy_status_200` asks
+//! for the original's 200 everywhere.
+
+mod getlink;
+mod index;
+mod jobs;
+mod tokens;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+
+use crate::config::Config;
+use crate::error::CoreError;
+use crate::ipmask::{canonical_ip, IpMaskList};
+use crate::jobstate::JobClassifier;
+use crate::query::Params;
+use crate::store::Store;
+use crate::syslog::Syslog;
+use crate::token::Wordlist;
+
+pub type Body = Vec<u8>;
+
+/// The endpoints of the original, by the name of their CGI script.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    GetLink,
+    RedeemToken,
+    DestroyToken,
+    LinkToken,
+    TokenJobState,
+    UpdateJobs,
+    Index,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 7] = [
+        Endpoint::GetLink,
+        Endpoint::RedeemToken,
+        Endpoint::DestroyToken,
+        Endpoint::LinkToken,
+        Endpoint::TokenJobState,
+        Endpoint::UpdateJobs,
+        Endpoint::Index,
+    ];
+
+    /// The program name, and the script name without `.cgi`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::GetLink => "getlink",
+            Endpoint::RedeemToken => "redeemtoken",
+            Endpoint::DestroyToken => "destroytoken",
+            Endpoint::LinkToken => "linktoken",
+            Endpoint::TokenJobState => "tokenjobstate",
+            Endpoint::UpdateJobs => "update-jobs",
+            Endpoint::Index => "index",
+        }
+    }
+
+    /// Which endpoint a URL path names, as Apache's `ScriptAlias "/"` and
+    /// `DirectoryIndex index.cgi` route them. Other paths are the waiting
+    /// page's business (`index`), which answers every path on a pending host.
+    pub fn for_path(path: &str) -> Endpoint {
+        let script = path.trim_start_matches('/');
+        Endpoint::ALL
+            .into_iter()
+            .find(|e| script.strip_suffix(".cgi") == Some(e.name()))
+            .unwrap_or(Endpoint::Index)
+    }
+}
+
+/// The address of the client, as the transport saw it (`REMOTE_ADDR` in
+/// CGI, the TCP peer or a trusted proxy's header natively). Carried in the
+/// request's extensions; absent when unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+/// What a handler needs besides the request: configuration, a database
+/// connection opened on first use, and the audit log.
+pub struct Context {
+    pub config: Config,
+    pub syslog: Syslog,
+    store: Option<Store>,
+    wordlist: Option<Wordlist>,
+    classifier: JobClassifier,
+    clock: fn() -> DateTime<Utc>,
+}
+
+impl Context {
+    pub fn new(config: Config, syslog: Syslog) -> Self {
+        let classifier = JobClassifier::new(
+            &config.job_wait_state_codes,
+            &config.job_run_state_codes,
+            &config.job_gone_state_codes,
+        );
+        Context {
+            config,
+            syslog,
+            store: None,
+            wordlist: None,
+            classifier,
+            clock: Utc::now,
+        }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
+    }
+
+    /// The database, opened (and a legacy schema migrated) on first use;
+    /// requests that never reach the database never open it.
+    pub fn store(&mut self) -> Result<&mut Store, CoreError> {
+        if self.store.is_none() {
+            let timeout = Duration::from_millis(self.config.busy_timeout_ms);
+            self.store = Some(Store::open(&self.config.dbfile, timeout)?);
+        }
+        Ok(self.store.as_mut().expect("opened above"))
+    }
+
+    fn wordlist(&mut self) -> Result<&Wordlist, CoreError> {
+        if self.wordlist.is_none() {
+            self.wordlist = Some(Wordlist::load(&self.config.wordlist)?);
+        }
+        Ok(self.wordlist.as_ref().expect("loaded above"))
+    }
+}
+
+/// Answers one request for one endpoint.
+pub fn handle(ctx: &mut Context, endpoint: Endpoint, request: &Request<Body>) -> Response<Body> {
+    let result = match endpoint {
+        Endpoint::GetLink => getlink::getlink(ctx, request),
+        Endpoint::RedeemToken => tokens::redeem(ctx, request),
+        Endpoint::DestroyToken => tokens::destroy(ctx, request),
+        Endpoint::LinkToken => tokens::link(ctx, request),
+        Endpoint::TokenJobState => jobs::tokenjobstate(ctx, request),
+        Endpoint::UpdateJobs => jobs::update_jobs(ctx, request),
+        Endpoint::Index => index::index(ctx, request),
+    };
+    let mut response = result.unwrap_or_else(|failure| failure.into_response(ctx, endpoint));
+    if request.method() == Method::HEAD {
+        response.body_mut().clear();
+    }
+    response
+}
+
+/// Why a request was refused: a client mistake with the original's message,
+/// or an internal failure whose details go to the error log only.
+pub(crate) enum Failure {
+    Oops(StatusCode, String),
+    MethodNotAllowed(&'static str, &'static str),
+    Internal(CoreError),
+}
+
+impl From<CoreError> for Failure {
+    fn from(err: CoreError) -> Self {
+        Failure::Internal(err)
+    }
+}
+
+pub(crate) type Outcome = Result<Response<Body>, Failure>;
+
+impl Failure {
+    fn into_response(self, ctx: &Context, endpoint: Endpoint) -> Response<Body> {
+        match self {
+            Failure::Oops(status, message) => oops(&ctx.config, status, &message),
+            Failure::MethodNotAllowed(allow, message) => {
+                let mut response = oops(&ctx.config, StatusCode::METHOD_NOT_ALLOWED, message);
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                response
+            }
+            Failure::Internal(err) => {
+                eprintln!("satellite {}: {err}", endpoint.name());
+                internal_error(&ctx.config, &err)
+            }
+        }
+    }
+}
+
+/// `Oops! <message>\n` as `text/plain`.
+pub fn oops(config: &Config, status: StatusCode, message: &str) -> Response<Body> {
+    let status = if config.legacy_status_200 {
+        StatusCode::OK
+    } else {
+        status
+    };
+    text_response(
+        status,
+        "text/plain",
+        format!("Oops! {message}\n").into_bytes(),
+    )
+}
+
+/// The answer to a failure inside the service. A busy database is
+/// temporary (503 and `Retry-After`); anything else is a 500.
+pub fn internal_error(config: &Config, err: &CoreError) -> Response<Body> {
+    let (status, message) = if err.is_temporary() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The service is busy, please try again in a moment.",
+        )
+    } else {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal error, please try again later or tell the administrators.",
+        )
+    };
+    let mut response = oops(config, status, message);
+    if err.is_temporary() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    }
+    response
+}
+
+/// The answer when no configuration could be loaded: nothing is known, not
+/// even whether the site wants legacy statuses.
+pub fn config_error_response() -> Response<Body> {
+    text_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "text/plain",
+        b"Oops! The service is not configured correctly, please tell the administrators.\n"
+            .to_vec(),
+    )
+}
+
+pub fn text_response(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Answers name live tokens and change with every poll.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn require_method(
+    request: &Request<Body>,
+    allowed: &[Method],
+    allow: &'static str,
+    message: &'static str,
+) -> Result<(), Failure> {
+    if allowed.contains(request.method()) {
+        Ok(())
+    } else {
+        Err(Failure::MethodNotAllowed(allow, message))
+    }
+}
+
+const ONLY_GET: &str = "Only GET method is supported";
+
+fn require_get(request: &Request<Body>) -> Result<(), Failure> {
+    require_method(request, &[Method::GET], "GET", ONLY_GET)
+}
+
+fn query_params(request: &Request<Body>) -> Params {
+    Params::parse(request.uri().query().unwrap_or("").as_bytes())
+}
+
+fn missing(name: &str) -> Failure {
+    Failure::Oops(
+        StatusCode::BAD_REQUEST,
+        format!("Missing '{name}' parameter"),
+    )
+}
+
+/// A token parameter that could name a row. Anything else (not UTF-8, NUL,
+/// regex characters, 10 KB of junk) names none, so it is answered as an
+/// unknown token without a database round trip.
+fn token_param(params: &Params) -> Result<Option<&str>, Failure> {
+    let raw = params.get("token").ok_or_else(|| missing("token"))?;
+    Ok(std::str::from_utf8(raw)
+        .ok()
+        .filter(|t| crate::token::is_valid_alias(t)))
+}
+
+/// The client's address if it falls inside `masks`, else the original's
+/// refusal. `hint` is the advice after the mask list, if any.
+fn allowed_client(
+    request: &Request<Body>,
+    masks: &IpMaskList,
+    hint: &str,
+) -> Result<IpAddr, Failure> {
+    let client = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|c| canonical_ip(c.0));
+    match client {
+        Some(addr) if masks.contains(addr) => Ok(addr),
+        _ => {
+            let range = if masks.len() == 1 { "range" } else { "ranges" };
+            Err(Failure::Oops(
+                StatusCode::FORBIDDEN,
+                format!("Client (your) IP not in {range} {masks}{hint}"),
+            ))
+        }
+    }
+}
+
+const FROM_CLUSTER: &str = ", please try from within the cluster.";
+const FROM_COMPUTE_NODE: &str = ", please try from the compute node running your service.";
+
+fn short_id(alias: &str) -> String {
+    let hash = crate::token::alias_compare_hash(alias.as_bytes());
+    crate::token::log_id(&hash).to_owned()
+}

@@ -1,0 +1,86 @@
+//! The typed error of the core crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong below the HTTP layer.
+///
+/// Endpoint handlers turn these into `Oops!` answers with a fitting status;
+/// binaries wrap them with `anyhow::Context`.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("configuration file {path}: {message}")]
+    Config { path: PathBuf, message: String },
+
+    #[error("configuration: {0}")]
+    ConfigValue(String),
+
+    #[error("word list {path}: {message}")]
+    Wordlist { path: PathBuf, message: String },
+
+    #[error("database {path} does not exist (create it with `satellite migrate`)")]
+    DatabaseMissing { path: PathBuf },
+
+    #[error("database {path} has no satellite tables (create them with `satellite migrate`)")]
+    DatabaseEmpty { path: PathBuf },
+
+    #[error("database {path} was written by a newer satellite (schema version {found}, this build knows {known})")]
+    DatabaseFromFuture {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+
+    #[error(
+        "database {path}: rows share an alias_compare_hash, so it cannot be made unique: {aliases}"
+    )]
+    DuplicateAliases { path: PathBuf, aliases: String },
+
+    #[error("database is busy (another writer held the lock past the busy timeout)")]
+    Busy,
+
+    #[error("database is read-only")]
+    ReadOnly,
+
+    #[error("database: {0}")]
+    Sqlite(rusqlite::Error),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CoreError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        CoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Classifies SQLite failures that callers treat differently:
+    /// a busy database is worth a retry (503), a read-only one is not.
+    pub fn from_sqlite(err: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode;
+        match err.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => CoreError::Busy,
+            Some(ErrorCode::ReadOnly) => CoreError::ReadOnly,
+            _ => CoreError::Sqlite(err),
+        }
+    }
+
+    /// True when the failure is temporary and the client may simply try again.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, CoreError::Busy)
+    }
+}
+
+impl From<rusqlite::Error> for CoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        CoreError::from_sqlite(err)
+    }
+}
+
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;

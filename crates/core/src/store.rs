@@ -1,0 +1,628 @@
+//! The SQLite store: the `proxy` table of alias → host:port mappings and the
+//! `jobstates` feed, in the original's formats so that the Perl scripts can
+//! still run on a database satellite has written.
+//!
+//! Formats kept from the original: `alias_compare_hash` is unpadded base64
+//! SHA-256 (43 characters); `modified` is UTC `YYYY-MM-DD HH:MM:SS` text
+//! (expiry compares it as a string); `jobstates.lastseen` is an integer
+//! epoch. Every write is one `BEGIN IMMEDIATE` transaction whose conditional
+//! statement is checked by its affected-row count, so two racing requests
+//! can never both succeed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::types::Value;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::error::{CoreError, Result};
+use crate::token::alias_compare_hash;
+
+/// Written to `PRAGMA user_version` once a database has satellite's indexes.
+/// Legacy databases have 0.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Job states older than this are purged whenever new ones arrive.
+pub const JOBSTATE_RETENTION_SECS: i64 = 3 * 24 * 3600;
+
+const CREATE_PROXY: &str = "CREATE TABLE proxy ( alias text not null, alias_compare_hash text not null, modified timestamp default current_timestamp, dsthost text, dstport integer, dstpath text, state text not null, jobid text default null)";
+const CREATE_JOBSTATES: &str = "CREATE TABLE jobstates ( jobid text primary key, state text not null, lastseen timestamp default current_timestamp)";
+const CREATE_INDEXES: &str = "
+    CREATE UNIQUE INDEX IF NOT EXISTS proxy_alias_compare_hash ON proxy (alias_compare_hash);
+    CREATE INDEX IF NOT EXISTS proxy_state_alias ON proxy (state, alias);
+    CREATE INDEX IF NOT EXISTS proxy_modified ON proxy (modified);
+    CREATE INDEX IF NOT EXISTS jobstates_lastseen ON jobstates (lastseen);
+";
+const PROXY_COLUMNS: [&str; 7] = [
+    "alias",
+    "alias_compare_hash",
+    "modified",
+    "dsthost",
+    "dstport",
+    "dstpath",
+    "state",
+];
+
+/// The states a `proxy` row can be in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyState {
+    Pending,
+    Mapped,
+    Proxied,
+    /// Anything else a hand-edited database may hold.
+    Other(String),
+}
+
+impl ProxyState {
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "pending" => ProxyState::Pending,
+            "mapped" => ProxyState::Mapped,
+            "proxied" => ProxyState::Proxied,
+            other => ProxyState::Other(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ProxyState::Pending => "pending",
+            ProxyState::Mapped => "mapped",
+            ProxyState::Proxied => "proxied",
+            ProxyState::Other(text) => text,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RedeemOutcome {
+    Redeemed,
+    Unknown,
+    AlreadyRedeemed,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DestroyOutcome {
+    Destroyed,
+    Unknown,
+    WrongHost,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkOutcome {
+    Linked,
+    Unknown,
+    AlreadyLinked,
+}
+
+/// What tokenjobstate needs of a token.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TokenJob {
+    pub proxy_state: ProxyState,
+    pub jobid: Option<String>,
+    pub job_state: Option<String>,
+    pub job_lastseen: Option<i64>,
+}
+
+/// A row of `proxy` as a route candidate; values are raw, to be validated
+/// before anything is written into Apache's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteRow {
+    pub alias: String,
+    pub dsthost: Option<String>,
+    pub dstport: Option<String>,
+    pub state: ProxyState,
+}
+
+/// What opening a database did to it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Migration {
+    pub created: bool,
+    pub added_columns: Vec<&'static str>,
+    pub from_version: i64,
+}
+
+impl Migration {
+    pub fn changed_anything(&self) -> bool {
+        self.created || !self.added_columns.is_empty() || self.from_version != SCHEMA_VERSION
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// `modified` text for an instant: what SQLite's `current_timestamp` writes.
+pub fn sql_timestamp(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// The `modified` value below which a row has outlived `ttl_secs`.
+pub fn expiry_cutoff(now: DateTime<Utc>, ttl_secs: i64) -> String {
+    sql_timestamp(now - chrono::Duration::seconds(ttl_secs))
+}
+
+impl Store {
+    /// Opens an existing database, bringing a legacy schema forward.
+    /// A missing file or one without the tables is an error: programs that
+    /// answer requests never create a database in a place nobody chose.
+    pub fn open(path: &Path, busy_timeout: Duration) -> Result<Self> {
+        Self::open_inner(path, busy_timeout, false).map(|(store, _)| store)
+    }
+
+    /// Opens the database, creating the file and the tables when missing.
+    pub fn open_or_create(path: &Path, busy_timeout: Duration) -> Result<(Self, Migration)> {
+        Self::open_inner(path, busy_timeout, true)
+    }
+
+    fn open_inner(path: &Path, busy_timeout: Duration, create: bool) -> Result<(Self, Migration)> {
+        if !create && !path.exists() {
+            return Err(CoreError::DatabaseMissing {
+                path: path.to_owned(),
+            });
+        }
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if create {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(busy_timeout)?;
+        let mut store = Store {
+            conn,
+            path: path.to_owned(),
+        };
+        let migration = store.migrate(create)?;
+        Ok((store, migration))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))?)
+    }
+
+    fn migrate(&mut self, create: bool) -> Result<Migration> {
+        let from_version = self.schema_version()?;
+        if from_version == SCHEMA_VERSION {
+            return Ok(Migration {
+                from_version,
+                ..Migration::default()
+            });
+        }
+        if from_version > SCHEMA_VERSION {
+            return Err(CoreError::DatabaseFromFuture {
+                path: self.path.clone(),
+                found: from_version,
+                known: SCHEMA_VERSION,
+            });
+        }
+        // Look before taking the write lock, so a database we refuse is left
+        // exactly as it was.
+        if !create && !self.has_table("proxy")? {
+            return Err(CoreError::DatabaseEmpty {
+                path: self.path.clone(),
+            });
+        }
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut migration = Migration {
+            from_version,
+            ..Migration::default()
+        };
+        let has_table = |name: &str| -> Result<bool> {
+            Ok(tx
+                .query_row(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [name],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+        };
+        if !has_table("proxy")? {
+            tx.execute_batch(CREATE_PROXY)?;
+            migration.created = true;
+        }
+        if !has_table("jobstates")? {
+            tx.execute_batch(CREATE_JOBSTATES)?;
+        }
+        let columns: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT name FROM pragma_table_info('proxy')")?;
+            let names = stmt.query_map([], |row| row.get(0))?;
+            names.collect::<rusqlite::Result<_>>()?
+        };
+        if let Some(missing) = PROXY_COLUMNS
+            .iter()
+            .find(|c| !columns.iter().any(|have| have == *c))
+        {
+            return Err(CoreError::Sqlite(rusqlite::Error::InvalidColumnName(
+                format!("table proxy has no column {missing}: not a satellite database"),
+            )));
+        }
+        if !columns.iter().any(|c| c == "jobid") {
+            tx.execute_batch("ALTER TABLE proxy ADD COLUMN jobid text default null")?;
+            migration.added_columns.push("jobid");
+        }
+        let duplicates: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT group_concat(alias, ' = ') FROM proxy \
+                 GROUP BY alias_compare_hash HAVING count(*) > 1 LIMIT 20",
+            )?;
+            let rows = stmt.query_map([], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        if !duplicates.is_empty() {
+            return Err(CoreError::DuplicateAliases {
+                path,
+                aliases: duplicates.join("; "),
+            });
+        }
+        tx.execute_batch(CREATE_INDEXES)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        // WAL lets readers (tokenjobstate polls, index) run beside a writer.
+        // It is a property of the file, so it is set once, here.
+        let _mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+        Ok(migration)
+    }
+
+    fn has_table(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    fn write_tx(&mut self) -> Result<rusqlite::Transaction<'_>> {
+        Ok(self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+
+    /// Inserts a new pending token. Returns false, writing nothing, when a
+    /// row with the same alias already exists (the caller draws again).
+    pub fn insert_pending(&mut self, alias: &str, now: DateTime<Utc>) -> Result<bool> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let tx = self.write_tx()?;
+        let inserted = tx.execute(
+            "INSERT OR IGNORE INTO proxy (alias, alias_compare_hash, modified, state) \
+             VALUES (?1, ?2, ?3, 'pending')",
+            params![alias, hash, sql_timestamp(now)],
+        )?;
+        tx.commit()?;
+        Ok(inserted == 1)
+    }
+
+    /// Binds a live pending token to `host:port`.
+    pub fn redeem(
+        &mut self,
+        alias: &str,
+        host: &str,
+        port: u16,
+        now: DateTime<Utc>,
+        ttl_secs: i64,
+    ) -> Result<RedeemOutcome> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let cutoff = expiry_cutoff(now, ttl_secs);
+        let tx = self.write_tx()?;
+        let changed = tx.execute(
+            "UPDATE proxy SET dsthost = ?1, dstport = ?2, dstpath = '/', state = 'mapped', \
+             modified = ?3 WHERE alias_compare_hash = ?4 AND alias = ?5 AND state = 'pending' \
+             AND modified >= ?6",
+            params![host, port, sql_timestamp(now), hash, alias, cutoff],
+        )?;
+        let outcome = if changed == 1 {
+            RedeemOutcome::Redeemed
+        } else if live_row_exists(&tx, &hash, alias, &cutoff)? {
+            RedeemOutcome::AlreadyRedeemed
+        } else {
+            RedeemOutcome::Unknown
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Deletes a token. A redeemed one may only be destroyed from the host
+    /// it was redeemed on; a pending one from anywhere allowed (galyleo
+    /// destroys from the login node when `sbatch` fails). Expired rows may
+    /// be destroyed too: it only hastens the inevitable.
+    pub fn destroy(&mut self, alias: &str, requester: &str) -> Result<DestroyOutcome> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let tx = self.write_tx()?;
+        let deleted = tx.execute(
+            "DELETE FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2 \
+             AND (dsthost IS NULL OR dsthost = '' OR dsthost = ?3)",
+            params![hash, alias, requester],
+        )?;
+        let outcome = if deleted == 1 {
+            DestroyOutcome::Destroyed
+        } else if live_row_exists(&tx, &hash, alias, "")? {
+            DestroyOutcome::WrongHost
+        } else {
+            DestroyOutcome::Unknown
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Records the batch job id of a live token, once.
+    pub fn link(
+        &mut self,
+        alias: &str,
+        jobid: &str,
+        now: DateTime<Utc>,
+        ttl_secs: i64,
+    ) -> Result<LinkOutcome> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let cutoff = expiry_cutoff(now, ttl_secs);
+        let tx = self.write_tx()?;
+        let changed = tx.execute(
+            "UPDATE proxy SET jobid = ?1 WHERE alias_compare_hash = ?2 AND alias = ?3 \
+             AND (jobid IS NULL OR jobid = '') AND modified >= ?4",
+            params![jobid, hash, alias, cutoff],
+        )?;
+        let outcome = if changed == 1 {
+            LinkOutcome::Linked
+        } else if live_row_exists(&tx, &hash, alias, &cutoff)? {
+            LinkOutcome::AlreadyLinked
+        } else {
+            LinkOutcome::Unknown
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// The state of a live token, for the waiting page.
+    pub fn proxy_state(
+        &self,
+        alias: &str,
+        now: DateTime<Utc>,
+        ttl_secs: i64,
+    ) -> Result<Option<ProxyState>> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let state: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT state FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2 \
+                 AND modified >= ?3",
+                params![hash, alias, expiry_cutoff(now, ttl_secs)],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(state.map(|s| ProxyState::parse(&s)))
+    }
+
+    /// A live token with its job's last pushed state.
+    pub fn token_job(
+        &self,
+        alias: &str,
+        now: DateTime<Utc>,
+        ttl_secs: i64,
+    ) -> Result<Option<TokenJob>> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let row = self
+            .conn
+            .query_row(
+                "SELECT ps.state, ps.jobid, js.state, js.lastseen FROM proxy ps \
+                 LEFT JOIN jobstates js ON js.jobid = ps.jobid \
+                 WHERE ps.alias_compare_hash = ?1 AND ps.alias = ?2 AND ps.modified >= ?3",
+                params![hash, alias, expiry_cutoff(now, ttl_secs)],
+                |row| {
+                    Ok(TokenJob {
+                        proxy_state: ProxyState::parse(
+                            &value_text(row.get(0)?).unwrap_or_default(),
+                        ),
+                        jobid: value_text(row.get(1)?).filter(|j| !j.is_empty()),
+                        job_state: value_text(row.get(2)?),
+                        job_lastseen: value_integer(row.get(3)?),
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row)
+    }
+
+    /// Replaces job states with a fresh batch and purges those not seen for
+    /// three days, in one transaction. Returns how many were written.
+    pub fn update_jobstates(
+        &mut self,
+        states: &[(String, String)],
+        now_epoch: i64,
+    ) -> Result<usize> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "DELETE FROM jobstates WHERE lastseen < ?1 OR typeof(lastseen) <> 'integer'",
+            [now_epoch - JOBSTATE_RETENTION_SECS],
+        )?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT OR REPLACE INTO jobstates (jobid, state, lastseen) VALUES (?1, ?2, ?3)",
+            )?;
+            for (jobid, state) in states {
+                insert.execute(params![jobid, state, now_epoch])?;
+            }
+        }
+        tx.commit()?;
+        Ok(states.len())
+    }
+
+    /// Deletes rows of every state whose `modified` is older than the TTL.
+    pub fn expire(&mut self, now: DateTime<Utc>, ttl_secs: i64) -> Result<usize> {
+        let tx = self.write_tx()?;
+        let deleted = tx.execute(
+            "DELETE FROM proxy WHERE modified < ?1",
+            [expiry_cutoff(now, ttl_secs)],
+        )?;
+        tx.commit()?;
+        Ok(deleted)
+    }
+
+    /// Rows that should have a route: `mapped` and `proxied`, by alias.
+    pub fn route_rows(&self) -> Result<Vec<RouteRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT alias, dsthost, dstport, state FROM proxy \
+             WHERE state IN ('mapped', 'proxied') ORDER BY alias ASC",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok(RouteRow {
+                alias: value_text(row.get(0)?).unwrap_or_default(),
+                dsthost: value_text(row.get(1)?),
+                dstport: value_text(row.get(2)?),
+                state: ProxyState::parse(&value_text(row.get(3)?).unwrap_or_default()),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Flips `mapped` rows to `proxied` once their route is live.
+    pub fn mark_proxied(&mut self, aliases: &[String]) -> Result<usize> {
+        let tx = self.write_tx()?;
+        let mut flipped = 0;
+        {
+            let mut update = tx.prepare(
+                "UPDATE proxy SET state = 'proxied' WHERE alias = ?1 AND state = 'mapped'",
+            )?;
+            for alias in aliases {
+                flipped += update.execute([alias])?;
+            }
+        }
+        tx.commit()?;
+        Ok(flipped)
+    }
+}
+
+/// Whether a row for this alias exists and is younger than `cutoff`
+/// (an empty cutoff matches every row).
+fn live_row_exists(conn: &Connection, hash: &str, alias: &str, cutoff: &str) -> Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2 AND modified >= ?3",
+            params![hash, alias, cutoff],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Legacy columns are loosely typed: read whatever is there as text.
+fn value_text(value: Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::Integer(i) => Some(i.to_string()),
+        Value::Real(r) => Some(r.to_string()),
+        Value::Text(t) => Some(t),
+        Value::Blob(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+    }
+}
+
+fn value_integer(value: Value) -> Option<i64> {
+    match value {
+        Value::Integer(i) => Some(i),
+        Value::Real(r) => Some(r as i64),
+        Value::Text(t) => t.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn new_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, migration) =
+            Store::open_or_create(&dir.path().join("state.sqlite"), Duration::from_secs(1))
+                .unwrap();
+        assert!(migration.created);
+        (dir, store)
+    }
+
+    #[test]
+    fn a_token_is_redeemed_once_and_destroyed_only_from_its_host() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        assert!(store.insert_pending("able-acorn-zoo", now).unwrap());
+        assert!(!store.insert_pending("able-acorn-zoo", now).unwrap());
+        assert_eq!(
+            store
+                .redeem("able-acorn-zoo", "10.0.0.5", 8888, now, 100)
+                .unwrap(),
+            RedeemOutcome::Redeemed
+        );
+        assert_eq!(
+            store
+                .redeem("able-acorn-zoo", "10.0.0.6", 9999, now, 100)
+                .unwrap(),
+            RedeemOutcome::AlreadyRedeemed
+        );
+        assert_eq!(
+            store.destroy("able-acorn-zoo", "10.0.0.6").unwrap(),
+            DestroyOutcome::WrongHost
+        );
+        assert_eq!(
+            store.destroy("able-acorn-zoo", "10.0.0.5").unwrap(),
+            DestroyOutcome::Destroyed
+        );
+        assert_eq!(
+            store.destroy("able-acorn-zoo", "10.0.0.5").unwrap(),
+            DestroyOutcome::Unknown
+        );
+    }
+
+    #[test]
+    fn an_expired_token_behaves_as_unknown_before_cron_deletes_it() {
+        let (_dir, mut store) = new_store();
+        store
+            .insert_pending("old-token-here", at("2026-01-01T00:00:00Z"))
+            .unwrap();
+        let later = at("2026-01-01T00:01:41Z");
+        assert_eq!(
+            store
+                .redeem("old-token-here", "10.0.0.5", 8888, later, 100)
+                .unwrap(),
+            RedeemOutcome::Unknown
+        );
+        assert_eq!(
+            store.proxy_state("old-token-here", later, 100).unwrap(),
+            None
+        );
+        assert_eq!(store.expire(later, 100).unwrap(), 1);
+    }
+
+    #[test]
+    fn modified_keeps_the_legacy_text_format() {
+        let (_dir, mut store) = new_store();
+        store
+            .insert_pending("a-b-c", at("2026-03-04T05:06:07Z"))
+            .unwrap();
+        let modified: String = store
+            .connection()
+            .query_row("SELECT modified FROM proxy", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(modified, "2026-03-04 05:06:07");
+    }
+}

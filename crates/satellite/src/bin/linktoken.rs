@@ -1,0 +1,4 @@
+//! The `linktoken.cgi` endpoint as a CGI program.
+fn main() -> std::process::ExitCode {
+    satellite::run_cgi(satellite_core::Endpoint::LinkToken)
+}

@@ -1,0 +1,4 @@
+//! The `update-jobs.cgi` endpoint as a CGI program.
+fn main() -> std::process::ExitCode {
+    satellite::run_cgi(satellite_core::Endpoint::UpdateJobs)
+}

@@ -1,0 +1,79 @@
+//! The glue between the transports and the core: running one endpoint as a
+//! CGI program. The binaries in `src/bin/` are one line each.
+
+use std::io::{self, Write};
+use std::panic::{self, AssertUnwindSafe};
+use std::process::ExitCode;
+
+use http::StatusCode;
+use satellite_cgi::CgiError;
+use satellite_core::endpoints::{config_error_response, oops, Body};
+use satellite_core::syslog::Syslog;
+use satellite_core::{handle, ClientAddr, Config, Context, Endpoint};
+
+/// Answers the one request of this process for `endpoint`, as Apache's
+/// mod_cgi expects: meta-variables in, a `Status:` header and body out, and
+/// diagnostics on stderr (Apache's error log).
+pub fn run_cgi(endpoint: Endpoint) -> ExitCode {
+    let name = endpoint.name();
+    // A panic would be a bug; it must still not leave Apache with a
+    // half-written answer (and any open transaction rolls back on unwind).
+    panic::set_hook(Box::new(move |info| {
+        eprintln!("satellite {name}: bug: {info}")
+    }));
+    let answered = panic::catch_unwind(AssertUnwindSafe(|| answer(endpoint)))
+        .unwrap_or_else(|_| Some(config_error_response()));
+    let Some(response) = answered else {
+        return ExitCode::from(2);
+    };
+    match satellite_cgi::write_response(io::stdout().lock(), &response) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let _ = writeln!(io::stderr(), "satellite {name}: writing the answer: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
+    let name = endpoint.name();
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("satellite {name}: {err}");
+            return Some(config_error_response());
+        }
+    };
+    let cgi = match satellite_cgi::read_request(
+        std::env::vars_os(),
+        io::stdin().lock(),
+        config.max_body_bytes,
+    ) {
+        Ok(cgi) => cgi,
+        Err(CgiError::NotCgi) => {
+            eprintln!(
+                "{name}: this is a CGI program: install it as {name}.cgi and let the web server run it \
+                 (REQUEST_METHOD is not set)"
+            );
+            return None;
+        }
+        Err(err) => {
+            eprintln!("satellite {name}: {err}");
+            let (status, message) = match err {
+                CgiError::BodyTooLarge { limit } => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("Request body too large (at most {limit} bytes)"),
+                ),
+                _ => (StatusCode::BAD_REQUEST, "Malformed request".to_owned()),
+            };
+            return Some(oops(&config, status, &message));
+        }
+    };
+    let mut request = cgi.request;
+    if let Some(addr) = cgi.remote_addr {
+        request.extensions_mut().insert(ClientAddr(addr));
+    }
+    let syslog = Syslog::new(&config.syslog_socket, "satellite");
+    let mut ctx = Context::new(config, syslog);
+    Some(handle(&mut ctx, endpoint, &request))
+}

@@ -1,0 +1,562 @@
+//! The endpoint programs run as Apache runs them (CGI), through the flows
+//! real clients use.
+
+mod support;
+
+use std::collections::HashSet;
+
+use support::*;
+
+fn legacy_hash(alias: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(alias.as_bytes()))
+}
+
+#[test]
+fn getlink_answers_the_exact_bytes_galyleo_parses() {
+    let site = Site::new();
+    let answer = site.cgi("getlink").remote(LOGIN_NODE).run();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("Content-Type"), Some("text/plain"));
+    let body = answer.text();
+    let token = body
+        .strip_prefix("Your token is \n")
+        .unwrap()
+        .strip_suffix('\n')
+        .unwrap();
+    assert_eq!(body, format!("Your token is \n{token}\n"));
+    let words: Vec<&str> = token.split('-').collect();
+    assert_eq!(words.len(), 3);
+    assert!(words
+        .iter()
+        .all(|w| (3..=9).contains(&w.len()) && w.bytes().all(|b| b.is_ascii_lowercase())));
+    // galyleo: `echo ${resp}200 | awk 'NF>1{printf $((NF-1))}'` is the last word of the body.
+    assert_eq!(body.split_whitespace().last(), Some(token));
+    assert_eq!(site.state_of(token).as_deref(), Some("pending"));
+}
+
+#[test]
+fn the_whole_galyleo_flow() {
+    let site = Site::new();
+    let token = site.new_token();
+    let origin = format!("https://{token}.{EXT}");
+    let poll = || {
+        let answer = site
+            .cgi("tokenjobstate")
+            .header("Host", EXT)
+            .header("Origin", origin.clone())
+            .query(format!("token={token}.{EXT}"))
+            .run();
+        assert_eq!(answer.status, 200);
+        assert_eq!(
+            answer.header("Access-Control-Allow-Origin"),
+            Some(origin.as_str())
+        );
+        assert_eq!(answer.header("Vary"), Some("Origin"));
+        answer.text()
+    };
+    let push = |table: &str| {
+        let answer = site
+            .cgi("update-jobs")
+            .remote(SLURM_CONTROLLER)
+            .post(format!("jobstates=\n{table}\n"))
+            .run();
+        assert_eq!(
+            answer.status_and_text(),
+            (200, "Successfully updated jobs! \n".into())
+        );
+        assert_eq!(answer.header("Content-Type"), Some("text/html"));
+    };
+
+    assert_eq!(poll(), "PE");
+    let waiting = site
+        .cgi("index")
+        .header("Host", format!("{token}.{EXT}"))
+        .query(b"token=0123abcd".to_vec())
+        .run();
+    assert_eq!(waiting.status, 200);
+    assert_eq!(waiting.header("Content-Type"), Some("text/html"));
+    assert!(waiting.text().contains("tokenjobstate.cgi"));
+
+    let linked = site
+        .cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=4242"))
+        .run();
+    assert_eq!(
+        linked.status_and_text(),
+        (200, "Success! Token linked to jobid.\n".into())
+    );
+    assert_eq!(linked.header("Content-Type"), Some("text/html"));
+
+    push("4242 PENDING");
+    assert_eq!(poll(), "Q");
+    // Default squeue output right-aligns job ids; the original dropped such lines.
+    push("   4242 RUNNING");
+    assert_eq!(poll(), "R");
+
+    let redeemed = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}&port=50123"))
+        .run();
+    assert_eq!(redeemed.status_and_text(), (200, "Success!\n".into()));
+    assert_eq!(redeemed.header("Content-Type"), Some("text/html"));
+    let (host, port): (String, i64) = site
+        .db()
+        .query_row(
+            "SELECT dsthost, dstport FROM proxy WHERE alias = ?1",
+            [&token],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((host.as_str(), port), (COMPUTE_NODE, 50123));
+    assert_eq!(poll(), "M");
+
+    site.db()
+        .execute(
+            "UPDATE proxy SET state = 'proxied' WHERE alias = ?1",
+            [&token],
+        )
+        .unwrap();
+    assert_eq!(poll(), "PR");
+    push("4242 OUT_OF_MEMORY");
+    assert_eq!(poll(), "D");
+
+    let destroyed = site
+        .cgi("destroytoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}"))
+        .run();
+    assert_eq!(
+        destroyed.status_and_text(),
+        (200, "Success! Token destroyed.\n".into())
+    );
+    assert_eq!(poll(), "");
+    let gone = site
+        .cgi("index")
+        .header("Host", format!("{token}.{EXT}"))
+        .run();
+    assert_eq!(
+        gone.status_and_text(),
+        (
+            200,
+            "Please see documentation on how to use this service.\n".into()
+        )
+    );
+
+    // Every change was logged, and the token itself never was.
+    let log = site.syslog_lines();
+    let hash_prefix = &legacy_hash(&token)[..10];
+    for event in ["issued", "link", "redeemed", "destroy"] {
+        assert!(
+            log.iter()
+                .any(|l| l.contains(&format!("satellite {event} token-id: {hash_prefix}"))),
+            "no {event} line in {log:?}"
+        );
+    }
+    assert!(log.iter().all(|l| !l.contains(&token)), "{log:?}");
+    assert!(log
+        .iter()
+        .any(|l| l.contains(&format!("mapped-to: {COMPUTE_NODE}:50123"))));
+}
+
+#[test]
+fn a_pending_token_can_be_destroyed_from_the_login_node_but_a_redeemed_one_only_from_its_host() {
+    let site = Site::new();
+    let pending = site.new_token();
+    let answer = site
+        .cgi("destroytoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={pending}"))
+        .run();
+    assert_eq!(
+        answer.status_and_text(),
+        (200, "Success! Token destroyed.\n".into())
+    );
+
+    let redeemed = site.new_token();
+    site.cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={redeemed}&port=8888"))
+        .run();
+    let answer = site
+        .cgi("destroytoken")
+        .remote(OTHER_COMPUTE_NODE)
+        .query(format!("token={redeemed}"))
+        .run();
+    assert_eq!(
+        answer.status_and_text(),
+        (
+            403,
+            "Oops! Nonce must be destroyed from host it was redeemed on\n".into()
+        )
+    );
+    assert_eq!(site.state_of(&redeemed).as_deref(), Some("mapped"));
+    let again = site
+        .cgi("destroytoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={pending}"))
+        .run();
+    assert_eq!(
+        again.status_and_text(),
+        (
+            404,
+            "Oops! Unknown nonce or nonce already destroyed\n".into()
+        )
+    );
+}
+
+#[test]
+fn a_token_links_once_in_any_state() {
+    let site = Site::new();
+    let token = site.new_token();
+    site.cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}&port=8888"))
+        .run();
+    let link = |jobid: &str| {
+        site.cgi("linktoken")
+            .remote(LOGIN_NODE)
+            .query(format!("token={token}&jobid={jobid}"))
+            .run()
+    };
+    assert_eq!(link("12345.tscc-mgr.local").status, 200);
+    assert_eq!(
+        link("999").status_and_text(),
+        (
+            409,
+            "Oops! Nonce already linked to a jobid, you can do this only once!\n".into()
+        )
+    );
+}
+
+#[test]
+fn fifty_concurrent_redeems_of_one_token_make_exactly_one_success() {
+    let site = Site::new();
+    let token = site.new_token();
+    let children: Vec<_> = (0..50)
+        .map(|i| {
+            site.cgi("redeemtoken")
+                .remote(&format!("10.21.7.{}", i + 1))
+                .query(format!("token={token}&port={}", 50000 + i))
+                .spawn()
+        })
+        .collect();
+    let answers: Vec<Answer> = children
+        .into_iter()
+        .map(|c| Answer::from_output(c.wait_with_output().unwrap()))
+        .collect();
+    let winners: Vec<&Answer> = answers.iter().filter(|a| a.status == 200).collect();
+    assert_eq!(winners.len(), 1, "{answers:#?}");
+    assert_eq!(winners[0].text(), "Success!\n");
+    for loser in answers.iter().filter(|a| a.status != 200) {
+        assert_eq!(
+            loser.status_and_text(),
+            (409, "Oops! Unknown nonce or nonce already used\n".into())
+        );
+    }
+    let rows: i64 = site
+        .db()
+        .query_row("SELECT count(*) FROM proxy", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[test]
+fn two_thousand_getlinks_give_distinct_dns_labels() {
+    let site = Site::new();
+    let tokens: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| (0..500).map(|_| site.new_token()).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let distinct: HashSet<&String> = tokens.iter().collect();
+    assert_eq!(distinct.len(), 2000);
+    for token in &tokens {
+        assert!(
+            token.len() <= 63 && token.split('-').count() == 3,
+            "{token}"
+        );
+        assert!(token.split('-').all(|w| !w.is_empty()
+            && w.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())));
+    }
+    let rows: i64 = site
+        .db()
+        .query_row("SELECT count(DISTINCT alias) FROM proxy", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 2000);
+}
+
+fn legacy_schema(variant: &str) -> String {
+    let text =
+        std::fs::read_to_string(repo_root().join("tests/fixtures/legacy-schemas.sql")).unwrap();
+    let marker = format!("-- variant: {variant}\n");
+    let start = text.find(&marker).unwrap() + marker.len();
+    let end = text[start..]
+        .find("-- variant:")
+        .map_or(text.len(), |e| start + e);
+    text[start..end].to_owned()
+}
+
+/// A database as the Perl service left it: rows in every state, written by
+/// its own SQL (legacy-srps.md 3.2, 3.3, 3.7).
+fn legacy_site(variant: &str) -> Site {
+    let site = Site::without_database("");
+    let conn = rusqlite::Connection::open(&site.db).unwrap();
+    conn.execute_batch(&legacy_schema(variant)).unwrap();
+    for (alias, state, host, port) in [
+        ("abacus-zoom-apple", "pending", None, None),
+        ("able-acorn-zoo", "mapped", Some("10.21.3.4"), Some(8888)),
+        ("zen-yak-bat", "proxied", Some("10.21.5.6"), Some(50123)),
+    ] {
+        conn.execute(
+            "insert into proxy (alias, alias_compare_hash, state) values(?, ?, 'pending')",
+            rusqlite::params![alias, legacy_hash(alias)],
+        )
+        .unwrap();
+        if state != "pending" {
+            conn.execute(
+                "update proxy set dsthost=?, dstport=?, dstpath='/', state=?, modified = current_timestamp where alias_compare_hash = ?",
+                rusqlite::params![host, port, state, legacy_hash(alias)],
+            )
+            .unwrap();
+        }
+    }
+    conn.execute(
+        "replace into jobstates (jobid,state,lastseen) values('77','OUTOFMEMORY',?)",
+        [chrono_now() - 10],
+    )
+    .unwrap();
+    site
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn legacy_databases_are_migrated_in_place_and_keep_working() {
+    for variant in ["base", "master", "revssh"] {
+        let site = legacy_site(variant);
+        // The first request migrates: the legacy pending token redeems.
+        let answer = site
+            .cgi("redeemtoken")
+            .remote(COMPUTE_NODE)
+            .query("token=abacus-zoom-apple&port=9999")
+            .run();
+        assert_eq!(
+            answer.status_and_text(),
+            (200, "Success!\n".into()),
+            "{variant}: {}",
+            answer.stderr
+        );
+        let link = site
+            .cgi("linktoken")
+            .remote(LOGIN_NODE)
+            .query("token=zen-yak-bat&jobid=77")
+            .run();
+        assert_eq!(link.status, 200, "{variant}: {}", link.stderr);
+        let state = site.cgi("tokenjobstate").query("token=zen-yak-bat").run();
+        assert_eq!(state.text(), "D", "{variant}");
+        let page = site
+            .cgi("index")
+            .header("Host", format!("able-acorn-zoo.{EXT}"))
+            .run();
+        assert_eq!(page.header("Content-Type"), Some("text/html"), "{variant}");
+
+        let conn = site.db();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        let unique: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'proxy_alias_compare_hash'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!((version, mode.as_str(), unique), (1, "wal", 1), "{variant}");
+
+        // The Perl scripts' own statements still work on the migrated file.
+        conn.execute(
+            "insert into proxy (alias, alias_compare_hash, state) values(?, ?, 'pending')",
+            rusqlite::params!["perl-made-token", legacy_hash("perl-made-token")],
+        )
+        .unwrap();
+        let modified: String = conn
+            .query_row(
+                "select modified from proxy where alias = 'abacus-zoom-apple'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(modified.len(), "2026-01-01 00:00:00".len(), "{variant}");
+        let live: i64 = conn
+            .query_row(
+                "select count(*) from proxy where (state = 'mapped' or state = 'proxied') and modified >= datetime(?,'unixepoch')",
+                [chrono_now() - 176400],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(live, 3, "{variant}");
+        let lastseen_type: String = conn
+            .query_row(
+                "select typeof(lastseen) from jobstates where jobid = '77'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(lastseen_type, "integer");
+    }
+}
+
+#[test]
+fn colliding_legacy_rows_block_the_migration_with_their_names() {
+    let site = legacy_site("master");
+    site.db()
+        .execute(
+            "insert into proxy (alias, alias_compare_hash, state) values(?, ?, 'pending')",
+            rusqlite::params!["able-acorn-zoo", legacy_hash("able-acorn-zoo")],
+        )
+        .unwrap();
+    let before = site.snapshot();
+    let answer = site.cgi("tokenjobstate").query("token=zen-yak-bat").run();
+    assert_eq!(answer.status, 500);
+    assert!(answer.text().starts_with("Oops! "));
+    assert!(
+        answer.stderr.contains("able-acorn-zoo = able-acorn-zoo"),
+        "{}",
+        answer.stderr
+    );
+    assert_eq!(site.snapshot(), before);
+
+    let out = std::process::Command::new(program("satellite"))
+        .args(["migrate", "--db"])
+        .arg(&site.db)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("able-acorn-zoo"));
+}
+
+#[test]
+fn legacy_status_200_restores_the_original_statuses() {
+    let site = Site::with_config("legacy_status_200 = true");
+    let answer = site.cgi("getlink").remote(OUTSIDER).run();
+    assert_eq!(
+        answer.status_and_text(),
+        (200, "Oops! Client (your) IP not in ranges 10.21.0.0/16 2001:db8:21::/48, please try from within the cluster.\n".into())
+    );
+    let answer = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query("token=no-such-token&port=8888")
+        .run();
+    assert_eq!(
+        answer.status_and_text(),
+        (200, "Oops! Unknown nonce or nonce already used\n".into())
+    );
+}
+
+#[test]
+fn tokenjobstate_cors_is_an_exact_match_and_answers_preflight() {
+    let site = Site::with_config("extport = 8443");
+    let token = site.new_token();
+    let origin_for = |o: &str| {
+        site.cgi("tokenjobstate")
+            .header("Origin", o)
+            .query(format!("token={token}.{EXT}"))
+            .run()
+    };
+    let good = format!("https://{token}.{EXT}:8443");
+    assert_eq!(
+        origin_for(&good).header("Access-Control-Allow-Origin"),
+        Some(good.as_str())
+    );
+    for evil in [
+        format!("https://{token}.{EXT}:8443.evil.com"),
+        format!("https://{token}.{EXT}"),
+        format!("http://{token}.{EXT}:8443"),
+        "null".to_owned(),
+    ] {
+        let answer = origin_for(&evil);
+        assert_eq!(answer.header("Access-Control-Allow-Origin"), None, "{evil}");
+        assert_eq!(answer.text(), "PE");
+    }
+    let preflight = site
+        .cgi("tokenjobstate")
+        .method("OPTIONS")
+        .header("Origin", good.clone())
+        .query(format!("token={token}"))
+        .run();
+    assert_eq!(preflight.status, 204);
+    assert_eq!(
+        preflight.header("Access-Control-Allow-Origin"),
+        Some(good.as_str())
+    );
+    assert_eq!(
+        preflight.header("Access-Control-Allow-Methods"),
+        Some("GET, OPTIONS")
+    );
+    assert!(preflight.body.is_empty());
+}
+
+#[test]
+fn the_waiting_page_answers_any_path_get_and_head_while_pending() {
+    let site = Site::new();
+    let token = site.new_token();
+    for path in ["/", "/lab", "/tree/notebooks/a.ipynb"] {
+        let answer = site
+            .cgi("index")
+            .env("SCRIPT_NAME", path)
+            .header("Host", format!("{}.EXAMPLE.org:443", token.to_uppercase()))
+            .run();
+        assert_eq!(answer.status, 200, "{path}");
+        assert_eq!(answer.header("Content-Type"), Some("text/html"));
+    }
+    let head = site
+        .cgi("index")
+        .method("HEAD")
+        .header("Host", format!("{token}.{EXT}"))
+        .run();
+    assert_eq!(
+        (head.status, head.header("Content-Type"), head.body.len()),
+        (200, Some("text/html"), 0)
+    );
+    let custom = "<html>site page</html>";
+    std::fs::write(site.path("html/waiting.html"), custom).unwrap();
+    let answer = site
+        .cgi("index")
+        .header("Host", format!("{token}.{EXT}"))
+        .run();
+    assert_eq!(answer.text(), custom);
+    for host in [
+        format!("manage.{EXT}"),
+        EXT.to_owned(),
+        format!("{token}.{EXT}.evil.org"),
+        "10.0.0.1".to_owned(),
+    ] {
+        let answer = site.cgi("index").header("Host", host.clone()).run();
+        assert_eq!(
+            answer.status_and_text(),
+            (
+                200,
+                "Please see documentation on how to use this service.\n".into()
+            ),
+            "{host}"
+        );
+    }
+}
