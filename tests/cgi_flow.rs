@@ -38,7 +38,8 @@ fn getlink_answers_the_exact_bytes_galyleo_parses() {
 
 #[test]
 fn the_whole_galyleo_flow() {
-    let site = Site::new();
+    // vhost routing: the row stays `mapped` until cron has reloaded Apache.
+    let site = Site::with_config("routing = \"vhost\"");
     let token = site.new_token();
     let origin = format!("https://{token}.{EXT}");
     let poll = || {
@@ -164,7 +165,7 @@ fn the_whole_galyleo_flow() {
 
 #[test]
 fn a_pending_token_can_be_destroyed_from_the_login_node_but_a_redeemed_one_only_from_its_host() {
-    let site = Site::new();
+    let site = Site::with_config("routing = \"vhost\"");
     let pending = site.new_token();
     let answer = site
         .cgi("destroytoken")
@@ -559,4 +560,38 @@ fn the_waiting_page_answers_any_path_get_and_head_while_pending() {
             "{host}"
         );
     }
+}
+
+#[test]
+fn in_map_routing_redeem_and_destroy_publish_the_route_before_answering() {
+    let site = Site::new();
+    let token = site.new_token();
+    let map = site.path("dynconf/routes.map");
+    let redeemed = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}&port=50123"))
+        .run();
+    assert_eq!(redeemed.status_and_text(), (200, "Success!\n".into()));
+    let text = std::fs::read_to_string(&map).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == format!("{token} {COMPUTE_NODE}:50123")),
+        "{text}"
+    );
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+    let poll = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}"))
+        .run();
+    assert_eq!(poll.text(), "PR");
+
+    let destroyed = site
+        .cgi("destroytoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}"))
+        .run();
+    assert_eq!(destroyed.status, 200);
+    let text = std::fs::read_to_string(&map).unwrap();
+    assert!(!text.contains(&token), "{text}");
 }

@@ -30,6 +30,7 @@ pub fn program(name: &str) -> &'static str {
         "update-jobs" => env!("CARGO_BIN_EXE_update-jobs"),
         "index" => env!("CARGO_BIN_EXE_index"),
         "satellite" => env!("CARGO_BIN_EXE_satellite"),
+        "cron" => env!("CARGO_BIN_EXE_cron"),
         other => panic!("no program {other}"),
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ipmask;
 pub mod jobstate;
 pub mod query;
+pub mod routes;
 pub mod store;
 pub mod syslog;
 pub mod token;

@@ -77,3 +77,59 @@ fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
     let mut ctx = Context::new(config, syslog);
     Some(handle(&mut ctx, endpoint, &request))
 }
+
+/// The `cron` program: `cron [--watch]`. Exit status 0 when the run worked
+/// or another run holds the lock, 1 when it failed (cron mails the output).
+pub fn run_cron(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let watch = match args
+        .iter()
+        .map(|a| a.to_str())
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [] => false,
+        [Some("--watch")] => true,
+        _ => {
+            eprintln!("usage: cron [--watch]");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("satellite cron: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    cron_main(&config, watch)
+}
+
+/// Runs cron once or for ever (`--watch`), printing what changed.
+pub fn cron_main(config: &Config, watch: bool) -> ExitCode {
+    let print = |report: anyhow::Result<satellite_cron::Report>| match report {
+        Ok(report) => {
+            for line in report.lines() {
+                println!("satellite cron: {line}");
+            }
+            true
+        }
+        Err(err) => {
+            eprintln!("satellite cron: {err:#}");
+            false
+        }
+    };
+    if watch {
+        let result = satellite_cron::watch(config, |report| {
+            print(report);
+        });
+        if let Err(err) = result {
+            eprintln!("satellite cron --watch: {err:#}");
+        }
+        return ExitCode::FAILURE;
+    }
+    if print(satellite_cron::run_once(config)) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

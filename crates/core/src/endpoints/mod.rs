@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
-use crate::config::Config;
+use crate::config::{Config, Routing};
 use crate::error::CoreError;
 use crate::ipmask::{canonical_ip, IpMaskList};
 use crate::jobstate::JobClassifier;
@@ -123,6 +123,27 @@ impl Context {
             self.store = Some(Store::open(&self.config.dbfile, timeout)?);
         }
         Ok(self.store.as_mut().expect("opened above"))
+    }
+
+    /// Map routing: a route change is published before the answer goes
+    /// out, so the route is live the moment the client reads `Success!`.
+    /// A failure leaves the row `mapped` for `cron` to repair; the client's
+    /// request itself did succeed.
+    fn publish_routes(&mut self) {
+        if self.config.routing != Routing::Map {
+            return;
+        }
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        match crate::routes::publish_map(store, &self.config) {
+            Ok(published) => {
+                for line in published.refused {
+                    eprintln!("satellite: {line}");
+                }
+            }
+            Err(err) => eprintln!("satellite: publishing routes (cron will retry): {err}"),
+        }
     }
 
     fn wordlist(&mut self) -> Result<&Wordlist, CoreError> {

@@ -32,6 +32,7 @@ pub(super) fn redeem(ctx: &mut Context, request: &Request<Body>) -> Outcome {
     let host = client.to_string();
     match ctx.store()?.redeem(token, &host, port, now, ttl)? {
         RedeemOutcome::Redeemed => {
+            ctx.publish_routes();
             ctx.syslog.info(&format!(
                 "satellite redeemed token-id: {} mapped-to: {host}:{port}",
                 short_id(token)
@@ -58,6 +59,7 @@ pub(super) fn destroy(ctx: &mut Context, request: &Request<Body>) -> Outcome {
     let requester = client.to_string();
     match ctx.store()?.destroy(token, &requester)? {
         DestroyOutcome::Destroyed => {
+            ctx.publish_routes();
             ctx.syslog.info(&format!(
                 "satellite destroy token-id: {} requested-from: {requester}",
                 short_id(token)

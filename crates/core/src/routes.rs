@@ -1,0 +1,486 @@
+//! Routes: which aliases Apache proxies to which `host:port`, rendered as a
+//! `RewriteMap` (map routing) or as one `<VirtualHost>` per alias (vhost
+//! routing), and written so that Apache never reads a half-written file.
+//!
+//! Every value is validated again here, whatever the database says, before
+//! it is written: this is the one place where a bad string becomes an
+//! outage or an open proxy.
+
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, MapFormat};
+use crate::error::{CoreError, Result};
+use crate::store::{ProxyState, RouteRow, Store};
+use crate::token::is_valid_alias;
+
+/// A validated route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub alias: String,
+    pub host: IpAddr,
+    pub port: u16,
+    /// Still `mapped`: flip to `proxied` once the route is live.
+    pub pending_flip: bool,
+}
+
+impl Route {
+    /// `10.0.0.5:8888`, or `[2001:db8::5]:8888`.
+    pub fn target(&self) -> String {
+        match self.host {
+            IpAddr::V4(v4) => format!("{v4}:{}", self.port),
+            IpAddr::V6(v6) => format!("[{v6}]:{}", self.port),
+        }
+    }
+}
+
+/// The routes to publish, and the rows refused on the way.
+#[derive(Debug, Default)]
+pub struct RouteSet {
+    pub routes: Vec<Route>,
+    pub refused: Vec<(String, String)>,
+}
+
+impl RouteSet {
+    pub fn from_rows(rows: &[RouteRow], config: &Config) -> Self {
+        let mut set = RouteSet::default();
+        for row in rows {
+            match validate(row, config) {
+                Ok(route) => set.routes.push(route),
+                Err(why) => set.refused.push((row.alias.clone(), why)),
+            }
+        }
+        set
+    }
+
+    /// The aliases to flip to `proxied` once these routes are live.
+    pub fn to_flip(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|r| r.pending_flip)
+            .map(|r| r.alias.clone())
+            .collect()
+    }
+
+    /// One line per refused row, for the logs. The alias is printed only
+    /// when it is not a valid token shape (then it is no live secret either).
+    pub fn refusal_lines(&self) -> Vec<String> {
+        self.refused
+            .iter()
+            .map(|(alias, why)| {
+                let name = if is_valid_alias(alias) {
+                    format!(
+                        "token-id {}",
+                        crate::token::log_id(&crate::token::alias_compare_hash(alias.as_bytes()))
+                    )
+                } else {
+                    format!("alias {alias:?}")
+                };
+                format!("route for {name} not written: {why}")
+            })
+            .collect()
+    }
+}
+
+/// A row may become a route only if its alias is a token's shape, its host
+/// a parsed IP inside `tgtipmask` and its port 1024-65535.
+pub fn validate(row: &RouteRow, config: &Config) -> Result<Route, String> {
+    if !is_valid_alias(&row.alias) {
+        return Err("alias is not of the form [a-z0-9]+(-[a-z0-9]+)*".into());
+    }
+    let host_text = row.dsthost.as_deref().unwrap_or("");
+    let host: IpAddr = host_text
+        .parse()
+        .map_err(|_| format!("host {host_text:?} is not an IP address"))?;
+    if !config.tgtipmask.contains(host) {
+        return Err(format!("host {host} is outside tgtipmask"));
+    }
+    let port_text = row.dstport.as_deref().unwrap_or("");
+    let port = port_text
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p >= 1024)
+        .ok_or_else(|| format!("port {port_text:?} is not 1024-65535"))?;
+    Ok(Route {
+        alias: row.alias.clone(),
+        host: crate::ipmask::canonical_ip(host),
+        port,
+        pending_flip: row.state == ProxyState::Mapped,
+    })
+}
+
+/// The `RewriteMap` text: `<alias> <host>:<port>` a line, by alias.
+pub fn render_map(routes: &[Route]) -> String {
+    let mut out = String::from("# Written by satellite; every change is replaced whole.\n");
+    for route in routes {
+        let _ = writeln!(out, "{} {}", route.alias, route.target());
+    }
+    out
+}
+
+/// One `<VirtualHost>` per route: the original template's shape with its
+/// faults fixed (websocket target without a double slash, the scheme the
+/// user sees forwarded, `ProxyPassReverse`, no short idle timeout), plus a
+/// retry page while the backend is not listening yet.
+pub fn render_vhosts(routes: &[Route], config: &Config) -> String {
+    let mut out = String::new();
+    for (i, route) in routes.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let target = route.target();
+        let _ = write!(
+            out,
+            "<VirtualHost *:{listen}>\n\
+             \x20   ServerName {alias}.{ext}\n\
+             \x20   SSLEngine on\n\
+             \x20   Header always set Referrer-Policy \"no-referrer\"\n\
+             \x20   RequestHeader set X-Forwarded-Proto \"https\"\n\
+             {preserve}\
+             \x20   ProxyTimeout 86400\n\
+             \x20   Alias \"/.satellite\" \"{html}/satellite\"\n\
+             \x20   ProxyPass \"/.satellite/\" \"!\"\n\
+             \x20   ErrorDocument 502 /.satellite/retry.html\n\
+             \x20   ErrorDocument 503 /.satellite/retry.html\n\
+             \x20   RewriteEngine on\n\
+             \x20   RewriteCond \"%{{HTTP:Upgrade}}\" \"websocket\" [NC]\n\
+             \x20   RewriteCond \"%{{HTTP:Connection}}\" \"upgrade\" [NC]\n\
+             \x20   RewriteRule \"^/(.*)$\" \"ws://{target}/$1\" [P,L]\n\
+             \x20   ProxyPass \"/\" \"http://{target}/\"\n\
+             \x20   ProxyPassReverse \"/\" \"http://{target}/\"\n\
+             </VirtualHost>\n",
+            listen = config.listenport,
+            alias = route.alias,
+            ext = config.extbasename,
+            html = config.htmldir.display(),
+            preserve = if config.preserve_host {
+                "    ProxyPreserveHost On\n"
+            } else {
+                ""
+            },
+        );
+    }
+    out
+}
+
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The content of `path`, or `None` if there is no such file.
+pub fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(CoreError::io(format!("reading {}", path.display()), err)),
+    }
+}
+
+/// Replaces `path` whole: a temporary file in the same directory, fsync,
+/// rename, fsync of the directory. Readers see the old file or the new one,
+/// never a mix. The new file's mtime is made strictly later than the old
+/// one's, because Apache notices a changed map by its mtime and two quick
+/// writes can otherwise share one timestamp.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io_err =
+        |what: &str, err: io::Error| CoreError::io(format!("{what} {}", path.display()), err);
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let previous_mtime = fs::metadata(path).and_then(|m| m.modified()).ok();
+    let temp = temp_path(path);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| io_err("creating a temporary file beside", e))?;
+        file.write_all(bytes).map_err(|e| io_err("writing", e))?;
+        if let Some(previous) = previous_mtime {
+            let now = SystemTime::now();
+            let floor = previous + Duration::from_millis(10);
+            file.set_modified(now.max(floor))
+                .map_err(|e| io_err("setting the mtime of", e))?;
+        }
+        // Keep the old file's mode, so a map readable by Apache stays so.
+        if let Ok(meta) = fs::metadata(path) {
+            file.set_permissions(meta.permissions())
+                .map_err(|e| io_err("copying the mode of", e))?;
+        }
+        file.sync_all().map_err(|e| io_err("syncing", e))?;
+        fs::rename(&temp, path).map_err(|e| io_err("renaming into", e))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+}
+
+/// An exclusive lock held while this value lives (released on drop).
+pub struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    fn open(path: &Path) -> Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| CoreError::io(format!("opening lock file {}", path.display()), e))
+    }
+
+    /// Waits for the lock.
+    pub fn acquire(path: &Path) -> Result<Self> {
+        let file = Self::open(path)?;
+        file.lock()
+            .map_err(|e| CoreError::io(format!("locking {}", path.display()), e))?;
+        Ok(FileLock { _file: file })
+    }
+
+    /// Takes the lock if free; `None` if another process holds it.
+    pub fn try_acquire(path: &Path) -> Result<Option<Self>> {
+        let file = Self::open(path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(FileLock { _file: file })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => {
+                Err(CoreError::io(format!("locking {}", path.display()), e))
+            }
+        }
+    }
+}
+
+/// What publishing the map did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    pub routes: usize,
+    pub changed: bool,
+    pub flipped: usize,
+    pub refused: Vec<String>,
+}
+
+/// Map routing: renders the live routes into the map file (when its
+/// content changes) and marks their rows `proxied`. Serialised by a lock
+/// beside the map, since every redeem and destroy calls this.
+pub fn publish_map(store: &mut Store, config: &Config) -> Result<Published> {
+    let lock_path = map_lock_path(config);
+    let _lock = FileLock::acquire(&lock_path)?;
+    let set = RouteSet::from_rows(&store.route_rows()?, config);
+    let text = render_map(&set.routes);
+    let changed = match config.map_format {
+        MapFormat::Txt => {
+            let changed = read_if_exists(&config.mapfile)?.as_deref() != Some(text.as_bytes());
+            if changed {
+                write_atomically(&config.mapfile, text.as_bytes())?;
+            }
+            changed
+        }
+        MapFormat::Dbm => publish_dbm(config, &text)?,
+    };
+    let flipped = store.mark_proxied(&set.to_flip())?;
+    Ok(Published {
+        routes: set.routes.len(),
+        changed,
+        flipped,
+        refused: set.refusal_lines(),
+    })
+}
+
+pub fn map_lock_path(config: &Config) -> PathBuf {
+    let name = config
+        .mapfile
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "routes.map".into());
+    config.mapfile.with_file_name(format!(".{name}.lock"))
+}
+
+/// The DBM map lives at `<mapfile>.db`; the text beside it is the source
+/// (and what decides whether anything changed).
+fn publish_dbm(config: &Config, text: &str) -> Result<bool> {
+    let changed = read_if_exists(&config.mapfile)?.as_deref() != Some(text.as_bytes());
+    let dbm = PathBuf::from(format!("{}.db", config.mapfile.display()));
+    if !changed && dbm.exists() {
+        return Ok(false);
+    }
+    let staging = temp_path(&dbm);
+    let staging_txt = temp_path(&config.mapfile);
+    fs::write(&staging_txt, text)
+        .map_err(|e| CoreError::io(format!("writing {}", staging_txt.display()), e))?;
+    let output = Command::new("httxt2dbm")
+        .arg("-i")
+        .arg(&staging_txt)
+        .arg("-o")
+        .arg(&staging)
+        .output();
+    let _ = fs::remove_file(&staging_txt);
+    let output = output.map_err(|e| CoreError::io("running httxt2dbm", e))?;
+    if !output.status.success() {
+        return Err(CoreError::ConfigValue(format!(
+            "httxt2dbm failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    // SDBM writes two files (.dir, .pag), Berkeley DB one; move each.
+    for suffix in ["", ".dir", ".pag"] {
+        let from = PathBuf::from(format!("{}{suffix}", staging.display()));
+        if from.exists() {
+            let to = PathBuf::from(format!("{}{suffix}", dbm.display()));
+            fs::rename(&from, &to)
+                .map_err(|e| CoreError::io(format!("renaming into {}", to.display()), e))?;
+        }
+    }
+    write_atomically(&config.mapfile, text.as_bytes())?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EnvOverrides;
+
+    fn config() -> Config {
+        Config::from_toml(
+            "extbasename = \"expanse-user-content.sdsc.edu\"\n\
+             tgtipmask = [\"10.21.0.0/16\", \"2001:db8::/32\"]\n\
+             htmldir = \"/var/www/satellite/html\"",
+            Path::new("/var/www/satellite/etc"),
+            &EnvOverrides::none(),
+        )
+        .unwrap()
+    }
+
+    fn row(alias: &str, host: &str, port: &str, state: ProxyState) -> RouteRow {
+        RouteRow {
+            alias: alias.into(),
+            dsthost: Some(host.into()),
+            dstport: Some(port.into()),
+            state,
+        }
+    }
+
+    fn two_routes() -> RouteSet {
+        RouteSet::from_rows(
+            &[
+                row("able-acorn-zoo", "10.21.3.4", "8888", ProxyState::Proxied),
+                row("zen-yak-bat", "2001:db8::5", "50123", ProxyState::Mapped),
+            ],
+            &config(),
+        )
+    }
+
+    #[test]
+    fn map_snapshot() {
+        assert_eq!(
+            render_map(&two_routes().routes),
+            "# Written by satellite; every change is replaced whole.\n\
+             able-acorn-zoo 10.21.3.4:8888\n\
+             zen-yak-bat [2001:db8::5]:50123\n"
+        );
+        assert_eq!(two_routes().to_flip(), ["zen-yak-bat"]);
+    }
+
+    #[test]
+    fn vhost_snapshot() {
+        let expected = r#"<VirtualHost *:443>
+    ServerName able-acorn-zoo.expanse-user-content.sdsc.edu
+    SSLEngine on
+    Header always set Referrer-Policy "no-referrer"
+    RequestHeader set X-Forwarded-Proto "https"
+    ProxyTimeout 86400
+    Alias "/.satellite" "/var/www/satellite/html/satellite"
+    ProxyPass "/.satellite/" "!"
+    ErrorDocument 502 /.satellite/retry.html
+    ErrorDocument 503 /.satellite/retry.html
+    RewriteEngine on
+    RewriteCond "%{HTTP:Upgrade}" "websocket" [NC]
+    RewriteCond "%{HTTP:Connection}" "upgrade" [NC]
+    RewriteRule "^/(.*)$" "ws://10.21.3.4:8888/$1" [P,L]
+    ProxyPass "/" "http://10.21.3.4:8888/"
+    ProxyPassReverse "/" "http://10.21.3.4:8888/"
+</VirtualHost>
+
+<VirtualHost *:443>
+    ServerName zen-yak-bat.expanse-user-content.sdsc.edu
+    SSLEngine on
+    Header always set Referrer-Policy "no-referrer"
+    RequestHeader set X-Forwarded-Proto "https"
+    ProxyTimeout 86400
+    Alias "/.satellite" "/var/www/satellite/html/satellite"
+    ProxyPass "/.satellite/" "!"
+    ErrorDocument 502 /.satellite/retry.html
+    ErrorDocument 503 /.satellite/retry.html
+    RewriteEngine on
+    RewriteCond "%{HTTP:Upgrade}" "websocket" [NC]
+    RewriteCond "%{HTTP:Connection}" "upgrade" [NC]
+    RewriteRule "^/(.*)$" "ws://[2001:db8::5]:50123/$1" [P,L]
+    ProxyPass "/" "http://[2001:db8::5]:50123/"
+    ProxyPassReverse "/" "http://[2001:db8::5]:50123/"
+</VirtualHost>
+"#;
+        let config = config();
+        assert_eq!(render_vhosts(&two_routes().routes, &config), expected);
+        assert_eq!(render_vhosts(&[], &config), "");
+    }
+
+    #[test]
+    fn rows_that_could_break_apache_are_refused() {
+        let config = config();
+        let cases = [
+            row(
+                "evil\n<Directory />",
+                "10.21.3.4",
+                "8888",
+                ProxyState::Mapped,
+            ),
+            row("Upper-Case", "10.21.3.4", "8888", ProxyState::Mapped),
+            row("a-b-c", "10.21.3.4 /", "8888", ProxyState::Mapped),
+            row("a-b-c", "10.21.3.4/32", "8888", ProxyState::Mapped),
+            row("a-b-c", "192.0.2.1", "8888", ProxyState::Mapped),
+            row("a-b-c", "evil.org", "8888", ProxyState::Mapped),
+            row("a-b-c", "10.21.3.4", "80", ProxyState::Mapped),
+            row("a-b-c", "10.21.3.4", "65536", ProxyState::Mapped),
+            row("a-b-c", "10.21.3.4", "8888 [P]", ProxyState::Mapped),
+        ];
+        let set = RouteSet::from_rows(&cases, &config);
+        assert!(set.routes.is_empty(), "{:?}", set.routes);
+        assert_eq!(set.refused.len(), cases.len());
+        assert!(set.refusal_lines()[0].contains("alias \"evil\\n<Directory />\""));
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_and_advance_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.map");
+        write_atomically(&path, b"one\n").unwrap();
+        let first = fs::metadata(&path).unwrap().modified().unwrap();
+        write_atomically(&path, b"two\n").unwrap();
+        let second = fs::metadata(&path).unwrap().modified().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two\n");
+        assert!(second > first);
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+}
