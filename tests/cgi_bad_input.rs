@@ -732,10 +732,12 @@ fn a_query_too_long_for_a_uri_is_refused_without_changing_anything() {
             .remote(COMPUTE_NODE)
             .query(query)
             .run();
-        // Known shortcoming: the adapter replaces a URI it cannot build by
-        // "/" (crates/cgi/src/lib.rs, `Uri::try_from(target)` fallback),
-        // so the answer blames a missing token that was sent.
-        assert_answer(&answer, 400, MISSING_TOKEN, "a query over 64 KB");
+        assert_answer(
+            &answer,
+            414,
+            "Oops! Request URI too long\n",
+            "a query over 64 KB",
+        );
         assert_eq!(site.snapshot(), before);
     }
     // The control: 20 KB of junk beside a valid request is fine.

@@ -33,6 +33,8 @@ pub enum CgiError {
     /// `REQUEST_METHOD` is not an HTTP token.
     BadMethod,
     BadContentLength,
+    /// The request target is longer than a URI may be.
+    UriTooLong,
     BodyTooLarge {
         limit: usize,
     },
@@ -48,6 +50,7 @@ impl std::fmt::Display for CgiError {
             ),
             CgiError::BadMethod => f.write_str("REQUEST_METHOD is not an HTTP method"),
             CgiError::BadContentLength => f.write_str("CONTENT_LENGTH is not a number"),
+            CgiError::UriTooLong => f.write_str("the request target is too long"),
             CgiError::BodyTooLarge { limit } => write!(f, "request body larger than {limit} bytes"),
             CgiError::BodyRead(err) => write!(f, "reading the request body: {err}"),
         }
@@ -152,18 +155,9 @@ where
         headers.insert(CONTENT_LENGTH, v);
     }
 
-    let mut target = escape_uri_part(&script_name, false);
-    target.push_str(&escape_uri_part(&path_info, false));
-    if !target.starts_with('/') {
-        target.insert(0, '/');
-    }
-    if !query.is_empty() {
-        target.push('?');
-        target.push_str(&escape_uri_part(&query, true));
-    }
-    // Escaping leaves only characters a URI may hold, so this cannot fail;
-    // fall back to "/" rather than trust that.
-    let uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
+    let mut path = script_name;
+    path.extend_from_slice(&path_info);
+    let uri = request_uri(&path, &query).ok_or(CgiError::UriTooLong)?;
 
     let mut request = Request::new(body);
     *request.method_mut() = method;
@@ -174,6 +168,25 @@ where
         request,
         remote_addr,
     })
+}
+
+/// The request target from a raw path and query, every byte a URI may not
+/// hold escaped (decoding gives the raw bytes back). Shared with the native
+/// server, so both transports hand the handlers the same URI.
+/// `None` when the target is too long for a URI (the http crate's limit,
+/// 64 KiB after escaping).
+pub fn request_uri(path: &[u8], query: &[u8]) -> Option<Uri> {
+    let mut target = escape_uri_part(path, false);
+    if !target.starts_with('/') {
+        target.insert(0, '/');
+    }
+    if !query.is_empty() {
+        target.push('?');
+        target.push_str(&escape_uri_part(query, true));
+    }
+    // Escaping leaves only characters a URI may hold; what remains to fail
+    // is the length.
+    Uri::try_from(target).ok()
 }
 
 /// Percent-encodes every byte a URI may not hold (and a `%` that starts no

@@ -509,6 +509,96 @@ impl Store {
     }
 }
 
+/// A `proxy` row as admins see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRow {
+    pub alias: String,
+    pub state: String,
+    pub dsthost: Option<String>,
+    pub dstport: Option<i64>,
+    pub jobid: Option<String>,
+    pub modified: String,
+}
+
+/// Counts for `satellite stats`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub by_state: Vec<(String, i64)>,
+    pub oldest_modified: Option<String>,
+    pub sessions_per_host: Vec<(String, i64)>,
+    pub jobstates: i64,
+}
+
+impl Store {
+    /// Every token, oldest first.
+    pub fn list_tokens(&self) -> Result<Vec<TokenRow>> {
+        self.query_tokens("ORDER BY modified ASC, alias ASC", [])
+    }
+
+    pub fn find_token(&self, alias: &str) -> Result<Option<TokenRow>> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        Ok(self
+            .query_tokens(
+                "WHERE alias_compare_hash = ?1 AND alias = ?2",
+                params![hash, alias],
+            )?
+            .into_iter()
+            .next())
+    }
+
+    fn query_tokens<P: rusqlite::Params>(&self, tail: &str, params: P) -> Result<Vec<TokenRow>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT alias, state, dsthost, dstport, jobid, modified FROM proxy {tail}"
+        ))?;
+        let rows = stmt.query_map(params, |row| {
+            Ok(TokenRow {
+                alias: value_text(row.get(0)?).unwrap_or_default(),
+                state: value_text(row.get(1)?).unwrap_or_default(),
+                dsthost: value_text(row.get(2)?),
+                dstport: value_integer(row.get(3)?),
+                jobid: value_text(row.get(4)?),
+                modified: value_text(row.get(5)?).unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes a token whatever its state or host (an admin's revoke).
+    pub fn revoke(&mut self, alias: &str) -> Result<bool> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let tx = self.write_tx()?;
+        let deleted = tx.execute(
+            "DELETE FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2",
+            params![hash, alias],
+        )?;
+        tx.commit()?;
+        Ok(deleted == 1)
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        let pairs = |sql: &str| -> Result<Vec<(String, i64)>> {
+            let mut stmt = self.conn.prepare(sql)?;
+            let rows = stmt.query_map([], |r| {
+                Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        };
+        Ok(Stats {
+            by_state: pairs("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?,
+            oldest_modified: self
+                .conn
+                .query_row("SELECT min(modified) FROM proxy", [], |r| r.get(0))?,
+            sessions_per_host: pairs(
+                "SELECT dsthost, count(*) FROM proxy WHERE dsthost IS NOT NULL AND dsthost <> '' \
+                 GROUP BY dsthost ORDER BY count(*) DESC, dsthost",
+            )?,
+            jobstates: self
+                .conn
+                .query_row("SELECT count(*) FROM jobstates", [], |r| r.get(0))?,
+        })
+    }
+}
+
 /// Whether a row for this alias exists and is younger than `cutoff`
 /// (an empty cutoff matches every row).
 fn live_row_exists(conn: &Connection, hash: &str, alias: &str, cutoff: &str) -> Result<bool> {

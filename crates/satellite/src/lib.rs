@@ -64,6 +64,9 @@ fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("Request body too large (at most {limit} bytes)"),
                 ),
+                CgiError::UriTooLong => {
+                    (StatusCode::URI_TOO_LONG, "Request URI too long".to_owned())
+                }
                 _ => (StatusCode::BAD_REQUEST, "Malformed request".to_owned()),
             };
             return Some(oops(&config, status, &message));
