@@ -185,7 +185,10 @@ impl Conn {
     }
 
     fn write_request(&mut self, req: &Request) -> io::Result<()> {
-        let mut head = format!("{} {} HTTP/1.1\r\nHost: {}\r\n", req.method, req.target, req.host);
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\nHost: {}\r\n",
+            req.method, req.target, req.host
+        );
         let mut has_length = false;
         for (k, v) in &req.headers {
             has_length |= k.eq_ignore_ascii_case("content-length");
@@ -281,7 +284,8 @@ impl Conn {
         };
         let body = if head_only || status == 101 || status == 204 || status == 304 {
             Vec::new()
-        } else if find("Transfer-Encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+        } else if find("Transfer-Encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
         {
             let mut body = Vec::new();
             loop {
@@ -356,7 +360,12 @@ impl Conn {
             let (opcode, payload) = self.read_frame()?;
             match opcode {
                 0x1 => return Ok(String::from_utf8_lossy(&payload).into_owned()),
-                0x8 => return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "websocket closed")),
+                0x8 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "websocket closed",
+                    ))
+                }
                 0x9 => {
                     let pong = super::backend::encode_frame(0xA, &payload, Some([1, 2, 3, 4]));
                     self.stream.write_all(&pong)?;

@@ -316,3 +316,7 @@ impl Answer {
         )
     }
 }
+
+pub mod apache;
+pub mod backend;
+pub mod client;

@@ -234,7 +234,7 @@ pub fn write_response<W: Write>(mut out: W, response: &Response<Vec<u8>>) -> io:
 }
 
 /// `content-type` → `Content-Type`, as people and old clients expect.
-fn title_case(name: &str) -> String {
+pub fn title_case(name: &str) -> String {
     let mut upper = true;
     name.chars()
         .map(|c| {

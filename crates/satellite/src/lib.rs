@@ -1,5 +1,11 @@
 //! The glue between the transports and the core: running one endpoint as a
-//! CGI program. The binaries in `src/bin/` are one line each.
+//! CGI program, the cron program, and the admin command's subcommands. The
+//! binaries in `src/bin/` are one line each.
+
+pub mod admin;
+pub mod demo;
+pub mod install;
+pub mod private_apache;
 
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};

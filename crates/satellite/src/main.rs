@@ -1,22 +1,22 @@
-//! `satellite`: the admin command.
+//! `satellite`: the admin command (and the native server, and the demo).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use satellite_core::{Config, Store};
+use satellite::{admin, install};
+use satellite_core::Config;
 
 #[derive(Parser)]
 #[command(
     name = "satellite",
     version,
-    about = "Admin command of the satellite reverse-proxy broker"
+    about = "The satellite reverse-proxy broker: serve, maintain and inspect it"
 )]
 struct Cli {
-    /// The configuration file (default: $SATELLITE_CONFIG, else ../etc/satellite.toml beside this program).
-    #[arg(long, global = true)]
+    /// The configuration file [default: $SATELLITE_CONFIG, else ../etc/satellite.toml beside this program]
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -24,17 +24,93 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the database, or bring a legacy (Perl SRPS) one up to date in place.
-    Migrate {
-        /// The database file (default: `dbfile` from the configuration).
+    /// Serve the endpoints natively over HTTP (behind Apache, or alone on loopback)
+    Serve {
+        /// Address to listen on [default: serve_listen from the config]
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Expire tokens and publish routes once, or keep doing it (--watch)
+    Cron {
+        /// Stay running; publish within about a second of any change
         #[arg(long)]
+        watch: bool,
+    },
+    /// Create an install tree (cgi/, bin/, etc/, var/, dynconf/, html/)
+    Init {
+        #[arg(long, value_name = "DIR")]
+        prefix: PathBuf,
+        /// The web server's user [default: www-data or apache]
+        #[arg(long, value_name = "USER")]
+        apache_user: Option<String>,
+        /// The user cron runs as (owner of var/ and dynconf/) [default: root]
+        #[arg(long, value_name = "USER")]
+        cron_user: Option<String>,
+        /// The domain for a new configuration
+        #[arg(long, default_value = "localhost")]
+        extbasename: String,
+    },
+    /// List tokens: state, age, target, job
+    List {
+        /// An array of objects: alias, state, dsthost, dstport, jobid, modified
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one token
+    Show { token: String },
+    /// Delete a token now, whatever its state, and drop its route
+    Revoke { token: String },
+    /// Expire tokens past their TTL now
+    Gc,
+    /// Print what cron would write (the route map or the vhosts)
+    Render,
+    /// Counts by state, the oldest token, sessions per compute node
+    Stats,
+    /// Create the database, or take a Perl SRPS database in place (backup first)
+    Migrate {
+        /// The database [default: dbfile from the config]
+        #[arg(long, value_name = "FILE")]
         db: Option<PathBuf>,
+        /// Report what the database holds and what would change; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Bring the whole stack up on loopback: Apache, serve, cron --watch, a sample notebook
+    Demo {
+        /// Walk through getlink, the waiting page, redeem and the proxied URL, then exit
+        #[arg(long)]
+        walkthrough: bool,
+        /// Apache's TLS port on 127.0.0.1
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+    },
+    /// Job states from the scheduler
+    Jobstates {
+        #[command(subcommand)]
+        command: JobstatesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobstatesCommand {
+    /// Run squeue (or read its output) and push the states to update-jobs
+    Push {
+        /// Read `<jobid> <state>` lines from this file (- for stdin) instead of running squeue
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// Write into this database directly instead of POSTing
+        #[arg(long, value_name = "FILE")]
+        db: Option<PathBuf>,
+        /// The update-jobs URL [default: https://<extbasename>/update-jobs.cgi]
+        #[arg(long)]
+        url: Option<String>,
     },
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
         Err(err) => {
             eprintln!("satellite: {err:#}");
             ExitCode::FAILURE
@@ -47,38 +123,77 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
         Some(path) => path.clone(),
         None => Config::locate()?,
     };
-    Config::load_file(&path).with_context(|| format!("loading {}", path.display()))
+    Config::load_file(&path)
+        .with_context(|| format!("loading the configuration {}", path.display()))
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Migrate { db } => {
+fn print(text: String) -> Result<ExitCode> {
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let config = || load_config(cli.config.as_ref());
+    match &cli.command {
+        Command::Serve { listen } => {
+            let config = config()?;
+            let listen = listen
+                .clone()
+                .unwrap_or_else(|| config.serve_listen.clone());
+            let server = satellite_serve::Server::bind(config, &listen)?;
+            server.stop_on_signals()?;
+            eprintln!("satellite serve: listening on http://{listen}/");
+            server.run()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cron { watch } => Ok(satellite::cron_main(&config()?, *watch)),
+        Command::Init {
+            prefix,
+            apache_user,
+            cron_user,
+            extbasename,
+        } => print(install::init(&install::InitOptions {
+            prefix: prefix.clone(),
+            apache_user: apache_user.clone(),
+            cron_user: cron_user.clone(),
+            extbasename: extbasename.clone(),
+            programs_dir: None,
+        })?),
+        Command::List { json } => print(admin::list(&config()?, *json)?),
+        Command::Show { token } => print(admin::show(&config()?, token)?),
+        Command::Revoke { token } => print(admin::revoke(&config()?, token)?),
+        Command::Gc => print(admin::gc(&config()?)?),
+        Command::Render => print(admin::render(&config()?)?),
+        Command::Stats => print(admin::stats(&config()?)?),
+        Command::Migrate { db, dry_run } => {
             let db = match db {
-                Some(db) => db,
-                None => load_config(cli.config.as_ref())?.dbfile,
+                Some(db) => db.clone(),
+                None => config()?.dbfile,
             };
-            let (store, migration) = Store::open_or_create(&db, Duration::from_secs(10))
-                .with_context(|| format!("migrating {}", db.display()))?;
-            let what = if migration.created {
-                "created".to_owned()
-            } else if migration.changed_anything() {
-                let mut changes = vec![format!(
-                    "schema {} -> {}",
-                    migration.from_version,
-                    store.schema_version()?
-                )];
-                changes.extend(
-                    migration
-                        .added_columns
-                        .iter()
-                        .map(|c| format!("added column {c}")),
-                );
-                format!("migrated ({})", changes.join(", "))
+            print(admin::migrate(&db, *dry_run)?)
+        }
+        Command::Demo { walkthrough, port } => {
+            satellite::demo::demo(&satellite::demo::DemoOptions {
+                port: *port,
+                walkthrough: *walkthrough,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Jobstates {
+            command: JobstatesCommand::Push { from, db, url },
+        } => {
+            let table = admin::read_squeue(from.as_deref())?;
+            let config = if db.is_some() || url.is_some() {
+                None
             } else {
-                "already current".to_owned()
+                Some(config()?)
             };
-            println!("{}: {what}", db.display());
-            Ok(())
+            print(admin::push_jobstates(
+                config.as_ref(),
+                &table,
+                db.as_deref(),
+                url.as_deref(),
+            )?)
         }
     }
 }

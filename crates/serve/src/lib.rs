@@ -238,7 +238,11 @@ fn respond(request: tiny_http::Request, response: http::Response<Body>) {
         .headers()
         .iter()
         .filter_map(|(name, value)| {
-            tiny_http::Header::from_bytes(name.as_str().as_bytes(), value.as_bytes()).ok()
+            tiny_http::Header::from_bytes(
+                satellite_cgi::title_case(name.as_str()),
+                value.as_bytes(),
+            )
+            .ok()
         })
         .collect();
     let body = response.into_body();

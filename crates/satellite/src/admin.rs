@@ -1,0 +1,365 @@
+//! The admin subcommands of `satellite`: looking at tokens, revoking them,
+//! expiry now, what cron would write, counts, migration of a Perl-era
+//! database, creating an install tree, and pushing job states.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use chrono::Utc;
+use satellite_core::config::Routing;
+use satellite_core::routes::{self, RouteSet};
+use satellite_core::store::{TokenRow, SCHEMA_VERSION};
+use satellite_core::{Config, Store};
+
+pub fn open_store(config: &Config) -> Result<Store> {
+    Store::open(
+        &config.dbfile,
+        Duration::from_millis(config.busy_timeout_ms),
+    )
+    .with_context(|| format!("opening {}", config.dbfile.display()))
+}
+
+fn age(modified: &str) -> String {
+    let Ok(then) = chrono::NaiveDateTime::parse_from_str(modified, "%Y-%m-%d %H:%M:%S") else {
+        return "?".into();
+    };
+    let secs = (Utc::now().naive_utc() - then).num_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn target(row: &TokenRow) -> String {
+    match (&row.dsthost, row.dstport) {
+        (Some(host), Some(port)) if host.contains(':') => format!("[{host}]:{port}"),
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        _ => "-".into(),
+    }
+}
+
+pub fn list(config: &Config, json: bool) -> Result<String> {
+    let rows = open_store(config)?.list_tokens()?;
+    if json {
+        let objects: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "alias": r.alias,
+                    "state": r.state,
+                    "dsthost": r.dsthost,
+                    "dstport": r.dstport,
+                    "jobid": r.jobid,
+                    "modified": r.modified,
+                })
+            })
+            .collect();
+        return Ok(serde_json::to_string_pretty(&objects)? + "\n");
+    }
+    let mut out = format!(
+        "{:<32} {:<8} {:>5} {:<24} {}\n",
+        "TOKEN", "STATE", "AGE", "TARGET", "JOB"
+    );
+    for row in &rows {
+        let _ = writeln!(
+            out,
+            "{:<32} {:<8} {:>5} {:<24} {}",
+            row.alias,
+            row.state,
+            age(&row.modified),
+            target(row),
+            row.jobid.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(out)
+}
+
+pub fn show(config: &Config, token: &str) -> Result<String> {
+    let row = open_store(config)?
+        .find_token(token)?
+        .with_context(|| format!("no token {token}"))?;
+    Ok(format!(
+        "token:    {}\nurl:      {}/\nstate:    {}\ntarget:   {}\njob:      {}\nmodified: {} UTC ({} ago)\n",
+        row.alias,
+        config.alias_origin(&row.alias),
+        row.state,
+        target(&row),
+        row.jobid.as_deref().unwrap_or("-"),
+        row.modified,
+        age(&row.modified)
+    ))
+}
+
+/// After a change to the routes: in map routing publish at once; in vhost
+/// routing run cron (config test and reload).
+fn republish(config: &Config, store: &mut Store) -> Result<String> {
+    match config.routing {
+        Routing::Map => {
+            let published = routes::publish_map(store, config)?;
+            Ok(format!("route map updated ({} live)", published.routes))
+        }
+        Routing::Vhost => {
+            let report = satellite_cron::run_once(config)?;
+            Ok(if report.skipped {
+                "another cron run is in progress; it will drop the route".into()
+            } else {
+                format!("Apache config updated ({} live)", report.routes)
+            })
+        }
+    }
+}
+
+pub fn revoke(config: &Config, token: &str) -> Result<String> {
+    let mut store = open_store(config)?;
+    if !store.revoke(token)? {
+        bail!("no token {token}");
+    }
+    let routes = republish(config, &mut store)?;
+    Ok(format!("revoked {token}; {routes}\n"))
+}
+
+pub fn gc(config: &Config) -> Result<String> {
+    let mut store = open_store(config)?;
+    let expired = store.expire(Utc::now(), config.ttl_secs)?;
+    let routes = republish(config, &mut store)?;
+    Ok(format!("expired {expired} token(s); {routes}\n"))
+}
+
+pub fn render(config: &Config) -> Result<String> {
+    let store = open_store(config)?;
+    let set = RouteSet::from_rows(&store.route_rows()?, config);
+    for line in set.refusal_lines() {
+        eprintln!("satellite: {line}");
+    }
+    Ok(match config.routing {
+        Routing::Map => routes::render_map(&set.routes),
+        Routing::Vhost => routes::render_vhosts(&set.routes, config),
+    })
+}
+
+pub fn stats(config: &Config) -> Result<String> {
+    let stats = open_store(config)?.stats()?;
+    let mut out = String::from("tokens by state:\n");
+    if stats.by_state.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for (state, n) in &stats.by_state {
+        let _ = writeln!(out, "  {state:<10} {n}");
+    }
+    if let Some(oldest) = &stats.oldest_modified {
+        let _ = writeln!(out, "oldest:    {oldest} UTC ({} ago)", age(oldest));
+    }
+    let _ = writeln!(out, "job states: {}", stats.jobstates);
+    out.push_str("sessions per compute node:\n");
+    if stats.sessions_per_host.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for (host, n) in &stats.sessions_per_host {
+        let _ = writeln!(out, "  {host:<24} {n}");
+    }
+    Ok(out)
+}
+
+/// What a database holds and what migrating it will change, read without
+/// writing anything.
+pub fn inspect(db: &Path) -> Result<String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening {} read-only", db.display()))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let mut out = format!(
+        "{}:\n  schema version {version} (this build writes {SCHEMA_VERSION})\n",
+        db.display()
+    );
+    if version > SCHEMA_VERSION {
+        bail!(
+            "{} was written by a newer satellite (schema {version}); refusing",
+            db.display()
+        );
+    }
+    let has_proxy: bool = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='proxy'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)?;
+    if !has_proxy {
+        out.push_str("  no proxy table: the tables will be created\n");
+        return Ok(out);
+    }
+    let columns: Vec<String> = {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('proxy')")?;
+        let names = stmt.query_map([], |r| r.get(0))?;
+        names.collect::<rusqlite::Result<_>>()?
+    };
+    let variant = if columns.iter().any(|c| c == "revssh_user") {
+        "revssh"
+    } else if columns.iter().any(|c| c == "jobid") {
+        "master"
+    } else {
+        "base (no jobid)"
+    };
+    let _ = writeln!(out, "  legacy schema variant: {variant}");
+    let mut stmt =
+        conn.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
+    let counts = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for count in counts {
+        let (state, n) = count?;
+        let _ = writeln!(out, "  {n} {state} token(s)");
+    }
+    if version < SCHEMA_VERSION {
+        if !columns.iter().any(|c| c == "jobid") {
+            out.push_str("  will add column proxy.jobid\n");
+        }
+        out.push_str("  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n");
+    }
+    let mut stmt = conn.prepare(
+        "SELECT group_concat(alias, ' = ') FROM proxy GROUP BY alias_compare_hash HAVING count(*) > 1",
+    )?;
+    let collisions: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if collisions.is_empty() {
+        out.push_str("  no colliding aliases\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "  BLOCKED: these rows share a hash (the original treated them as unknown); delete all but one of each: {}",
+            collisions.join("; ")
+        );
+    }
+    Ok(out)
+}
+
+pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
+    if !db.exists() {
+        if dry_run {
+            return Ok(format!(
+                "{}: does not exist; it would be created\n",
+                db.display()
+            ));
+        }
+        let (_store, _) = Store::open_or_create(db, Duration::from_secs(10))
+            .with_context(|| format!("creating {}", db.display()))?;
+        return Ok(format!("{}: created\n", db.display()));
+    }
+    let mut out = inspect(db)?;
+    if dry_run {
+        return Ok(out);
+    }
+    let current = {
+        let conn = rusqlite::Connection::open(db)?;
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? == SCHEMA_VERSION
+    };
+    if current {
+        out.push_str("  already current; nothing to do\n");
+        return Ok(out);
+    }
+    let backup = PathBuf::from(format!(
+        "{}.pre-satellite-{}",
+        db.display(),
+        Utc::now().format("%Y%m%dT%H%M%SZ")
+    ));
+    {
+        let conn = rusqlite::Connection::open(db)?;
+        conn.execute("VACUUM INTO ?1", [backup.to_string_lossy()])
+            .with_context(|| format!("backing up to {}", backup.display()))?;
+    }
+    let _ = writeln!(out, "  backup written to {}", backup.display());
+    Store::open(db, Duration::from_secs(10))
+        .with_context(|| format!("migrating {}", db.display()))?;
+    out.push_str("  migrated\n");
+    Ok(out)
+}
+
+/// Job states from `squeue` (or its saved output), pushed to update-jobs or
+/// written straight into the database.
+pub fn read_squeue(from: Option<&Path>) -> Result<String> {
+    match from {
+        Some(path) if path == Path::new("-") => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+            Ok(text)
+        }
+        Some(path) => {
+            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        }
+        None => {
+            // %i and %T with no width: job ids without the leading blanks
+            // of the default format.
+            let out = std::process::Command::new("squeue")
+                .args(["--noheader", "--all", "--format=%i %T"])
+                .output()
+                .context(
+                    "running squeue (is this a Slurm controller? use --from FILE otherwise)",
+                )?;
+            if !out.status.success() {
+                bail!(
+                    "squeue failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    }
+}
+
+pub fn push_jobstates(
+    config: Option<&Config>,
+    table: &str,
+    db: Option<&Path>,
+    url: Option<&str>,
+) -> Result<String> {
+    let states = satellite_core::endpoints::parse_job_table(table.as_bytes());
+    if let Some(db) = db {
+        let mut store = Store::open(db, Duration::from_secs(10))
+            .with_context(|| format!("opening {}", db.display()))?;
+        let n = store.update_jobstates(&states, Utc::now().timestamp())?;
+        return Ok(format!("wrote {n} job state(s) to {}\n", db.display()));
+    }
+    let url = match (url, config) {
+        (Some(url), _) => url.to_owned(),
+        (None, Some(config)) => format!("https://{}/update-jobs.cgi", config.extbasename),
+        (None, None) => bail!("give --url or --db"),
+    };
+    let mut body = String::from("jobstates=\n");
+    for (jobid, state) in &states {
+        let _ = writeln!(body, "{jobid} {state}");
+    }
+    let mut child = std::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--data-binary",
+            "@-",
+            "-X",
+            "POST",
+            &url,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running curl")?;
+    std::io::Write::write_all(
+        child.stdin.as_mut().context("curl's stdin")?,
+        body.as_bytes(),
+    )?;
+    let out = child.wait_with_output()?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !answer.starts_with("Success") {
+        bail!("pushing to {url} failed: {}", answer.trim());
+    }
+    Ok(format!("pushed {} job state(s) to {url}\n", states.len()))
+}
+
+pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))
+}

@@ -1,0 +1,327 @@
+//! `satellite demo`: the whole stack on loopback for a newcomer: an install
+//! tree in a temporary directory, a private Apache with the real
+//! httpd-conf and a throwaway wildcard certificate, `serve`, `cron --watch`
+//! and a small backend standing in for a notebook. It prints the steps;
+//! `--walkthrough` performs them and exits.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use satellite_core::Config;
+
+use crate::install::{init, InitOptions};
+use crate::private_apache::{make_certificate, ApacheInstall, PrivateApache, Site};
+
+pub const DOMAIN: &str = "demo.localhost";
+/// Where the sample backend ("the compute node") listens.
+pub const BACKEND_IP: &str = "127.0.0.3";
+
+pub struct DemoOptions {
+    pub port: u16,
+    pub walkthrough: bool,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+pub fn demo(options: &DemoOptions) -> Result<()> {
+    let apache = ApacheInstall::find()?;
+    let work = tempfile::Builder::new()
+        .prefix("satellite-demo-")
+        .tempdir()?;
+    let dir = work.path();
+    let root = dir.join("site");
+    println!("satellite demo in {}", dir.display());
+    init(&InitOptions {
+        prefix: root.clone(),
+        apache_user: None,
+        cron_user: None,
+        extbasename: DOMAIN.into(),
+        programs_dir: None,
+    })?;
+    let (ca, cert, key) = make_certificate(dir, DOMAIN)?;
+    let serve_port = free_port()?;
+    let backend_port = free_port_on(BACKEND_IP)?;
+    let config_path = root.join("etc/satellite.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "extbasename = \"{DOMAIN}\"\n\
+             tgtipmask = [\"127.0.0.0/8\"]\n\
+             jobstateipmask = [\"127.0.0.0/8\"]\n\
+             extport = {port}\nlistenport = {port}\n\
+             routing = \"map\"\n\
+             syslog_socket = \"\"\n\
+             serve_listen = \"127.0.0.1:{serve_port}\"\n\
+             serve_workers = 4\n\
+             trusted_proxies = [\"127.0.0.1/32\"]\n",
+            port = options.port
+        ),
+    )?;
+    if nix::unistd::Uid::effective().is_root() {
+        // Apache's workers run as nobody; let them read the tree.
+        open_up(dir)?;
+    }
+    let config = Config::load_file(&config_path)?;
+
+    let server = satellite_serve::Server::bind(config.clone(), &config.serve_listen)?;
+    let stop_serving = server.stopper();
+    let serving = thread::spawn(move || server.run());
+    let watch_config = config.clone();
+    thread::spawn(move || {
+        let _ = satellite_cron::watch(&watch_config, |report| {
+            if let Err(err) = report {
+                eprintln!("satellite cron: {err:#}");
+            }
+        });
+    });
+    let backend = TcpListener::bind((BACKEND_IP, backend_port))
+        .with_context(|| format!("starting the sample backend on {BACKEND_IP}:{backend_port}"))?;
+    thread::spawn(move || sample_backend(backend));
+
+    let apache_dir = dir.join("apache");
+    std::fs::create_dir_all(&apache_dir)?;
+    if nix::unistd::Uid::effective().is_root() {
+        open_up(&apache_dir)?;
+    }
+    let mut httpd = PrivateApache::start(
+        &apache,
+        &apache_dir,
+        &Site {
+            root: root.clone(),
+            domain: DOMAIN.into(),
+            port: options.port,
+            cert,
+            key,
+            serve_url: Some(format!("http://127.0.0.1:{serve_port}")),
+            vhost_routing: false,
+        },
+    )?;
+
+    let steps = Steps {
+        port: options.port,
+        ca: ca.clone(),
+        backend_port,
+    };
+    println!("{}", steps.describe());
+    let result = if options.walkthrough {
+        steps.walk()
+    } else {
+        wait_for_interrupt()
+    };
+    httpd.stop();
+    stop_serving.store(true, Ordering::SeqCst);
+    let _ = serving.join();
+    drop(work);
+    result
+}
+
+fn open_up(path: &Path) -> Result<()> {
+    let status = Command::new("chmod")
+        .arg("-R")
+        .arg("a+rwX")
+        .arg(path)
+        .status()?;
+    if !status.success() {
+        bail!("chmod -R a+rwX {} failed", path.display());
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    free_port_on("127.0.0.1")
+}
+
+fn free_port_on(ip: &str) -> Result<u16> {
+    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+fn wait_for_interrupt() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(signal, &action) }?;
+    }
+    println!("The demo runs until Ctrl-C.");
+    while !INTERRUPTED.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(200));
+    }
+    println!("\nstopping and cleaning up");
+    Ok(())
+}
+
+/// A stand-in for a notebook on a compute node: answers every request with
+/// a line naming itself and the path it was asked for.
+fn sample_backend(listener: TcpListener) {
+    for stream in listener.incoming().flatten() {
+        thread::spawn(move || {
+            let _ = answer_backend(stream);
+        });
+    }
+}
+
+fn answer_backend(mut stream: TcpStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let body = format!("Hello from the demo notebook! You asked for {target}\n");
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+struct Steps {
+    port: u16,
+    ca: PathBuf,
+    backend_port: u16,
+}
+
+impl Steps {
+    fn curl_base(&self, host: &str) -> Vec<String> {
+        vec![
+            "curl".into(),
+            "--silent".into(),
+            "--show-error".into(),
+            "--cacert".into(),
+            self.ca.display().to_string(),
+            "--resolve".into(),
+            format!("{host}:{}:127.0.0.1", self.port),
+        ]
+    }
+
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.port)
+    }
+
+    fn describe(&self) -> String {
+        let manage = format!("manage.{DOMAIN}");
+        let show = |args: Vec<String>| args.join(" ");
+        let mut getlink = self.curl_base(&manage);
+        getlink.push(self.url(&manage, "/getlink.cgi"));
+        let mut redeem = self.curl_base(&manage);
+        redeem.extend(["--interface".into(), BACKEND_IP.into()]);
+        redeem.push(format!(
+            "\"{}\"",
+            self.url(
+                &manage,
+                &format!("/redeemtoken.cgi?token=$TOKEN&port={}", self.backend_port)
+            )
+        ));
+        let mut open = self.curl_base(&format!("$TOKEN.{DOMAIN}"));
+        open.push(format!(
+            "\"{}\"",
+            self.url(&format!("$TOKEN.{DOMAIN}"), "/?token=abc")
+        ));
+        format!(
+            "\nThe stack is up: Apache on https://*.{DOMAIN}:{port}/ (private instance, throwaway CA {ca}),\n\
+             satellite serve behind it, cron --watch, and a sample notebook on {BACKEND_IP}:{backend}.\n\n\
+             1. Get a token (what galyleo does on the login node):\n   {getlink}\n   \
+             TOKEN=<the last word it printed>\n\
+             2. Open the user's URL: while the job is pending it is the waiting page:\n   {open}\n\
+             3. Redeem the token from the \"compute node\" ({BACKEND_IP}), port {backend}:\n   {redeem}\n\
+             4. Open the URL again: it now reaches the notebook, no reload, no wait:\n   {open}\n",
+            port = self.port,
+            ca = self.ca.display(),
+            backend = self.backend_port,
+            getlink = show(getlink),
+            open = show(open),
+            redeem = show(redeem),
+        )
+    }
+
+    fn curl(&self, host: &str, path: &str, extra: &[&str]) -> Result<String> {
+        let mut args = self.curl_base(host);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(self.url(host, path));
+        let out = Command::new(&args[0])
+            .args(&args[1..])
+            .output()
+            .context("running curl")?;
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Performs the steps, checking each answer.
+    fn walk(&self) -> Result<()> {
+        let manage = format!("manage.{DOMAIN}");
+        let answer = self.curl(&manage, "/getlink.cgi", &[])?;
+        let token = answer
+            .strip_prefix("Your token is \n")
+            .and_then(|t| t.strip_suffix('\n'))
+            .with_context(|| format!("getlink answered {answer:?}"))?
+            .to_owned();
+        println!("walkthrough: 1. got token {token}");
+        let host = format!("{token}.{DOMAIN}");
+        let page = self.curl(&host, "/?token=abc", &[])?;
+        if !page.contains("tokenjobstate.cgi") {
+            bail!("the pending URL did not show the waiting page: {page:.200}");
+        }
+        println!(
+            "walkthrough: 2. https://{host}:{}/ shows the waiting page",
+            self.port
+        );
+        let redeem = self.curl(
+            &manage,
+            &format!("/redeemtoken.cgi?token={token}&port={}", self.backend_port),
+            &["--interface", BACKEND_IP],
+        )?;
+        if redeem != "Success!\n" {
+            bail!("redeem answered {redeem:?}");
+        }
+        println!(
+            "walkthrough: 3. redeemed from {BACKEND_IP}:{}",
+            self.backend_port
+        );
+        let notebook = self.curl(&host, "/lab?token=abc", &[])?;
+        if !notebook.starts_with("Hello from the demo notebook! You asked for /lab?token=abc") {
+            bail!("the URL did not reach the notebook: {notebook:?}");
+        }
+        println!(
+            "walkthrough: 4. the URL reaches the notebook: {}",
+            notebook.trim()
+        );
+        let destroy = self.curl(
+            &manage,
+            &format!("/destroytoken.cgi?token={token}"),
+            &["--interface", BACKEND_IP],
+        )?;
+        if destroy != "Success! Token destroyed.\n" {
+            bail!("destroy answered {destroy:?}");
+        }
+        let after = self.curl(&host, "/", &[])?;
+        if after != "Please see documentation on how to use this service.\n" {
+            bail!("after destroy the URL answered {after:?}");
+        }
+        println!("walkthrough: 5. destroyed; the URL is back to the default answer");
+        println!("walkthrough: all steps passed");
+        Ok(())
+    }
+}

@@ -1,0 +1,709 @@
+//! A private Apache httpd for one test group: its own ServerRoot in a
+//! temporary directory, the project's `httpd-conf/` with test values, TLS
+//! on a loopback high port from a certificate made for the test, and the
+//! satellite programs installed as in production (`cgi/<name>.cgi`,
+//! `etc/satellite.toml`, `var/`, `dynconf/`, `html/`, `logs/`).
+//!
+//! When the tests run as root (CI), Apache runs its children as
+//! nobody/nogroup and the install tree is owned by nobody, so the CGI
+//! programs can write the database and the map while root's `cron` can
+//! still signal Apache. Apache is stopped when the value is dropped.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::client::{Client, Response};
+use super::repo_root;
+
+pub const APACHE: &str = "/usr/sbin/apache2";
+pub const DOMAIN: &str = "example.test";
+pub const DOMAIN_RE: &str = r"example\.test";
+/// Apache's answer on a host that is neither proxied nor pending.
+pub const DEFAULT_ANSWER: &str = "Please see documentation on how to use this service.\n";
+/// How long anything that becomes true eventually may take.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The endpoint programs, installed as `cgi/<name>.cgi`.
+const CGI_PROGRAMS: [(&str, &str); 7] = [
+    ("getlink", env!("CARGO_BIN_EXE_getlink")),
+    ("redeemtoken", env!("CARGO_BIN_EXE_redeemtoken")),
+    ("destroytoken", env!("CARGO_BIN_EXE_destroytoken")),
+    ("linktoken", env!("CARGO_BIN_EXE_linktoken")),
+    ("tokenjobstate", env!("CARGO_BIN_EXE_tokenjobstate")),
+    ("update-jobs", env!("CARGO_BIN_EXE_update-jobs")),
+    ("index", env!("CARGO_BIN_EXE_index")),
+];
+pub const CRON: &str = env!("CARGO_BIN_EXE_cron");
+pub const SATELLITE: &str = env!("CARGO_BIN_EXE_satellite");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    Map,
+    Vhost,
+}
+
+impl Routing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::Map => "map",
+            Routing::Vhost => "vhost",
+        }
+    }
+}
+
+pub struct Apache {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub routing: Routing,
+    pub ca_pem: Vec<u8>,
+    child: Option<Child>,
+    as_root: bool,
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A port that was free on 127.0.0.1 a moment ago.
+fn pick_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A CA and a leaf for `example.test` and `*.example.test` signed by it.
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        run(Command::new("openssl").args(args).current_dir(dir));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=satellite test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "key.pem",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                "/CN=example.test",
+            ],
+        ]
+        .concat(),
+    );
+    fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:example.test,DNS:*.example.test\n\
+         basicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+}
+
+/// Hard-links `from` to `to`, or copies it when they are on different
+/// file systems.
+fn install_program(from: &str, to: &Path) {
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).unwrap_or_else(|e| panic!("installing {from}: {e}"));
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Gives `path` and everything under it to nobody:nogroup, except the
+/// programs in `cgi/` (hard links to the build's binaries).
+fn give_to_nobody(path: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) {
+    nix::unistd::chown(path, Some(uid), Some(gid)).unwrap();
+    if path.is_dir() {
+        for entry in fs::read_dir(path).unwrap() {
+            let entry = entry.unwrap();
+            if path.ends_with("cgi") && !entry.file_type().unwrap().is_dir() {
+                continue;
+            }
+            give_to_nobody(&entry.path(), uid, gid);
+        }
+    }
+}
+
+impl Apache {
+    /// Installs satellite with `routing` and starts Apache; waits until it
+    /// answers. Panics (failing the test) if Apache is missing or does not
+    /// come up.
+    pub fn start(routing: Routing) -> Apache {
+        assert!(
+            Path::new(APACHE).exists(),
+            "{APACHE} is missing: install apache2 (the Apache tests need a real httpd)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("satellite-apache-")
+            .tempdir()
+            .unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        make_certificates(dir.path());
+        let ca_pem = fs::read(dir.path().join("ca.pem")).unwrap();
+        let mut apache = Apache {
+            dir,
+            port: 0,
+            routing,
+            ca_pem,
+            child: None,
+            as_root: is_root(),
+        };
+        apache.install();
+        // The port was free when picked, but another test may take it
+        // before Apache binds it: try a few.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            apache.port = pick_port();
+            apache.write_httpd_conf();
+            apache.write_config(&[]);
+            match apache.launch() {
+                Ok(()) => return apache,
+                Err(why) => last_error = why,
+            }
+        }
+        panic!("Apache did not start: {last_error}");
+    }
+
+    /// The install tree (SATELLITE_ROOT).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root().join(rel)
+    }
+
+    pub fn httpd_conf(&self) -> PathBuf {
+        self.dir.path().join("httpd.conf")
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.path("etc/satellite.toml")
+    }
+
+    pub fn db_file(&self) -> PathBuf {
+        self.path("var/state.sqlite")
+    }
+
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.path().join("httpd.pid")
+    }
+
+    /// dynconf/proxyconf.conf (vhost routing).
+    pub fn vhost_file(&self) -> PathBuf {
+        self.path("dynconf/proxyconf.conf")
+    }
+
+    /// dynconf/routes.map (map routing).
+    pub fn map_file(&self) -> PathBuf {
+        self.path("dynconf/routes.map")
+    }
+
+    fn install(&self) {
+        let root = self.root();
+        for sub in ["cgi", "etc", "var", "dynconf", "html", "logs", "run"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        for (name, exe) in CGI_PROGRAMS {
+            install_program(exe, &root.join(format!("cgi/{name}.cgi")));
+        }
+        fs::copy(
+            repo_root().join("wordlist/eff_large_wordlist.txt"),
+            root.join("var/eff_large_wordlist.txt"),
+        )
+        .unwrap();
+        copy_tree(&repo_root().join("html"), &root.join("html"));
+        self.write_config(&[]);
+        run(Command::new(SATELLITE)
+            .args(["migrate", "--config"])
+            .arg(self.config_file()));
+        // The lock files every writer opens, and the map Apache reads from
+        // the start (an install creates them).
+        for lock in [".satellite.lock", ".routes.map.lock"] {
+            fs::write(root.join("dynconf").join(lock), "").unwrap();
+        }
+        if self.routing == Routing::Map && !self.map_file().exists() {
+            fs::write(self.map_file(), "").unwrap();
+        }
+        if self.as_root {
+            let nobody = nix::unistd::User::from_name("nobody")
+                .unwrap()
+                .expect("a user nobody");
+            let nogroup = nix::unistd::Group::from_name("nogroup")
+                .unwrap()
+                .map(|g| g.gid)
+                .unwrap_or(nobody.gid);
+            give_to_nobody(&root, nobody.uid, nogroup);
+        }
+    }
+
+    /// Writes etc/satellite.toml: the test values, with `overrides`
+    /// (`key`, TOML value) replacing or adding keys.
+    pub fn write_config(&self, overrides: &[(&str, String)]) {
+        let quote = |s: &str| format!("{s:?}");
+        let list = |items: &[String]| {
+            format!(
+                "[{}]",
+                items
+                    .iter()
+                    .map(|s| quote(s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let mut entries: Vec<(String, String)> = vec![
+            ("extbasename".into(), quote(DOMAIN)),
+            ("tgtipmask".into(), list(&["127.0.0.0/8".into()])),
+            ("jobstateipmask".into(), list(&["127.0.0.0/8".into()])),
+            ("extport".into(), self.port.max(1).to_string()),
+            ("listenport".into(), self.port.max(1).to_string()),
+            ("syslog_socket".into(), quote("")),
+            ("routing".into(), quote(self.routing.as_str())),
+            (
+                "apache_configtest".into(),
+                list(&self.configtest_command(None)),
+            ),
+            (
+                "apache_pidfile".into(),
+                quote(&self.pidfile().display().to_string()),
+            ),
+        ];
+        for (key, value) in overrides {
+            entries.retain(|(k, _)| k != key);
+            entries.push(((*key).to_owned(), value.clone()));
+        }
+        let text: String = entries
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect();
+        let path = self.config_file();
+        fs::write(&path, text).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    /// Apache's own config test for this instance, optionally with one more
+    /// file included (to make it fail on purpose).
+    pub fn configtest_command(&self, extra_include: Option<&Path>) -> Vec<String> {
+        let mut cmd = vec![
+            APACHE.to_owned(),
+            "-f".to_owned(),
+            self.httpd_conf().display().to_string(),
+        ];
+        if let Some(include) = extra_include {
+            cmd.push("-C".into());
+            cmd.push(format!("Include {}", include.display()));
+        }
+        cmd.push("-t".into());
+        cmd
+    }
+
+    fn write_httpd_conf(&self) {
+        let dir = self.dir.path().display().to_string();
+        let root = self.root().display().to_string();
+        let conf = repo_root().join("httpd-conf");
+        let port = self.port;
+        let user = if self.as_root {
+            "User nobody\nGroup nogroup\n"
+        } else {
+            ""
+        };
+        let vhost = if self.routing == Routing::Vhost {
+            "Define SATELLITE_VHOST_ROUTING\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "ServerRoot {dir}\n\
+             PidFile {dir}/httpd.pid\n\
+             DefaultRuntimeDir {root}/run\n\
+             ErrorLog {root}/logs/error.log\n\
+             LogLevel warn\n\
+             LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so\n\
+             LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so\n\
+             LoadModule mime_module /usr/lib/apache2/modules/mod_mime.so\n\
+             TypesConfig /etc/mime.types\n\
+             LoadModule alias_module /usr/lib/apache2/modules/mod_alias.so\n\
+             Include {modules}\n\
+             ScriptSock {dir}/cgisock\n\
+             Listen 127.0.0.1:{port} https\n\
+             ServerName localhost\n\
+             {user}\
+             Define SATELLITE_ROOT {root}\n\
+             Define SATELLITE_DOMAIN {DOMAIN}\n\
+             Define SATELLITE_DOMAIN_RE {DOMAIN_RE}\n\
+             Define SATELLITE_PORT {port}\n\
+             Define SATELLITE_CERT {dir}/cert.pem\n\
+             Define SATELLITE_KEY {dir}/key.pem\n\
+             Define SATELLITE_CHAIN {dir}/ca.pem\n\
+             Define SATELLITE_LOG_DIR {root}/logs\n\
+             {vhost}\
+             Include {satellite}\n",
+            modules = conf.join("modules-debian.conf").display(),
+            satellite = conf.join("satellite.conf").display(),
+        );
+        fs::write(self.httpd_conf(), text).unwrap();
+    }
+
+    /// Starts httpd in the foreground (as our child) and waits until it
+    /// answers; `Err` with the reason if it exits or never answers.
+    fn launch(&mut self) -> Result<(), String> {
+        let stderr = fs::File::create(self.dir.path().join("httpd.stderr")).unwrap();
+        let child = Command::new(APACHE)
+            .arg("-f")
+            .arg(self.httpd_conf())
+            .args(["-D", "FOREGROUND"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot run {APACHE}: {e}"))?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Err(format!(
+                    "httpd exited with {status}: {}\n{}",
+                    fs::read_to_string(self.dir.path().join("httpd.stderr")).unwrap_or_default(),
+                    self.error_log()
+                ));
+            }
+            if self.pidfile().exists() {
+                if let Ok(r) = self.client().get(&self.host("nothing-here"), "/") {
+                    if r.status == 200 {
+                        return Ok(());
+                    }
+                }
+            }
+            if start.elapsed() > DEADLINE {
+                self.stop();
+                return Err(format!("httpd did not answer: {}", self.error_log()));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops Apache (SIGTERM to the parent, SIGKILL after a while).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let children = self.children();
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        for pid in children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// The public host name of `alias`.
+    pub fn host(&self, alias: &str) -> String {
+        format!("{alias}.{DOMAIN}")
+    }
+
+    /// The Host header value a browser sends: host and port.
+    pub fn host_port(&self, alias: &str) -> String {
+        format!("{alias}.{DOMAIN}:{}", self.port)
+    }
+
+    /// The public origin of `alias` (what Location headers should say).
+    pub fn origin(&self, alias: &str) -> String {
+        format!("https://{alias}.{DOMAIN}:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A client that trusts this instance's certificate.
+    pub fn client(&self) -> Client {
+        Client::new(self.addr(), &self.ca_pem)
+    }
+
+    /// A GET through Apache from 127.0.0.1, `Host: <alias>.<domain>:<port>`.
+    pub fn get(&self, alias: &str, path: &str) -> Response {
+        self.client()
+            .get(&self.host_port(alias), path)
+            .unwrap_or_else(|e| panic!("GET {path} on {alias}: {e}\n{}", self.error_log()))
+    }
+
+    fn manage(&self, from: &str, path: &str) -> Response {
+        self.client()
+            .bind(from)
+            .get(&self.host_port("manage"), path)
+            .unwrap_or_else(|e| panic!("GET {path} from {from}: {e}\n{}", self.error_log()))
+    }
+
+    /// getlink.cgi through Apache; the new token.
+    pub fn getlink(&self) -> String {
+        let r = self.manage("127.0.0.1", "/getlink.cgi");
+        assert_eq!(r.status, 200, "getlink: {r}\n{}", self.error_log());
+        let body = r.text();
+        body.strip_prefix("Your token is \n")
+            .and_then(|rest| rest.strip_suffix('\n'))
+            .unwrap_or_else(|| panic!("unexpected getlink body {body:?}"))
+            .to_owned()
+    }
+
+    /// redeemtoken.cgi from `ip` (the backend's own address) for `port`.
+    pub fn redeem(&self, token: &str, ip: &str, port: u16) -> Response {
+        self.manage(ip, &format!("/redeemtoken.cgi?token={token}&port={port}"))
+    }
+
+    /// redeem that must succeed.
+    pub fn redeem_ok(&self, token: &str, ip: &str, port: u16) {
+        let r = self.redeem(token, ip, port);
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "Success!\n".to_owned()),
+            "redeem: {r}\n{}",
+            self.error_log()
+        );
+    }
+
+    /// destroytoken.cgi from `ip`.
+    pub fn destroy(&self, token: &str, ip: &str) -> Response {
+        self.manage(ip, &format!("/destroytoken.cgi?token={token}"))
+    }
+
+    pub fn destroy_ok(&self, token: &str, ip: &str) {
+        let r = self.destroy(token, ip);
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "Success! Token destroyed.\n".to_owned()),
+            "destroy: {r}\n{}",
+            self.error_log()
+        );
+    }
+
+    /// A `cron` command for this install (not started).
+    pub fn cron_command(&self) -> Command {
+        let mut cmd = Command::new(CRON);
+        cmd.env("SATELLITE_CONFIG", self.config_file());
+        cmd
+    }
+
+    /// Runs `cron` once and returns its output (whatever its status).
+    pub fn cron(&self) -> Output {
+        self.cron_command().output().expect("running cron")
+    }
+
+    /// Runs `cron` once and insists it succeeds.
+    pub fn cron_ok(&self) -> Output {
+        let out = self.cron();
+        assert!(
+            out.status.success(),
+            "cron failed ({}): {}{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.error_log()
+        );
+        out
+    }
+
+    /// The state column of `alias`'s row, if it has one.
+    pub fn state_of(&self, alias: &str) -> Option<String> {
+        let conn = rusqlite::Connection::open(self.db_file()).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.query_row("SELECT state FROM proxy WHERE alias = ?1", [alias], |r| {
+            r.get(0)
+        })
+        .ok()
+    }
+
+    pub fn error_log(&self) -> String {
+        let log = fs::read_to_string(self.path("logs/error.log")).unwrap_or_default();
+        format!("--- Apache error log ---\n{log}--- end of error log ---")
+    }
+
+    /// The parent httpd's pid, from the pidfile.
+    pub fn parent_pid(&self) -> i32 {
+        fs::read_to_string(self.pidfile())
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// How many times Apache (re)read its configuration: one at start, one
+    /// more per graceful or full restart.
+    pub fn generations(&self) -> usize {
+        fs::read_to_string(self.path("logs/error.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("resuming normal operations"))
+            .count()
+    }
+
+    /// How many restart signals Apache has received.
+    pub fn restarts(&self) -> usize {
+        fs::read_to_string(self.path("logs/error.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("AH00493") || l.contains("AH00492") || l.contains("SIGHUP"))
+            .count()
+    }
+
+    /// The pids of the parent's children.
+    pub fn children(&self) -> Vec<i32> {
+        let Ok(parent) = fs::read_to_string(self.pidfile()) else {
+            return Vec::new();
+        };
+        let parent = parent.trim().to_owned();
+        let mut pids = Vec::new();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces, so split
+            // after its closing parenthesis.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            if rest.split_whitespace().nth(1) == Some(parent.as_str()) {
+                pids.push(pid);
+            }
+        }
+        pids.sort();
+        pids
+    }
+
+    /// Polls `f` until it gives `Some`, for up to `DEADLINE`; panics with
+    /// `what`, the last observation and the error log otherwise.
+    pub fn eventually<T>(&self, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+        let start = Instant::now();
+        loop {
+            match f() {
+                Ok(value) => return value,
+                Err(last) if start.elapsed() > DEADLINE => {
+                    panic!(
+                        "{what}: not within {DEADLINE:?}; last: {last}\n{}",
+                        self.error_log()
+                    )
+                }
+                Err(_) => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+impl Drop for Apache {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A process stopped (SIGTERM, then SIGKILL) when dropped, e.g. `cron --watch`.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
