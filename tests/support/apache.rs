@@ -664,8 +664,9 @@ impl Apache {
         pids
     }
 
-    /// Polls `f` until it gives `Some`, for up to `DEADLINE`; panics with
+    /// Polls `f` until it gives `Ok`, for up to `DEADLINE`; panics with
     /// `what`, the last observation and the error log otherwise.
+    #[track_caller]
     pub fn eventually<T>(&self, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
         let start = Instant::now();
         loop {

@@ -76,8 +76,7 @@ impl Client {
         let sni = host.split(':').next().unwrap_or(host).to_owned();
         let name = ServerName::try_from(sni)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let tls = ClientConnection::new(self.config.clone(), name)
-            .map_err(|e| io::Error::new(io::ErrorKind::Other, e))?;
+        let tls = ClientConnection::new(self.config.clone(), name).map_err(io::Error::other)?;
         Ok(Conn {
             stream: StreamOwned::new(tls, tcp),
             buf: Vec::new(),

@@ -1,0 +1,370 @@
+//! The `satellite` admin command on temporary trees, asserting on its
+//! exact output.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
+
+use support::*;
+
+fn satellite(site: &Site, args: &[&str]) -> Output {
+    Command::new(program("satellite"))
+        .args(args)
+        .env("SATELLITE_CONFIG", &site.config)
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn redeem(site: &Site, host: &str, port: u16) -> String {
+    let token = site.new_token();
+    let answer = site
+        .cgi("redeemtoken")
+        .remote(host)
+        .query(format!("token={token}&port={port}"))
+        .run();
+    assert_eq!(answer.status, 200);
+    token
+}
+
+#[test]
+fn list_show_stats_and_render_describe_the_tokens() {
+    let site = Site::new();
+    let pending = site.new_token();
+    let live = redeem(&site, COMPUTE_NODE, 50123);
+    site.cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={live}&jobid=4242"))
+        .run();
+
+    let list = stdout(&satellite(&site, &["list"]));
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 3, "{list}");
+    assert!(lines[0].starts_with("TOKEN"));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(&pending) && l.contains("pending") && l.ends_with(" -")),
+        "{list}"
+    );
+    assert!(
+        list.lines().any(|l| l.starts_with(&live)
+            && l.contains("proxied")
+            && l.contains("10.21.3.4:50123")
+            && l.ends_with("4242")),
+        "{list}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&satellite(&site, &["list", "--json"]))).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let live_row = rows.iter().find(|r| r["alias"] == live.as_str()).unwrap();
+    assert_eq!(live_row["state"], "proxied");
+    assert_eq!(live_row["dsthost"], COMPUTE_NODE);
+    assert_eq!(live_row["dstport"], 50123);
+    assert_eq!(live_row["jobid"], "4242");
+    assert_eq!(live_row["modified"].as_str().unwrap().len(), 19);
+    let pending_row = rows
+        .iter()
+        .find(|r| r["alias"] == pending.as_str())
+        .unwrap();
+    assert!(pending_row["dsthost"].is_null() && pending_row["jobid"].is_null());
+
+    let show = stdout(&satellite(&site, &["show", &live]));
+    assert!(show.starts_with(&format!("token:    {live}\nurl:      https://{live}.{EXT}/\nstate:    proxied\ntarget:   10.21.3.4:50123\njob:      4242\n")), "{show}");
+
+    let stats = stdout(&satellite(&site, &["stats"]));
+    assert!(
+        stats.starts_with("tokens by state:\n  pending    1\n  proxied    1\n"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("job states: 0\nsessions per compute node:\n  10.21.3.4                1\n"),
+        "{stats}"
+    );
+
+    assert_eq!(
+        stdout(&satellite(&site, &["render"])),
+        format!(
+            "# Written by satellite; every change is replaced whole.\n{live} 10.21.3.4:50123\n"
+        )
+    );
+    let missing = satellite(&site, &["show", "no-such-token"]);
+    assert!(!missing.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr),
+        "satellite: no token no-such-token\n"
+    );
+}
+
+#[test]
+fn revoke_removes_the_token_and_its_route_and_gc_expires_now() {
+    let site = Site::with_config("ttl_secs = 3600");
+    let live = redeem(&site, COMPUTE_NODE, 8888);
+    let old = site.new_token();
+    site.db()
+        .execute(
+            "UPDATE proxy SET modified = datetime('now', '-2 hours') WHERE alias = ?1",
+            [&old],
+        )
+        .unwrap();
+
+    assert_eq!(
+        stdout(&satellite(&site, &["revoke", &live])),
+        format!("revoked {live}; route map updated (0 live)\n")
+    );
+    assert_eq!(site.state_of(&live), None);
+    assert!(!std::fs::read_to_string(site.path("dynconf/routes.map"))
+        .unwrap()
+        .contains(&live));
+    assert_eq!(
+        stdout(&satellite(&site, &["gc"])),
+        "expired 1 token(s); route map updated (0 live)\n"
+    );
+    assert_eq!(site.state_of(&old), None);
+}
+
+#[test]
+fn admin_commands_refuse_a_bad_config_a_missing_database_and_one_from_the_future() {
+    let site = Site::without_database("");
+    let out = satellite(&site, &["list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("does not exist (create it with `satellite migrate`)"));
+    assert!(!site.db.exists());
+
+    let site = Site::new();
+    site.db().execute_batch("PRAGMA user_version = 99").unwrap();
+    let out = satellite(&site, &["stats"]);
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("written by a newer satellite (schema version 99, this build knows 1)"));
+    let out = satellite(&site, &["migrate", "--dry-run"]);
+    assert!(!out.status.success());
+
+    std::fs::write(&site.config, "words_per_token = 9\n").unwrap();
+    let out = satellite(&site, &["list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("words_per_token must be 2 to 6"));
+}
+
+fn legacy_hash(alias: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(alias.as_bytes()))
+}
+
+#[test]
+fn migrate_takes_a_perl_database_in_place_with_a_backup() {
+    let site = Site::without_database("");
+    let conn = rusqlite::Connection::open(&site.db).unwrap();
+    let schema =
+        std::fs::read_to_string(repo_root().join("tests/fixtures/legacy-schemas.sql")).unwrap();
+    let base = schema
+        .split("-- variant: ")
+        .find(|b| b.starts_with("base\n"))
+        .unwrap()
+        .trim_start_matches("base\n");
+    conn.execute_batch(base).unwrap();
+    for (alias, state, host, port) in [
+        ("abacus-zoom-apple", "pending", None, None),
+        ("able-acorn-zoo", "mapped", Some("10.21.3.4"), Some(8888)),
+        ("zen-yak-bat", "proxied", Some("10.21.5.6"), Some(50123)),
+    ] {
+        conn.execute(
+            "insert into proxy (alias, alias_compare_hash, state, dsthost, dstport) values(?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![alias, legacy_hash(alias), state, host, port],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let before = std::fs::read(&site.db).unwrap();
+    let db = site.db.to_str().unwrap().to_owned();
+
+    let dry = stdout(&satellite(&site, &["migrate", "--db", &db, "--dry-run"]));
+    assert_eq!(
+        dry,
+        format!(
+            "{db}:\n  schema version 0 (this build writes 1)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  no colliding aliases\n"
+        )
+    );
+    assert_eq!(
+        std::fs::read(&site.db).unwrap(),
+        before,
+        "a dry run changed the file"
+    );
+
+    let done = stdout(&satellite(&site, &["migrate", "--db", &db]));
+    assert!(done.contains("  backup written to "), "{done}");
+    assert!(done.ends_with("  migrated\n"), "{done}");
+    let backup = done
+        .lines()
+        .find_map(|l| l.strip_prefix("  backup written to "))
+        .unwrap();
+    let copy = rusqlite::Connection::open(backup).unwrap();
+    let rows: i64 = copy
+        .query_row("SELECT count(*) FROM proxy", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 3);
+    assert!(stdout(&satellite(&site, &["migrate", "--db", &db]))
+        .ends_with("already current; nothing to do\n"));
+
+    // The legacy flows on the migrated database.
+    let answer = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query("token=abacus-zoom-apple&port=9999")
+        .run();
+    assert_eq!(answer.status_and_text(), (200, "Success!\n".into()));
+    let answer = site
+        .cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query("token=zen-yak-bat&jobid=77")
+        .run();
+    assert_eq!(answer.status, 200);
+    let answer = site
+        .cgi("destroytoken")
+        .remote("10.21.5.6")
+        .query("token=zen-yak-bat")
+        .run();
+    assert_eq!(
+        answer.status_and_text(),
+        (200, "Success! Token destroyed.\n".into())
+    );
+}
+
+#[test]
+fn jobstates_push_writes_squeue_output_into_the_database() {
+    let site = Site::new();
+    let token = site.new_token();
+    site.cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=4242"))
+        .run();
+    let squeue = site.path("squeue.txt");
+    std::fs::write(&squeue, "   4242 RUNNING\n4243 PENDING\n").unwrap();
+    let out = satellite(
+        &site,
+        &[
+            "jobstates",
+            "push",
+            "--from",
+            squeue.to_str().unwrap(),
+            "--db",
+            site.db.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        stdout(&out),
+        format!("wrote 2 job state(s) to {}\n", site.db.display())
+    );
+    let state = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}"))
+        .run();
+    assert_eq!(state.text(), "R");
+}
+
+#[test]
+fn init_makes_the_install_tree_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("satellite");
+    let init = || {
+        Command::new(program("satellite"))
+            .args([
+                "init",
+                "--prefix",
+                prefix.to_str().unwrap(),
+                "--extbasename",
+                "hpc.example.edu",
+            ])
+            .output()
+            .unwrap()
+    };
+    let first = init();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    std::fs::write(
+        prefix.join("etc/satellite.toml"),
+        "extbasename = \"hpc.example.edu\"\ntgtipmask = [\"10.21.0.0/16\"]\nsyslog_socket = \"\"\n",
+    )
+    .unwrap();
+    let second = init();
+    assert!(second.status.success());
+    assert!(String::from_utf8_lossy(&second.stdout).contains("kept "));
+    assert!(std::fs::read_to_string(prefix.join("etc/satellite.toml"))
+        .unwrap()
+        .contains("10.21.0.0/16"));
+    for name in [
+        "getlink",
+        "redeemtoken",
+        "destroytoken",
+        "linktoken",
+        "tokenjobstate",
+        "update-jobs",
+        "index",
+    ] {
+        let cgi = prefix.join(format!("cgi/{name}.cgi"));
+        assert_eq!(
+            std::fs::metadata(&cgi).unwrap().permissions().mode() & 0o777,
+            0o755,
+            "{name}"
+        );
+    }
+    let mode = |p: &str| {
+        std::fs::metadata(prefix.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("var"), 0o2770);
+    assert_eq!(mode("dynconf"), 0o2770);
+    assert_eq!(mode("var/state.sqlite"), 0o660);
+    assert!(prefix.join("bin/satellite").exists() && prefix.join("bin/cron").exists());
+    assert!(prefix.join("html/satellite/retry.html").exists());
+    // The installed programs find their config beside them and work.
+    let answer = Command::new(prefix.join("cgi/getlink.cgi"))
+        .env_clear()
+        .env("REQUEST_METHOD", "GET")
+        .env("REMOTE_ADDR", "10.21.0.10")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer.stdout).contains("\n\nYour token is \n"),
+        "{}",
+        String::from_utf8_lossy(&answer.stderr)
+    );
+}
+
+#[test]
+fn demo_walkthrough_runs_the_whole_stack() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(program("satellite"))
+        .args(["demo", "--walkthrough", "--port", &port.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("walkthrough: 4. the URL reaches the notebook: Hello from the demo notebook! You asked for /lab?token=abc"), "{text}");
+    assert!(text.ends_with("walkthrough: all steps passed\n"), "{text}");
+}

@@ -1,0 +1,410 @@
+//! `satellite serve` answers exactly as the CGI programs do, and cannot be
+//! told a client address by anyone but a trusted proxy.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn hash(alias: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(alias.as_bytes()))
+}
+
+/// The same rows in every site: a pending token, a redeemed and linked one,
+/// and a job state.
+fn fixture_site(extra: &str) -> Site {
+    let site = Site::with_config(&format!(
+        "routing = \"vhost\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n{extra}"
+    ));
+    let conn = site.db();
+    conn.execute(
+        "INSERT INTO proxy (alias, alias_compare_hash, state) VALUES ('able-acorn-zoo', ?1, 'pending')",
+        [hash("able-acorn-zoo")],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO proxy (alias, alias_compare_hash, state, dsthost, dstport, jobid) \
+         VALUES ('zen-yak-bat', ?1, 'mapped', '10.21.3.4', 8888, '77')",
+        [hash("zen-yak-bat")],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO jobstates VALUES ('77', 'RUNNING', strftime('%s','now'))",
+        [],
+    )
+    .unwrap();
+    site
+}
+
+struct Serve {
+    child: Child,
+    port: u16,
+}
+
+impl Serve {
+    fn start(site: &Site) -> Serve {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(program("satellite"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("SATELLITE_CONFIG", &site.config)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Serve { child, port }
+    }
+
+    /// One request over HTTP/1.1; returns status, headers and body.
+    fn request(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut head = format!(
+            "{method} {target} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+        let mut lines = head.lines();
+        let status = lines.next().unwrap()[9..12].parse().unwrap();
+        let headers = lines
+            .map(|l| {
+                let (k, v) = l.split_once(": ").unwrap();
+                (k.to_owned(), v.to_owned())
+            })
+            .collect();
+        (status, headers, raw[split + 4..].to_vec())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Headers whose values the two transports must agree on.
+const COMPARED: [&str; 7] = [
+    "Content-Type",
+    "Cache-Control",
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Methods",
+    "Vary",
+    "Allow",
+    "Retry-After",
+];
+
+struct Case {
+    method: &'static str,
+    path: &'static str,
+    query: &'static str,
+    client: &'static str,
+    host: String,
+    origin: Option<String>,
+    body: &'static [u8],
+}
+
+fn case(
+    method: &'static str,
+    path: &'static str,
+    query: &'static str,
+    client: &'static str,
+) -> Case {
+    Case {
+        method,
+        path,
+        query,
+        client,
+        host: format!("manage.{EXT}"),
+        origin: None,
+        body: b"",
+    }
+}
+
+#[test]
+fn serve_answers_the_request_table_byte_for_byte_as_cgi() {
+    let cgi_site = fixture_site("");
+    let serve_site = fixture_site("");
+    let serve = Serve::start(&serve_site);
+    let mut table = vec![
+        case(
+            "GET",
+            "/redeemtoken.cgi",
+            "token=able-acorn-zoo&port=50123",
+            COMPUTE_NODE,
+        ),
+        case(
+            "GET",
+            "/redeemtoken.cgi",
+            "token=able-acorn-zoo&port=50124",
+            COMPUTE_NODE,
+        ),
+        case(
+            "GET",
+            "/redeemtoken.cgi",
+            "token=x%5C&port=8888",
+            COMPUTE_NODE,
+        ),
+        case(
+            "GET",
+            "/redeemtoken.cgi",
+            "token=able-acorn-zoo&port=80",
+            COMPUTE_NODE,
+        ),
+        case(
+            "GET",
+            "/redeemtoken.cgi",
+            "token=able-acorn-zoo",
+            COMPUTE_NODE,
+        ),
+        case(
+            "POST",
+            "/redeemtoken.cgi",
+            "token=able-acorn-zoo&port=8888",
+            COMPUTE_NODE,
+        ),
+        case(
+            "GET",
+            "/linktoken.cgi",
+            "token=able-acorn-zoo&jobid=4242",
+            LOGIN_NODE,
+        ),
+        case(
+            "GET",
+            "/linktoken.cgi",
+            "token=able-acorn-zoo&jobid=4243",
+            LOGIN_NODE,
+        ),
+        case("GET", "/linktoken.cgi", "token=able-acorn-zoo", LOGIN_NODE),
+        case(
+            "GET",
+            "/destroytoken.cgi",
+            "token=zen-yak-bat",
+            OTHER_COMPUTE_NODE,
+        ),
+        case("GET", "/destroytoken.cgi", "token=zen-yak-bat", OUTSIDER),
+        case(
+            "GET",
+            "/tokenjobstate.cgi",
+            "token=zen-yak-bat.example.org",
+            OUTSIDER,
+        ),
+        case("GET", "/tokenjobstate.cgi", "token=no-such-token", OUTSIDER),
+        case(
+            "OPTIONS",
+            "/tokenjobstate.cgi",
+            "token=zen-yak-bat",
+            OUTSIDER,
+        ),
+        case("GET", "/update-jobs.cgi", "", SLURM_CONTROLLER),
+        case("GET", "/getlink.cgi", "", OUTSIDER),
+        case(
+            "GET",
+            "/destroytoken.cgi",
+            "token=zen-yak-bat",
+            COMPUTE_NODE,
+        ),
+        case("GET", "/", "", OUTSIDER),
+    ];
+    table.push(Case {
+        body: b"jobstates=\n77 COMPLETED\n  78 PENDING\n",
+        ..case("POST", "/update-jobs.cgi", "", SLURM_CONTROLLER)
+    });
+    table.push(Case {
+        origin: Some(format!("https://zen-yak-bat.{EXT}")),
+        ..case("GET", "/tokenjobstate.cgi", "token=zen-yak-bat", OUTSIDER)
+    });
+    table.push(Case {
+        host: format!("able-acorn-zoo.{EXT}"),
+        ..case("GET", "/lab", "token=abc", OUTSIDER)
+    });
+    table.push(Case {
+        host: format!("able-acorn-zoo.{EXT}"),
+        ..case("HEAD", "/", "", OUTSIDER)
+    });
+    table.push(Case {
+        host: format!("able-acorn-zoo.{EXT}"),
+        ..case("DELETE", "/", "", OUTSIDER)
+    });
+
+    for c in &table {
+        let mut call = cgi_site
+            .cgi(c.path.trim_start_matches('/').trim_end_matches(".cgi"))
+            .method(c.method)
+            .query(c.query)
+            .remote(c.client)
+            .header("Host", c.host.clone())
+            .env("SCRIPT_NAME", c.path);
+        if c.path == "/" || c.path == "/lab" {
+            call = cgi_site
+                .cgi("index")
+                .method(c.method)
+                .query(c.query)
+                .remote(c.client)
+                .header("Host", c.host.clone())
+                .env("SCRIPT_NAME", c.path);
+        }
+        if let Some(origin) = &c.origin {
+            call = call.header("Origin", origin.clone());
+        }
+        if !c.body.is_empty() {
+            call = call.post(c.body.to_vec()).method(c.method);
+        }
+        let cgi = call.run();
+
+        let target = if c.query.is_empty() {
+            c.path.to_owned()
+        } else {
+            format!("{}?{}", c.path, c.query)
+        };
+        let mut headers = vec![
+            ("Host", c.host.clone()),
+            ("X-Satellite-Client-Addr", c.client.to_owned()),
+        ];
+        if let Some(origin) = &c.origin {
+            headers.push(("Origin", origin.clone()));
+        }
+        if !c.body.is_empty() {
+            headers.push(("Content-Type", "application/x-www-form-urlencoded".into()));
+        }
+        let (status, native_headers, body) = serve.request(c.method, &target, &headers, c.body);
+        let what = format!("{} {target} from {}", c.method, c.client);
+        assert_eq!(status, cgi.status, "{what}");
+        assert_eq!(
+            body,
+            cgi.body,
+            "{what}: {:?} vs {:?}",
+            String::from_utf8_lossy(&body),
+            cgi.text()
+        );
+        for name in COMPARED {
+            assert_eq!(
+                header(&native_headers, name),
+                cgi.header(name),
+                "{what}: {name}"
+            );
+        }
+    }
+    assert_eq!(cgi_site.snapshot().len(), serve_site.snapshot().len());
+}
+
+#[test]
+fn a_client_cannot_claim_another_address() {
+    // No trusted proxies: the TCP peer (127.0.0.1) is the client, whatever
+    // it says in headers.
+    let site = Site::with_config("");
+    let serve = Serve::start(&site);
+    for (name, value) in [
+        ("X-Satellite-Client-Addr", COMPUTE_NODE),
+        ("X-Forwarded-For", COMPUTE_NODE),
+        ("X-Real-IP", COMPUTE_NODE),
+    ] {
+        let (status, _, body) =
+            serve.request("GET", "/getlink.cgi", &[(name, value.to_owned())], b"");
+        assert_eq!(status, 403, "{name}");
+        assert!(
+            String::from_utf8_lossy(&body)
+                .starts_with("Oops! Client (your) IP not in ranges 10.21.0.0/16"),
+            "{name}"
+        );
+    }
+    // Behind a trusted proxy, only the configured header counts.
+    let site = Site::with_config("trusted_proxies = [\"127.0.0.1/32\"]");
+    let serve = Serve::start(&site);
+    let (status, _, _) = serve.request(
+        "GET",
+        "/getlink.cgi",
+        &[("X-Forwarded-For", COMPUTE_NODE.to_owned())],
+        b"",
+    );
+    assert_eq!(status, 403);
+    let (status, _, body) = serve.request(
+        "GET",
+        "/getlink.cgi",
+        &[("X-Satellite-Client-Addr", LOGIN_NODE.to_owned())],
+        b"",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+#[test]
+fn serve_refuses_oversized_bodies_and_survives_a_client_that_vanishes() {
+    let site = Site::with_config("max_body_bytes = 1024");
+    let serve = Serve::start(&site);
+    let (status, _, body) = serve.request("POST", "/update-jobs.cgi", &[], &[b'a'; 2048]);
+    assert_eq!(
+        (status, body),
+        (
+            413,
+            b"Oops! Request body too large (at most 1024 bytes)\n".to_vec()
+        )
+    );
+    // Announce a body, send half, hang up.
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
+    stream
+        .write_all(b"POST /update-jobs.cgi HTTP/1.1\r\nContent-Length: 500\r\n\r\njobstates=")
+        .unwrap();
+    drop(stream);
+    let (status, _, _) = serve.request("GET", "/", &[], b"");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn sigterm_stops_serve_cleanly() {
+    let site = Site::new();
+    let mut serve = Serve::start(&site);
+    let (status, _, _) = serve.request("GET", "/", &[], b"");
+    assert_eq!(status, 200);
+    nix_kill(serve.child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = serve.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nix_kill(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
