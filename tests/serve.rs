@@ -408,3 +408,38 @@ fn nix_kill(pid: u32) {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn idle_connections_do_not_starve_real_clients() {
+    let site = Site::new();
+    let serve = Serve::start(&site);
+    // Slowloris-style: connections that send half a request and stall.
+    let stalled: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
+            s.write_all(b"GET /getlink.cgi HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s
+        })
+        .collect();
+    let (status, _, body) = serve.request("GET", "/", &[], b"");
+    assert_eq!((status, body), (200, b"Please see documentation on how to use this service.\n".to_vec()));
+    drop(stalled);
+}
+
+#[test]
+fn a_database_locked_by_a_long_writer_gets_503_not_a_hang() {
+    let site = Site::with_config("busy_timeout_ms = 200\ntrusted_proxies = [\"127.0.0.1/32\"]");
+    let token = site.new_token();
+    let serve = Serve::start(&site);
+    let writer = site.db();
+    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let target = format!("/redeemtoken.cgi?token={token}&port=8888");
+    let client = [("X-Satellite-Client-Addr", COMPUTE_NODE.to_owned())];
+    let (status, headers, body) = serve.request("GET", &target, &client, b"");
+    assert_eq!(status, 503);
+    assert_eq!(header(&headers, "Retry-After"), Some("2"));
+    assert_eq!(body, b"Oops! The service is busy, please try again in a moment.\n");
+    writer.execute_batch("ROLLBACK").unwrap();
+    let (status, _, body) = serve.request("GET", &target, &client, b"");
+    assert_eq!((status, body), (200, b"Success!\n".to_vec()));
+}

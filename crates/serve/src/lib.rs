@@ -28,6 +28,9 @@ const QUEUE_PER_WORKER: usize = 64;
 /// How often the acceptor looks up from `recv` to check for shutdown.
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
+/// A client silent (or not reading) for this long is disconnected.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn request_shutdown(_: nix::libc::c_int) {
@@ -43,8 +46,17 @@ pub struct Server {
 
 impl Server {
     pub fn bind(config: Config, listen: &str) -> Result<Self> {
-        let http = tiny_http::Server::http(listen)
-            .map_err(|err| anyhow!("listening on {listen}: {err}"))?;
+        let listener = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("listening on {listen}"))?;
+        // Accepted sockets inherit these from the listener (Linux), so an
+        // idle or stalled client is dropped instead of holding a thread of
+        // tiny_http's for ever.
+        use nix::sys::socket::{setsockopt, sockopt};
+        let timeout = nix::sys::time::TimeVal::new(CLIENT_TIMEOUT.as_secs() as _, 0);
+        setsockopt(&listener, sockopt::ReceiveTimeout, &timeout).context("setting the read timeout")?;
+        setsockopt(&listener, sockopt::SendTimeout, &timeout).context("setting the write timeout")?;
+        let http = tiny_http::Server::from_listener(listener, None)
+            .map_err(|err| anyhow!("serving on {listen}: {err}"))?;
         Ok(Server {
             http: Arc::new(http),
             config,
