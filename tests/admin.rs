@@ -368,3 +368,76 @@ fn demo_walkthrough_runs_the_whole_stack() {
     assert!(text.contains("walkthrough: 4. the URL reaches the notebook: Hello from the demo notebook! You asked for /lab?token=abc"), "{text}");
     assert!(text.ends_with("walkthrough: all steps passed\n"), "{text}");
 }
+
+#[test]
+fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_domain() {
+    let site =
+        Site::with_config("apache_configtest = [\"/bin/true\"]\napache_reload = [\"/bin/true\"]");
+    std::fs::create_dir_all(site.path("html/satellite")).unwrap();
+    std::fs::write(site.path("html/satellite/retry.html"), "retry").unwrap();
+    std::fs::write(site.path("dynconf/routes.map"), "").unwrap();
+    for dir in ["var", "dynconf"] {
+        std::fs::set_permissions(site.path(dir), std::fs::Permissions::from_mode(0o2770)).unwrap();
+    }
+    let cert = |name: &str, sans: &str, days: &str| {
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", days, "-subj", "/CN=test",
+            ])
+            .args([
+                "-keyout",
+                site.path(&format!("{name}.key")).to_str().unwrap(),
+            ])
+            .args(["-out", site.path(&format!("{name}.pem")).to_str().unwrap()])
+            .args(["-addext", &format!("subjectAltName={sans}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        site.path(&format!("{name}.pem"))
+    };
+    let good = cert("good", &format!("DNS:{EXT},DNS:*.{EXT}"), "400");
+    let out = satellite(&site, &["check", "--cert", good.to_str().unwrap()]);
+    let report = stdout(&out);
+    assert_eq!(
+        report.lines().filter(|l| l.starts_with("OK   ")).count(),
+        9,
+        "{report}"
+    );
+    assert!(
+        !report.contains("FAIL") && !report.contains("WARN"),
+        "{report}"
+    );
+    assert!(
+        report.contains("7772 words, 38.8 bits per 3-word token"),
+        "{report}"
+    );
+
+    let expiring = cert("expiring", &format!("DNS:{EXT},DNS:*.{EXT}"), "2");
+    let report = stdout(&satellite(
+        &site,
+        &["check", "--cert", expiring.to_str().unwrap()],
+    ));
+    assert!(
+        report.contains(&format!(
+            "WARN {} expires within 30 days",
+            expiring.display()
+        )),
+        "{report}"
+    );
+
+    let apex_only = cert("apex", &format!("DNS:{EXT}"), "400");
+    let out = satellite(&site, &["check", "--cert", apex_only.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains(&format!(
+            "FAIL {} does not cover *.{EXT}\n     fix: ",
+            apex_only.display()
+        )),
+        "{report}"
+    );
+}

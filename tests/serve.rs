@@ -417,12 +417,19 @@ fn idle_connections_do_not_starve_real_clients() {
     let stalled: Vec<TcpStream> = (0..200)
         .map(|_| {
             let mut s = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
-            s.write_all(b"GET /getlink.cgi HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s.write_all(b"GET /getlink.cgi HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
             s
         })
         .collect();
     let (status, _, body) = serve.request("GET", "/", &[], b"");
-    assert_eq!((status, body), (200, b"Please see documentation on how to use this service.\n".to_vec()));
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            b"Please see documentation on how to use this service.\n".to_vec()
+        )
+    );
     drop(stalled);
 }
 
@@ -438,7 +445,10 @@ fn a_database_locked_by_a_long_writer_gets_503_not_a_hang() {
     let (status, headers, body) = serve.request("GET", &target, &client, b"");
     assert_eq!(status, 503);
     assert_eq!(header(&headers, "Retry-After"), Some("2"));
-    assert_eq!(body, b"Oops! The service is busy, please try again in a moment.\n");
+    assert_eq!(
+        body,
+        b"Oops! The service is busy, please try again in a moment.\n"
+    );
     writer.execute_batch("ROLLBACK").unwrap();
     let (status, _, body) = serve.request("GET", &target, &client, b"");
     assert_eq!((status, body), (200, b"Success!\n".to_vec()));

@@ -188,7 +188,7 @@ impl Config {
             if p.as_os_str().is_empty() || p.is_absolute() {
                 p
             } else {
-                base.join(p)
+                normalize(&base.join(p))
             }
         };
 
@@ -310,6 +310,26 @@ impl Config {
     }
 }
 
+/// `/srv/satellite/etc/../var` → `/srv/satellite/var`, without touching the
+/// file system (the path may not exist yet), so messages and the Apache
+/// config name paths as people write them.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// A DNS name Apache may safely be given: dot-separated labels of
 /// `[a-z0-9-]`, none starting or ending with `-`.
 pub fn is_valid_hostname(name: &str) -> bool {
@@ -404,13 +424,10 @@ mod tests {
     fn defaults_resolve_beside_the_file() {
         let config = load("").unwrap();
         assert_eq!(config.ttl_secs, 176_400);
-        assert_eq!(
-            config.dbfile,
-            Path::new("/srv/satellite/etc/../var/state.sqlite")
-        );
+        assert_eq!(config.dbfile, Path::new("/srv/satellite/var/state.sqlite"));
         assert_eq!(
             config.mapfile,
-            Path::new("/srv/satellite/etc/../dynconf/routes.map")
+            Path::new("/srv/satellite/dynconf/routes.map")
         );
         assert_eq!(config.routing, Routing::Map);
         assert!(config

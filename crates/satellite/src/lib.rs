@@ -3,6 +3,7 @@
 //! binaries in `src/bin/` are one line each.
 
 pub mod admin;
+pub mod check;
 pub mod demo;
 pub mod install;
 pub mod private_apache;

@@ -75,6 +75,12 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Check a deployment: config, files and modes, database, Apache, reload, certificate
+    Check {
+        /// The certificate Apache serves (SSLCertificateFile)
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
+    },
     /// Bring the whole stack up on loopback: Apache, serve, cron --watch, a sample notebook
     Demo {
         /// Walk through getlink, the waiting page, redeem and the proxied URL, then exit
@@ -171,6 +177,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => config()?.dbfile,
             };
             print(admin::migrate(&db, *dry_run)?)
+        }
+        Command::Check { cert } => {
+            let findings =
+                satellite::check::check(config().map_err(|e| format!("{e:#}")), cert.as_deref());
+            for finding in &findings {
+                println!("{finding}");
+            }
+            let failed = findings
+                .iter()
+                .any(|f| f.level == satellite::check::Level::Fail);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Demo { walkthrough, port } => {
             satellite::demo::demo(&satellite::demo::DemoOptions {

@@ -53,8 +53,10 @@ impl Server {
         // tiny_http's for ever.
         use nix::sys::socket::{setsockopt, sockopt};
         let timeout = nix::sys::time::TimeVal::new(CLIENT_TIMEOUT.as_secs() as _, 0);
-        setsockopt(&listener, sockopt::ReceiveTimeout, &timeout).context("setting the read timeout")?;
-        setsockopt(&listener, sockopt::SendTimeout, &timeout).context("setting the write timeout")?;
+        setsockopt(&listener, sockopt::ReceiveTimeout, &timeout)
+            .context("setting the read timeout")?;
+        setsockopt(&listener, sockopt::SendTimeout, &timeout)
+            .context("setting the write timeout")?;
         let http = tiny_http::Server::from_listener(listener, None)
             .map_err(|err| anyhow!("serving on {listen}: {err}"))?;
         Ok(Server {

@@ -1,0 +1,387 @@
+//! `satellite check`: a doctor for a deployment. Each line is OK, WARN or
+//! FAIL, and every WARN or FAIL says how to fix it.
+
+use std::fmt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use satellite_core::config::Routing;
+use satellite_core::store::SCHEMA_VERSION;
+use satellite_core::token::Wordlist;
+use satellite_core::Config;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+pub struct Finding {
+    pub level: Level,
+    pub what: String,
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.level {
+            Level::Ok => "OK  ",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        };
+        write!(f, "{level} {}", self.what)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n     fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+fn ok(what: impl Into<String>) -> Finding {
+    Finding {
+        level: Level::Ok,
+        what: what.into(),
+        fix: None,
+    }
+}
+
+fn warn(what: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding {
+        level: Level::Warn,
+        what: what.into(),
+        fix: Some(fix.into()),
+    }
+}
+
+fn fail(what: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding {
+        level: Level::Fail,
+        what: what.into(),
+        fix: Some(fix.into()),
+    }
+}
+
+/// Every check; `config` is the result of loading the configuration.
+pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding> {
+    let config = match config {
+        Ok(config) => config,
+        Err(err) => {
+            return vec![fail(
+                format!("configuration: {err}"),
+                "correct the file (every key is described in the installed etc/satellite.toml)",
+            )]
+        }
+    };
+    let mut findings = vec![ok(format!(
+        "configuration {} loads (extbasename {})",
+        config
+            .source
+            .as_ref()
+            .map_or("?".into(), |p| p.display().to_string()),
+        config.extbasename
+    ))];
+    findings.push(check_database(&config));
+    findings.push(check_wordlist(&config));
+    findings.extend(check_files(&config));
+    findings.push(check_configtest(&config));
+    findings.push(check_reload(&config));
+    findings.push(check_certificate(&config, cert));
+    findings
+}
+
+fn check_database(config: &Config) -> Finding {
+    let db = &config.dbfile;
+    if !db.exists() {
+        return fail(
+            format!("database {} does not exist", db.display()),
+            "satellite migrate (or satellite init)",
+        );
+    }
+    let conn =
+        match rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        {
+            Ok(conn) => conn,
+            Err(err) => {
+                return fail(
+                    format!("database {}: {err}", db.display()),
+                    "check its path and permissions",
+                )
+            }
+        };
+    let _ = conn.busy_timeout(Duration::from_secs(2));
+    match conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)) {
+        Ok(SCHEMA_VERSION) => ok(format!(
+            "database {} has the current schema ({SCHEMA_VERSION})",
+            db.display()
+        )),
+        Ok(0) => warn(
+            format!(
+                "database {} has the legacy schema; the first request will migrate it",
+                db.display()
+            ),
+            format!(
+                "satellite migrate --db {} --dry-run, then without --dry-run",
+                db.display()
+            ),
+        ),
+        Ok(v) => fail(
+            format!(
+                "database {} has schema {v}, newer than this build ({SCHEMA_VERSION})",
+                db.display()
+            ),
+            "install the satellite release that wrote it",
+        ),
+        Err(err) => fail(
+            format!("database {}: {err}", db.display()),
+            "is it a SQLite file?",
+        ),
+    }
+}
+
+fn check_wordlist(config: &Config) -> Finding {
+    match Wordlist::load(&config.wordlist) {
+        Ok(list) if list.len() >= 7000 => ok(format!(
+            "word list {}: {} words, {:.1} bits per {}-word token",
+            config.wordlist.display(),
+            list.len(),
+            list.entropy_bits(config.words_per_token),
+            config.words_per_token
+        )),
+        Ok(list) => warn(
+            format!(
+                "word list {}: only {} words ({:.1} bits per token)",
+                config.wordlist.display(),
+                list.len(),
+                list.entropy_bits(config.words_per_token)
+            ),
+            "use the EFF large word list (7776 words) or raise words_per_token",
+        ),
+        Err(err) => fail(
+            err.to_string(),
+            "satellite init installs the EFF large word list into var/",
+        ),
+    }
+}
+
+fn mode_of(path: &Path) -> Option<u32> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+fn check_files(config: &Config) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let writable_by_group = |dir: &Path, why: &str| -> Finding {
+        match mode_of(dir) {
+            None => fail(
+                format!("{} does not exist", dir.display()),
+                "satellite init --prefix <install root>",
+            ),
+            Some(mode) if mode & 0o020 != 0 => ok(format!(
+                "{} is group-writable ({mode:o}): {why}",
+                dir.display()
+            )),
+            Some(mode) => warn(
+                format!(
+                    "{} is not group-writable ({mode:o}), but {why}",
+                    dir.display()
+                ),
+                format!(
+                    "chgrp <web server group> {0} && chmod 2770 {0}",
+                    dir.display()
+                ),
+            ),
+        }
+    };
+    if let Some(var) = config.dbfile.parent() {
+        findings.push(writable_by_group(
+            var,
+            "the web server writes the database and its WAL files there",
+        ));
+    }
+    match config.routing {
+        Routing::Map => {
+            if let Some(dynconf) = config.mapfile.parent() {
+                findings.push(writable_by_group(
+                    dynconf,
+                    "in map routing the endpoints rewrite the route map",
+                ));
+            }
+            if !config.mapfile.exists() {
+                findings.push(warn(
+                    format!("route map {} does not exist yet", config.mapfile.display()),
+                    "satellite cron (creates it)",
+                ));
+            }
+        }
+        Routing::Vhost => {
+            if !config.httpdstubfile.exists() {
+                findings.push(warn(
+                    format!("{} does not exist yet", config.httpdstubfile.display()),
+                    "satellite cron (creates it)",
+                ));
+            }
+        }
+    }
+    let retry = config.htmldir.join("satellite/retry.html");
+    findings.push(if retry.exists() {
+        ok(format!("retry page {} is there", retry.display()))
+    } else {
+        warn(
+            format!(
+                "{} is missing: a backend that is not up yet shows Apache's bare 503",
+                retry.display()
+            ),
+            "satellite init installs it",
+        )
+    });
+    findings
+}
+
+fn check_configtest(config: &Config) -> Finding {
+    let argv = &config.apache_configtest;
+    match Command::new(&argv[0]).args(&argv[1..]).output() {
+        Ok(out) if out.status.success() => {
+            ok(format!("Apache config test `{}` passes", argv.join(" ")))
+        }
+        Ok(out) => fail(
+            format!(
+                "Apache config test `{}` fails: {}",
+                argv.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            "correct the Apache configuration (httpd-conf/satellite.conf and its Defines)",
+        ),
+        Err(err) => fail(
+            format!("Apache config test `{}` cannot run: {err}", argv.join(" ")),
+            "set apache_configtest to the full path, e.g. [\"/usr/sbin/apachectl\", \"-t\"]",
+        ),
+    }
+}
+
+fn check_reload(config: &Config) -> Finding {
+    if let Some(argv) = &config.apache_reload {
+        if argv.first().map(String::as_str) == Some("sudo") {
+            let rest: Vec<&String> = argv
+                .iter()
+                .skip(1)
+                .filter(|a| !a.starts_with('-'))
+                .collect();
+            let out = Command::new("sudo")
+                .arg("-n")
+                .arg("-l")
+                .args(&rest)
+                .output();
+            return match out {
+                Ok(out) if out.status.success() => {
+                    ok(format!("sudo allows the reload `{}`", argv.join(" ")))
+                }
+                _ => fail(
+                    format!(
+                        "sudo does not allow the reload `{}` without a password",
+                        argv.join(" ")
+                    ),
+                    "install cron/sudoers with the same command, word for word",
+                ),
+            };
+        }
+        return ok(format!("reload command `{}` is configured", argv.join(" ")));
+    }
+    let pidfile = &config.apache_pidfile;
+    let pid = match std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+    {
+        Some(pid) => pid,
+        None => {
+            return warn(
+                format!(
+                    "no Apache pid in {} (is Apache running?)",
+                    pidfile.display()
+                ),
+                "set apache_pidfile to Apache's PidFile, or apache_reload to a command",
+            )
+        }
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => ok(format!("Apache (pid {pid}) can be signalled for a graceful reload")),
+        Err(nix::errno::Errno::EPERM) => fail(
+            format!("this user may not signal Apache (pid {pid})"),
+            "run cron as Apache's user or root, or set apache_reload to a sudo command (cron/sudoers)",
+        ),
+        Err(err) => warn(format!("Apache pid {pid} from {}: {err}", pidfile.display()), "is Apache running?"),
+    }
+}
+
+fn check_certificate(config: &Config, cert: Option<&Path>) -> Finding {
+    let Some(cert) = cert else {
+        return warn(
+            "certificate not checked",
+            "satellite check --cert <the SSLCertificateFile Apache uses>",
+        );
+    };
+    let out = match Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-enddate",
+            "-ext",
+            "subjectAltName",
+            "-in",
+        ])
+        .arg(cert)
+        .output()
+    {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Ok(out) => {
+            return fail(
+                format!(
+                    "{}: {}",
+                    cert.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                "is it a PEM certificate?",
+            )
+        }
+        Err(err) => return warn(format!("cannot run openssl: {err}"), "install openssl"),
+    };
+    let names: Vec<&str> = out
+        .split([',', '\n'])
+        .filter_map(|part| part.trim().strip_prefix("DNS:"))
+        .collect();
+    let ext = &config.extbasename;
+    let missing: Vec<String> = [format!("*.{ext}"), ext.clone()]
+        .into_iter()
+        .filter(|n| !names.iter().any(|have| have.eq_ignore_ascii_case(n)))
+        .collect();
+    if !missing.is_empty() {
+        return fail(
+            format!("{} does not cover {}", cert.display(), missing.join(" and ")),
+            format!("a certificate for both *.{ext} (users' URLs) and {ext} (the waiting page polls it)"),
+        );
+    }
+    let expires_soon = Command::new("openssl")
+        .args(["x509", "-noout", "-checkend", "2592000", "-in"])
+        .arg(cert)
+        .output()
+        .map(|out| !out.status.success())
+        .unwrap_or(false);
+    let end = out
+        .lines()
+        .find_map(|l| l.strip_prefix("notAfter="))
+        .unwrap_or("?");
+    if expires_soon {
+        warn(
+            format!("{} expires within 30 days ({end})", cert.display()),
+            "renew it",
+        )
+    } else {
+        ok(format!(
+            "{} covers *.{ext} and {ext}, valid until {end}",
+            cert.display()
+        ))
+    }
+}
