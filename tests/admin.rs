@@ -25,22 +25,11 @@ fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
-fn redeem(site: &Site, host: &str, port: u16) -> String {
-    let token = site.new_token();
-    let answer = site
-        .cgi("redeemtoken")
-        .remote(host)
-        .query(format!("token={token}&port={port}"))
-        .run();
-    assert_eq!(answer.status, 200);
-    token
-}
-
 #[test]
 fn list_show_stats_and_render_describe_the_tokens() {
     let site = Site::new();
     let pending = site.new_token();
-    let live = redeem(&site, COMPUTE_NODE, 50123);
+    let live = site.redeemed_token(COMPUTE_NODE, 50123);
     site.cgi("linktoken")
         .remote(LOGIN_NODE)
         .query(format!("token={live}&jobid=4242"))
@@ -109,7 +98,7 @@ fn list_show_stats_and_render_describe_the_tokens() {
 #[test]
 fn revoke_removes_the_token_and_its_route_and_gc_expires_now() {
     let site = Site::with_config("ttl_secs = 3600");
-    let live = redeem(&site, COMPUTE_NODE, 8888);
+    let live = site.redeemed_token(COMPUTE_NODE, 8888);
     let old = site.new_token();
     site.db()
         .execute(
@@ -154,12 +143,6 @@ fn admin_commands_refuse_a_bad_config_a_missing_database_and_one_from_the_future
     let out = satellite(&site, &["list"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("words_per_token must be 2 to 6"));
-}
-
-fn legacy_hash(alias: &str) -> String {
-    use base64::Engine;
-    use sha2::Digest;
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(alias.as_bytes()))
 }
 
 #[test]

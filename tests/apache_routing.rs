@@ -65,9 +65,15 @@ fn assert_live(apache: &Apache, alias: &str, backend: &Backend) -> Response {
                 apache.error_log()
             )
         }),
+        // Three fresh connections in a row, so that no child of the
+        // previous generation is still taking connections.
         Routing::Vhost => apache.eventually(
             &format!("{alias} reaching backend {}", backend.name),
-            || from_backend(apache, alias, backend, path),
+            || {
+                from_backend(apache, alias, backend, path)?;
+                from_backend(apache, alias, backend, path)?;
+                from_backend(apache, alias, backend, path)
+            },
         ),
     }
 }
@@ -95,6 +101,8 @@ fn assert_gone(apache: &Apache, alias: &str) {
             )
         }),
         Routing::Vhost => apache.eventually(&format!("{alias} back to the default answer"), || {
+            default_answer(apache, alias)?;
+            default_answer(apache, alias)?;
             default_answer(apache, alias)
         }),
     }

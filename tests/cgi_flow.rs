@@ -7,12 +7,6 @@ use std::collections::HashSet;
 
 use support::*;
 
-fn legacy_hash(alias: &str) -> String {
-    use base64::Engine;
-    use sha2::Digest;
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(alias.as_bytes()))
-}
-
 #[test]
 fn getlink_answers_the_exact_bytes_galyleo_parses() {
     let site = Site::new();

@@ -22,21 +22,10 @@ fn vhost_site(configtest: &str, reload: &str) -> Site {
     ))
 }
 
-fn redeem(site: &Site, host: &str, port: u16) -> String {
-    let token = site.new_token();
-    let answer = site
-        .cgi("redeemtoken")
-        .remote(host)
-        .query(format!("token={token}&port={port}"))
-        .run();
-    assert_eq!(answer.status, 200, "{answer:?}");
-    token
-}
-
 #[test]
 fn vhost_routing_writes_tests_reloads_and_only_then_marks_proxied() {
     let site = vhost_site("/bin/true", "/bin/true");
-    let token = redeem(&site, COMPUTE_NODE, 8888);
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
     assert_eq!(site.state_of(&token).as_deref(), Some("mapped"));
     let out = cron(&site, &[]);
     assert!(
@@ -74,7 +63,7 @@ fn vhost_routing_writes_tests_reloads_and_only_then_marks_proxied() {
 #[test]
 fn a_failing_config_test_puts_the_previous_file_back_and_leaves_rows_mapped() {
     let site = vhost_site("/bin/true", "/bin/true");
-    let first = redeem(&site, COMPUTE_NODE, 8888);
+    let first = site.redeemed_token(COMPUTE_NODE, 8888);
     assert!(cron(&site, &[]).status.success());
     let good = std::fs::read(site.path("dynconf/proxyconf.conf")).unwrap();
 
@@ -84,7 +73,7 @@ fn a_failing_config_test_puts_the_previous_file_back_and_leaves_rows_mapped() {
         "apache_configtest = [\"/bin/sh\", \"-c\", \"echo AH00526: Syntax error >&2; exit 1\"]",
     );
     std::fs::write(&broken, text).unwrap();
-    let second = redeem(&site, OTHER_COMPUTE_NODE, 9999);
+    let second = site.redeemed_token(OTHER_COMPUTE_NODE, 9999);
     let out = cron(&site, &[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -101,7 +90,7 @@ fn a_failing_config_test_puts_the_previous_file_back_and_leaves_rows_mapped() {
 #[test]
 fn a_failed_reload_leaves_rows_mapped_and_the_next_run_reloads_again() {
     let site = vhost_site("/bin/true", "/bin/false");
-    let token = redeem(&site, COMPUTE_NODE, 8888);
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
     let out = cron(&site, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("reload command `/bin/false` failed"));
@@ -129,7 +118,7 @@ fn the_default_reload_signals_the_pid_in_the_pidfile() {
         .unwrap();
     let site = Site::with_config("routing = \"vhost\"\napache_configtest = [\"/bin/true\"]\napache_pidfile = \"../apache.pid\"");
     std::fs::write(site.path("apache.pid"), format!("{}\n", apache.id())).unwrap();
-    let token = redeem(&site, COMPUTE_NODE, 8888);
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
     std::thread::sleep(std::time::Duration::from_millis(200));
     let out = cron(&site, &[]);
     assert!(
@@ -150,7 +139,7 @@ fn expired_rows_of_every_state_go_and_fresh_ones_stay() {
     let site = Site::with_config("ttl_secs = 3600\napache_configtest = [\"/bin/true\"]");
     let fresh = site.new_token();
     let old_pending = site.new_token();
-    let old_mapped = redeem(&site, COMPUTE_NODE, 8888);
+    let old_mapped = site.redeemed_token(COMPUTE_NODE, 8888);
     let conn = site.db();
     conn.execute(
         "UPDATE proxy SET modified = datetime('now', '-2 hours') WHERE alias IN (?1, ?2)",
@@ -174,7 +163,7 @@ fn expired_rows_of_every_state_go_and_fresh_ones_stay() {
 #[test]
 fn rows_that_fail_validation_are_never_written() {
     let site = vhost_site("/bin/true", "/bin/true");
-    let good = redeem(&site, COMPUTE_NODE, 8888);
+    let good = site.redeemed_token(COMPUTE_NODE, 8888);
     let conn = site.db();
     for (alias, host, port) in [
         ("evil-row-one", "10.21.3.4\n<Directory />", "8888"),
@@ -212,7 +201,7 @@ fn rows_that_fail_validation_are_never_written() {
 #[test]
 fn a_deleted_generated_file_is_recreated() {
     let site = vhost_site("/bin/true", "/bin/true");
-    let token = redeem(&site, COMPUTE_NODE, 8888);
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
     assert!(cron(&site, &[]).status.success());
     std::fs::remove_file(site.path("dynconf/proxyconf.conf")).unwrap();
     let out = cron(&site, &[]);
@@ -227,7 +216,7 @@ fn a_second_cron_while_one_runs_exits_zero_at_once() {
     let site = Site::with_config(
         "routing = \"vhost\"\napache_configtest = [\"/bin/sleep\", \"2\"]\napache_reload = [\"/bin/true\"]",
     );
-    redeem(&site, COMPUTE_NODE, 8888);
+    site.redeemed_token(COMPUTE_NODE, 8888);
     let first = Command::new(program("cron"))
         .env("SATELLITE_CONFIG", &site.config)
         .stdout(std::process::Stdio::piped())
@@ -258,7 +247,7 @@ fn watch_publishes_a_redeem_without_a_manual_run() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let token = redeem(&site, COMPUTE_NODE, 8888);
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while site.state_of(&token).as_deref() != Some("proxied") {
         assert!(

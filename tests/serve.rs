@@ -10,12 +10,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn hash(alias: &str) -> String {
-    use base64::Engine;
-    use sha2::Digest;
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(alias.as_bytes()))
-}
-
 /// The same rows in every site: a pending token, a redeemed and linked one,
 /// and a job state.
 fn fixture_site(extra: &str) -> Site {
@@ -25,13 +19,13 @@ fn fixture_site(extra: &str) -> Site {
     let conn = site.db();
     conn.execute(
         "INSERT INTO proxy (alias, alias_compare_hash, state) VALUES ('able-acorn-zoo', ?1, 'pending')",
-        [hash("able-acorn-zoo")],
+        [legacy_hash("able-acorn-zoo")],
     )
     .unwrap();
     conn.execute(
         "INSERT INTO proxy (alias, alias_compare_hash, state, dsthost, dstport, jobid) \
          VALUES ('zen-yak-bat', ?1, 'mapped', '10.21.3.4', 8888, '77')",
-        [hash("zen-yak-bat")],
+        [legacy_hash("zen-yak-bat")],
     )
     .unwrap();
     conn.execute(

@@ -35,6 +35,14 @@ pub fn program(name: &str) -> &'static str {
     }
 }
 
+/// `alias_compare_hash` as the Perl service computed it (Digest::SHA's
+/// `sha256_base64`), independently of the product's code.
+pub fn legacy_hash(alias: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(alias.as_bytes()))
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -135,6 +143,18 @@ impl Site {
             .and_then(|rest| rest.strip_suffix('\n'))
             .unwrap_or_else(|| panic!("unexpected getlink body {body:?}"))
             .to_owned()
+    }
+
+    /// getlink, then redeem from `host` with `port`; returns the token.
+    pub fn redeemed_token(&self, host: &str, port: u16) -> String {
+        let token = self.new_token();
+        let answer = self
+            .cgi("redeemtoken")
+            .remote(host)
+            .query(format!("token={token}&port={port}"))
+            .run();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        token
     }
 
     pub fn db(&self) -> rusqlite::Connection {

@@ -95,6 +95,12 @@ pub enum LinkOutcome {
     AlreadyLinked,
 }
 
+enum Written {
+    Applied,
+    Refused,
+    NoSuchRow,
+}
+
 /// What tokenjobstate needs of a token.
 #[derive(Debug, PartialEq, Eq)]
 pub struct TokenJob {
@@ -291,6 +297,30 @@ impl Store {
             .is_some())
     }
 
+    /// Runs one conditional statement on the row of `alias` (given its
+    /// hash) in a write transaction, and tells a refusal (the row is there,
+    /// younger than `cutoff`, but the condition did not hold) from a row
+    /// that does not exist. One statement, so racing requests cannot both
+    /// pass the condition.
+    fn conditional_write(
+        &mut self,
+        alias: &str,
+        cutoff: &str,
+        statement: impl FnOnce(&Connection, &str) -> rusqlite::Result<usize>,
+    ) -> Result<Written> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let tx = self.write_tx()?;
+        let written = if statement(&tx, &hash)? == 1 {
+            Written::Applied
+        } else if live_row_exists(&tx, &hash, alias, cutoff)? {
+            Written::Refused
+        } else {
+            Written::NoSuchRow
+        };
+        tx.commit()?;
+        Ok(written)
+    }
+
     fn write_tx(&mut self) -> Result<rusqlite::Transaction<'_>> {
         Ok(self
             .conn
@@ -320,24 +350,20 @@ impl Store {
         now: DateTime<Utc>,
         ttl_secs: i64,
     ) -> Result<RedeemOutcome> {
-        let hash = alias_compare_hash(alias.as_bytes());
         let cutoff = expiry_cutoff(now, ttl_secs);
-        let tx = self.write_tx()?;
-        let changed = tx.execute(
-            "UPDATE proxy SET dsthost = ?1, dstport = ?2, dstpath = '/', state = 'mapped', \
-             modified = ?3 WHERE alias_compare_hash = ?4 AND alias = ?5 AND state = 'pending' \
-             AND modified >= ?6",
-            params![host, port, sql_timestamp(now), hash, alias, cutoff],
-        )?;
-        let outcome = if changed == 1 {
-            RedeemOutcome::Redeemed
-        } else if live_row_exists(&tx, &hash, alias, &cutoff)? {
-            RedeemOutcome::AlreadyRedeemed
-        } else {
-            RedeemOutcome::Unknown
-        };
-        tx.commit()?;
-        Ok(outcome)
+        let written = self.conditional_write(alias, &cutoff, |tx, hash| {
+            tx.execute(
+                "UPDATE proxy SET dsthost = ?1, dstport = ?2, dstpath = '/', state = 'mapped', \
+                 modified = ?3 WHERE alias_compare_hash = ?4 AND alias = ?5 AND state = 'pending' \
+                 AND modified >= ?6",
+                params![host, port, sql_timestamp(now), hash, alias, cutoff],
+            )
+        })?;
+        Ok(match written {
+            Written::Applied => RedeemOutcome::Redeemed,
+            Written::Refused => RedeemOutcome::AlreadyRedeemed,
+            Written::NoSuchRow => RedeemOutcome::Unknown,
+        })
     }
 
     /// Deletes a token. A redeemed one may only be destroyed from the host
@@ -345,22 +371,18 @@ impl Store {
     /// destroys from the login node when `sbatch` fails). Expired rows may
     /// be destroyed too: it only hastens the inevitable.
     pub fn destroy(&mut self, alias: &str, requester: &str) -> Result<DestroyOutcome> {
-        let hash = alias_compare_hash(alias.as_bytes());
-        let tx = self.write_tx()?;
-        let deleted = tx.execute(
-            "DELETE FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2 \
-             AND (dsthost IS NULL OR dsthost = '' OR dsthost = ?3)",
-            params![hash, alias, requester],
-        )?;
-        let outcome = if deleted == 1 {
-            DestroyOutcome::Destroyed
-        } else if live_row_exists(&tx, &hash, alias, "")? {
-            DestroyOutcome::WrongHost
-        } else {
-            DestroyOutcome::Unknown
-        };
-        tx.commit()?;
-        Ok(outcome)
+        let written = self.conditional_write(alias, "", |tx, hash| {
+            tx.execute(
+                "DELETE FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2 \
+                 AND (dsthost IS NULL OR dsthost = '' OR dsthost = ?3)",
+                params![hash, alias, requester],
+            )
+        })?;
+        Ok(match written {
+            Written::Applied => DestroyOutcome::Destroyed,
+            Written::Refused => DestroyOutcome::WrongHost,
+            Written::NoSuchRow => DestroyOutcome::Unknown,
+        })
     }
 
     /// Records the batch job id of a live token, once.
@@ -371,23 +393,19 @@ impl Store {
         now: DateTime<Utc>,
         ttl_secs: i64,
     ) -> Result<LinkOutcome> {
-        let hash = alias_compare_hash(alias.as_bytes());
         let cutoff = expiry_cutoff(now, ttl_secs);
-        let tx = self.write_tx()?;
-        let changed = tx.execute(
-            "UPDATE proxy SET jobid = ?1 WHERE alias_compare_hash = ?2 AND alias = ?3 \
-             AND (jobid IS NULL OR jobid = '') AND modified >= ?4",
-            params![jobid, hash, alias, cutoff],
-        )?;
-        let outcome = if changed == 1 {
-            LinkOutcome::Linked
-        } else if live_row_exists(&tx, &hash, alias, &cutoff)? {
-            LinkOutcome::AlreadyLinked
-        } else {
-            LinkOutcome::Unknown
-        };
-        tx.commit()?;
-        Ok(outcome)
+        let written = self.conditional_write(alias, &cutoff, |tx, hash| {
+            tx.execute(
+                "UPDATE proxy SET jobid = ?1 WHERE alias_compare_hash = ?2 AND alias = ?3 \
+                 AND (jobid IS NULL OR jobid = '') AND modified >= ?4",
+                params![jobid, hash, alias, cutoff],
+            )
+        })?;
+        Ok(match written {
+            Written::Applied => LinkOutcome::Linked,
+            Written::Refused => LinkOutcome::AlreadyLinked,
+            Written::NoSuchRow => LinkOutcome::Unknown,
+        })
     }
 
     /// The state of a live token, for the waiting page.
