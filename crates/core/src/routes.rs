@@ -242,13 +242,23 @@ pub struct FileLock {
 }
 
 impl FileLock {
+    /// Opens for reading where the file exists: flock needs no write
+    /// access, so a lock file another user created (cron as root, the
+    /// endpoints as the web server) still works for everyone who can read it.
     fn open(path: &Path) -> Result<File> {
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| CoreError::io(format!("opening lock file {}", path.display()), e))
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |e| CoreError::io(format!("opening lock file {}", path.display()), e);
+        match File::open(path) {
+            Ok(file) => Ok(file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o664)
+                .open(path)
+                .map_err(err),
+            Err(e) => Err(err(e)),
+        }
     }
 
     /// Waits for the lock.

@@ -23,6 +23,15 @@ pub const WORDLIST: &str = include_str!("../../../wordlist/eff_large_wordlist.tx
 pub const RETRY_PAGE: &str = include_str!("../../../html/satellite/retry.html");
 pub const CONFIG_TEMPLATE: &str = include_str!("../assets/satellite.toml");
 
+/// Written by cron and, in map routing, by the endpoints (as the web
+/// server): created up front, group-writable, so neither locks the other out.
+const LOCK_AND_ROUTE_FILES: [&str; 4] = [
+    "dynconf/routes.map",
+    "dynconf/proxyconf.conf",
+    "dynconf/.routes.map.lock",
+    "dynconf/.satellite.lock",
+];
+
 pub struct InitOptions {
     pub prefix: PathBuf,
     pub apache_user: Option<String>,
@@ -82,7 +91,7 @@ pub fn init(options: &InitOptions) -> Result<String> {
     }
     write_if_missing(&prefix.join("var/eff_large_wordlist.txt"), WORDLIST)?;
     fs::write(prefix.join("html/satellite/retry.html"), RETRY_PAGE)?;
-    for file in ["dynconf/routes.map", "dynconf/proxyconf.conf"] {
+    for file in LOCK_AND_ROUTE_FILES {
         write_if_missing(&prefix.join(file), "")?;
     }
     let db = prefix.join("var/state.sqlite");
@@ -97,7 +106,7 @@ pub fn init(options: &InitOptions) -> Result<String> {
     set_mode(&prefix.join("var"), 0o2770)?;
     set_mode(&prefix.join("dynconf"), 0o2770)?;
     set_mode(&db, 0o660)?;
-    for file in ["dynconf/routes.map", "dynconf/proxyconf.conf"] {
+    for file in LOCK_AND_ROUTE_FILES {
         set_mode(&prefix.join(file), 0o664)?;
     }
     set_mode(&config, 0o640)?;

@@ -148,7 +148,12 @@ impl PrivateApache {
         conf.push_str("TypesConfig /etc/mime.types\n");
         let _ = writeln!(conf, "ScriptSock \"{}\"", dir.join("cgisock").display());
         let _ = writeln!(conf, "Listen 127.0.0.1:{} https", site.port);
-        conf.push_str("ServerName localhost\nSSLSessionCache none\n");
+        conf.push_str("ServerName localhost\n");
+        let _ = writeln!(
+            conf,
+            "SSLSessionCache \"shmcb:{}(512000)\"",
+            dir.join("ssl_scache").display()
+        );
         if nix::unistd::Uid::effective().is_root() {
             // Apache will not run its workers as root.
             conf.push_str("User nobody\nGroup nogroup\n");
@@ -161,7 +166,6 @@ impl PrivateApache {
             ("SATELLITE_PORT", site.port.to_string()),
             ("SATELLITE_CERT", site.cert.display().to_string()),
             ("SATELLITE_KEY", site.key.display().to_string()),
-            ("SATELLITE_CHAIN", site.cert.display().to_string()),
             ("SATELLITE_LOG_DIR", dir.display().to_string()),
         ];
         for (name, value) in defines {
