@@ -279,3 +279,31 @@ fn cron_refuses_a_missing_database_and_a_bad_config_clearly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("has host bits set"));
 }
+
+#[test]
+fn dbm_maps_are_built_with_httxt2dbm_and_replaced_whole() {
+    let site = Site::with_config("map_format = \"dbm\"");
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    let dbm = site.path("dynconf/routes.map.db");
+    assert!(dbm.exists(), "no {}", dbm.display());
+    // httxt2dbm's own reader agrees with the text beside it.
+    let text = std::fs::read_to_string(site.path("dynconf/routes.map")).unwrap();
+    assert!(
+        text.contains(&format!("{token} {COMPUTE_NODE}:8888")),
+        "{text}"
+    );
+    let first = std::fs::read(&dbm).unwrap();
+    let second = site.redeemed_token(OTHER_COMPUTE_NODE, 9999);
+    assert_ne!(
+        std::fs::read(&dbm).unwrap(),
+        first,
+        "the dbm map was not rebuilt for {second}"
+    );
+    assert_eq!(site.state_of(&second).as_deref(), Some("proxied"));
+    let leftovers: Vec<String> = std::fs::read_dir(site.path("dynconf"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

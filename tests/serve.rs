@@ -447,3 +447,99 @@ fn a_database_locked_by_a_long_writer_gets_503_not_a_hang() {
     let (status, _, body) = serve.request("GET", &target, &client, b"");
     assert_eq!((status, body), (200, b"Success!\n".to_vec()));
 }
+
+#[test]
+fn jobstates_push_posts_squeue_output_to_update_jobs() {
+    let site = Site::with_config("jobstateipmask = [\"127.0.0.1/32\"]");
+    let token = site.new_token();
+    site.cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=4242"))
+        .run();
+    let serve = Serve::start(&site);
+    let mut push = Command::new(program("satellite"))
+        .args([
+            "jobstates",
+            "push",
+            "--from",
+            "-",
+            "--url",
+            &format!("http://127.0.0.1:{}/update-jobs.cgi", serve.port),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    push.stdin
+        .take()
+        .unwrap()
+        .write_all(b"   4242 PENDING\n4243 RUNNING\n")
+        .unwrap();
+    let out = push.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "pushed 2 job state(s) to http://127.0.0.1:{}/update-jobs.cgi\n",
+            serve.port
+        )
+    );
+    let state = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}"))
+        .run();
+    assert_eq!(state.text(), "Q");
+}
+
+#[test]
+fn sigterm_under_load_finishes_what_it_started() {
+    let site = Site::with_config("trusted_proxies = [\"127.0.0.1/32\"]");
+    let mut serve = Serve::start(&site);
+    let port = serve.port;
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut complete = 0;
+                for _ in 0..200 {
+                    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+                        break;
+                    };
+                    let sent = stream.write_all(
+                        b"GET /tokenjobstate.cgi?token=a-b-c HTTP/1.1\r\nConnection: close\r\n\r\n",
+                    );
+                    let mut answer = Vec::new();
+                    if sent.is_err()
+                        || stream.read_to_end(&mut answer).is_err()
+                        || answer.is_empty()
+                    {
+                        // Refused or closed before it was taken: never half-answered.
+                        continue;
+                    }
+                    let text = String::from_utf8_lossy(&answer);
+                    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+                    assert!(text.contains("Content-Length: 0\r\n"), "{text}");
+                    complete += 1;
+                }
+                complete
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    nix_kill(serve.child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop under load");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let answered: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert!(answered > 0);
+}

@@ -90,17 +90,22 @@ impl Site {
         let syslog = UnixDatagram::bind(&syslog_path).unwrap();
         syslog.set_nonblocking(true).unwrap();
         let config = dir.path().join("etc/satellite.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "extbasename = \"{EXT}\"\n\
-                 tgtipmask = [\"10.21.0.0/16\", \"2001:db8:21::/48\"]\n\
-                 jobstateipmask = [\"198.202.100.8/29\"]\n\
-                 syslog_socket = \"../syslog.sock\"\n\
-                 {extra}\n"
-            ),
-        )
-        .unwrap();
+        // `extra` may override any of these base settings.
+        let base = [
+            format!("extbasename = \"{EXT}\""),
+            "tgtipmask = [\"10.21.0.0/16\", \"2001:db8:21::/48\"]".to_owned(),
+            "jobstateipmask = [\"198.202.100.8/29\"]".to_owned(),
+            "syslog_socket = \"../syslog.sock\"".to_owned(),
+        ];
+        let overridden = |line: &str| {
+            let key = line.split('=').next().unwrap_or("").trim();
+            extra
+                .lines()
+                .any(|l| l.split('=').next().unwrap_or("").trim() == key)
+        };
+        let mut text: Vec<String> = base.into_iter().filter(|l| !overridden(l)).collect();
+        text.push(extra.to_owned());
+        std::fs::write(&config, text.join("\n") + "\n").unwrap();
         let db = dir.path().join("var/state.sqlite");
         Site {
             dir,

@@ -242,7 +242,7 @@ impl Config {
         };
         let apache_configtest = raw
             .apache_configtest
-            .unwrap_or_else(|| vec!["apachectl".into(), "-t".into()]);
+            .unwrap_or_else(|| vec!["/usr/sbin/apachectl".into(), "-t".into()]);
         if apache_configtest.is_empty() {
             return Err(bad("apache_configtest must name a command".into()));
         }

@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
-
 use crate::config::{Config, MapFormat};
 use crate::error::{CoreError, Result};
 use crate::store::{ProxyState, RouteRow, Store};
@@ -168,10 +166,6 @@ pub fn render_vhosts(routes: &[Route], config: &Config) -> String {
         );
     }
     out
-}
-
-pub fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
 }
 
 /// The content of `path`, or `None` if there is no such file.
@@ -327,6 +321,28 @@ pub fn map_lock_path(config: &Config) -> PathBuf {
     config.mapfile.with_file_name(format!(".{name}.lock"))
 }
 
+/// CGI programs get whatever PATH the web server has (often none), so the
+/// usual install locations are tried as well.
+fn httxt2dbm() -> PathBuf {
+    let in_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("httxt2dbm"))
+            .find(|p| p.is_file())
+    });
+    in_path
+        .or_else(|| {
+            [
+                "/usr/sbin/httxt2dbm",
+                "/usr/bin/httxt2dbm",
+                "/usr/local/apache2/bin/httxt2dbm",
+            ]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from("httxt2dbm"))
+}
+
 /// The DBM map lives at `<mapfile>.db`; the text beside it is the source
 /// (and what decides whether anything changed).
 fn publish_dbm(config: &Config, text: &str) -> Result<bool> {
@@ -339,7 +355,7 @@ fn publish_dbm(config: &Config, text: &str) -> Result<bool> {
     let staging_txt = temp_path(&config.mapfile);
     fs::write(&staging_txt, text)
         .map_err(|e| CoreError::io(format!("writing {}", staging_txt.display()), e))?;
-    let output = Command::new("httxt2dbm")
+    let output = Command::new(httxt2dbm())
         .arg("-i")
         .arg(&staging_txt)
         .arg("-o")
