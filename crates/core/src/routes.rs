@@ -291,7 +291,10 @@ pub struct Published {
 pub fn publish_map(store: &mut Store, config: &Config) -> Result<Published> {
     let lock_path = map_lock_path(config);
     let _lock = FileLock::acquire(&lock_path)?;
-    let set = RouteSet::from_rows(&store.route_rows()?, config);
+    let set = RouteSet::from_rows(
+        &store.route_rows(chrono::Utc::now(), config.ttl_secs)?,
+        config,
+    );
     let text = render_map(&set.routes);
     let changed = match config.map_format {
         MapFormat::Txt => {

@@ -493,13 +493,15 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Rows that should have a route: `mapped` and `proxied`, by alias.
-    pub fn route_rows(&self) -> Result<Vec<RouteRow>> {
+    /// Rows that should have a route: live `mapped` and `proxied` ones, by
+    /// alias. An expired row loses its route at the next publication, even
+    /// before cron deletes it.
+    pub fn route_rows(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<RouteRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT alias, dsthost, dstport, state FROM proxy \
-             WHERE state IN ('mapped', 'proxied') ORDER BY alias ASC",
+             WHERE state IN ('mapped', 'proxied') AND modified >= ?1 ORDER BY alias ASC",
         )?;
-        let rows = stmt.query_map([], |row| {
+        let rows = stmt.query_map([expiry_cutoff(now, ttl_secs)], |row| {
             Ok(RouteRow {
                 alias: value_text(row.get(0)?).unwrap_or_default(),
                 dsthost: value_text(row.get(1)?),

@@ -105,7 +105,10 @@ pub fn run_locked(config: &Config) -> Result<Report> {
 }
 
 fn publish_vhosts(store: &mut Store, config: &Config) -> Result<Report> {
-    let set = RouteSet::from_rows(&store.route_rows()?, config);
+    let set = RouteSet::from_rows(
+        &store.route_rows(chrono::Utc::now(), config.ttl_secs)?,
+        config,
+    );
     let text = routes::render_vhosts(&set.routes, config);
     let path = &config.httpdstubfile;
     let previous = routes::read_if_exists(path)?;

@@ -133,7 +133,10 @@ pub fn gc(config: &Config) -> Result<String> {
 
 pub fn render(config: &Config) -> Result<String> {
     let store = open_store(config)?;
-    let set = RouteSet::from_rows(&store.route_rows()?, config);
+    let set = RouteSet::from_rows(
+        &store.route_rows(chrono::Utc::now(), config.ttl_secs)?,
+        config,
+    );
     for line in set.refusal_lines() {
         eprintln!("satellite: {line}");
     }
