@@ -1,7 +1,7 @@
-//! A private Apache httpd for one test group: its own ServerRoot in a
-//! temporary directory, the project's `httpd-conf/` with test values, TLS
-//! on a loopback high port from a certificate made for the test, and the
-//! satellite programs installed as in production (`cgi/<name>.cgi`,
+//! A private Apache httpd for one test group: the product's
+//! [`PrivateApache`] in a temporary directory, including the repository's
+//! `httpd-conf/` as shipped, on a loopback high port, with the satellite
+//! programs installed as in production (`cgi/<name>.cgi`,
 //! `etc/satellite.toml`, `var/`, `dynconf/`, `html/`, `logs/`).
 //!
 //! When the tests run as root (CI), Apache runs its children as
@@ -15,16 +15,18 @@ use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use satellite::private_apache::{
+    children_of, make_certificate, ApacheInstall, Certificate, PrivateApache, Site, SiteConf,
+};
 
 use super::client::{Client, Response};
 use super::repo_root;
 
-pub const APACHE: &str = "/usr/sbin/apache2";
 pub const DOMAIN: &str = "example.test";
-pub const DOMAIN_RE: &str = r"example\.test";
 /// Apache's answer on a host that is neither proxied nor pending.
 pub const DEFAULT_ANSWER: &str = "Please see documentation on how to use this service.\n";
 /// How long anything that becomes true eventually may take.
@@ -63,7 +65,10 @@ pub struct Apache {
     pub port: u16,
     pub routing: Routing,
     pub ca_pem: Vec<u8>,
-    child: Option<Child>,
+    install: ApacheInstall,
+    /// For `DOMAIN` and its subdomains.
+    certificate: Certificate,
+    httpd: Option<PrivateApache>,
     as_root: bool,
 }
 
@@ -91,81 +96,6 @@ fn pick_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A CA and a leaf for `example.test` and `*.example.test` signed by it.
-fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        run(Command::new("openssl").args(args).current_dir(dir));
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=satellite test CA",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        ]
-        .concat(),
-    );
-    openssl(
-        &[
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                "key.pem",
-                "-out",
-                "leaf.csr",
-                "-subj",
-                "/CN=example.test",
-            ],
-        ]
-        .concat(),
-    );
-    fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=DNS:example.test,DNS:*.example.test\n\
-         basicConstraints=critical,CA:FALSE\n\
-         keyUsage=critical,digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "cert.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "leaf.ext",
-    ]);
 }
 
 /// Hard-links `from` to `to`, or copies it when they are on different
@@ -209,23 +139,23 @@ impl Apache {
     /// answers. Panics (failing the test) if Apache is missing or does not
     /// come up.
     pub fn start(routing: Routing) -> Apache {
-        assert!(
-            Path::new(APACHE).exists(),
-            "{APACHE} is missing: install apache2 (the Apache tests need a real httpd)"
-        );
+        let install = ApacheInstall::find()
+            .unwrap_or_else(|e| panic!("{e:#}\n(the Apache tests need a real httpd)"));
         let dir = tempfile::Builder::new()
             .prefix("satellite-apache-")
             .tempdir()
             .unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        make_certificates(dir.path());
-        let ca_pem = fs::read(dir.path().join("ca.pem")).unwrap();
+        let certificate = make_certificate(dir.path(), DOMAIN).unwrap();
+        let ca_pem = fs::read(&certificate.ca).unwrap();
         let mut apache = Apache {
             dir,
             port: 0,
             routing,
             ca_pem,
-            child: None,
+            install,
+            certificate,
+            httpd: None,
             as_root: is_root(),
         };
         apache.install();
@@ -234,11 +164,13 @@ impl Apache {
         let mut last_error = String::new();
         for _ in 0..5 {
             apache.port = pick_port();
-            apache.write_httpd_conf();
             apache.write_config(&[]);
             match apache.launch() {
-                Ok(()) => return apache,
-                Err(why) => last_error = why,
+                Ok(httpd) => {
+                    apache.httpd = Some(httpd);
+                    return apache;
+                }
+                Err(why) => last_error = format!("{why:#}"),
             }
         }
         panic!("Apache did not start: {last_error}");
@@ -254,7 +186,7 @@ impl Apache {
     }
 
     pub fn httpd_conf(&self) -> PathBuf {
-        self.dir.path().join("httpd.conf")
+        PrivateApache::config_path(self.dir.path())
     }
 
     pub fn config_file(&self) -> PathBuf {
@@ -266,7 +198,7 @@ impl Apache {
     }
 
     pub fn pidfile(&self) -> PathBuf {
-        self.dir.path().join("httpd.pid")
+        PrivateApache::pid_path(self.dir.path())
     }
 
     /// dynconf/proxyconf.conf (vhost routing).
@@ -281,7 +213,7 @@ impl Apache {
 
     fn install(&self) {
         let root = self.root();
-        for sub in ["cgi", "etc", "var", "dynconf", "html", "logs", "run"] {
+        for sub in ["cgi", "etc", "var", "dynconf", "html", "logs"] {
             fs::create_dir_all(root.join(sub)).unwrap();
         }
         for (name, exe) in CGI_PROGRAMS {
@@ -364,127 +296,37 @@ impl Apache {
     /// Apache's own config test for this instance, optionally with one more
     /// file included (to make it fail on purpose).
     pub fn configtest_command(&self, extra_include: Option<&Path>) -> Vec<String> {
-        let mut cmd = vec![
-            APACHE.to_owned(),
-            "-f".to_owned(),
-            self.httpd_conf().display().to_string(),
-        ];
-        if let Some(include) = extra_include {
-            cmd.push("-C".into());
-            cmd.push(format!("Include {}", include.display()));
-        }
-        cmd.push("-t".into());
-        cmd
+        let extra: Vec<String> = extra_include
+            .map(|include| format!("Include {}", include.display()))
+            .into_iter()
+            .collect();
+        self.install.configtest_command(self.dir.path(), &extra)
     }
 
-    fn write_httpd_conf(&self) {
-        let dir = self.dir.path().display().to_string();
-        let root = self.root().display().to_string();
-        let conf = repo_root().join("httpd-conf");
-        let port = self.port;
-        let user = if self.as_root {
-            "User nobody\nGroup nogroup\n"
-        } else {
-            ""
+    /// Starts Apache on `self.port`; ready once the management vhost
+    /// answers through TLS with our CA.
+    fn launch(&self) -> anyhow::Result<PrivateApache> {
+        let site = Site {
+            root: self.root(),
+            domain: DOMAIN.into(),
+            port: self.port,
+            cert: self.certificate.cert.clone(),
+            key: self.certificate.key.clone(),
+            serve_url: None,
+            vhost_routing: self.routing == Routing::Vhost,
+            conf: SiteConf::Directory(repo_root().join("httpd-conf")),
         };
-        let vhost = if self.routing == Routing::Vhost {
-            "Define SATELLITE_VHOST_ROUTING\n"
-        } else {
-            ""
-        };
-        let text = format!(
-            "ServerRoot {dir}\n\
-             PidFile {dir}/httpd.pid\n\
-             DefaultRuntimeDir {root}/run\n\
-             ErrorLog {root}/logs/error.log\n\
-             LogLevel warn\n\
-             LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so\n\
-             LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so\n\
-             LoadModule mime_module /usr/lib/apache2/modules/mod_mime.so\n\
-             TypesConfig /etc/mime.types\n\
-             LoadModule alias_module /usr/lib/apache2/modules/mod_alias.so\n\
-             Include {modules}\n\
-             ScriptSock {dir}/cgisock\n\
-             Listen 127.0.0.1:{port} https\n\
-             ServerName localhost\n\
-             {user}\
-             Define SATELLITE_ROOT {root}\n\
-             Define SATELLITE_DOMAIN {DOMAIN}\n\
-             Define SATELLITE_DOMAIN_RE {DOMAIN_RE}\n\
-             Define SATELLITE_PORT {port}\n\
-             Define SATELLITE_CERT {dir}/cert.pem\n\
-             Define SATELLITE_KEY {dir}/key.pem\n\
-             Define SATELLITE_CHAIN {dir}/ca.pem\n\
-             Define SATELLITE_LOG_DIR {root}/logs\n\
-             {vhost}\
-             Include {satellite}\n",
-            modules = conf.join("modules-debian.conf").display(),
-            satellite = conf.join("satellite.conf").display(),
-        );
-        fs::write(self.httpd_conf(), text).unwrap();
-    }
-
-    /// Starts httpd in the foreground (as our child) and waits until it
-    /// answers; `Err` with the reason if it exits or never answers.
-    fn launch(&mut self) -> Result<(), String> {
-        let stderr = fs::File::create(self.dir.path().join("httpd.stderr")).unwrap();
-        let child = Command::new(APACHE)
-            .arg("-f")
-            .arg(self.httpd_conf())
-            .args(["-D", "FOREGROUND"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("cannot run {APACHE}: {e}"))?;
-        self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                return Err(format!(
-                    "httpd exited with {status}: {}\n{}",
-                    fs::read_to_string(self.dir.path().join("httpd.stderr")).unwrap_or_default(),
-                    self.error_log()
-                ));
-            }
-            if self.pidfile().exists() {
-                if let Ok(r) = self.client().get(&self.host("nothing-here"), "/") {
-                    if r.status == 200 {
-                        return Ok(());
-                    }
-                }
-            }
-            if start.elapsed() > DEADLINE {
-                self.stop();
-                return Err(format!("httpd did not answer: {}", self.error_log()));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        let client = self.client();
+        let host = self.host("nothing-here");
+        PrivateApache::start_when(&self.install, self.dir.path(), &site, || {
+            client.get(&host, "/").is_ok_and(|r| r.status == 200)
+        })
     }
 
     /// Stops Apache (SIGTERM to the parent, SIGKILL after a while).
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let children = self.children();
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(15) {
-            if child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        for pid in children {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        if let Some(mut httpd) = self.httpd.take() {
+            httpd.stop();
         }
     }
 
@@ -604,8 +446,12 @@ impl Apache {
         .ok()
     }
 
+    fn error_log_path(&self) -> PathBuf {
+        PrivateApache::error_log_path(self.dir.path())
+    }
+
     pub fn error_log(&self) -> String {
-        let log = fs::read_to_string(self.path("logs/error.log")).unwrap_or_default();
+        let log = fs::read_to_string(self.error_log_path()).unwrap_or_default();
         format!("--- Apache error log ---\n{log}--- end of error log ---")
     }
 
@@ -621,7 +467,7 @@ impl Apache {
     /// How many times Apache (re)read its configuration: one at start, one
     /// more per graceful or full restart.
     pub fn generations(&self) -> usize {
-        fs::read_to_string(self.path("logs/error.log"))
+        fs::read_to_string(self.error_log_path())
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains("resuming normal operations"))
@@ -630,7 +476,7 @@ impl Apache {
 
     /// How many restart signals Apache has received.
     pub fn restarts(&self) -> usize {
-        fs::read_to_string(self.path("logs/error.log"))
+        fs::read_to_string(self.error_log_path())
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains("AH00493") || l.contains("AH00492") || l.contains("SIGHUP"))
@@ -642,26 +488,13 @@ impl Apache {
         let Ok(parent) = fs::read_to_string(self.pidfile()) else {
             return Vec::new();
         };
-        let parent = parent.trim().to_owned();
-        let mut pids = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // pid (comm) state ppid ...: comm may hold spaces, so split
-            // after its closing parenthesis.
-            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-                continue;
-            };
-            if rest.split_whitespace().nth(1) == Some(parent.as_str()) {
-                pids.push(pid);
-            }
-        }
-        pids.sort();
-        pids
+        let Ok(parent) = parent.trim().parse() else {
+            return Vec::new();
+        };
+        children_of(parent)
+            .into_iter()
+            .map(|pid| pid as i32)
+            .collect()
     }
 
     /// Polls `f` until it gives `Ok`, for up to `DEADLINE`; panics with

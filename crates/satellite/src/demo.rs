@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _, Result};
 use satellite_core::Config;
 
 use crate::install::{init, InitOptions};
-use crate::private_apache::{make_certificate, ApacheInstall, PrivateApache, Site};
+use crate::private_apache::{make_certificate, ApacheInstall, PrivateApache, Site, SiteConf};
 
 pub const DOMAIN: &str = "demo.localhost";
 /// Where the sample backend ("the compute node") listens.
@@ -48,7 +48,7 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
         extbasename: DOMAIN.into(),
         programs_dir: None,
     })?;
-    let (ca, cert, key) = make_certificate(dir, DOMAIN)?;
+    let certificate = make_certificate(dir, DOMAIN)?;
     let serve_port = free_port()?;
     let backend_port = free_port_on(BACKEND_IP)?;
     let config_path = root.join("etc/satellite.toml");
@@ -100,16 +100,17 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
             root: root.clone(),
             domain: DOMAIN.into(),
             port: options.port,
-            cert,
-            key,
+            cert: certificate.cert,
+            key: certificate.key,
             serve_url: Some(format!("http://127.0.0.1:{serve_port}")),
             vhost_routing: false,
+            conf: SiteConf::Embedded,
         },
     )?;
 
     let steps = Steps {
         port: options.port,
-        ca: ca.clone(),
+        ca: certificate.ca,
         backend_port,
     };
     println!("{}", steps.describe());

@@ -1,6 +1,8 @@
 //! A private, unprivileged-port Apache httpd instance running the project's
 //! own `httpd-conf/satellite.conf`: its own ServerRoot in a directory of
-//! ours, loopback only. Used by `satellite demo`.
+//! ours, loopback only, and a throwaway CA and wildcard certificate. Used by
+//! `satellite demo` and by the integration tests' harness, so that both
+//! exercise the same Apache setup.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -12,6 +14,10 @@ use anyhow::{bail, Context as _, Result};
 
 /// The site config shipped with the binary, so the demo runs from anywhere.
 pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.conf");
+
+/// How long Apache may take to answer after it is started, and to exit
+/// after SIGTERM.
+const DEADLINE: Duration = Duration::from_secs(30);
 
 const MODULES: [(&str, &str); 12] = [
     ("mpm_event_module", "mod_mpm_event.so"),
@@ -29,24 +35,34 @@ const MODULES: [(&str, &str); 12] = [
 ];
 
 /// Where Apache is on this machine.
+#[derive(Clone, Debug)]
 pub struct ApacheInstall {
     pub binary: PathBuf,
     pub modules_dir: PathBuf,
+    /// The httpd-conf file that loads satellite's modules here, when it
+    /// names them by absolute paths (RHEL's names them relative to a
+    /// ServerRoot that is not ours).
+    pub modules_conf: Option<&'static str>,
 }
 
 impl ApacheInstall {
     /// Debian's apache2 or RHEL's httpd, or a message saying how to get one.
     pub fn find() -> Result<Self> {
         let candidates = [
-            ("/usr/sbin/apache2", "/usr/lib/apache2/modules"),
-            ("/usr/sbin/httpd", "/usr/lib64/httpd/modules"),
-            ("/usr/sbin/httpd", "/usr/lib/httpd/modules"),
+            (
+                "/usr/sbin/apache2",
+                "/usr/lib/apache2/modules",
+                Some("modules-debian.conf"),
+            ),
+            ("/usr/sbin/httpd", "/usr/lib64/httpd/modules", None),
+            ("/usr/sbin/httpd", "/usr/lib/httpd/modules", None),
         ];
-        for (binary, modules) in candidates {
+        for (binary, modules, modules_conf) in candidates {
             if Path::new(binary).exists() && Path::new(modules).join("mod_ssl.so").exists() {
                 return Ok(ApacheInstall {
                     binary: binary.into(),
                     modules_dir: modules.into(),
+                    modules_conf,
                 });
             }
         }
@@ -56,6 +72,32 @@ impl ApacheInstall {
              RHEL/Rocky/Alma: sudo dnf install httpd mod_ssl"
         )
     }
+
+    /// Apache's config test of `<dir>/httpd.conf`, with `extra` directives
+    /// (`-C`) read before it, as a command line.
+    pub fn configtest_command(&self, dir: &Path, extra: &[String]) -> Vec<String> {
+        let mut cmd = vec![
+            self.binary.display().to_string(),
+            "-f".to_owned(),
+            PrivateApache::config_path(dir).display().to_string(),
+        ];
+        for directive in extra {
+            cmd.push("-C".to_owned());
+            cmd.push(directive.clone());
+        }
+        cmd.push("-t".to_owned());
+        cmd
+    }
+}
+
+/// Where the satellite site config comes from.
+#[derive(Clone, Debug)]
+pub enum SiteConf {
+    /// [`SATELLITE_CONF`], written next to httpd.conf.
+    Embedded,
+    /// An `httpd-conf` directory, included in place (with its modules file
+    /// where it applies), so that the files as shipped are what runs.
+    Directory(PathBuf),
 }
 
 pub struct Site {
@@ -68,72 +110,136 @@ pub struct Site {
     /// `Some(url)`: endpoints go to `satellite serve` at that URL.
     pub serve_url: Option<String>,
     pub vhost_routing: bool,
+    pub conf: SiteConf,
 }
 
+/// A running Apache, stopped when dropped. Its ServerRoot `dir` holds
+/// httpd.conf, the pidfile, the logs and Apache's own stderr.
 pub struct PrivateApache {
-    child: Child,
+    child: Option<Child>,
     pub dir: PathBuf,
-    pub error_log: PathBuf,
 }
 
 impl PrivateApache {
     /// Writes `<dir>/httpd.conf` and starts Apache in the foreground as our
     /// child; returns once it answers on its port.
     pub fn start(install: &ApacheInstall, dir: &Path, site: &Site) -> Result<Self> {
+        let port = site.port;
+        Self::start_when(install, dir, site, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+    }
+
+    /// [`start`](Self::start), returning once Apache has written its
+    /// pidfile and `ready` says yes: a port that accepts connections may
+    /// still answer with errors, and who signals Apache needs the pidfile.
+    pub fn start_when(
+        install: &ApacheInstall,
+        dir: &Path,
+        site: &Site,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<Self> {
         let conf = Self::write_config(install, dir, site)?;
         let test = Command::new(&install.binary)
             .arg("-f")
             .arg(&conf)
             .arg("-t")
-            .output()?;
+            .output()
+            .with_context(|| format!("running {}", install.binary.display()))?;
         if !test.status.success() {
             bail!(
                 "Apache's config test failed: {}",
                 String::from_utf8_lossy(&test.stderr).trim()
             );
         }
+        // Before its ErrorLog is open, Apache can only complain on stderr.
+        let stderr = fs::File::create(Self::stderr_path(dir))?;
         let child = Command::new(&install.binary)
             .arg("-f")
             .arg(&conf)
             .arg("-DFOREGROUND")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {}", install.binary.display()))?;
         let mut apache = PrivateApache {
-            child,
+            child: Some(child),
             dir: dir.to_owned(),
-            error_log: dir.join("error.log"),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", site.port)).is_err() {
-            if let Some(status) = apache.child.try_wait()? {
-                bail!(
-                    "Apache exited ({status}) at start: {}",
-                    fs::read_to_string(&apache.error_log).unwrap_or_default()
-                );
+        let started = Instant::now();
+        loop {
+            if let Some(status) = apache.child.as_mut().and_then(|c| c.try_wait().ok()?) {
+                apache.child = None;
+                bail!("Apache exited ({status}) at start: {}", apache.logs());
             }
-            if Instant::now() > deadline {
-                bail!("Apache did not start listening on port {}", site.port);
+            if Self::pid_path(dir).exists() && ready() {
+                return Ok(apache);
+            }
+            if started.elapsed() > DEADLINE {
+                apache.stop();
+                bail!(
+                    "Apache did not answer on port {} within {DEADLINE:?}: {}",
+                    site.port,
+                    apache.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(apache)
     }
 
     pub fn config_path(dir: &Path) -> PathBuf {
         dir.join("httpd.conf")
     }
 
+    pub fn pid_path(dir: &Path) -> PathBuf {
+        dir.join("httpd.pid")
+    }
+
+    pub fn error_log_path(dir: &Path) -> PathBuf {
+        dir.join("error.log")
+    }
+
+    fn stderr_path(dir: &Path) -> PathBuf {
+        dir.join("httpd.stderr")
+    }
+
+    pub fn error_log(&self) -> PathBuf {
+        Self::error_log_path(&self.dir)
+    }
+
+    /// What Apache said on stderr and in its error log, for a message.
+    fn logs(&self) -> String {
+        let read = |path: PathBuf| fs::read_to_string(path).unwrap_or_default();
+        format!(
+            "{}{}",
+            read(Self::stderr_path(&self.dir)),
+            read(self.error_log())
+        )
+    }
+
     fn write_config(install: &ApacheInstall, dir: &Path, site: &Site) -> Result<PathBuf> {
-        let satellite_conf = dir.join("satellite.conf");
-        fs::write(&satellite_conf, SATELLITE_CONF)?;
         let mut conf = String::new();
         let _ = writeln!(conf, "ServerRoot \"{}\"", dir.display());
-        let _ = writeln!(conf, "PidFile \"{}\"", dir.join("httpd.pid").display());
-        let _ = writeln!(conf, "ErrorLog \"{}\"", dir.join("error.log").display());
+        let _ = writeln!(conf, "PidFile \"{}\"", Self::pid_path(dir).display());
+        // Apache's default is <ServerRoot>/logs, which we do not make.
+        let _ = writeln!(conf, "DefaultRuntimeDir \"{}\"", dir.display());
+        let _ = writeln!(conf, "ErrorLog \"{}\"", Self::error_log_path(dir).display());
         conf.push_str("LogLevel warn\n");
+        let satellite_conf = match &site.conf {
+            SiteConf::Embedded => {
+                let path = dir.join("satellite.conf");
+                fs::write(&path, SATELLITE_CONF)?;
+                path
+            }
+            SiteConf::Directory(httpd_conf) => {
+                if let Some(modules) = install.modules_conf {
+                    // First, so that its LoadModules are the ones that count.
+                    let _ = writeln!(conf, "Include \"{}\"", httpd_conf.join(modules).display());
+                }
+                httpd_conf.join("satellite.conf")
+            }
+        };
         for (name, file) in MODULES {
             let _ = writeln!(
                 conf,
@@ -183,22 +289,34 @@ impl PrivateApache {
         Ok(path)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The parent httpd's pid (Apache runs in the foreground, as our child).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
+    /// SIGTERM, then SIGKILL to the parent and the children it had if it
+    /// does not exit in time: an orphaned worker would keep the port.
     pub fn stop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let children = children_of(child.id());
+        let signal = |pid: u32, signal| {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+        };
+        signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+        let started = Instant::now();
+        while started.elapsed() < DEADLINE {
+            if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
+        for pid in children {
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
@@ -208,9 +326,46 @@ impl Drop for PrivateApache {
     }
 }
 
-/// A throwaway CA and a leaf certificate for `*.<domain>` and `<domain>`,
-/// made with the openssl command. Returns (ca, leaf certificate, leaf key).
-pub fn make_certificate(dir: &Path, domain: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+/// The pids of `parent`'s children, from /proc.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let parent = parent.to_string();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after
+        // its closing parenthesis.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1) == Some(parent.as_str()) {
+            pids.push(pid);
+        }
+    }
+    pids.sort();
+    pids
+}
+
+/// A throwaway CA and, signed by it, a certificate and key for the server.
+#[derive(Clone, Debug)]
+pub struct Certificate {
+    /// What a client trusts.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes a [`Certificate`] for `*.<domain>` and `<domain>` in `dir` with the
+/// openssl command. Both carry the extensions strict verifiers (rustls)
+/// insist on: a CA with keyUsage, a leaf that is no CA and is for serverAuth.
+pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
     let run = |args: &[&str]| -> Result<()> {
         let out = Command::new("openssl")
             .args(args)
@@ -226,36 +381,53 @@ pub fn make_certificate(dir: &Path, domain: &str) -> Result<(PathBuf, PathBuf, P
         }
         Ok(())
     };
-    run(&[
-        "req",
-        "-x509",
+    let new_key = [
         "-newkey",
-        "rsa:2048",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
         "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=satellite demo CA",
-    ])?;
+    ];
     run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "site.key",
-        "-out",
-        "site.csr",
-        "-subj",
-        &format!("/CN={domain}"),
-    ])?;
+        &["req", "-x509"][..],
+        &new_key,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=satellite throwaway CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    ]
+    .concat())?;
+    run(&[
+        &["req"][..],
+        &new_key,
+        &[
+            "-keyout",
+            "site.key",
+            "-out",
+            "site.csr",
+            "-subj",
+            &format!("/CN={domain}"),
+        ],
+    ]
+    .concat())?;
     fs::write(
         dir.join("site.ext"),
-        format!("subjectAltName=DNS:{domain},DNS:*.{domain}\nbasicConstraints=CA:FALSE\n"),
+        format!(
+            "subjectAltName=DNS:{domain},DNS:*.{domain}\n\
+             basicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth\n"
+        ),
     )?;
     run(&[
         "x509",
@@ -274,9 +446,9 @@ pub fn make_certificate(dir: &Path, domain: &str) -> Result<(PathBuf, PathBuf, P
         "-extfile",
         "site.ext",
     ])?;
-    Ok((
-        dir.join("ca.pem"),
-        dir.join("site.pem"),
-        dir.join("site.key"),
-    ))
+    Ok(Certificate {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("site.pem"),
+        key: dir.join("site.key"),
+    })
 }
