@@ -387,7 +387,7 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
     let report = stdout(&out);
     assert_eq!(
         report.lines().filter(|l| l.starts_with("OK   ")).count(),
-        9,
+        10,
         "{report}"
     );
     assert!(

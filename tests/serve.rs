@@ -543,3 +543,83 @@ fn sigterm_under_load_finishes_what_it_started() {
     let answered: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
     assert!(answered > 0);
 }
+
+#[test]
+fn a_flood_beyond_the_queue_gets_quick_503s_and_nobody_hangs() {
+    // One worker, stuck behind a database lock: the bounded queue fills and
+    // the acceptor answers the rest itself.
+    let site = Site::with_config(
+        "serve_workers = 1\nbusy_timeout_ms = 20000\ntrusted_proxies = [\"127.0.0.1/32\"]",
+    );
+    let token = site.new_token();
+    let serve = Serve::start(&site);
+    let writer = site.db();
+    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..120)
+        .map(|_| {
+            let (port, token, answered) = (serve.port, token.clone(), answered.clone());
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                write!(
+                    stream,
+                    "GET /redeemtoken.cgi?token={token}&port=8888 HTTP/1.1\r\nX-Satellite-Client-Addr: {COMPUTE_NODE}\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).unwrap();
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+        })
+        .collect();
+    // While the lock is held only the acceptor can answer: wait for it to
+    // refuse what the queue cannot hold.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while answered.load(std::sync::atomic::Ordering::SeqCst) < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "the acceptor did not refuse the overflow"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    writer.execute_batch("ROLLBACK").unwrap();
+    let answers: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let busy = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 503"))
+        .count();
+    let success = answers
+        .iter()
+        .filter(|a| a.ends_with("\r\n\r\nSuccess!\n"))
+        .count();
+    let conflict = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 409"))
+        .count();
+    assert!(busy >= 40, "{busy} refused");
+    assert_eq!(success, 1);
+    assert_eq!(busy + success + conflict, 120, "{answers:#?}");
+    for refusal in answers.iter().filter(|a| a.starts_with("HTTP/1.1 503")) {
+        assert!(
+            refusal.ends_with("\r\n\r\nOops! The service is busy, please try again in a moment.\n"),
+            "{refusal}"
+        );
+    }
+}
+
+/// tiny_http puts no limit on a header's size; the fronting Apache does
+/// (LimitRequestFieldSize), which is why serve listens on loopback. What
+/// serve itself must do is carry on.
+#[test]
+fn oversized_headers_do_not_take_serve_down() {
+    let site = Site::new();
+    let serve = Serve::start(&site);
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
+    let huge = "a".repeat(1 << 20);
+    let _ = write!(stream, "GET / HTTP/1.1\r\nX-Huge: {huge}\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let (status, _, _) = serve.request("GET", "/", &[], b"");
+    assert_eq!(status, 200);
+}

@@ -89,6 +89,7 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     findings.push(check_configtest(&config));
     findings.push(check_reload(&config));
     findings.push(check_certificate(&config, cert));
+    findings.push(check_serve_listen(&config));
     findings
 }
 
@@ -313,6 +314,24 @@ fn check_reload(config: &Config) -> Finding {
             "run cron as Apache's user or root, or set apache_reload to a sudo command (cron/sudoers)",
         ),
         Err(err) => warn(format!("Apache pid {pid} from {}: {err}", pidfile.display()), "is Apache running?"),
+    }
+}
+
+/// serve leans on the fronting Apache for request limits (header sizes,
+/// slow clients), so it belongs on loopback.
+fn check_serve_listen(config: &Config) -> Finding {
+    let listen = &config.serve_listen;
+    let loopback = listen
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or_else(|_| listen.starts_with("localhost:"));
+    if loopback {
+        ok(format!("serve_listen {listen} is on loopback"))
+    } else {
+        warn(
+            format!("serve_listen {listen} is not on loopback"),
+            "let only Apache reach serve: listen on 127.0.0.1 and define SATELLITE_SERVE in satellite.conf",
+        )
     }
 }
 
