@@ -71,6 +71,10 @@ impl Serve {
         body: &[u8],
     ) -> (u16, Vec<(String, String)>, Vec<u8>) {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        // A hang is a failure, not a stuck test run.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let mut head = format!(
             "{method} {target} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
             body.len()
@@ -617,9 +621,60 @@ fn oversized_headers_do_not_take_serve_down() {
     let serve = Serve::start(&site);
     let mut stream = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
     let huge = "a".repeat(1 << 20);
-    let _ = write!(stream, "GET / HTTP/1.1\r\nX-Huge: {huge}\r\n\r\n");
+    let _ = write!(
+        stream,
+        "GET / HTTP/1.1\r\nConnection: close\r\nX-Huge: {huge}\r\n\r\n"
+    );
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
     let (status, _, _) = serve.request("GET", "/", &[], b"");
     assert_eq!(status, 200);
+}
+
+#[test]
+fn running_out_of_file_descriptors_does_not_stop_serve_for_good() {
+    let site = Site::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A low descriptor limit, so a burst of connections makes accept fail.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 48 && exec {} serve --listen 127.0.0.1:{port}",
+            program("satellite")
+        ))
+        .env("SATELLITE_CONFIG", &site.config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let burst: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(burst);
+    let serve = Serve {
+        child: std::mem::replace(&mut child, Command::new("true").spawn().unwrap()),
+        port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answered = std::panic::catch_unwind(|| serve.request("GET", "/", &[], b"").0);
+        if answered.as_ref().ok() == Some(&200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve stopped accepting after the burst"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.wait();
 }

@@ -7,6 +7,13 @@
 //! instead of unbounded memory. Each worker owns one `Context`, hence one
 //! database connection. SIGTERM or SIGINT stops the acceptor; queued and
 //! in-flight requests are answered before the process exits.
+//!
+//! tiny_http's accept thread ends for good on the first failed `accept`
+//! (out of file descriptors under a flood, say), so the acceptor watches
+//! for that and starts a new tiny_http server on the same socket; the old
+//! one keeps answering the connections it already has. tiny_http sets no
+//! limits on header size or on slow clients: serve belongs on loopback
+//! behind Apache, which enforces both.
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
@@ -28,8 +35,8 @@ const QUEUE_PER_WORKER: usize = 64;
 /// How often the acceptor looks up from `recv` to check for shutdown.
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
-/// A client silent (or not reading) for this long is disconnected.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to wait after a failed accept before listening again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
@@ -39,7 +46,8 @@ extern "C" fn request_shutdown(_: nix::libc::c_int) {
 
 /// A running server; `run` blocks until SIGTERM/SIGINT (or `stop`).
 pub struct Server {
-    http: Arc<tiny_http::Server>,
+    listener: std::net::TcpListener,
+    http: tiny_http::Server,
     config: Config,
     stop: Arc<AtomicBool>,
 }
@@ -48,19 +56,10 @@ impl Server {
     pub fn bind(config: Config, listen: &str) -> Result<Self> {
         let listener = std::net::TcpListener::bind(listen)
             .with_context(|| format!("listening on {listen}"))?;
-        // Accepted sockets inherit these from the listener (Linux), so an
-        // idle or stalled client is dropped instead of holding a thread of
-        // tiny_http's for ever.
-        use nix::sys::socket::{setsockopt, sockopt};
-        let timeout = nix::sys::time::TimeVal::new(CLIENT_TIMEOUT.as_secs() as _, 0);
-        setsockopt(&listener, sockopt::ReceiveTimeout, &timeout)
-            .context("setting the read timeout")?;
-        setsockopt(&listener, sockopt::SendTimeout, &timeout)
-            .context("setting the write timeout")?;
-        let http = tiny_http::Server::from_listener(listener, None)
-            .map_err(|err| anyhow!("serving on {listen}: {err}"))?;
+        let http = serve_on(&listener)?;
         Ok(Server {
-            http: Arc::new(http),
+            listener,
+            http,
             config,
             stop: Arc::new(AtomicBool::new(false)),
         })
@@ -92,13 +91,14 @@ impl Server {
 
     pub fn run(self) -> Result<()> {
         let workers = self.config.serve_workers;
+        let config = self.config.clone();
         let (queue, requests) =
             mpsc::sync_channel::<tiny_http::Request>(workers * QUEUE_PER_WORKER);
         let requests = Arc::new(Mutex::new(requests));
         let pool: Vec<_> = (0..workers)
             .map(|i| {
                 let requests = requests.clone();
-                let config = self.config.clone();
+                let config = config.clone();
                 thread::Builder::new()
                     .name(format!("satellite-worker-{i}"))
                     .spawn(move || work(config, requests))
@@ -113,30 +113,64 @@ impl Server {
         Ok(())
     }
 
-    fn accept(&self, queue: SyncSender<tiny_http::Request>) {
+    fn accept(self, queue: SyncSender<tiny_http::Request>) {
+        // The newest server accepts; earlier ones (whose accept thread died)
+        // still deliver requests from the connections they hold.
+        let mut retired: Vec<tiny_http::Server> = Vec::new();
+        let mut current = self.http;
+        let mut accepting = true;
         while !SHUTDOWN.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
-            let request = match self.http.recv_timeout(ACCEPT_POLL) {
-                Ok(Some(request)) => request,
-                Ok(None) => continue,
+            for old in &retired {
+                while let Ok(Some(request)) = old.try_recv() {
+                    dispatch(&self.config, &queue, request);
+                }
+            }
+            if !accepting {
+                // Out of descriptors, say: wait, then listen again, for as
+                // long as it takes.
+                thread::sleep(ACCEPT_BACKOFF);
+                match serve_on(&self.listener) {
+                    Ok(fresh) => {
+                        retired.push(std::mem::replace(&mut current, fresh));
+                        accepting = true;
+                    }
+                    Err(err) => eprintln!("satellite serve: listening again: {err:#}"),
+                }
+            }
+            match current.recv_timeout(ACCEPT_POLL) {
+                Ok(Some(request)) => dispatch(&self.config, &queue, request),
+                Ok(None) => {}
                 Err(err) => {
-                    eprintln!("satellite serve: accepting: {err}");
-                    continue;
+                    eprintln!("satellite serve: accept failed ({err}); listening again");
+                    accepting = false;
                 }
-            };
-            match queue.try_send(request) {
-                Ok(()) => {}
-                Err(TrySendError::Full(request)) => {
-                    let busy = oops(
-                        &self.config,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "The service is busy, please try again in a moment.",
-                    );
-                    respond(request, busy);
-                }
-                Err(TrySendError::Disconnected(_)) => break,
             }
         }
     }
+}
+
+/// Hands a request to the workers, or answers 503 itself when the queue
+/// is full.
+fn dispatch(config: &Config, queue: &SyncSender<tiny_http::Request>, request: tiny_http::Request) {
+    match queue.try_send(request) {
+        Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+        Err(TrySendError::Full(request)) => {
+            let busy = oops(
+                config,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The service is busy, please try again in a moment.",
+            );
+            respond(request, busy);
+        }
+    }
+}
+
+/// A tiny_http server accepting on (a clone of) our listening socket.
+fn serve_on(listener: &std::net::TcpListener) -> Result<tiny_http::Server> {
+    let socket = listener
+        .try_clone()
+        .context("sharing the listening socket")?;
+    tiny_http::Server::from_listener(socket, None).map_err(|err| anyhow!("serving: {err}"))
 }
 
 fn work(config: Config, requests: Arc<Mutex<Receiver<tiny_http::Request>>>) {
