@@ -43,15 +43,23 @@ struct Serve {
 
 impl Serve {
     fn start(site: &Site) -> Serve {
+        Self::start_command(site, |port| {
+            let mut command = Command::new(program("satellite"));
+            command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+            command
+        })
+    }
+
+    /// Starts what `command(port)` builds and waits until it listens.
+    fn start_command(site: &Site, command: impl FnOnce(u16) -> Command) -> Serve {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(program("satellite"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        let child = command(port)
             .env("SATELLITE_CONFIG", &site.config)
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -634,36 +642,21 @@ fn oversized_headers_do_not_take_serve_down() {
 #[test]
 fn running_out_of_file_descriptors_does_not_stop_serve_for_good() {
     let site = Site::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     // A low descriptor limit, so a burst of connections makes accept fail.
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
+    let serve = Serve::start_command(&site, |port| {
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(format!(
             "ulimit -n 48 && exec {} serve --listen 127.0.0.1:{port}",
             program("satellite")
-        ))
-        .env("SATELLITE_CONFIG", &site.config)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ));
+        command
+    });
+    let port = serve.port;
     let burst: Vec<TcpStream> = (0..100)
         .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     drop(burst);
-    let serve = Serve {
-        child: std::mem::replace(&mut child, Command::new("true").spawn().unwrap()),
-        port,
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let answered = std::panic::catch_unwind(|| serve.request("GET", "/", &[], b"").0);
@@ -676,5 +669,4 @@ fn running_out_of_file_descriptors_does_not_stop_serve_for_good() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = child.wait();
 }

@@ -226,16 +226,7 @@ impl Store {
             from_version,
             ..Migration::default()
         };
-        let has_table = |name: &str| -> Result<bool> {
-            Ok(tx
-                .query_row(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                    [name],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some())
-        };
+        let has_table = |name: &str| table_exists(&tx, name);
         if !has_table("proxy")? {
             tx.execute_batch(CREATE_PROXY)?;
             migration.created = true;
@@ -286,15 +277,7 @@ impl Store {
     }
 
     fn has_table(&self, name: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                [name],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+        table_exists(&self.conn, name)
     }
 
     /// Runs one conditional statement on the row of `alias` (given its
@@ -617,6 +600,17 @@ impl Store {
                 .query_row("SELECT count(*) FROM jobstates", [], |r| r.get(0))?,
         })
     }
+}
+
+fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [name],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
 }
 
 /// Whether a row for this alias exists and is younger than `cutoff`
