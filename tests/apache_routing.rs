@@ -58,13 +58,14 @@ fn publish(apache: &Apache) {
 fn assert_live(apache: &Apache, alias: &str, backend: &Backend) -> Response {
     let path = "/live-probe?token=abc";
     match apache.routing {
-        Routing::Map => from_backend(apache, alias, backend, path).unwrap_or_else(|last| {
-            panic!(
-                "{alias} does not reach backend {} right after redeem: {last}\n{}",
-                backend.name,
-                apache.error_log()
-            )
-        }),
+        Routing::Map | Routing::MapDbm => from_backend(apache, alias, backend, path)
+            .unwrap_or_else(|last| {
+                panic!(
+                    "{alias} does not reach backend {} right after redeem: {last}\n{}",
+                    backend.name,
+                    apache.error_log()
+                )
+            }),
         // Three fresh connections in a row, so that no child of the
         // previous generation is still taking connections.
         Routing::Vhost => apache.eventually(
@@ -94,7 +95,7 @@ fn default_answer(apache: &Apache, alias: &str) -> Result<(), String> {
 /// eventually in vhost routing.
 fn assert_gone(apache: &Apache, alias: &str) {
     match apache.routing {
-        Routing::Map => default_answer(apache, alias).unwrap_or_else(|last| {
+        Routing::Map | Routing::MapDbm => default_answer(apache, alias).unwrap_or_else(|last| {
             panic!(
                 "{alias} still routed right after destroy: {last}\n{}",
                 apache.error_log()
@@ -125,7 +126,7 @@ fn assert_waiting_page(apache: &Apache, alias: &str, path: &str) {
 
 fn expected_state(apache: &Apache) -> &'static str {
     match apache.routing {
-        Routing::Map => "proxied",
+        Routing::Map | Routing::MapDbm => "proxied",
         Routing::Vhost => "mapped",
     }
 }
@@ -307,6 +308,11 @@ fn map_mode_proxying() {
 }
 
 #[test]
+fn dbm_map_mode_proxying() {
+    proxying(Routing::MapDbm);
+}
+
+#[test]
 fn vhost_mode_proxying() {
     proxying(Routing::Vhost);
 }
@@ -331,7 +337,7 @@ fn retry_page(routing: Routing) {
         }
     };
     let r = match routing {
-        Routing::Map => retry().unwrap_or_else(|e| panic!("no retry page: {e}")),
+        Routing::Map | Routing::MapDbm => retry().unwrap_or_else(|e| panic!("no retry page: {e}")),
         Routing::Vhost => apache.eventually("the retry page", retry),
     };
     assert!(

@@ -48,15 +48,29 @@ pub const SATELLITE: &str = env!("CARGO_BIN_EXE_satellite");
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Routing {
     Map,
+    /// Map routing with `map_format = "dbm"` (httxt2dbm).
+    MapDbm,
     Vhost,
 }
 
 impl Routing {
     pub fn as_str(self) -> &'static str {
         match self {
-            Routing::Map => "map",
+            Routing::Map | Routing::MapDbm => "map",
             Routing::Vhost => "vhost",
         }
+    }
+
+    pub fn map_format(self) -> &'static str {
+        match self {
+            Routing::MapDbm => "dbm",
+            Routing::Map | Routing::Vhost => "txt",
+        }
+    }
+
+    /// Routes are live the moment redeem answers.
+    pub fn is_map(self) -> bool {
+        matches!(self, Routing::Map | Routing::MapDbm)
     }
 }
 
@@ -234,8 +248,12 @@ impl Apache {
         for lock in [".satellite.lock", ".routes.map.lock"] {
             fs::write(root.join("dynconf").join(lock), "").unwrap();
         }
-        if self.routing == Routing::Map && !self.map_file().exists() {
+        if self.routing.is_map() && !self.map_file().exists() {
             fs::write(self.map_file(), "").unwrap();
+        }
+        if self.routing == Routing::MapDbm {
+            // Builds routes.map.db, which Apache opens from the start.
+            run(Command::new(CRON).env("SATELLITE_CONFIG", self.config_file()));
         }
         if self.as_root {
             let nobody = nix::unistd::User::from_name("nobody")
@@ -271,6 +289,7 @@ impl Apache {
             ("listenport".into(), self.port.max(1).to_string()),
             ("syslog_socket".into(), quote("")),
             ("routing".into(), quote(self.routing.as_str())),
+            ("map_format".into(), quote(self.routing.map_format())),
             (
                 "apache_configtest".into(),
                 list(&self.configtest_command(None)),
@@ -313,7 +332,16 @@ impl Apache {
             cert: self.certificate.cert.clone(),
             key: self.certificate.key.clone(),
             serve_url: None,
-            vhost_routing: self.routing == Routing::Vhost,
+            routing: if self.routing.is_map() {
+                satellite_core::config::Routing::Map
+            } else {
+                satellite_core::config::Routing::Vhost
+            },
+            map_format: if self.routing == Routing::MapDbm {
+                satellite_core::config::MapFormat::Dbm
+            } else {
+                satellite_core::config::MapFormat::Txt
+            },
             conf: SiteConf::Directory(repo_root().join("httpd-conf")),
         };
         let client = self.client();

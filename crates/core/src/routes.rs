@@ -198,12 +198,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
             .open(&temp)
             .map_err(|e| io_err("creating a temporary file beside", e))?;
         file.write_all(bytes).map_err(|e| io_err("writing", e))?;
-        if let Some(previous) = previous_mtime {
-            let now = SystemTime::now();
-            let floor = previous + Duration::from_millis(10);
-            file.set_modified(now.max(floor))
-                .map_err(|e| io_err("setting the mtime of", e))?;
-        }
+        advance_mtime(&file, previous_mtime).map_err(|e| io_err("setting the mtime of", e))?;
         // Keep the old file's mode, so a map readable by Apache stays so.
         if let Ok(meta) = fs::metadata(path) {
             file.set_permissions(meta.permissions())
@@ -220,6 +215,17 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&temp);
     }
     result
+}
+
+/// Gives a replacement file an mtime strictly later than its predecessor's:
+/// Apache keeps using a cached map until the mtime changes.
+fn advance_mtime(file: &File, previous: Option<SystemTime>) -> io::Result<()> {
+    match previous {
+        Some(previous) => {
+            file.set_modified(SystemTime::now().max(previous + Duration::from_millis(10)))
+        }
+        None => Ok(()),
+    }
 }
 
 fn temp_path(path: &Path) -> PathBuf {
@@ -377,6 +383,15 @@ fn publish_dbm(config: &Config, text: &str) -> Result<bool> {
         let from = PathBuf::from(format!("{}{suffix}", staging.display()));
         if from.exists() {
             let to = PathBuf::from(format!("{}{suffix}", dbm.display()));
+            let previous = fs::metadata(&to).and_then(|m| m.modified()).ok();
+            File::options()
+                .write(true)
+                .open(&from)
+                .and_then(|f| {
+                    advance_mtime(&f, previous)?;
+                    f.sync_all()
+                })
+                .map_err(|e| CoreError::io(format!("finishing {}", from.display()), e))?;
             fs::rename(&from, &to)
                 .map_err(|e| CoreError::io(format!("renaming into {}", to.display()), e))?;
         }

@@ -103,7 +103,8 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
             cert: certificate.cert,
             key: certificate.key,
             serve_url: Some(format!("http://127.0.0.1:{serve_port}")),
-            vhost_routing: false,
+            routing: satellite_core::config::Routing::Map,
+            map_format: satellite_core::config::MapFormat::Txt,
             conf: SiteConf::Embedded,
         },
     )?;

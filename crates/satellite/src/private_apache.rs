@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use satellite_core::config::{MapFormat, Routing};
 
 /// The site config shipped with the binary, so the demo runs from anywhere.
 pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.conf");
@@ -109,7 +110,10 @@ pub struct Site {
     pub key: PathBuf,
     /// `Some(url)`: endpoints go to `satellite serve` at that URL.
     pub serve_url: Option<String>,
-    pub vhost_routing: bool,
+    /// Which routing Apache is set up for (the config's `routing` and
+    /// `map_format` must agree).
+    pub routing: Routing,
+    pub map_format: MapFormat,
     pub conf: SiteConf,
 }
 
@@ -280,8 +284,10 @@ impl PrivateApache {
         if let Some(url) = &site.serve_url {
             let _ = writeln!(conf, "Define SATELLITE_SERVE \"{url}\"");
         }
-        if site.vhost_routing {
-            conf.push_str("Define SATELLITE_VHOST_ROUTING\n");
+        match (site.routing, site.map_format) {
+            (Routing::Vhost, _) => conf.push_str("Define SATELLITE_VHOST_ROUTING\n"),
+            (Routing::Map, MapFormat::Dbm) => conf.push_str("Define SATELLITE_MAP_DBM\n"),
+            (Routing::Map, MapFormat::Txt) => {}
         }
         let _ = writeln!(conf, "Include \"{}\"", satellite_conf.display());
         let path = Self::config_path(dir);
