@@ -111,15 +111,19 @@ fn the_default_reload_signals_the_pid_in_the_pidfile() {
     let mut apache = Command::new("sh")
         .args([
             "-c",
-            "trap 'echo got-usr1; exit 0' USR1; while :; do sleep 0.05; done",
+            "trap 'echo got-usr1; exit 0' USR1; echo ready; while :; do sleep 0.05; done",
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Only once the trap is set may the signal come.
+    let mut said = std::io::BufReader::new(apache.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
     let site = Site::with_config("routing = \"vhost\"\napache_configtest = [\"/bin/true\"]\napache_pidfile = \"../apache.pid\"");
     std::fs::write(site.path("apache.pid"), format!("{}\n", apache.id())).unwrap();
     let token = site.redeemed_token(COMPUTE_NODE, 8888);
-    std::thread::sleep(std::time::Duration::from_millis(200));
     let out = cron(&site, &[]);
     assert!(
         out.status.success(),
@@ -128,9 +132,9 @@ fn the_default_reload_signals_the_pid_in_the_pidfile() {
     );
     let status = apache.wait().unwrap();
     assert!(status.success());
-    let mut said = String::new();
-    std::io::Read::read_to_string(apache.stdout.as_mut().unwrap(), &mut said).unwrap();
-    assert_eq!(said, "got-usr1\n");
+    line.clear();
+    std::io::Read::read_to_string(&mut said, &mut line).unwrap();
+    assert_eq!(line, "got-usr1\n");
     assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
 }
 
@@ -214,7 +218,7 @@ fn a_deleted_generated_file_is_recreated() {
 fn a_second_cron_while_one_runs_exits_zero_at_once() {
     // The config test sleeps, so the first run holds the lock for a while.
     let site = Site::with_config(
-        "routing = \"vhost\"\napache_configtest = [\"/bin/sleep\", \"2\"]\napache_reload = [\"/bin/true\"]",
+        "routing = \"vhost\"\napache_configtest = [\"/bin/sleep\", \"5\"]\napache_reload = [\"/bin/true\"]",
     );
     site.redeemed_token(COMPUTE_NODE, 8888);
     let first = Command::new(program("cron"))
