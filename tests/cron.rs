@@ -8,8 +8,10 @@ use std::process::Command;
 
 use support::*;
 
+/// `cron --verbose`, so that the output tells what a run did.
 fn cron(site: &Site, args: &[&str]) -> std::process::Output {
     Command::new(program("cron"))
+        .arg("--verbose")
         .args(args)
         .env("SATELLITE_CONFIG", &site.config)
         .output()
@@ -310,4 +312,18 @@ fn dbm_maps_are_built_with_httxt2dbm_and_replaced_whole() {
         .filter(|n| n.contains(".tmp."))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn without_verbose_a_crontab_run_prints_nothing_but_failures() {
+    let site = Site::with_config(
+        "routing = \"vhost\"\napache_configtest = [\"/bin/true\"]\napache_reload = [\"/bin/true\"]",
+    );
+    site.redeemed_token(COMPUTE_NODE, 8888);
+    let out = Command::new(program("cron"))
+        .env("SATELLITE_CONFIG", &site.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!((out.stdout.len(), out.stderr.len()), (0, 0));
 }

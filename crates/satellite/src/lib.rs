@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use http::StatusCode;
 use satellite_cgi::CgiError;
-use satellite_core::endpoints::{config_error_response, oops, Body};
+use satellite_core::endpoints::{bug_response, config_error_response, oops, Body};
 use satellite_core::syslog::Syslog;
 use satellite_core::{handle, ClientAddr, Config, Context, Endpoint};
 
@@ -29,7 +29,7 @@ pub fn run_cgi(endpoint: Endpoint) -> ExitCode {
         eprintln!("satellite {name}: bug: {info}")
     }));
     let answered = panic::catch_unwind(AssertUnwindSafe(|| answer(endpoint)))
-        .unwrap_or_else(|_| Some(config_error_response()));
+        .unwrap_or_else(|_| Some(bug_response()));
     let Some(response) = answered else {
         return ExitCode::from(2);
     };
@@ -88,22 +88,20 @@ fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
     Some(handle(&mut ctx, endpoint, &request))
 }
 
-/// The `cron` program: `cron [--watch]`. Exit status 0 when the run worked
-/// or another run holds the lock, 1 when it failed (cron mails the output).
+/// The `cron` program: `cron [--watch] [--verbose]`. Exit status 0 when
+/// the run worked or another run holds the lock, 1 when it failed.
 pub fn run_cron(args: Vec<std::ffi::OsString>) -> ExitCode {
-    let watch = match args
-        .iter()
-        .map(|a| a.to_str())
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        [] => false,
-        [Some("--watch")] => true,
-        _ => {
-            eprintln!("usage: cron [--watch]");
-            return ExitCode::from(2);
+    let (mut watch, mut verbose) = (false, false);
+    for arg in &args {
+        match arg.to_str() {
+            Some("--watch") => watch = true,
+            Some("--verbose" | "-v") => verbose = true,
+            _ => {
+                eprintln!("usage: cron [--watch] [--verbose]");
+                return ExitCode::from(2);
+            }
         }
-    };
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(err) => {
@@ -111,15 +109,19 @@ pub fn run_cron(args: Vec<std::ffi::OsString>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    cron_main(&config, watch)
+    cron_main(&config, watch, verbose)
 }
 
-/// Runs cron once or for ever (`--watch`), printing what changed.
-pub fn cron_main(config: &Config, watch: bool) -> ExitCode {
+/// Runs cron once or for ever (`--watch`). Failures go to stderr always;
+/// what changed only with `verbose` (a crontab mails any output, every
+/// minute) or under `--watch` (the service's journal).
+pub fn cron_main(config: &Config, watch: bool, verbose: bool) -> ExitCode {
     let print = |report: anyhow::Result<satellite_cron::Report>| match report {
         Ok(report) => {
-            for line in report.lines() {
-                println!("satellite cron: {line}");
+            if verbose || watch {
+                for line in report.lines() {
+                    println!("satellite cron: {line}");
+                }
             }
             true
         }

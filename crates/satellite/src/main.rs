@@ -35,6 +35,9 @@ enum Command {
         /// Stay running; publish within about a second of any change
         #[arg(long)]
         watch: bool,
+        /// Print what changed (always printed under --watch)
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Create an install tree (cgi/, bin/, etc/, var/, dynconf/, html/)
     Init {
@@ -152,7 +155,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             server.run()?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cron { watch } => Ok(satellite::cron_main(&config()?, *watch)),
+        Command::Cron { watch, verbose } => Ok(satellite::cron_main(&config()?, *watch, *verbose)),
         Command::Init {
             prefix,
             apache_user,

@@ -258,6 +258,16 @@ pub fn config_error_response() -> Response<Body> {
     )
 }
 
+/// The answer when the program itself failed (a bug): no configuration
+/// may be at hand, so the status is always a real 500.
+pub fn bug_response() -> Response<Body> {
+    text_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "text/plain",
+        b"Oops! Internal error, please try again later or tell the administrators.\n".to_vec(),
+    )
+}
+
 pub fn text_response(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
     let mut response = Response::new(body);
     *response.status_mut() = status;
