@@ -8,10 +8,10 @@
 //! database connection. SIGTERM or SIGINT stops the acceptor; queued and
 //! in-flight requests are answered before the process exits.
 //!
-//! tiny_http's accept thread ends for good on the first failed `accept`
-//! (out of file descriptors under a flood, say), so the acceptor watches
-//! for that and starts a new tiny_http server on the same socket; the old
-//! one keeps answering the connections it already has. tiny_http sets no
+//! tiny_http's accept thread ends for good on the first failed `accept`,
+//! or panics, when descriptors run out under a flood; the acceptor notices
+//! either and, once there is room again, starts a new tiny_http server on
+//! the same socket; the old one keeps answering the connections it has. tiny_http sets no
 //! limits on header size or on slow clients: serve belongs on loopback
 //! behind Apache, which enforces both.
 
@@ -39,6 +39,9 @@ const ACCEPT_POLL: Duration = Duration::from_millis(200);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+/// Set when a tiny_http thread panics: under descriptor exhaustion its
+/// accept thread can die by `unwrap` rather than by a reported error.
+static TINY_HTTP_PANICKED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn request_shutdown(_: nix::libc::c_int) {
     SHUTDOWN.store(true, Ordering::SeqCst);
@@ -54,6 +57,8 @@ pub struct Server {
 
 impl Server {
     pub fn bind(config: Config, listen: &str) -> Result<Self> {
+        raise_descriptor_limit();
+        watch_for_tiny_http_panics();
         let listener = std::net::TcpListener::bind(listen)
             .with_context(|| format!("listening on {listen}"))?;
         let http = serve_on(&listener)?;
@@ -125,16 +130,22 @@ impl Server {
                     dispatch(&self.config, &queue, request);
                 }
             }
+            if TINY_HTTP_PANICKED.swap(false, Ordering::SeqCst) {
+                accepting = false;
+            }
             if !accepting {
-                // Out of descriptors, say: wait, then listen again, for as
-                // long as it takes.
+                // Out of descriptors, say. A new accept thread would fail
+                // at once (and each new server keeps a descriptor), so wait
+                // until there is room again.
                 thread::sleep(ACCEPT_BACKOFF);
-                match serve_on(&self.listener) {
-                    Ok(fresh) => {
-                        retired.push(std::mem::replace(&mut current, fresh));
-                        accepting = true;
+                if has_headroom(&self.listener) {
+                    match serve_on(&self.listener) {
+                        Ok(fresh) => {
+                            retired.push(std::mem::replace(&mut current, fresh));
+                            accepting = true;
+                        }
+                        Err(err) => eprintln!("satellite serve: listening again: {err:#}"),
                     }
-                    Err(err) => eprintln!("satellite serve: listening again: {err:#}"),
                 }
             }
             match current.recv_timeout(ACCEPT_POLL) {
@@ -163,6 +174,44 @@ fn dispatch(config: &Config, queue: &SyncSender<tiny_http::Request>, request: ti
             respond(request, busy);
         }
     }
+}
+
+/// tiny_http serves every connection on a thread of its own: give the
+/// process all the descriptors it may have, not the soft default of 1024.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+/// Flags panics in tiny_http's threads (after the usual report), so the
+/// acceptor can listen again if the one that died was the accept thread.
+fn watch_for_tiny_http_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info
+                .location()
+                .is_some_and(|l| l.file().contains("tiny_http"))
+            {
+                TINY_HTTP_PANICKED.store(true, Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// Whether a burst of new connections could be accepted now.
+fn has_headroom(listener: &std::net::TcpListener) -> bool {
+    const SPARE_DESCRIPTORS: usize = 16;
+    let spare: Vec<_> = (0..SPARE_DESCRIPTORS)
+        .map(|_| listener.try_clone())
+        .collect();
+    spare.iter().all(Result::is_ok)
 }
 
 /// A tiny_http server accepting on (a clone of) our listening socket.
