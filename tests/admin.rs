@@ -289,15 +289,7 @@ fn init_makes_the_install_tree_and_is_idempotent() {
     assert!(std::fs::read_to_string(prefix.join("etc/satellite.toml"))
         .unwrap()
         .contains("10.21.0.0/16"));
-    for name in [
-        "getlink",
-        "redeemtoken",
-        "destroytoken",
-        "linktoken",
-        "tokenjobstate",
-        "update-jobs",
-        "index",
-    ] {
+    for name in ENDPOINT_PROGRAMS {
         let cgi = prefix.join(format!("cgi/{name}.cgi"));
         assert_eq!(
             std::fs::metadata(&cgi).unwrap().permissions().mode() & 0o777,

@@ -1460,15 +1460,7 @@ fn no_program_panics_on_junk_requests_and_none_changes_the_database() {
         format!("{}=1", "k".repeat(10 * 1024)).into_bytes(),
         format!("token={}", "%".repeat(10 * 1024)).into_bytes(),
     ];
-    let programs = [
-        "getlink",
-        "redeemtoken",
-        "destroytoken",
-        "linktoken",
-        "tokenjobstate",
-        "update-jobs",
-        "index",
-    ];
+    let programs = ENDPOINT_PROGRAMS;
     for program in programs {
         for client in [OUTSIDER, COMPUTE_NODE] {
             // getlink from inside the cluster is valid whatever it is sent.

@@ -316,9 +316,7 @@ fn dbm_maps_are_built_with_httxt2dbm_and_replaced_whole() {
 
 #[test]
 fn without_verbose_a_crontab_run_prints_nothing_but_failures() {
-    let site = Site::with_config(
-        "routing = \"vhost\"\napache_configtest = [\"/bin/true\"]\napache_reload = [\"/bin/true\"]",
-    );
+    let site = vhost_site("/bin/true", "/bin/true");
     site.redeemed_token(COMPUTE_NODE, 8888);
     let out = Command::new(program("cron"))
         .env("SATELLITE_CONFIG", &site.config)

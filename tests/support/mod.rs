@@ -20,6 +20,17 @@ pub const OUTSIDER: &str = "192.0.2.1";
 /// The Slurm controllers that push job states (`jobstateipmask`).
 pub const SLURM_CONTROLLER: &str = "198.202.100.9";
 
+/// The seven endpoint programs, by their CGI names.
+pub const ENDPOINT_PROGRAMS: [&str; 7] = [
+    "getlink",
+    "redeemtoken",
+    "destroytoken",
+    "linktoken",
+    "tokenjobstate",
+    "update-jobs",
+    "index",
+];
+
 pub fn program(name: &str) -> &'static str {
     match name {
         "getlink" => env!("CARGO_BIN_EXE_getlink"),

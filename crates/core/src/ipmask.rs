@@ -59,10 +59,6 @@ impl IpMaskList {
     pub fn is_empty(&self) -> bool {
         self.nets.is_empty()
     }
-
-    pub fn nets(&self) -> &[IpNet] {
-        &self.nets
-    }
 }
 
 /// Space-separated, as the original printed its masks in error messages.

@@ -63,15 +63,6 @@ impl ProxyState {
             other => ProxyState::Other(other.to_owned()),
         }
     }
-
-    pub fn as_str(&self) -> &str {
-        match self {
-            ProxyState::Pending => "pending",
-            ProxyState::Mapped => "mapped",
-            ProxyState::Proxied => "proxied",
-            ProxyState::Other(text) => text,
-        }
-    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -126,12 +117,6 @@ pub struct Migration {
     pub created: bool,
     pub added_columns: Vec<&'static str>,
     pub from_version: i64,
-}
-
-impl Migration {
-    pub fn changed_anything(&self) -> bool {
-        self.created || !self.added_columns.is_empty() || self.from_version != SCHEMA_VERSION
-    }
 }
 
 pub struct Store {

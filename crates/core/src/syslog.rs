@@ -23,13 +23,6 @@ impl Syslog {
         }
     }
 
-    pub fn disabled() -> Self {
-        Syslog {
-            socket: None,
-            ident: String::new(),
-        }
-    }
-
     /// Sends one line. Logging must never fail a request, so a missing or
     /// full or stalled socket only costs the line (and a note on stderr).
     pub fn info(&self, message: &str) {

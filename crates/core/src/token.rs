@@ -64,10 +64,6 @@ impl Wordlist {
         self.words.is_empty()
     }
 
-    pub fn longest_word(&self) -> usize {
-        self.words.iter().map(String::len).max().unwrap_or(0)
-    }
-
     /// Bits of entropy of a token of `words_per_token` words.
     pub fn entropy_bits(&self, words_per_token: usize) -> f64 {
         words_per_token as f64 * (self.words.len() as f64).log2()

@@ -16,7 +16,7 @@
 //! behind Apache, which enforces both.
 
 use std::io::Read;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -68,10 +68,6 @@ impl Server {
             config,
             stop: Arc::new(AtomicBool::new(false)),
         })
-    }
-
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.http.server_addr().to_ip()
     }
 
     /// Makes SIGTERM and SIGINT stop the server gracefully.
