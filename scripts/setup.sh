@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs what satellite's demo and tests need and is missing, with the
+# platform's package manager (apt on Debian/Ubuntu, dnf on RHEL/Rocky/Alma).
+# Usage: scripts/setup.sh [demo|test]   (test: everything the suite needs)
+set -euo pipefail
+what="${1:-test}"
+
+# Debian package names; rhel_name maps the few that differ.
+demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3)
+test_pkgs=()
+
+rhel_name() {
+  case "$1" in
+    apache2) echo "httpd mod_ssl" ;;
+    apache2-utils) echo "httpd-tools" ;;
+    libaprutil1-dbd-sqlite3) echo "apr-util-sqlite" ;;
+    *) echo "$1" ;;
+  esac
+}
+
+pkgs=("${demo_pkgs[@]}")
+if [ "$what" = test ]; then pkgs+=("${test_pkgs[@]}"); fi
+
+sudo_cmd=()
+if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
+
+if command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo_cmd[@]}" apt-get update -qq
+    "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+elif command -v dnf >/dev/null 2>&1; then
+  names=()
+  for p in "${pkgs[@]}"; do read -r -a n <<<"$(rhel_name "$p")"; names+=("${n[@]}"); done
+  missing=()
+  for p in "${names[@]}"; do rpm -q "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    "${sudo_cmd[@]}" dnf install -y -q "${missing[@]}"
+  fi
+else
+  echo "setup: neither apt-get nor dnf found; install by hand: ${pkgs[*]}" >&2
+  exit 1
+fi
