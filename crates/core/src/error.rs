@@ -30,6 +30,15 @@ pub enum CoreError {
         known: i64,
     },
 
+    #[error("database {path} is not a satellite database: {why}")]
+    NotSatelliteDatabase { path: PathBuf, why: String },
+
+    #[error("route for token-id {token_id} refused: {why}")]
+    RouteRefused { token_id: String, why: String },
+
+    #[error("publishing routes: {0}")]
+    Publication(String),
+
     #[error(
         "database {path}: rows share an alias_compare_hash, so it cannot be made unique: {aliases}"
     )]

@@ -19,9 +19,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use crate::error::{CoreError, Result};
 use crate::token::alias_compare_hash;
 
-/// Written to `PRAGMA user_version` once a database has satellite's indexes.
-/// Legacy databases have 0.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Written to `PRAGMA user_version` once a database has satellite's indexes
+/// and route table. Legacy databases have 0; 1 had the indexes only.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Job states older than this are purged whenever new ones arrive.
 pub const JOBSTATE_RETENTION_SECS: i64 = 3 * 24 * 3600;
@@ -33,6 +33,25 @@ const CREATE_INDEXES: &str = "
     CREATE INDEX IF NOT EXISTS proxy_state_alias ON proxy (state, alias);
     CREATE INDEX IF NOT EXISTS proxy_modified ON proxy (modified);
     CREATE INDEX IF NOT EXISTS jobstates_lastseen ON jobstates (lastseen);
+";
+/// The data plane of map routing: Apache's `dbd:` RewriteMap reads this
+/// table on every request for a token's host, so a row written here is live
+/// at the commit that writes it, and gone at the commit that deletes it.
+/// Only validated routes are written (`target` is a rendered `ip:port`), and
+/// `expires` is the row's TTL end, compared by Apache with SQLite's own
+/// clock, so a route dies on time even if nothing runs. The triggers keep it
+/// equal to the `proxy` table whoever writes there (the Perl scripts
+/// included): a deleted token, or one that is no longer `proxied`, has no
+/// route.
+const CREATE_ROUTES: &str = "
+    CREATE TABLE IF NOT EXISTS routes ( alias text primary key not null, target text not null, expires text not null ) WITHOUT ROWID;
+    CREATE TRIGGER IF NOT EXISTS proxy_delete_drops_route AFTER DELETE ON proxy
+        BEGIN DELETE FROM routes WHERE alias = old.alias; END;
+    CREATE TRIGGER IF NOT EXISTS proxy_update_drops_route
+        AFTER UPDATE OF alias, state, dsthost, dstport ON proxy
+        WHEN new.state IS NOT 'proxied' OR new.alias IS NOT old.alias
+          OR new.dsthost IS NOT old.dsthost OR new.dstport IS NOT old.dstport
+        BEGIN DELETE FROM routes WHERE alias = old.alias; END;
 ";
 const PROXY_COLUMNS: [&str; 7] = [
     "alias",
@@ -106,6 +125,8 @@ pub struct TokenJob {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteRow {
     pub alias: String,
+    /// `modified` as stored; a route lives until it plus the TTL.
+    pub modified: Option<String>,
     pub dsthost: Option<String>,
     pub dstport: Option<String>,
     pub state: ProxyState,
@@ -122,6 +143,58 @@ pub struct Migration {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+}
+
+/// How a redeem publishes its route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoutePublication<'a> {
+    /// Map routing: the validated `ip:port` goes into `routes` with the
+    /// redeem, and the row is `proxied` at once.
+    Live { target: &'a str },
+    /// Vhost routing: the row stays `mapped` until cron has reloaded Apache.
+    Deferred,
+}
+
+/// A route as map routing publishes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedRoute {
+    pub alias: String,
+    /// A rendered, validated `ip:port` (`[v6]:port`).
+    pub target: String,
+    /// `modified` + TTL, in `modified`'s text format.
+    pub expires: String,
+}
+
+/// What [`Store::sync_routes`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RouteSync {
+    pub written: usize,
+    pub removed: usize,
+    pub flipped: usize,
+    pub unrouted: usize,
+}
+
+/// What a database file holds, read without writing anything.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Inspection {
+    pub version: i64,
+    pub has_proxy: bool,
+    pub proxy_columns: Vec<String>,
+    pub tokens_by_state: Vec<(String, i64)>,
+    /// Aliases that share one hash, joined by ` = ` per group.
+    pub colliding_aliases: Vec<String>,
+}
+
+/// The instant a row modified at `modified` stops being live, as text.
+pub fn route_expiry(modified: DateTime<Utc>, ttl_secs: i64) -> String {
+    sql_timestamp(modified + chrono::Duration::seconds(ttl_secs))
+}
+
+/// The instant a `modified` text names, if it is one.
+pub fn parse_sql_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+        .ok()
+        .map(|naive| naive.and_utc())
 }
 
 /// `modified` text for an instant: what SQLite's `current_timestamp` writes.
@@ -228,9 +301,10 @@ impl Store {
             .iter()
             .find(|c| !columns.iter().any(|have| have == *c))
         {
-            return Err(CoreError::Sqlite(rusqlite::Error::InvalidColumnName(
-                format!("table proxy has no column {missing}: not a satellite database"),
-            )));
+            return Err(CoreError::NotSatelliteDatabase {
+                path,
+                why: format!("table proxy has no column {missing}"),
+            });
         }
         if !columns.iter().any(|c| c == "jobid") {
             tx.execute_batch("ALTER TABLE proxy ADD COLUMN jobid text default null")?;
@@ -251,6 +325,7 @@ impl Store {
             });
         }
         tx.execute_batch(CREATE_INDEXES)?;
+        tx.execute_batch(CREATE_ROUTES)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         // WAL lets readers (tokenjobstate polls, index) run beside a writer.
@@ -309,7 +384,10 @@ impl Store {
         Ok(inserted == 1)
     }
 
-    /// Binds a live pending token to `host:port`.
+    /// Binds a live pending token to `host:port`. With
+    /// [`RoutePublication::Live`] the route is written to `routes` in the
+    /// same transaction and the row becomes `proxied`: the route is live
+    /// when this returns `Redeemed`, and a failure leaves nothing behind.
     pub fn redeem(
         &mut self,
         alias: &str,
@@ -317,15 +395,27 @@ impl Store {
         port: u16,
         now: DateTime<Utc>,
         ttl_secs: i64,
+        publication: RoutePublication<'_>,
     ) -> Result<RedeemOutcome> {
         let cutoff = expiry_cutoff(now, ttl_secs);
+        let state = match publication {
+            RoutePublication::Live { .. } => "proxied",
+            RoutePublication::Deferred => "mapped",
+        };
         let written = self.conditional_write(alias, &cutoff, |tx, hash| {
-            tx.execute(
-                "UPDATE proxy SET dsthost = ?1, dstport = ?2, dstpath = '/', state = 'mapped', \
-                 modified = ?3 WHERE alias_compare_hash = ?4 AND alias = ?5 AND state = 'pending' \
-                 AND modified >= ?6",
-                params![host, port, sql_timestamp(now), hash, alias, cutoff],
-            )
+            let updated = tx.execute(
+                "UPDATE proxy SET dsthost = ?1, dstport = ?2, dstpath = '/', state = ?3, \
+                 modified = ?4 WHERE alias_compare_hash = ?5 AND alias = ?6 AND state = 'pending' \
+                 AND modified >= ?7",
+                params![host, port, state, sql_timestamp(now), hash, alias, cutoff],
+            )?;
+            if let (1, RoutePublication::Live { target }) = (updated, publication) {
+                tx.execute(
+                    "INSERT OR REPLACE INTO routes (alias, target, expires) VALUES (?1, ?2, ?3)",
+                    params![alias, target, route_expiry(now, ttl_secs)],
+                )?;
+            }
+            Ok(updated)
         })?;
         Ok(match written {
             Written::Applied => RedeemOutcome::Redeemed,
@@ -466,12 +556,13 @@ impl Store {
     /// before cron deletes it.
     pub fn route_rows(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<RouteRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT alias, dsthost, dstport, state FROM proxy \
+            "SELECT alias, dsthost, dstport, state, modified FROM proxy \
              WHERE state IN ('mapped', 'proxied') AND modified >= ?1 ORDER BY alias ASC",
         )?;
         let rows = stmt.query_map([expiry_cutoff(now, ttl_secs)], |row| {
             Ok(RouteRow {
                 alias: value_text(row.get(0)?).unwrap_or_default(),
+                modified: value_text(row.get(4)?),
                 dsthost: value_text(row.get(1)?),
                 dstport: value_text(row.get(2)?),
                 state: ProxyState::parse(&value_text(row.get(3)?).unwrap_or_default()),
@@ -494,6 +585,137 @@ impl Store {
         }
         tx.commit()?;
         Ok(flipped)
+    }
+
+    /// Map routing's repair pass (cron): makes `routes` hold exactly
+    /// `wanted`, flips their rows to `proxied`, and turns rows that are
+    /// `proxied` without a wanted route back to `mapped` (their route was
+    /// refused), so the state always says what is routed. One transaction;
+    /// only differences are written, so a run with nothing to do writes
+    /// nothing and Apache's readers never see a half-done set.
+    pub fn sync_routes(&mut self, wanted: &[PublishedRoute]) -> Result<RouteSync> {
+        let tx = self.write_tx()?;
+        let mut sync = RouteSync::default();
+        let current: std::collections::HashMap<String, (String, String)> = {
+            let mut stmt = tx.prepare("SELECT alias, target, expires FROM routes")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let wanted_aliases: std::collections::HashSet<&str> =
+            wanted.iter().map(|r| r.alias.as_str()).collect();
+        {
+            let mut flip = tx.prepare(
+                "UPDATE proxy SET state = 'proxied' WHERE alias = ?1 AND state = 'mapped'",
+            )?;
+            let mut write = tx.prepare(
+                "INSERT OR REPLACE INTO routes (alias, target, expires) VALUES (?1, ?2, ?3)",
+            )?;
+            for route in wanted {
+                sync.flipped += flip.execute([&route.alias])?;
+                let same = current.get(&route.alias).is_some_and(|(target, expires)| {
+                    *target == route.target && *expires == route.expires
+                });
+                if !same {
+                    write.execute(params![route.alias, route.target, route.expires])?;
+                    sync.written += 1;
+                }
+            }
+            let mut remove = tx.prepare("DELETE FROM routes WHERE alias = ?1")?;
+            for alias in current.keys() {
+                if !wanted_aliases.contains(alias.as_str()) {
+                    sync.removed += remove.execute([alias])?;
+                }
+            }
+        }
+        {
+            let mut proxied = tx.prepare("SELECT alias FROM proxy WHERE state = 'proxied'")?;
+            let stale: Vec<String> = proxied
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?
+                .into_iter()
+                .filter(|alias| !wanted_aliases.contains(alias.as_str()))
+                .collect();
+            drop(proxied);
+            let mut unroute = tx.prepare(
+                "UPDATE proxy SET state = 'mapped' WHERE alias = ?1 AND state = 'proxied'",
+            )?;
+            for alias in stale {
+                sync.unrouted += unroute.execute([alias])?;
+            }
+        }
+        tx.commit()?;
+        Ok(sync)
+    }
+
+    /// The target Apache's `dbd:` map answers for `alias` at `now` (the same
+    /// query, with `now` for SQLite's clock): what the data plane sees.
+    pub fn live_route(&self, alias: &str, now: DateTime<Utc>) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT target FROM routes WHERE alias = ?1 AND expires >= ?2",
+                params![alias, sql_timestamp(now)],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// How many routes the data plane holds that are live at `now`.
+    pub fn live_route_count(&self, now: DateTime<Utc>) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) FROM routes WHERE expires >= ?1",
+            [sql_timestamp(now)],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// SQLite's `PRAGMA data_version`: changes whenever another connection
+    /// commits, so a watcher can poll it cheaply.
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    /// Reads a database without writing to it (no migration, no WAL switch):
+    /// for `migrate --dry-run` and `check`.
+    pub fn inspect(path: &Path) -> Result<Inspection> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(2))?;
+        let mut inspection = Inspection {
+            version: conn.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+            has_proxy: table_exists(&conn, "proxy")?,
+            ..Inspection::default()
+        };
+        if !inspection.has_proxy {
+            return Ok(inspection);
+        }
+        let strings = |sql: &str| -> Result<Vec<String>> {
+            let mut stmt = conn.prepare(sql)?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        };
+        inspection.proxy_columns = strings("SELECT name FROM pragma_table_info('proxy')")?;
+        inspection.colliding_aliases = strings(
+            "SELECT group_concat(alias, ' = ') FROM proxy \
+             GROUP BY alias_compare_hash HAVING count(*) > 1",
+        )?;
+        let mut stmt =
+            conn.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
+        let counts = stmt.query_map([], |r| {
+            Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
+        })?;
+        inspection.tokens_by_state = counts.collect::<rusqlite::Result<_>>()?;
+        Ok(inspection)
+    }
+
+    /// A consistent copy of the database at `backup` (`VACUUM INTO`), safe
+    /// while other processes write.
+    pub fn backup_to(path: &Path, backup: &Path) -> Result<()> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute("VACUUM INTO ?1", [backup.to_string_lossy()])?;
+        Ok(())
     }
 }
 
@@ -658,13 +880,13 @@ mod tests {
         assert!(!store.insert_pending("able-acorn-zoo", now).unwrap());
         assert_eq!(
             store
-                .redeem("able-acorn-zoo", "10.0.0.5", 8888, now, 100)
+                .redeem("able-acorn-zoo", "10.0.0.5", 8888, now, 100, RoutePublication::Deferred)
                 .unwrap(),
             RedeemOutcome::Redeemed
         );
         assert_eq!(
             store
-                .redeem("able-acorn-zoo", "10.0.0.6", 9999, now, 100)
+                .redeem("able-acorn-zoo", "10.0.0.6", 9999, now, 100, RoutePublication::Deferred)
                 .unwrap(),
             RedeemOutcome::AlreadyRedeemed
         );
@@ -691,7 +913,7 @@ mod tests {
         let later = at("2026-01-01T00:01:41Z");
         assert_eq!(
             store
-                .redeem("old-token-here", "10.0.0.5", 8888, later, 100)
+                .redeem("old-token-here", "10.0.0.5", 8888, later, 100, RoutePublication::Deferred)
                 .unwrap(),
             RedeemOutcome::Unknown
         );
@@ -713,5 +935,138 @@ mod tests {
             .query_row("SELECT modified FROM proxy", [], |r| r.get(0))
             .unwrap();
         assert_eq!(modified, "2026-03-04 05:06:07");
+    }
+
+    fn live(target: &str) -> RoutePublication<'_> {
+        RoutePublication::Live { target }
+    }
+
+    #[test]
+    fn a_live_redeem_routes_in_its_own_transaction_until_the_ttl_ends() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        store.insert_pending("able-acorn-zoo", now).unwrap();
+        assert_eq!(
+            store
+                .redeem("able-acorn-zoo", "10.0.0.5", 8888, now, 100, live("10.0.0.5:8888"))
+                .unwrap(),
+            RedeemOutcome::Redeemed
+        );
+        assert_eq!(
+            store.proxy_state("able-acorn-zoo", now, 100).unwrap(),
+            Some(ProxyState::Proxied)
+        );
+        let at_ttl_end = at("2026-01-01T12:01:40Z");
+        assert_eq!(
+            store.live_route("able-acorn-zoo", at_ttl_end).unwrap().as_deref(),
+            Some("10.0.0.5:8888")
+        );
+        assert_eq!(
+            store
+                .live_route("able-acorn-zoo", at("2026-01-01T12:01:41Z"))
+                .unwrap(),
+            None
+        );
+        // A refused second redeem writes no route either.
+        store.insert_pending("other-token-here", now).unwrap();
+        store.revoke("other-token-here").unwrap();
+        assert_eq!(
+            store
+                .redeem("other-token-here", "10.0.0.6", 8888, now, 100, live("10.0.0.6:8888"))
+                .unwrap(),
+            RedeemOutcome::Unknown
+        );
+        assert_eq!(store.live_route_count(now).unwrap(), 1);
+    }
+
+    #[test]
+    fn any_delete_or_state_change_of_a_token_drops_its_route() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        for alias in ["one-a-b", "two-a-b", "three-a-b"] {
+            store.insert_pending(alias, now).unwrap();
+            store
+                .redeem(alias, "10.0.0.5", 8888, now, 100, live("10.0.0.5:8888"))
+                .unwrap();
+        }
+        store.destroy("one-a-b", "10.0.0.5").unwrap();
+        // What a Perl script or a hand edit does, with no satellite code.
+        store
+            .connection()
+            .execute("UPDATE proxy SET state = 'mapped' WHERE alias = 'two-a-b'", [])
+            .unwrap();
+        assert_eq!(store.live_route("one-a-b", now).unwrap(), None);
+        assert_eq!(store.live_route("two-a-b", now).unwrap(), None);
+        assert!(store.live_route("three-a-b", now).unwrap().is_some());
+        assert_eq!(store.expire(at("2026-01-01T13:00:00Z"), 100).unwrap(), 2);
+        assert_eq!(store.live_route_count(now).unwrap(), 0);
+    }
+
+    #[test]
+    fn sync_routes_writes_only_differences_and_unroutes_refused_rows() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        for alias in ["kept-a-b", "moved-a-b", "refused-a-b"] {
+            store.insert_pending(alias, now).unwrap();
+            store
+                .redeem(alias, "10.0.0.5", 8888, now, 100, live("10.0.0.5:8888"))
+                .unwrap();
+        }
+        store.insert_pending("late-a-b", now).unwrap();
+        store
+            .redeem("late-a-b", "10.0.0.7", 8888, now, 100, RoutePublication::Deferred)
+            .unwrap();
+        let expires = route_expiry(now, 100);
+        let route = |alias: &str, target: &str| PublishedRoute {
+            alias: alias.into(),
+            target: target.into(),
+            expires: expires.clone(),
+        };
+        let wanted = [
+            route("kept-a-b", "10.0.0.5:8888"),
+            route("moved-a-b", "10.0.0.6:8888"),
+            route("late-a-b", "10.0.0.7:8888"),
+        ];
+        let sync = store.sync_routes(&wanted).unwrap();
+        assert_eq!(
+            sync,
+            RouteSync {
+                written: 2,
+                removed: 1,
+                flipped: 1,
+                unrouted: 1
+            }
+        );
+        assert_eq!(
+            store.proxy_state("refused-a-b", now, 100).unwrap(),
+            Some(ProxyState::Mapped)
+        );
+        assert_eq!(
+            store.live_route("moved-a-b", now).unwrap().as_deref(),
+            Some("10.0.0.6:8888")
+        );
+        assert_eq!(store.sync_routes(&wanted).unwrap(), RouteSync::default());
+    }
+
+    #[test]
+    fn a_version_1_database_gains_the_routes_table_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(CREATE_PROXY).unwrap();
+            conn.execute_batch(CREATE_JOBSTATES).unwrap();
+            conn.execute_batch(CREATE_INDEXES).unwrap();
+            conn.execute_batch(
+                "INSERT INTO proxy (alias, alias_compare_hash, state) VALUES ('a-b-c', 'h', 'pending'); \
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, Duration::from_secs(1)).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert!(table_exists(store.connection(), "routes").unwrap());
+        let found = Store::inspect(&path).unwrap();
+        assert_eq!(found.tokens_by_state, vec![("pending".to_owned(), 1)]);
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
-use crate::config::{Config, Routing};
+use crate::config::Config;
 use crate::error::CoreError;
 use crate::ipmask::{canonical_ip, IpMaskList};
 use crate::jobstate::JobClassifier;
@@ -128,25 +128,19 @@ impl Context {
         Ok(self.store.as_mut().expect("opened above"))
     }
 
-    /// Map routing: a route change is published before the answer goes
-    /// out, so the route is live the moment the client reads `Success!`.
-    /// A failure leaves the row `mapped` for `cron` to repair; the client's
-    /// request itself did succeed.
-    fn publish_routes(&mut self) {
-        if self.config.routing != Routing::Map {
-            return;
-        }
-        let Some(store) = self.store.as_mut() else {
-            return;
-        };
-        match crate::routes::publish_map(store, &self.config) {
-            Ok(published) => {
-                for line in published.refused {
-                    eprintln!("satellite: {line}");
-                }
-            }
-            Err(err) => eprintln!("satellite: publishing routes (cron will retry): {err}"),
-        }
+    /// Redeems `alias` through the route publisher: in map routing the
+    /// route is live when this returns `Redeemed`; a route that cannot be
+    /// published is an error and changes nothing.
+    fn redeem(
+        &mut self,
+        alias: &str,
+        host: IpAddr,
+        port: u16,
+    ) -> Result<crate::store::RedeemOutcome, CoreError> {
+        let now = self.now();
+        self.store()?;
+        let store = self.store.as_mut().expect("opened above");
+        crate::publish::Publisher::new(&self.config).redeem(store, alias, host, port, now)
     }
 
     fn wordlist(&mut self) -> Result<&Wordlist, CoreError> {

@@ -28,11 +28,9 @@ pub(super) fn redeem(ctx: &mut Context, request: &Request<Body>) -> Outcome {
     })?;
     let client = allowed_client(request, &ctx.config.tgtipmask, FROM_COMPUTE_NODE)?;
     let token = token.ok_or_else(|| unknown(UNKNOWN_OR_USED))?;
-    let (now, ttl) = (ctx.now(), ctx.config.ttl_secs);
     let host = client.to_string();
-    match ctx.store()?.redeem(token, &host, port, now, ttl)? {
+    match ctx.redeem(token, client, port)? {
         RedeemOutcome::Redeemed => {
-            ctx.publish_routes();
             ctx.syslog.info(&format!(
                 "satellite redeemed token-id: {} mapped-to: {host}:{port}",
                 short_id(token)
@@ -59,7 +57,6 @@ pub(super) fn destroy(ctx: &mut Context, request: &Request<Body>) -> Outcome {
     let requester = client.to_string();
     match ctx.store()?.destroy(token, &requester)? {
         DestroyOutcome::Destroyed => {
-            ctx.publish_routes();
             ctx.syslog.info(&format!(
                 "satellite destroy token-id: {} requested-from: {requester}",
                 short_id(token)
