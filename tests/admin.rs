@@ -84,7 +84,7 @@ fn list_show_stats_and_render_describe_the_tokens() {
     assert_eq!(
         stdout(&satellite(&site, &["render"])),
         format!(
-            "# Written by satellite; every change is replaced whole.\n{live} 10.21.3.4:50123\n"
+            "# Routes of map routing, as the routes table holds them.\n{live} 10.21.3.4:50123\n"
         )
     );
     let missing = satellite(&site, &["show", "no-such-token"]);
@@ -109,15 +109,17 @@ fn revoke_removes_the_token_and_its_route_and_gc_expires_now() {
 
     assert_eq!(
         stdout(&satellite(&site, &["revoke", &live])),
-        format!("revoked {live}; route map updated (0 live)\n")
+        format!("revoked {live}; routes table updated (0 live)\n")
     );
     assert_eq!(site.state_of(&live), None);
-    assert!(!std::fs::read_to_string(site.path("dynconf/routes.map"))
-        .unwrap()
-        .contains(&live));
+    let routes: i64 = site
+        .db()
+        .query_row("SELECT count(*) FROM routes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(routes, 0);
     assert_eq!(
         stdout(&satellite(&site, &["gc"])),
-        "expired 1 token(s); route map updated (0 live)\n"
+        "expired 1 token(s); routes table updated (0 live)\n"
     );
     assert_eq!(site.state_of(&old), None);
 }
@@ -135,7 +137,7 @@ fn admin_commands_refuse_a_bad_config_a_missing_database_and_one_from_the_future
     site.db().execute_batch("PRAGMA user_version = 99").unwrap();
     let out = satellite(&site, &["stats"]);
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("written by a newer satellite (schema version 99, this build knows 1)"));
+        .contains("written by a newer satellite (schema version 99, this build knows 2)"));
     let out = satellite(&site, &["migrate", "--dry-run"]);
     assert!(!out.status.success());
 
@@ -176,7 +178,7 @@ fn migrate_takes_a_perl_database_in_place_with_a_backup() {
     assert_eq!(
         dry,
         format!(
-            "{db}:\n  schema version 0 (this build writes 1)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  no colliding aliases\n"
+            "{db}:\n  schema version 0 (this build writes 2)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  will add the routes table that Apache reads (map routing) and its triggers\n  no colliding aliases\n"
         )
     );
     assert_eq!(
@@ -187,7 +189,10 @@ fn migrate_takes_a_perl_database_in_place_with_a_backup() {
 
     let done = stdout(&satellite(&site, &["migrate", "--db", &db]));
     assert!(done.contains("  backup written to "), "{done}");
-    assert!(done.ends_with("  migrated\n"), "{done}");
+    assert!(
+        done.ends_with("  migrated; in map routing run `satellite cron` once to fill the routes table\n"),
+        "{done}"
+    );
     let backup = done
         .lines()
         .find_map(|l| l.strip_prefix("  backup written to "))
@@ -305,10 +310,15 @@ fn init_makes_the_install_tree_and_is_idempotent() {
             & 0o7777
     };
     assert_eq!(mode("var"), 0o2770);
-    assert_eq!(mode("dynconf"), 0o2770);
+    // Apache reads dynconf/ as configuration: never writable by the web
+    // server's group.
+    assert_eq!(mode("dynconf"), 0o755);
+    assert_eq!(mode("dynconf/proxyconf.conf"), 0o644);
     assert_eq!(mode("var/state.sqlite"), 0o660);
     assert!(prefix.join("bin/satellite").exists() && prefix.join("bin/cron").exists());
-    assert!(prefix.join("html/satellite/retry.html").exists());
+    for page in ["retry.html", "waiting.html", "default.txt"] {
+        assert!(prefix.join("html/satellite").join(page).exists(), "{page}");
+    }
     // The installed programs find their config beside them and work.
     let answer = Command::new(prefix.join("cgi/getlink.cgi"))
         .env_clear()
@@ -350,7 +360,6 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
         Site::with_config("apache_configtest = [\"/bin/true\"]\napache_reload = [\"/bin/true\"]");
     std::fs::create_dir_all(site.path("html/satellite")).unwrap();
     std::fs::write(site.path("html/satellite/retry.html"), "retry").unwrap();
-    std::fs::write(site.path("dynconf/routes.map"), "").unwrap();
     for dir in ["var", "dynconf"] {
         std::fs::set_permissions(site.path(dir), std::fs::Permissions::from_mode(0o2770)).unwrap();
     }

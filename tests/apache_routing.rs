@@ -58,7 +58,7 @@ fn publish(apache: &Apache) {
 fn assert_live(apache: &Apache, alias: &str, backend: &Backend) -> Response {
     let path = "/live-probe?token=abc";
     match apache.routing {
-        Routing::Map | Routing::MapDbm => from_backend(apache, alias, backend, path)
+        Routing::Map => from_backend(apache, alias, backend, path)
             .unwrap_or_else(|last| {
                 panic!(
                     "{alias} does not reach backend {} right after redeem: {last}\n{}",
@@ -91,21 +91,34 @@ fn default_answer(apache: &Apache, alias: &str) -> Result<(), String> {
     }
 }
 
-/// `alias` is back to the default answer: at once in map routing,
+/// `alias` is no longer routed (its host shows the static waiting page,
+/// which then says the session is over): at once in map routing,
 /// eventually in vhost routing.
 fn assert_gone(apache: &Apache, alias: &str) {
     match apache.routing {
-        Routing::Map | Routing::MapDbm => default_answer(apache, alias).unwrap_or_else(|last| {
+        Routing::Map => waiting_answer(apache, alias).unwrap_or_else(|last| {
             panic!(
                 "{alias} still routed right after destroy: {last}\n{}",
                 apache.error_log()
             )
         }),
-        Routing::Vhost => apache.eventually(&format!("{alias} back to the default answer"), || {
-            default_answer(apache, alias)?;
-            default_answer(apache, alias)?;
-            default_answer(apache, alias)
+        Routing::Vhost => apache.eventually(&format!("{alias} back to the waiting page"), || {
+            waiting_answer(apache, alias)?;
+            waiting_answer(apache, alias)?;
+            waiting_answer(apache, alias)
         }),
+    }
+}
+
+fn waiting_answer(apache: &Apache, alias: &str) -> Result<(), String> {
+    let r = apache
+        .client()
+        .get(&apache.host_port(alias), "/")
+        .map_err(|e| e.to_string())?;
+    if r.status == 200 && r.text().contains("tokenjobstate.cgi") {
+        Ok(())
+    } else {
+        Err(r.to_string())
     }
 }
 
@@ -126,7 +139,7 @@ fn assert_waiting_page(apache: &Apache, alias: &str, path: &str) {
 
 fn expected_state(apache: &Apache) -> &'static str {
     match apache.routing {
-        Routing::Map | Routing::MapDbm => "proxied",
+        Routing::Map => "proxied",
         Routing::Vhost => "mapped",
     }
 }
@@ -308,11 +321,6 @@ fn map_mode_proxying() {
 }
 
 #[test]
-fn dbm_map_mode_proxying() {
-    proxying(Routing::MapDbm);
-}
-
-#[test]
 fn vhost_mode_proxying() {
     proxying(Routing::Vhost);
 }
@@ -337,7 +345,7 @@ fn retry_page(routing: Routing) {
         }
     };
     let r = match routing {
-        Routing::Map | Routing::MapDbm => retry().unwrap_or_else(|e| panic!("no retry page: {e}")),
+        Routing::Map => retry().unwrap_or_else(|e| panic!("no retry page: {e}")),
         Routing::Vhost => apache.eventually("the retry page", retry),
     };
     assert!(
@@ -546,11 +554,11 @@ fn vhost_mode_cron_watch_publishes_without_a_manual_run() {
     });
     apache.destroy_ok(&alias, BACKEND_A);
     apache.eventually("the watcher removing the route", || {
-        default_answer(&apache, &alias)
+        waiting_answer(&apache, &alias)
     });
 }
 
-/// map routing: routes come and go with the map file alone; Apache is
+/// map routing: routes come and go with the routes table alone; Apache is
 /// never reloaded, not even with websockets open.
 #[test]
 fn map_mode_routes_change_without_any_reload() {
@@ -599,10 +607,10 @@ fn map_mode_routes_change_without_any_reload() {
 
     // Destroyed: gone on the next request.
     apache.destroy_ok(&third, BACKEND_A);
-    default_answer(&apache, &third)
+    waiting_answer(&apache, &third)
         .unwrap_or_else(|e| panic!("still routed right after destroy: {e}"));
     apache.destroy_ok(&first, BACKEND_A);
-    default_answer(&apache, &first)
+    waiting_answer(&apache, &first)
         .unwrap_or_else(|e| panic!("still routed right after destroy: {e}"));
     from_backend(&apache, &second, &b, "/untouched")
         .unwrap_or_else(|e| panic!("the remaining route broke: {e}"));

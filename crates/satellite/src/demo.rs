@@ -104,7 +104,6 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
             key: certificate.key,
             serve_url: Some(format!("http://127.0.0.1:{serve_port}")),
             routing: satellite_core::config::Routing::Map,
-            map_format: satellite_core::config::MapFormat::Txt,
             conf: SiteConf::Embedded,
         },
     )?;
@@ -319,10 +318,10 @@ impl Steps {
             bail!("destroy answered {destroy:?}");
         }
         let after = self.curl(&host, "/", &[])?;
-        if after != "Please see documentation on how to use this service.\n" {
+        if !after.contains("tokenjobstate.cgi") {
             bail!("after destroy the URL answered {after:?}");
         }
-        println!("walkthrough: 5. destroyed; the URL is back to the default answer");
+        println!("walkthrough: 5. destroyed; the URL is back to the waiting page, which tells the session is over");
         println!("walkthrough: all steps passed");
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! <prefix>/bin/satellite, cron  the admin command and the cron program
 //! <prefix>/etc/satellite.toml   the configuration (never overwritten)
 //! <prefix>/var/                 database and word list; 2770, web server group
-//! <prefix>/dynconf/             routes.map / proxyconf.conf
+//! <prefix>/dynconf/             proxyconf.conf (vhost routing)
 //! <prefix>/html/                retry page and site assets
 //! ```
 
@@ -21,16 +21,13 @@ use crate::admin::set_mode;
 
 pub const WORDLIST: &str = include_str!("../../../wordlist/eff_large_wordlist.txt");
 pub const RETRY_PAGE: &str = include_str!("../../../html/satellite/retry.html");
+pub const WAITING_PAGE: &str = include_str!("../../../html/satellite/waiting.html");
+pub const DEFAULT_MESSAGE: &str = include_str!("../../../html/satellite/default.txt");
 pub const CONFIG_TEMPLATE: &str = include_str!("../assets/satellite.toml");
 
-/// Written by cron and, in map routing, by the endpoints (as the web
-/// server): created up front, group-writable, so neither locks the other out.
-const LOCK_AND_ROUTE_FILES: [&str; 4] = [
-    "dynconf/routes.map",
-    "dynconf/proxyconf.conf",
-    "dynconf/.routes.map.lock",
-    "dynconf/.satellite.lock",
-];
+/// Written by cron: created up front so that Apache's include and cron's
+/// lock exist before the first run.
+const LOCK_AND_ROUTE_FILES: [&str; 2] = ["dynconf/proxyconf.conf", "dynconf/.satellite.lock"];
 
 pub struct InitOptions {
     pub prefix: PathBuf,
@@ -90,7 +87,13 @@ pub fn init(options: &InitOptions) -> Result<String> {
         log.push_str(&format!("wrote {}\n", config.display()));
     }
     write_if_missing(&prefix.join("var/eff_large_wordlist.txt"), WORDLIST)?;
-    fs::write(prefix.join("html/satellite/retry.html"), RETRY_PAGE)?;
+    for (name, text) in [
+        ("retry.html", RETRY_PAGE),
+        ("waiting.html", WAITING_PAGE),
+        ("default.txt", DEFAULT_MESSAGE),
+    ] {
+        fs::write(prefix.join("html/satellite").join(name), text)?;
+    }
     for file in LOCK_AND_ROUTE_FILES {
         write_if_missing(&prefix.join(file), "")?;
     }
@@ -102,12 +105,14 @@ pub fn init(options: &InitOptions) -> Result<String> {
     }
 
     // The web server runs the endpoints: it writes the database (and WAL
-    // files beside it) and, in map routing, the route map.
+    // files beside it). Apache reads dynconf/ as configuration, so only
+    // cron's user may write there: never the web server user, whose code
+    // would otherwise run as root at the next reload.
     set_mode(&prefix.join("var"), 0o2770)?;
-    set_mode(&prefix.join("dynconf"), 0o2770)?;
+    set_mode(&prefix.join("dynconf"), 0o755)?;
     set_mode(&db, 0o660)?;
     for file in LOCK_AND_ROUTE_FILES {
-        set_mode(&prefix.join(file), 0o664)?;
+        set_mode(&prefix.join(file), 0o644)?;
     }
     set_mode(&config, 0o640)?;
     if Uid::effective().is_root() {
@@ -134,11 +139,15 @@ pub fn init(options: &InitOptions) -> Result<String> {
             "var",
             "var/state.sqlite",
             "var/eff_large_wordlist.txt",
-            "dynconf",
-            "dynconf/routes.map",
-            "dynconf/proxyconf.conf",
         ] {
             chown(&prefix.join(path), Some(owner), Some(group))
+                .with_context(|| format!("chown {}", prefix.join(path).display()))?;
+        }
+        let owner_group = User::from_uid(owner)?
+            .map(|u| u.gid)
+            .unwrap_or(Gid::from_raw(0));
+        for path in ["dynconf", "dynconf/proxyconf.conf", "dynconf/.satellite.lock"] {
+            chown(&prefix.join(path), Some(owner), Some(owner_group))
                 .with_context(|| format!("chown {}", prefix.join(path).display()))?;
         }
         for wal in ["var/state.sqlite-wal", "var/state.sqlite-shm"] {
@@ -149,10 +158,10 @@ pub fn init(options: &InitOptions) -> Result<String> {
             );
         }
         log.push_str(&format!(
-            "var/ and dynconf/ belong to group {apache} (mode 2770)\n"
+            "var/ belongs to group {apache} (mode 2770); dynconf/ only to cron's user (mode 755)\n"
         ));
     } else {
-        log.push_str("not root: ownership left as is (run as root to give var/ and dynconf/ to the web server group)\n");
+        log.push_str("not root: ownership left as is (run as root to give var/ to the web server group)\n");
     }
     Ok(log)
 }

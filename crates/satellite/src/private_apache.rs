@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use satellite_core::config::{MapFormat, Routing};
+use satellite_core::config::Routing;
 
 /// The site config shipped with the binary, so the demo runs from anywhere.
 pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.conf");
@@ -20,7 +20,7 @@ pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.con
 /// after SIGTERM.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-const MODULES: [(&str, &str); 12] = [
+const MODULES: [(&str, &str); 13] = [
     ("mpm_event_module", "mod_mpm_event.so"),
     ("authz_core_module", "mod_authz_core.so"),
     ("mime_module", "mod_mime.so"),
@@ -33,6 +33,7 @@ const MODULES: [(&str, &str); 12] = [
     ("proxy_http_module", "mod_proxy_http.so"),
     ("proxy_wstunnel_module", "mod_proxy_wstunnel.so"),
     ("cgid_module", "mod_cgid.so"),
+    ("dbd_module", "mod_dbd.so"),
 ];
 
 /// Where Apache is on this machine.
@@ -110,10 +111,9 @@ pub struct Site {
     pub key: PathBuf,
     /// `Some(url)`: endpoints go to `satellite serve` at that URL.
     pub serve_url: Option<String>,
-    /// Which routing Apache is set up for (the config's `routing` and
-    /// `map_format` must agree).
+    /// Which routing Apache is set up for (the config's `routing` must
+    /// agree).
     pub routing: Routing,
-    pub map_format: MapFormat,
     pub conf: SiteConf,
 }
 
@@ -284,10 +284,8 @@ impl PrivateApache {
         if let Some(url) = &site.serve_url {
             let _ = writeln!(conf, "Define SATELLITE_SERVE \"{url}\"");
         }
-        match (site.routing, site.map_format) {
-            (Routing::Vhost, _) => conf.push_str("Define SATELLITE_VHOST_ROUTING\n"),
-            (Routing::Map, MapFormat::Dbm) => conf.push_str("Define SATELLITE_MAP_DBM\n"),
-            (Routing::Map, MapFormat::Txt) => {}
+        if site.routing == Routing::Vhost {
+            conf.push_str("Define SATELLITE_VHOST_ROUTING\n");
         }
         let _ = writeln!(conf, "Include \"{}\"", satellite_conf.display());
         let path = Self::config_path(dir);
