@@ -190,7 +190,9 @@ fn migrate_takes_a_perl_database_in_place_with_a_backup() {
     let done = stdout(&satellite(&site, &["migrate", "--db", &db]));
     assert!(done.contains("  backup written to "), "{done}");
     assert!(
-        done.ends_with("  migrated; in map routing run `satellite cron` once to fill the routes table\n"),
+        done.ends_with(
+            "  migrated; in map routing run `satellite cron` once to fill the routes table\n"
+        ),
         "{done}"
     );
     let backup = done

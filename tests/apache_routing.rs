@@ -58,14 +58,13 @@ fn publish(apache: &Apache) {
 fn assert_live(apache: &Apache, alias: &str, backend: &Backend) -> Response {
     let path = "/live-probe?token=abc";
     match apache.routing {
-        Routing::Map => from_backend(apache, alias, backend, path)
-            .unwrap_or_else(|last| {
-                panic!(
-                    "{alias} does not reach backend {} right after redeem: {last}\n{}",
-                    backend.name,
-                    apache.error_log()
-                )
-            }),
+        Routing::Map => from_backend(apache, alias, backend, path).unwrap_or_else(|last| {
+            panic!(
+                "{alias} does not reach backend {} right after redeem: {last}\n{}",
+                backend.name,
+                apache.error_log()
+            )
+        }),
         // Three fresh connections in a row, so that no child of the
         // previous generation is still taking connections.
         Routing::Vhost => apache.eventually(
@@ -179,6 +178,16 @@ fn proxying(routing: Routing) {
     assert_waiting_page(&apache, &alias, "/lab/tree/work/notes.ipynb?token=abc");
     // So does an upper-case spelling of the host.
     assert_waiting_page(&apache, &alias.to_uppercase(), "/?token=abc");
+    // An unknown token's host gets the very same bytes (nothing to learn
+    // by guessing), never from a cache once it is live.
+    let pending_page = apache.get(&alias, "/");
+    let unknown_page = apache.get("never-issued-token", "/lab");
+    assert_eq!(pending_page.body, unknown_page.body);
+    assert_eq!(pending_page.header("Cache-Control"), Some("no-store"));
+    // Hosts that are not token-shaped get the original's default message.
+    for host in ["manage", "www"] {
+        default_answer(&apache, host).unwrap_or_else(|e| panic!("{host}: {e}"));
+    }
 
     // Redeemed from the backend's own address; live after publishing.
     apache.redeem_ok(&alias, BACKEND_A, a.port());

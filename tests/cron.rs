@@ -162,8 +162,13 @@ fn expired_rows_of_every_state_go_and_fresh_ones_stay() {
     assert_eq!(site.state_of(&fresh).as_deref(), Some("pending"));
     assert_eq!(site.state_of(&old_pending), None);
     assert_eq!(site.state_of(&old_mapped), None);
-    let map = std::fs::read_to_string(site.path("dynconf/routes.map")).unwrap();
-    assert!(!map.contains(&old_mapped), "{map}");
+    assert!(
+        routes_table(&site)
+            .iter()
+            .all(|(alias, _)| *alias != old_mapped),
+        "{:?}",
+        routes_table(&site)
+    );
 }
 
 #[test]
@@ -286,32 +291,63 @@ fn cron_refuses_a_missing_database_and_a_bad_config_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has host bits set"));
 }
 
-#[test]
-fn dbm_maps_are_built_with_httxt2dbm_and_replaced_whole() {
-    let site = Site::with_config("map_format = \"dbm\"");
-    let token = site.redeemed_token(COMPUTE_NODE, 8888);
-    let dbm = site.path("dynconf/routes.map.db");
-    assert!(dbm.exists(), "no {}", dbm.display());
-    // httxt2dbm's own reader agrees with the text beside it.
-    let text = std::fs::read_to_string(site.path("dynconf/routes.map")).unwrap();
-    assert!(
-        text.contains(&format!("{token} {COMPUTE_NODE}:8888")),
-        "{text}"
-    );
-    let first = std::fs::read(&dbm).unwrap();
-    let second = site.redeemed_token(OTHER_COMPUTE_NODE, 9999);
-    assert_ne!(
-        std::fs::read(&dbm).unwrap(),
-        first,
-        "the dbm map was not rebuilt for {second}"
-    );
-    assert_eq!(site.state_of(&second).as_deref(), Some("proxied"));
-    let leftovers: Vec<String> = std::fs::read_dir(site.path("dynconf"))
+fn routes_table(site: &Site) -> Vec<(String, String)> {
+    let conn = site.db();
+    let mut stmt = conn
+        .prepare("SELECT alias, target FROM routes ORDER BY alias")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp."))
+        .map(Result::unwrap)
         .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    rows
+}
+
+/// Map routing: cron is the repair pass. A row another program redeemed
+/// (the Perl script, a hand edit) gets its route; a row whose route is
+/// refused now (tgtipmask narrowed) loses it and is `mapped` again, so its
+/// state says what is routed.
+#[test]
+fn in_map_routing_cron_routes_rows_others_wrote_and_unroutes_refused_ones() {
+    let site = Site::new();
+    let kept = site.redeemed_token(COMPUTE_NODE, 8888);
+    let narrowed = site.redeemed_token(OTHER_COMPUTE_NODE, 8888);
+    let by_perl = site.new_token();
+    site.db()
+        .execute(
+            "UPDATE proxy SET state = 'mapped', dsthost = ?1, dstport = 9999 WHERE alias = ?2",
+            [COMPUTE_NODE, by_perl.as_str()],
+        )
+        .unwrap();
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("\"10.21.0.0/16\"", "\"10.21.3.0/24\"");
+    std::fs::write(&site.config, text).unwrap();
+
+    let out = cron(&site, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("is outside tgtipmask"), "{stdout}");
+    let mut expected = vec![
+        (kept.clone(), format!("{COMPUTE_NODE}:8888")),
+        (by_perl.clone(), format!("{COMPUTE_NODE}:9999")),
+    ];
+    expected.sort();
+    assert_eq!(routes_table(&site), expected);
+    assert_eq!(site.state_of(&by_perl).as_deref(), Some("proxied"));
+    assert_eq!(site.state_of(&narrowed).as_deref(), Some("mapped"));
+
+    // Nothing left to repair: a second run changes nothing and says nothing
+    // but the refusal.
+    let again = cron(&site, &[]);
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(!stdout.contains("published"), "{stdout}");
+    assert_eq!(routes_table(&site), expected);
 }
 
 #[test]

@@ -31,8 +31,7 @@ use crate::config::{Config, Routing};
 use crate::error::{CoreError, Result};
 use crate::routes::{self, RouteSet};
 use crate::store::{
-    route_expiry, PublishedRoute, RedeemOutcome, RouteRow, RoutePublication,
-    Store,
+    route_expiry, PublishedRoute, RedeemOutcome, RoutePublication, RouteRow, Store,
 };
 
 /// How long Apache's config test or reload command may run.
@@ -108,9 +107,14 @@ impl<'a> Publisher<'a> {
                     RoutePublication::Live { target: &target },
                 )
             }
-            Routing::Vhost => {
-                store.redeem(alias, &host_text, port, now, ttl, RoutePublication::Deferred)
-            }
+            Routing::Vhost => store.redeem(
+                alias,
+                &host_text,
+                port,
+                now,
+                ttl,
+                RoutePublication::Deferred,
+            ),
         }
     }
 
@@ -172,7 +176,7 @@ impl<'a> Publisher<'a> {
                 restore(path, previous.as_deref())?;
             }
             return Err(CoreError::Publication(format!(
-                "{err}; the previous {} stays in place",
+                "Apache's config test failed with the new {}; the previous routes stay in place: {err}",
                 path.display()
             )));
         }
@@ -254,20 +258,18 @@ fn reload_apache(config: &Config) -> Result<()> {
     }
     let pidfile = &config.apache_pidfile;
     let text = fs::read_to_string(pidfile).map_err(|e| {
-        CoreError::io(format!("reading Apache's pid file {}", pidfile.display()), e)
+        CoreError::io(
+            format!("reading Apache's pid file {}", pidfile.display()),
+            e,
+        )
     })?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .ok()
-        .filter(|p| *p > 1)
-        .ok_or_else(|| {
-            CoreError::Publication(format!(
-                "{} does not hold a pid: {:?}",
-                pidfile.display(),
-                text.trim()
-            ))
-        })?;
+    let pid: i32 = text.trim().parse().ok().filter(|p| *p > 1).ok_or_else(|| {
+        CoreError::Publication(format!(
+            "{} does not hold a pid: {:?}",
+            pidfile.display(),
+            text.trim()
+        ))
+    })?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGUSR1,

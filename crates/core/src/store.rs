@@ -880,13 +880,27 @@ mod tests {
         assert!(!store.insert_pending("able-acorn-zoo", now).unwrap());
         assert_eq!(
             store
-                .redeem("able-acorn-zoo", "10.0.0.5", 8888, now, 100, RoutePublication::Deferred)
+                .redeem(
+                    "able-acorn-zoo",
+                    "10.0.0.5",
+                    8888,
+                    now,
+                    100,
+                    RoutePublication::Deferred
+                )
                 .unwrap(),
             RedeemOutcome::Redeemed
         );
         assert_eq!(
             store
-                .redeem("able-acorn-zoo", "10.0.0.6", 9999, now, 100, RoutePublication::Deferred)
+                .redeem(
+                    "able-acorn-zoo",
+                    "10.0.0.6",
+                    9999,
+                    now,
+                    100,
+                    RoutePublication::Deferred
+                )
                 .unwrap(),
             RedeemOutcome::AlreadyRedeemed
         );
@@ -913,7 +927,14 @@ mod tests {
         let later = at("2026-01-01T00:01:41Z");
         assert_eq!(
             store
-                .redeem("old-token-here", "10.0.0.5", 8888, later, 100, RoutePublication::Deferred)
+                .redeem(
+                    "old-token-here",
+                    "10.0.0.5",
+                    8888,
+                    later,
+                    100,
+                    RoutePublication::Deferred
+                )
                 .unwrap(),
             RedeemOutcome::Unknown
         );
@@ -948,7 +969,14 @@ mod tests {
         store.insert_pending("able-acorn-zoo", now).unwrap();
         assert_eq!(
             store
-                .redeem("able-acorn-zoo", "10.0.0.5", 8888, now, 100, live("10.0.0.5:8888"))
+                .redeem(
+                    "able-acorn-zoo",
+                    "10.0.0.5",
+                    8888,
+                    now,
+                    100,
+                    live("10.0.0.5:8888")
+                )
                 .unwrap(),
             RedeemOutcome::Redeemed
         );
@@ -958,7 +986,10 @@ mod tests {
         );
         let at_ttl_end = at("2026-01-01T12:01:40Z");
         assert_eq!(
-            store.live_route("able-acorn-zoo", at_ttl_end).unwrap().as_deref(),
+            store
+                .live_route("able-acorn-zoo", at_ttl_end)
+                .unwrap()
+                .as_deref(),
             Some("10.0.0.5:8888")
         );
         assert_eq!(
@@ -972,7 +1003,14 @@ mod tests {
         store.revoke("other-token-here").unwrap();
         assert_eq!(
             store
-                .redeem("other-token-here", "10.0.0.6", 8888, now, 100, live("10.0.0.6:8888"))
+                .redeem(
+                    "other-token-here",
+                    "10.0.0.6",
+                    8888,
+                    now,
+                    100,
+                    live("10.0.0.6:8888")
+                )
                 .unwrap(),
             RedeemOutcome::Unknown
         );
@@ -993,7 +1031,10 @@ mod tests {
         // What a Perl script or a hand edit does, with no satellite code.
         store
             .connection()
-            .execute("UPDATE proxy SET state = 'mapped' WHERE alias = 'two-a-b'", [])
+            .execute(
+                "UPDATE proxy SET state = 'mapped' WHERE alias = 'two-a-b'",
+                [],
+            )
             .unwrap();
         assert_eq!(store.live_route("one-a-b", now).unwrap(), None);
         assert_eq!(store.live_route("two-a-b", now).unwrap(), None);
@@ -1014,7 +1055,14 @@ mod tests {
         }
         store.insert_pending("late-a-b", now).unwrap();
         store
-            .redeem("late-a-b", "10.0.0.7", 8888, now, 100, RoutePublication::Deferred)
+            .redeem(
+                "late-a-b",
+                "10.0.0.7",
+                8888,
+                now,
+                100,
+                RoutePublication::Deferred,
+            )
             .unwrap();
         let expires = route_expiry(now, 100);
         let route = |alias: &str, target: &str| PublishedRoute {

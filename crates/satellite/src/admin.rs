@@ -209,7 +209,9 @@ pub fn inspect(db: &Path) -> Result<String> {
         if version < 1 {
             out.push_str("  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n");
         }
-        out.push_str("  will add the routes table that Apache reads (map routing) and its triggers\n");
+        out.push_str(
+            "  will add the routes table that Apache reads (map routing) and its triggers\n",
+        );
     }
     if found.colliding_aliases.is_empty() {
         out.push_str("  no colliding aliases\n");
@@ -248,8 +250,7 @@ pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
         db.display(),
         Utc::now().format("%Y%m%dT%H%M%SZ")
     ));
-    Store::backup_to(db, &backup)
-        .with_context(|| format!("backing up to {}", backup.display()))?;
+    Store::backup_to(db, &backup).with_context(|| format!("backing up to {}", backup.display()))?;
     let _ = writeln!(out, "  backup written to {}", backup.display());
     Store::open(db, Duration::from_secs(10))
         .with_context(|| format!("migrating {}", db.display()))?;

@@ -146,7 +146,11 @@ pub fn init(options: &InitOptions) -> Result<String> {
         let owner_group = User::from_uid(owner)?
             .map(|u| u.gid)
             .unwrap_or(Gid::from_raw(0));
-        for path in ["dynconf", "dynconf/proxyconf.conf", "dynconf/.satellite.lock"] {
+        for path in [
+            "dynconf",
+            "dynconf/proxyconf.conf",
+            "dynconf/.satellite.lock",
+        ] {
             chown(&prefix.join(path), Some(owner), Some(owner_group))
                 .with_context(|| format!("chown {}", prefix.join(path).display()))?;
         }
@@ -161,7 +165,9 @@ pub fn init(options: &InitOptions) -> Result<String> {
             "var/ belongs to group {apache} (mode 2770); dynconf/ only to cron's user (mode 755)\n"
         ));
     } else {
-        log.push_str("not root: ownership left as is (run as root to give var/ to the web server group)\n");
+        log.push_str(
+            "not root: ownership left as is (run as root to give var/ to the web server group)\n",
+        );
     }
     Ok(log)
 }
