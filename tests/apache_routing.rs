@@ -12,7 +12,8 @@
 
 mod support;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use support::apache::{Apache, Routing, Running, DEFAULT_ANSWER};
 use support::backend::{answer_body, free_port, Backend};
@@ -639,5 +640,117 @@ fn map_mode_routes_change_without_any_reload() {
     from_backend(&apache, &second, &b, "/after-cron")
         .unwrap_or_else(|e| panic!("cron broke the route: {e}"));
     assert_eq!(apache.parent_pid(), parent);
+    assert_eq!(apache.generations(), generations, "{}", apache.error_log());
+}
+
+/// The routes table and the tokens never disagree: checked from the
+/// database side, whatever killed whom.
+fn routes_equal_the_database(apache: &Apache) -> Result<(), String> {
+    let conn = rusqlite::Connection::open(apache.db_file()).map_err(|e| e.to_string())?;
+    let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let orphans = count(
+        "SELECT count(*) FROM routes r LEFT JOIN proxy p ON p.alias = r.alias \
+         WHERE p.alias IS NULL OR p.state <> 'proxied' \
+         OR r.target <> p.dsthost || ':' || p.dstport",
+    );
+    let unrouted = count(
+        "SELECT count(*) FROM proxy p LEFT JOIN routes r ON r.alias = p.alias \
+         WHERE p.state = 'proxied' AND r.alias IS NULL",
+    );
+    if (orphans, unrouted) == (0, 0) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{orphans} route(s) without their proxied token, {unrouted} proxied token(s) without a route"
+        ))
+    }
+}
+
+/// Runs the installed redeemtoken.cgi as Apache would, and kills it with
+/// SIGKILL after `delay`: wherever it is, in or out of its transaction.
+fn redeem_killed_after(apache: &Apache, token: &str, port: u16, delay: Duration) {
+    let mut child = Command::new(apache.path("cgi/redeemtoken.cgi"))
+        .env_clear()
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
+        .env("REQUEST_METHOD", "GET")
+        .env("SERVER_PROTOCOL", "HTTP/1.1")
+        .env("QUERY_STRING", format!("token={token}&port={port}"))
+        .env("REMOTE_ADDR", BACKEND_A)
+        .env("SCRIPT_NAME", "/redeemtoken.cgi")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// map routing under load: while one session is used without pause,
+/// others go live and away, and redeems are killed with SIGKILL at every
+/// point of their run. Nothing is reloaded, the busy session never sees an
+/// error, and the routes Apache reads always equal the database.
+#[test]
+fn map_mode_routes_come_and_go_under_load_and_survive_kill_9_of_writers() {
+    let apache = Apache::start(Routing::Map);
+    let a = Backend::start("alpha", BACKEND_A);
+    let busy = apache.getlink();
+    apache.redeem_ok(&busy, BACKEND_A, a.port());
+    let generations = apache.generations();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let client = apache.client();
+        let host = apache.host_port(&busy);
+        std::thread::spawn(move || {
+            let (mut ok, mut failures) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.get(&host, "/busy") {
+                    Ok(r) if r.status == 200 && r.header("X-Backend") == Some("alpha") => ok += 1,
+                    Ok(r) => failures.push(r.to_string()),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (ok, failures)
+        })
+    };
+
+    for round in 0..20u64 {
+        let token = apache.getlink();
+        apache.redeem_ok(&token, BACKEND_A, a.port());
+        from_backend(&apache, &token, &a, "/live")
+            .unwrap_or_else(|e| panic!("round {round}: not live after redeem: {e}"));
+        apache.destroy_ok(&token, BACKEND_A);
+        waiting_answer(&apache, &token)
+            .unwrap_or_else(|e| panic!("round {round}: still routed after destroy: {e}"));
+
+        let victim = apache.getlink();
+        redeem_killed_after(
+            &apache,
+            &victim,
+            a.port(),
+            Duration::from_micros(round * 250),
+        );
+        routes_equal_the_database(&apache).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // Routed exactly when its row says so.
+        match apache.state_of(&victim).as_deref() {
+            Some("proxied") => from_backend(&apache, &victim, &a, "/victim")
+                .unwrap_or_else(|e| panic!("round {round}: proxied but not routed: {e}")),
+            Some("pending") => waiting_answer(&apache, &victim)
+                .map(|()| apache.get(&victim, "/"))
+                .unwrap_or_else(|e| panic!("round {round}: pending but routed: {e}")),
+            other => panic!("round {round}: victim in state {other:?}"),
+        };
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failures) = load.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(ok > 0);
     assert_eq!(apache.generations(), generations, "{}", apache.error_log());
 }
