@@ -617,3 +617,161 @@ fn in_map_routing_redeem_and_destroy_publish_the_route_before_answering() {
     assert_eq!(destroyed.status, 200);
     assert_eq!(route(), None);
 }
+
+/// A job's end ends its session: the route goes at once, the token stays
+/// as a tombstone that tokenjobstate reports as `D` (and its JSON form as
+/// ended, with when), and the alias cannot be redeemed again.
+#[test]
+fn a_job_reported_ended_ends_its_session_and_keeps_a_tombstone() {
+    let site = Site::new();
+    let token = site.new_token();
+    let linked = site
+        .cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=4242"))
+        .run();
+    assert_eq!(linked.status, 200, "{}", linked.stderr);
+    let redeemed = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}&port=50123"))
+        .run();
+    assert_eq!(redeemed.status_and_text(), (200, "Success!\n".into()));
+    let push = |table: &str| {
+        let answer = site
+            .cgi("update-jobs")
+            .remote(SLURM_CONTROLLER)
+            .post(format!("jobstates={table}"))
+            .run();
+        assert_eq!(
+            answer.status_and_text(),
+            (200, "Successfully updated jobs! \n".into()),
+            "{}",
+            answer.stderr
+        );
+    };
+    push("4242 RUNNING\n");
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+    push("4242 TIMEOUT\n");
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+    let routes: i64 = site
+        .db()
+        .query_row("SELECT count(*) FROM routes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(routes, 0);
+    let poll = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}.{EXT}"))
+        .run();
+    assert_eq!(poll.text(), "D");
+    let json = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}.{EXT}&format=json"))
+        .run();
+    assert_eq!(json.header("Content-Type"), Some("application/json"));
+    let value: serde_json::Value = serde_json::from_str(&json.text()).unwrap();
+    assert_eq!(value["state"], "D", "{value}");
+    assert_eq!(value["job"]["id"], "4242", "{value}");
+    assert_eq!(value["job"]["state"], "TIMEOUT", "{value}");
+    assert!(value["ended_at"].as_i64().is_some(), "{value}");
+    let unknown = site
+        .cgi("tokenjobstate")
+        .query("token=never-issued-here&format=json")
+        .run();
+    assert_eq!(unknown.text(), r#"{"job":null,"state":"X"}"#);
+    let again = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}&port=50124"))
+        .run();
+    assert_eq!(again.status, 409, "{}", again.text());
+}
+
+/// job_binding = "enforce": once the scheduler has said where a linked job
+/// runs, a redeem from any other host is refused.
+#[test]
+fn in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused() {
+    let site = Site::with_config(&format!(
+        "job_binding = \"enforce\"\n[node_addresses]\nnode07 = [\"{COMPUTE_NODE}\"]"
+    ));
+    let token = site.new_token();
+    site.cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=77"))
+        .run();
+    let conn = site.db();
+    conn.execute_batch(
+        "INSERT INTO jobstates (jobid, state, lastseen) VALUES ('77', 'RUNNING', strftime('%s','now')); \
+         INSERT INTO jobdetails (jobid, nodes, job_user, job_uid) VALUES ('77', 'node07', 'alice', 5001);",
+    )
+    .unwrap();
+    let stranger = site
+        .cgi("redeemtoken")
+        .remote(OTHER_COMPUTE_NODE)
+        .query(format!("token={token}&port=50123"))
+        .run();
+    assert_eq!(
+        stranger.status_and_text(),
+        (
+            403,
+            "Oops! Nonce must be redeemed from a node of the job it is linked to\n".into()
+        )
+    );
+    assert_eq!(site.state_of(&token).as_deref(), Some("pending"));
+    let own = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}&port=50123"))
+        .run();
+    assert_eq!(own.status_and_text(), (200, "Success!\n".into()));
+}
+
+/// The Perl scripts on a database with an `ended` tombstone: their own
+/// statements never route it, never redeem it, and their expiry removes it.
+#[test]
+fn perl_statements_treat_an_ended_tombstone_sensibly() {
+    let site = Site::new();
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    let conn = site.db();
+    conn.execute(
+        "UPDATE proxy SET state = 'ended', ended_at = datetime('now'), end_cause = 'test' \
+         WHERE alias = ?1",
+        [&token],
+    )
+    .unwrap();
+    // cron (master): the rows it writes vhosts for.
+    let routed: i64 = conn
+        .query_row(
+            "select count(*) from proxy where (state = 'mapped' or state = 'proxied')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(routed, 0);
+    // redeemtoken: only a pending row is redeemable.
+    let redeemable: i64 = conn
+        .query_row(
+            "select count(*) from proxy where alias_compare_hash = ? and state = 'pending'",
+            [legacy_hash(&token)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(redeemable, 0);
+    // tokenjobstate's join still reads the row.
+    let state: String = conn
+        .query_row(
+            "select ps.state from proxy ps left join jobstates js using (jobid) \
+             where ps.alias_compare_hash = ?",
+            [legacy_hash(&token)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, "ended");
+    // cron's expiry removes it like any row, and its route is long gone.
+    conn.execute(
+        "delete from proxy where modified < datetime(?,'unixepoch')",
+        [chrono_now() + 10],
+    )
+    .unwrap();
+    assert_eq!(site.state_of(&token), None);
+}

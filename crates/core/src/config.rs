@@ -27,6 +27,19 @@ pub enum Routing {
     Vhost,
 }
 
+/// Whether a session must come from its own batch job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobBinding {
+    /// Tokens are bound to nothing but their TTL, as the original.
+    Off,
+    /// Mismatches are logged; nothing is refused or ended.
+    Warn,
+    /// A redeem that does not come from its linked job's node, or a job run
+    /// by a denied user, is refused or its session ended.
+    Enforce,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MapFormat {
@@ -69,6 +82,10 @@ struct RawConfig {
     serve_workers: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
     client_addr_header: Option<String>,
+    job_binding: Option<JobBinding>,
+    node_addresses: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    job_user_deny: Option<Vec<String>>,
+    job_uid_min: Option<u32>,
 }
 
 /// The resolved configuration every program works from.
@@ -107,6 +124,14 @@ pub struct Config {
     pub serve_workers: usize,
     pub trusted_proxies: IpMaskList,
     pub client_addr_header: String,
+    pub job_binding: JobBinding,
+    /// Compute node name → addresses, for sites whose node names do not
+    /// resolve on the proxy host (or resolve to another interface).
+    pub node_addresses: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Users whose jobs may never be proxied (besides uids below
+    /// `job_uid_min`).
+    pub job_user_deny: Vec<String>,
+    pub job_uid_min: u32,
 }
 
 pub const DEFAULT_TTL_SECS: i64 = 176_400;
@@ -129,6 +154,25 @@ pub fn default_gone_codes() -> Vec<String> {
          COMPLETED DEADLINE FAILED NODE_FAIL NODEFAIL OUT_OF_MEMORY OUTOFMEMORY PREEMPTED \
          RESV_DEL_HOLD SIGNALING SPECIAL_EXIT STAGE_OUT STOPPED SUSPENDED TIMEOUT",
     )
+}
+
+/// `node_addresses` values parsed: every entry an IP address.
+fn resolve_node_addresses(
+    raw: std::collections::BTreeMap<String, Vec<String>>,
+) -> std::result::Result<std::collections::BTreeMap<String, Vec<std::net::IpAddr>>, String> {
+    raw.into_iter()
+        .map(|(node, addresses)| {
+            let parsed = addresses
+                .iter()
+                .map(|a| {
+                    a.parse::<std::net::IpAddr>()
+                        .map(crate::ipmask::canonical_ip)
+                        .map_err(|_| format!("node_addresses.{node}: {a:?} is not an IP address"))
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok((node, parsed))
+        })
+        .collect()
 }
 
 impl Config {
@@ -259,6 +303,8 @@ impl Config {
                 "client_addr_header `{client_addr_header}` is not a header name"
             )));
         }
+        let node_addresses =
+            resolve_node_addresses(raw.node_addresses.unwrap_or_default()).map_err(bad)?;
         let serve_workers = raw.serve_workers.unwrap_or(8);
         if !(1..=1024).contains(&serve_workers) {
             return Err(bad("serve_workers must be 1 to 1024".into()));
@@ -296,6 +342,10 @@ impl Config {
             serve_workers,
             trusted_proxies,
             client_addr_header,
+            job_binding: raw.job_binding.unwrap_or(JobBinding::Warn),
+            node_addresses,
+            job_user_deny: raw.job_user_deny.unwrap_or_else(|| vec!["root".into()]),
+            job_uid_min: raw.job_uid_min.unwrap_or(1000),
         })
     }
 

@@ -14,6 +14,7 @@ pub mod jobstate;
 pub mod publish;
 pub mod query;
 pub mod routes;
+pub mod sessions;
 pub mod store;
 pub mod syslog;
 pub mod token;

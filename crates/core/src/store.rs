@@ -45,6 +45,7 @@ const CREATE_INDEXES: &str = "
 /// route.
 const CREATE_ROUTES: &str = "
     CREATE TABLE IF NOT EXISTS routes ( alias text primary key not null, target text not null, expires text not null ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS jobdetails ( jobid text primary key not null, reason text, start_time integer, time_limit integer, job_user text, job_uid integer, nodes text ) WITHOUT ROWID;
     CREATE TRIGGER IF NOT EXISTS proxy_delete_drops_route AFTER DELETE ON proxy
         BEGIN DELETE FROM routes WHERE alias = old.alias; END;
     CREATE TRIGGER IF NOT EXISTS proxy_update_drops_route
@@ -53,6 +54,21 @@ const CREATE_ROUTES: &str = "
           OR new.dsthost IS NOT old.dsthost OR new.dstport IS NOT old.dstport
         BEGIN DELETE FROM routes WHERE alias = old.alias; END;
 ";
+/// Columns satellite adds to the legacy tables, all nullable, so the Perl
+/// scripts' inserts (which name their columns) keep working.
+/// `jobid` is the master branch's; the rest are satellite's: when a token
+/// was linked and when and why its session ended (state `ended`, a
+/// tombstone kept until the TTL so the alias is never issued again), and
+/// why.
+/// `jobstates` itself is left as the original made it (a site's own
+/// scripts may insert into it without naming columns): the rest of what the
+/// scheduler says of a job lives in satellite's `jobdetails`.
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+    ("proxy", "jobid", "text default null"),
+    ("proxy", "linked_at", "text default null"),
+    ("proxy", "ended_at", "text default null"),
+    ("proxy", "end_cause", "text default null"),
+];
 const PROXY_COLUMNS: [&str; 7] = [
     "alias",
     "alias_compare_hash",
@@ -69,6 +85,9 @@ pub enum ProxyState {
     Pending,
     Mapped,
     Proxied,
+    /// The session is over (its job ended, or its redeem did not match its
+    /// job): no route, and the alias stays taken until the TTL.
+    Ended,
     /// Anything else a hand-edited database may hold.
     Other(String),
 }
@@ -79,6 +98,7 @@ impl ProxyState {
             "pending" => ProxyState::Pending,
             "mapped" => ProxyState::Mapped,
             "proxied" => ProxyState::Proxied,
+            "ended" => ProxyState::Ended,
             other => ProxyState::Other(other.to_owned()),
         }
     }
@@ -118,6 +138,41 @@ pub struct TokenJob {
     pub jobid: Option<String>,
     pub job_state: Option<String>,
     pub job_lastseen: Option<i64>,
+    /// The rest of what the scheduler said, when a push carried it.
+    pub job: Option<JobRecord>,
+    /// The token was redeemed (it has a host), whatever its state now.
+    pub redeemed: bool,
+    /// When the session ended (`ended` rows), and why.
+    pub ended_at: Option<String>,
+    pub end_cause: Option<String>,
+}
+
+/// What the scheduler said of one job, as stored in `jobstates`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobRecord {
+    pub jobid: String,
+    /// The scheduler's own state text (`RUNNING`, `CA`...).
+    pub state: String,
+    pub reason: Option<String>,
+    /// Epoch seconds: the start, or the scheduler's estimate while pending.
+    pub start_time: Option<i64>,
+    pub time_limit_secs: Option<i64>,
+    pub user: Option<String>,
+    pub uid: Option<i64>,
+    /// Node names, expanded.
+    pub nodes: Vec<String>,
+}
+
+/// A live token linked to a job, with what is known of the job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkedSession {
+    pub alias: String,
+    pub state: ProxyState,
+    pub jobid: String,
+    pub dsthost: Option<String>,
+    pub linked_at: Option<DateTime<Utc>>,
+    /// `None` when no push has mentioned the job.
+    pub job: Option<JobRecord>,
 }
 
 /// A row of `proxy` as a route candidate; values are raw, to be validated
@@ -306,9 +361,19 @@ impl Store {
                 why: format!("table proxy has no column {missing}"),
             });
         }
-        if !columns.iter().any(|c| c == "jobid") {
-            tx.execute_batch("ALTER TABLE proxy ADD COLUMN jobid text default null")?;
-            migration.added_columns.push("jobid");
+        for (table, column, declaration) in ADDED_COLUMNS {
+            let present: Vec<String> = {
+                let mut stmt =
+                    tx.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+                let names = stmt.query_map([], |row| row.get(0))?;
+                names.collect::<rusqlite::Result<_>>()?
+            };
+            if !present.iter().any(|c| c == column) {
+                tx.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+                ))?;
+                migration.added_columns.push(column);
+            }
         }
         let duplicates: Vec<String> = {
             let mut stmt = tx.prepare(
@@ -454,9 +519,9 @@ impl Store {
         let cutoff = expiry_cutoff(now, ttl_secs);
         let written = self.conditional_write(alias, &cutoff, |tx, hash| {
             tx.execute(
-                "UPDATE proxy SET jobid = ?1 WHERE alias_compare_hash = ?2 AND alias = ?3 \
-                 AND (jobid IS NULL OR jobid = '') AND modified >= ?4",
-                params![jobid, hash, alias, cutoff],
+                "UPDATE proxy SET jobid = ?1, linked_at = ?5 WHERE alias_compare_hash = ?2 \
+                 AND alias = ?3 AND (jobid IS NULL OR jobid = '') AND modified >= ?4",
+                params![jobid, hash, alias, cutoff, sql_timestamp(now)],
             )
         })?;
         Ok(match written {
@@ -497,18 +562,28 @@ impl Store {
         let row = self
             .conn
             .query_row(
-                "SELECT ps.state, ps.jobid, js.state, js.lastseen FROM proxy ps \
-                 LEFT JOIN jobstates js ON js.jobid = ps.jobid \
-                 WHERE ps.alias_compare_hash = ?1 AND ps.alias = ?2 AND ps.modified >= ?3",
+                &format!(
+                    "SELECT ps.state, ps.jobid, js.state, js.lastseen, ps.ended_at, ps.end_cause, \
+                     {JOB_DETAIL_COLUMNS}, ps.dsthost FROM proxy ps \
+                     LEFT JOIN jobstates js ON js.jobid = ps.jobid \
+                     LEFT JOIN jobdetails jd ON jd.jobid = ps.jobid \
+                     WHERE ps.alias_compare_hash = ?1 AND ps.alias = ?2 AND ps.modified >= ?3"
+                ),
                 params![hash, alias, expiry_cutoff(now, ttl_secs)],
                 |row| {
+                    let jobid = value_text(row.get(1)?).filter(|j| !j.is_empty());
+                    let job_state = value_text(row.get(2)?);
                     Ok(TokenJob {
                         proxy_state: ProxyState::parse(
                             &value_text(row.get(0)?).unwrap_or_default(),
                         ),
-                        jobid: value_text(row.get(1)?).filter(|j| !j.is_empty()),
-                        job_state: value_text(row.get(2)?),
+                        job: job_record(row, 6, jobid.as_deref(), job_state.as_deref())?,
+                        jobid,
+                        job_state,
                         job_lastseen: value_integer(row.get(3)?),
+                        redeemed: value_text(row.get(12)?).is_some_and(|h| !h.is_empty()),
+                        ended_at: value_text(row.get(4)?),
+                        end_cause: value_text(row.get(5)?),
                     })
                 },
             )
@@ -523,21 +598,99 @@ impl Store {
         states: &[(String, String)],
         now_epoch: i64,
     ) -> Result<usize> {
+        let records: Vec<JobRecord> = states
+            .iter()
+            .map(|(jobid, state)| JobRecord {
+                jobid: jobid.clone(),
+                state: state.clone(),
+                ..JobRecord::default()
+            })
+            .collect();
+        self.record_jobs(&records, now_epoch)
+    }
+
+    /// Writes what the scheduler said of these jobs (seen now) and purges
+    /// jobs not seen for three days, in one transaction.
+    pub fn record_jobs(&mut self, jobs: &[JobRecord], now_epoch: i64) -> Result<usize> {
         let tx = self.write_tx()?;
         tx.execute(
             "DELETE FROM jobstates WHERE lastseen < ?1 OR typeof(lastseen) <> 'integer'",
             [now_epoch - JOBSTATE_RETENTION_SECS],
         )?;
+        tx.execute(
+            "DELETE FROM jobdetails WHERE jobid NOT IN (SELECT jobid FROM jobstates)",
+            [],
+        )?;
         {
-            let mut insert = tx.prepare(
+            let mut state = tx.prepare(
                 "INSERT OR REPLACE INTO jobstates (jobid, state, lastseen) VALUES (?1, ?2, ?3)",
             )?;
-            for (jobid, state) in states {
-                insert.execute(params![jobid, state, now_epoch])?;
+            let mut details = tx.prepare(
+                "INSERT OR REPLACE INTO jobdetails (jobid, reason, start_time, time_limit, \
+                 job_user, job_uid, nodes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for job in jobs {
+                state.execute(params![job.jobid, job.state, now_epoch])?;
+                let nodes = (!job.nodes.is_empty()).then(|| job.nodes.join(","));
+                details.execute(params![
+                    job.jobid,
+                    job.reason,
+                    job.start_time,
+                    job.time_limit_secs,
+                    job.user,
+                    job.uid,
+                    nodes
+                ])?;
             }
         }
         tx.commit()?;
-        Ok(states.len())
+        Ok(jobs.len())
+    }
+
+    /// Live tokens that are linked to a job and not ended, with what the
+    /// last pushes said of their job.
+    pub fn linked_sessions(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<LinkedSession>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT ps.alias, ps.state, ps.jobid, ps.dsthost, ps.linked_at, js.state, \
+             {JOB_DETAIL_COLUMNS} FROM proxy ps LEFT JOIN jobstates js ON js.jobid = ps.jobid \
+             LEFT JOIN jobdetails jd ON jd.jobid = ps.jobid \
+             WHERE ps.jobid IS NOT NULL AND ps.jobid <> '' \
+             AND ps.state IN ('pending', 'mapped', 'proxied') AND ps.modified >= ?1 \
+             ORDER BY ps.alias"
+        ))?;
+        let rows = stmt.query_map([expiry_cutoff(now, ttl_secs)], |row| {
+            let jobid = value_text(row.get(2)?).unwrap_or_default();
+            let job_state = value_text(row.get(5)?);
+            Ok(LinkedSession {
+                alias: value_text(row.get(0)?).unwrap_or_default(),
+                state: ProxyState::parse(&value_text(row.get(1)?).unwrap_or_default()),
+                job: job_record(row, 6, Some(&jobid), job_state.as_deref())?,
+                jobid,
+                dsthost: value_text(row.get(3)?).filter(|h| !h.is_empty()),
+                linked_at: value_text(row.get(4)?).and_then(|t| parse_sql_timestamp(&t)),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Ends these sessions (state `ended`, when and why): their routes go in
+    /// the same transaction (the triggers), the rows stay as tombstones
+    /// until the TTL so their aliases are never issued again. Rows already
+    /// ended or gone are left alone. Returns how many ended now.
+    pub fn end_sessions(&mut self, ends: &[(String, String)], now: DateTime<Utc>) -> Result<usize> {
+        let tx = self.write_tx()?;
+        let mut ended = 0;
+        {
+            let mut end = tx.prepare(
+                "UPDATE proxy SET state = 'ended', ended_at = ?1, end_cause = ?2 \
+                 WHERE alias = ?3 AND state IN ('pending', 'mapped', 'proxied')",
+            )?;
+            for (alias, cause) in ends {
+                ended += end.execute(params![sql_timestamp(now), cause, alias])?;
+            }
+        }
+        tx.commit()?;
+        Ok(ended)
     }
 
     /// Deletes rows of every state whose `modified` is older than the TTL.
@@ -831,6 +984,41 @@ fn live_row_exists(conn: &Connection, hash: &str, alias: &str, cutoff: &str) -> 
         )
         .optional()?
         .is_some())
+}
+
+/// The `jobstates` columns beyond state and lastseen, in [`job_record`]'s
+/// order.
+const JOB_DETAIL_COLUMNS: &str =
+    "jd.reason, jd.start_time, jd.time_limit, jd.job_user, jd.job_uid, jd.nodes";
+
+/// A job record from [`JOB_DETAIL_COLUMNS`] starting at column `first`;
+/// `None` when no push mentioned the job.
+fn job_record(
+    row: &rusqlite::Row<'_>,
+    first: usize,
+    jobid: Option<&str>,
+    state: Option<&str>,
+) -> rusqlite::Result<Option<JobRecord>> {
+    let (Some(jobid), Some(state)) = (jobid, state) else {
+        return Ok(None);
+    };
+    Ok(Some(JobRecord {
+        jobid: jobid.to_owned(),
+        state: state.to_owned(),
+        reason: value_text(row.get(first)?),
+        start_time: value_integer(row.get(first + 1)?),
+        time_limit_secs: value_integer(row.get(first + 2)?),
+        user: value_text(row.get(first + 3)?),
+        uid: value_integer(row.get(first + 4)?),
+        nodes: value_text(row.get(first + 5)?)
+            .map(|n| {
+                n.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }))
 }
 
 /// Legacy columns are loosely typed: read whatever is there as text.

@@ -143,6 +143,48 @@ impl Context {
         crate::publish::Publisher::new(&self.config).redeem(store, alias, host, port, now)
     }
 
+    /// Why a redeem of `alias` from `host` is not its linked job's, if the
+    /// last pushes say so for sure (a linked, running job with known nodes
+    /// or a denied user); `None` when nothing is known against it.
+    fn redeem_mismatch(&mut self, alias: &str, host: IpAddr) -> Result<Option<String>, CoreError> {
+        if self.config.job_binding == crate::config::JobBinding::Off {
+            return Ok(None);
+        }
+        let (now, ttl) = (self.now(), self.config.ttl_secs);
+        let Some(token) = self.store()?.token_job(alias, now, ttl)? else {
+            return Ok(None);
+        };
+        let (Some(jobid), Some(job)) = (token.jobid, token.job) else {
+            return Ok(None);
+        };
+        let session = crate::store::LinkedSession {
+            alias: alias.to_owned(),
+            state: token.proxy_state,
+            jobid,
+            dsthost: Some(host.to_string()),
+            linked_at: None,
+            job: None,
+        };
+        let mut resolver = crate::sessions::NodeResolver::new(&self.config);
+        Ok(crate::sessions::binding_violation(
+            &self.config,
+            &mut resolver,
+            &session,
+            &job,
+        ))
+    }
+
+    /// Records a scheduler snapshot and ends the sessions it shows are over.
+    fn apply_snapshot(
+        &mut self,
+        snapshot: &crate::sessions::Snapshot,
+        now: DateTime<Utc>,
+    ) -> Result<crate::sessions::Applied, CoreError> {
+        self.store()?;
+        let store = self.store.as_mut().expect("opened above");
+        crate::sessions::apply_snapshot(store, &self.config, snapshot, now)
+    }
+
     fn wordlist(&mut self) -> Result<&Wordlist, CoreError> {
         if self.wordlist.is_none() {
             self.wordlist = Some(Wordlist::load(&self.config.wordlist)?);
