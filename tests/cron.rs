@@ -273,6 +273,56 @@ fn watch_publishes_a_redeem_without_a_manual_run() {
     watcher.wait().unwrap();
 }
 
+/// A redeem committed while a watcher's run is in progress (here: held in
+/// Apache's config test) is published by the next run, not at the idle run
+/// a minute later.
+#[test]
+fn watch_publishes_a_redeem_committed_during_a_run_without_waiting() {
+    let site = Site::new();
+    let started = site.path("configtest-started");
+    let gate = site.path("configtest-gate");
+    let held_test = format!(
+        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done",
+        started.display(),
+        gate.display()
+    );
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        format!(
+            "{text}\nrouting = \"vhost\"\napache_configtest = [\"/bin/sh\", \"-c\", {held_test:?}]\napache_reload = [\"/bin/true\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut watcher = Command::new(program("cron"))
+        .arg("--watch")
+        .env("SATELLITE_CONFIG", &site.config)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = site.redeemed_token(COMPUTE_NODE, 8888);
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        // Half the idle run: a lost wake-up would wait for the idle run.
+        let deadline = std::time::Instant::now() + satellite_cron::WATCH_IDLE_RUN / 2;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_for("the watcher's run never reached the config test", &|| {
+        started.exists()
+    });
+    let second = site.redeemed_token(OTHER_COMPUTE_NODE, 9999);
+    std::fs::write(&gate, "").unwrap();
+    wait_for(
+        "the redeem made during the run waited for the idle run",
+        &|| site.state_of(&second).as_deref() == Some("proxied"),
+    );
+    assert_eq!(site.state_of(&first).as_deref(), Some("proxied"));
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+}
+
 #[test]
 fn cron_refuses_a_missing_database_and_a_bad_config_clearly() {
     let site = Site::without_database("");
