@@ -15,7 +15,7 @@ pub const DEFAULT_MESSAGE: &str = "Please see documentation on how to use this s
 
 /// Shipped in the binary so that a missing html directory cannot take the
 /// waiting page down; `<htmldir>/waiting.html` replaces it when present.
-const WAITING_PAGE: &str = include_str!("../../assets/waiting.html");
+const WAITING_PAGE: &str = include_str!("../../../../html/satellite/waiting.html");
 
 /// Host headers longer than a DNS name cannot name an alias.
 const MAX_HOST_LEN: usize = 255;
