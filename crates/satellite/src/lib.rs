@@ -4,9 +4,7 @@
 
 pub mod admin;
 pub mod check;
-pub mod demo;
 pub mod install;
-pub mod private_apache;
 
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};

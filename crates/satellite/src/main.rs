@@ -197,9 +197,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Demo { walkthrough, port } => {
-            satellite::demo::demo(&satellite::demo::DemoOptions {
+            let options = satellite_demo::demo::DemoOptions {
                 port: *port,
                 walkthrough: *walkthrough,
+            };
+            satellite_demo::demo::demo(&options, |prefix, domain| {
+                install::init(&install::InitOptions {
+                    prefix: prefix.to_owned(),
+                    apache_user: None,
+                    cron_user: None,
+                    extbasename: domain.to_owned(),
+                    programs_dir: None,
+                })
+                .map(drop)
             })?;
             Ok(ExitCode::SUCCESS)
         }
