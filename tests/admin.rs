@@ -312,6 +312,7 @@ fn init_makes_the_install_tree_and_is_idempotent() {
     // The installed programs find their config beside them and work.
     let answer = Command::new(prefix.join("cgi/getlink.cgi"))
         .env_clear()
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
         .env("REQUEST_METHOD", "GET")
         .env("REMOTE_ADDR", "10.21.0.10")
         .output()

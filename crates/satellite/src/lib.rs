@@ -42,6 +42,13 @@ pub fn run_cgi(endpoint: Endpoint) -> ExitCode {
 
 fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
     let name = endpoint.name();
+    if !satellite_cgi::started_by_web_server() {
+        eprintln!(
+            "{name}: this is a CGI program: install it as {name}.cgi and let the web server run it \
+             (GATEWAY_INTERFACE is not set)"
+        );
+        return None;
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(err) => {
@@ -49,32 +56,16 @@ fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
             return Some(config_error_response());
         }
     };
-    let cgi = match satellite_cgi::read_request(
+    let cgi = satellite_cgi::read_request(
         std::env::vars_os(),
         io::stdin().lock(),
         config.max_body_bytes,
-    ) {
+    );
+    let cgi = match cgi {
         Ok(cgi) => cgi,
-        Err(CgiError::NotCgi) => {
-            eprintln!(
-                "{name}: this is a CGI program: install it as {name}.cgi and let the web server run it \
-                 (REQUEST_METHOD is not set)"
-            );
-            return None;
-        }
         Err(err) => {
             eprintln!("satellite {name}: {err}");
-            let (status, message) = match err {
-                CgiError::BodyTooLarge { limit } => (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("Request body too large (at most {limit} bytes)"),
-                ),
-                CgiError::UriTooLong => {
-                    (StatusCode::URI_TOO_LONG, "Request URI too long".to_owned())
-                }
-                _ => (StatusCode::BAD_REQUEST, "Malformed request".to_owned()),
-            };
-            return Some(oops(&config, status, &message));
+            return Some(refusal(&config, &err));
         }
     };
     let mut request = cgi.request;
@@ -84,6 +75,19 @@ fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
     let syslog = Syslog::new(&config.syslog_socket, "satellite");
     let mut ctx = Context::new(config, syslog);
     Some(handle(&mut ctx, endpoint, &request))
+}
+
+/// The answer to a request the CGI environment could not describe.
+fn refusal(config: &Config, err: &CgiError) -> http::Response<Body> {
+    let (status, message) = match err {
+        CgiError::BodyTooLarge { limit } => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Request body too large (at most {limit} bytes)"),
+        ),
+        CgiError::UriTooLong => (StatusCode::URI_TOO_LONG, "Request URI too long".to_owned()),
+        _ => (StatusCode::BAD_REQUEST, "Malformed request".to_owned()),
+    };
+    oops(config, status, &message)
 }
 
 /// The `cron` program: `cron [--watch] [--verbose]`. Exit status 0 when
