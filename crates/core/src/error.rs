@@ -17,6 +17,9 @@ pub enum CoreError {
     #[error("word list {path}: {message}")]
     Wordlist { path: PathBuf, message: String },
 
+    #[error("only {usable} usable words (at least {needed} are needed for tokens worth the name)")]
+    TooFewWords { usable: usize, needed: usize },
+
     #[error("database {path} does not exist (create it with `satellite migrate`)")]
     DatabaseMissing { path: PathBuf },
 
