@@ -8,6 +8,7 @@ pub mod install;
 
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
+use std::path::Path;
 use std::process::ExitCode;
 
 use http::StatusCode;
@@ -15,6 +16,32 @@ use satellite_cgi::CgiError;
 use satellite_core::endpoints::{bug_response, config_error_response, oops, Body};
 use satellite_core::syslog::Syslog;
 use satellite_core::{handle, ClientAddr, Config, Context, Endpoint};
+
+/// Context for an error about one file that names the file once: the
+/// configuration's and the store's errors name their path already, a bare
+/// SQLite or I/O error does not.
+pub trait AboutPath<T> {
+    /// Adds `<what> <path>` unless the error's message names `path`.
+    fn about_path(self, what: &str, path: &Path) -> anyhow::Result<T>;
+}
+
+impl<T, E> AboutPath<T> for Result<T, E>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn about_path(self, what: &str, path: &Path) -> anyhow::Result<T> {
+        self.map_err(|err| {
+            let path = path.display().to_string();
+            let names_path = err.to_string().contains(&path);
+            let err = anyhow::Error::new(err);
+            if names_path {
+                err
+            } else {
+                err.context(format!("{what} {path}"))
+            }
+        })
+    }
+}
 
 /// Answers the one request of this process for `endpoint`, as Apache's
 /// mod_cgi expects: meta-variables in, a `Status:` header and body out, and

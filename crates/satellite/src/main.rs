@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use satellite::{admin, install};
 use satellite_core::Config;
@@ -132,8 +132,8 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
         Some(path) => path.clone(),
         None => Config::locate()?,
     };
-    Config::load_file(&path)
-        .with_context(|| format!("loading the configuration {}", path.display()))
+    // The configuration's errors name the file already.
+    Ok(Config::load_file(&path)?)
 }
 
 fn print(text: String) -> Result<ExitCode> {
