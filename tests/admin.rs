@@ -324,6 +324,7 @@ fn init_makes_the_install_tree_and_is_idempotent() {
     // The installed programs find their config beside them and work.
     let answer = Command::new(prefix.join("cgi/getlink.cgi"))
         .env_clear()
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
         .env("REQUEST_METHOD", "GET")
         .env("REMOTE_ADDR", "10.21.0.10")
         .output()
@@ -425,5 +426,52 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
             apex_only.display()
         )),
         "{report}"
+    );
+}
+
+#[test]
+fn error_messages_name_each_path_once() {
+    let site = Site::without_database("");
+    let missing = site.path("etc/missing.toml");
+    let out = Command::new(program("satellite"))
+        .arg("--config")
+        .arg(&missing)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "satellite: configuration file {}: No such file or directory (os error 2)\n",
+            missing.display()
+        )
+    );
+
+    let out = satellite(&site, &["list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "satellite: database {} does not exist (create it with `satellite migrate`)\n",
+            site.db.display()
+        )
+    );
+
+    // An I/O error is said once, not once by the message and again as its
+    // source.
+    std::fs::remove_dir(site.path("dynconf")).unwrap();
+    let out = Command::new(program("satellite"))
+        .args(["migrate", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = satellite(&site, &["cron"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "satellite cron: opening lock file {}: No such file or directory (os error 2)\n",
+            site.path("dynconf/.satellite.lock").display()
+        )
     );
 }

@@ -266,12 +266,15 @@ fn fifty_concurrent_redeems_of_one_token_make_exactly_one_success() {
     assert_eq!(rows, 1);
 }
 
+/// The generator's own property (many draws, distinct valid labels) is a
+/// unit test in `satellite-core`'s `token.rs`; this checks the processes:
+/// concurrent getlinks, each with its own CSPRNG seed, store what they answer.
 #[test]
-fn two_thousand_getlinks_give_distinct_dns_labels() {
+fn three_hundred_concurrent_getlinks_give_distinct_dns_labels() {
     let site = Site::new();
     let tokens: Vec<String> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..4)
-            .map(|_| scope.spawn(|| (0..500).map(|_| site.new_token()).collect::<Vec<_>>()))
+            .map(|_| scope.spawn(|| (0..75).map(|_| site.new_token()).collect::<Vec<_>>()))
             .collect();
         workers
             .into_iter()
@@ -279,7 +282,7 @@ fn two_thousand_getlinks_give_distinct_dns_labels() {
             .collect()
     });
     let distinct: HashSet<&String> = tokens.iter().collect();
-    assert_eq!(distinct.len(), 2000);
+    assert_eq!(distinct.len(), 300);
     for token in &tokens {
         assert!(
             token.len() <= 63 && token.split('-').count() == 3,
@@ -293,7 +296,7 @@ fn two_thousand_getlinks_give_distinct_dns_labels() {
         .db()
         .query_row("SELECT count(DISTINCT alias) FROM proxy", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(rows, 2000);
+    assert_eq!(rows, 300);
 }
 
 fn legacy_schema(variant: &str) -> String {

@@ -19,7 +19,7 @@ use std::process::{Child, Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use satellite::private_apache::{
+use satellite_demo::private_apache::{
     children_of, make_certificate, ApacheInstall, Certificate, PrivateApache, Site, SiteConf,
 };
 

@@ -84,6 +84,7 @@ fn cgi(programs: &Path, site: &Site, program: &str, query: &str, host: &str) -> 
         let out = Command::new(programs.join(program))
             .env_clear()
             .env("SATELLITE_CONFIG", &site.config)
+            .env("GATEWAY_INTERFACE", "CGI/1.1")
             .env("REQUEST_METHOD", "GET")
             .env("QUERY_STRING", query)
             .env("REMOTE_ADDR", "10.0.0.1")
@@ -168,6 +169,7 @@ fn main() -> Result<()> {
         let out = Command::new(programs.join("getlink"))
             .env_clear()
             .env("SATELLITE_CONFIG", &site.config)
+            .env("GATEWAY_INTERFACE", "CGI/1.1")
             .env("REQUEST_METHOD", "GET")
             .env("REMOTE_ADDR", "10.0.0.1")
             .output()?;

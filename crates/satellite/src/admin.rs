@@ -15,12 +15,14 @@ use satellite_core::routes::{self, RouteSet};
 use satellite_core::store::{TokenRow, SCHEMA_VERSION};
 use satellite_core::{Config, Store};
 
+use crate::AboutPath;
+
 pub fn open_store(config: &Config) -> Result<Store> {
     Store::open(
         &config.dbfile,
         Duration::from_millis(config.busy_timeout_ms),
     )
-    .with_context(|| format!("opening {}", config.dbfile.display()))
+    .about_path("opening", &config.dbfile)
 }
 
 fn age(modified: &str) -> String {
@@ -173,8 +175,7 @@ pub fn stats(config: &Config) -> Result<String> {
 /// What a database holds and what migrating it will change, read without
 /// writing anything.
 pub fn inspect(db: &Path) -> Result<String> {
-    let found =
-        Store::inspect(db).with_context(|| format!("reading {} read-only", db.display()))?;
+    let found = Store::inspect(db).about_path("reading read-only", db)?;
     let version = found.version;
     let mut out = format!(
         "{}:\n  schema version {version} (this build writes {SCHEMA_VERSION})\n",
@@ -233,8 +234,8 @@ pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
                 db.display()
             ));
         }
-        let (_store, _) = Store::open_or_create(db, Duration::from_secs(10))
-            .with_context(|| format!("creating {}", db.display()))?;
+        let (_store, _) =
+            Store::open_or_create(db, Duration::from_secs(10)).about_path("creating", db)?;
         return Ok(format!("{}: created\n", db.display()));
     }
     let mut out = inspect(db)?;
@@ -252,8 +253,7 @@ pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
     ));
     Store::backup_to(db, &backup).with_context(|| format!("backing up to {}", backup.display()))?;
     let _ = writeln!(out, "  backup written to {}", backup.display());
-    Store::open(db, Duration::from_secs(10))
-        .with_context(|| format!("migrating {}", db.display()))?;
+    Store::open(db, Duration::from_secs(10)).about_path("migrating", db)?;
     out.push_str("  migrated; in map routing run `satellite cron` once to fill the routes table\n");
     Ok(out)
 }
@@ -298,8 +298,7 @@ pub fn push_jobstates(
 ) -> Result<String> {
     let states = satellite_core::endpoints::parse_job_table(table.as_bytes());
     if let Some(db) = db {
-        let mut store = Store::open(db, Duration::from_secs(10))
-            .with_context(|| format!("opening {}", db.display()))?;
+        let mut store = Store::open(db, Duration::from_secs(10)).about_path("opening", db)?;
         let n = store.update_jobstates(&states, Utc::now().timestamp())?;
         return Ok(format!("wrote {n} job state(s) to {}\n", db.display()));
     }

@@ -18,6 +18,7 @@ use nix::unistd::{chown, Gid, Group, Uid, User};
 use satellite_core::{Endpoint, Store};
 
 use crate::admin::set_mode;
+use crate::AboutPath;
 
 pub const WORDLIST: &str = include_str!("../../../wordlist/eff_large_wordlist.txt");
 pub const RETRY_PAGE: &str = include_str!("../../../html/satellite/retry.html");
@@ -98,8 +99,8 @@ pub fn init(options: &InitOptions) -> Result<String> {
         write_if_missing(&prefix.join(file), "")?;
     }
     let db = prefix.join("var/state.sqlite");
-    let (_store, migration) = Store::open_or_create(&db, Duration::from_secs(10))
-        .with_context(|| format!("creating {}", db.display()))?;
+    let (_store, migration) =
+        Store::open_or_create(&db, Duration::from_secs(10)).about_path("creating", &db)?;
     if migration.created {
         log.push_str(&format!("created {}\n", db.display()));
     }

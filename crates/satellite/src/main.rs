@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use satellite::{admin, install};
 use satellite_core::Config;
@@ -132,8 +132,8 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
         Some(path) => path.clone(),
         None => Config::locate()?,
     };
-    Config::load_file(&path)
-        .with_context(|| format!("loading the configuration {}", path.display()))
+    // The configuration's errors name the file already.
+    Ok(Config::load_file(&path)?)
 }
 
 fn print(text: String) -> Result<ExitCode> {
@@ -197,9 +197,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Demo { walkthrough, port } => {
-            satellite::demo::demo(&satellite::demo::DemoOptions {
+            let options = satellite_demo::demo::DemoOptions {
                 port: *port,
                 walkthrough: *walkthrough,
+            };
+            satellite_demo::demo::demo(&options, |prefix, domain| {
+                install::init(&install::InitOptions {
+                    prefix: prefix.to_owned(),
+                    apache_user: None,
+                    cron_user: None,
+                    extbasename: domain.to_owned(),
+                    programs_dir: None,
+                })
+                .map(drop)
             })?;
             Ok(ExitCode::SUCCESS)
         }

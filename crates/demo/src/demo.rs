@@ -15,7 +15,6 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use satellite_core::Config;
 
-use crate::install::{init, InitOptions};
 use crate::private_apache::{make_certificate, ApacheInstall, PrivateApache, Site, SiteConf};
 
 pub const DOMAIN: &str = "demo.localhost";
@@ -33,7 +32,10 @@ extern "C" fn on_interrupt(_: nix::libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-pub fn demo(options: &DemoOptions) -> Result<()> {
+/// Runs the demo until Ctrl-C (or through the walkthrough). `install`
+/// makes an install tree (`satellite init`) at the given prefix for the
+/// given domain.
+pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<()>) -> Result<()> {
     let apache = ApacheInstall::find()?;
     let work = tempfile::Builder::new()
         .prefix("satellite-demo-")
@@ -41,13 +43,7 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
     let dir = work.path();
     let root = dir.join("site");
     println!("satellite demo in {}", dir.display());
-    init(&InitOptions {
-        prefix: root.clone(),
-        apache_user: None,
-        cron_user: None,
-        extbasename: DOMAIN.into(),
-        programs_dir: None,
-    })?;
+    install(&root, DOMAIN)?;
     let certificate = make_certificate(dir, DOMAIN)?;
     let serve_port = free_port()?;
     let backend_port = free_port_on(BACKEND_IP)?;
