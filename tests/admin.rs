@@ -4,6 +4,7 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Output};
 
 use support::*;
@@ -263,6 +264,49 @@ fn jobstates_push_writes_squeue_output_into_the_database() {
     assert_eq!(state.text(), "R");
 }
 
+/// As root, `init` gives `var/` to the web server's group and `dynconf/`
+/// (which Apache includes as root) to cron's user alone: the web server
+/// user can write the database but gets EACCES on the configuration.
+fn web_server_user_cannot_write_apache_configuration(top: &Path, prefix: &Path) {
+    if !nix::unistd::Uid::effective().is_root() {
+        return;
+    }
+    let Some(user) = ["www-data", "apache"]
+        .into_iter()
+        .find(|u| nix::unistd::User::from_name(u).ok().flatten().is_some())
+    else {
+        panic!("running as root but no web server user (www-data, apache) exists");
+    };
+    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(prefix, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_web_server = |script: &str| {
+        Command::new("runuser")
+            .args(["-u", user, "--", "/bin/sh", "-c", script])
+            .current_dir(prefix)
+            .output()
+            .unwrap()
+    };
+    let db = as_web_server("test -w var/state.sqlite && : >> var/state.sqlite");
+    assert!(
+        db.status.success(),
+        "{}",
+        String::from_utf8_lossy(&db.stderr)
+    );
+    for attack in [
+        "echo '<VirtualHost *:1>ErrorLog \"|/bin/sh -c id\"</VirtualHost>' >> dynconf/proxyconf.conf",
+        "echo 'Include /tmp/x' > dynconf/evil.conf",
+        "mv dynconf/proxyconf.conf dynconf/old.conf",
+    ] {
+        let out = as_web_server(attack);
+        assert!(!out.status.success(), "{attack} succeeded as {user}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{attack}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn init_makes_the_install_tree_and_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
@@ -285,6 +329,7 @@ fn init_makes_the_install_tree_and_is_idempotent() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
+    web_server_user_cannot_write_apache_configuration(dir.path(), &prefix);
     std::fs::write(
         prefix.join("etc/satellite.toml"),
         "extbasename = \"hpc.example.edu\"\ntgtipmask = [\"10.21.0.0/16\"]\nsyslog_socket = \"\"\n",

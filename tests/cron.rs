@@ -323,6 +323,33 @@ fn watch_publishes_a_redeem_committed_during_a_run_without_waiting() {
     watcher.wait().unwrap();
 }
 
+/// A writer killed mid-write leaves a temporary file; one with the same pid
+/// later must still publish, and the leftover goes at the next write.
+#[test]
+fn leftovers_of_a_killed_writer_never_block_publication_and_are_cleaned() {
+    let site = vhost_site("/bin/true", "/bin/true");
+    let leftover = site.path(&format!(
+        "dynconf/.proxyconf.conf.tmp.{}",
+        std::process::id()
+    ));
+    std::fs::write(&leftover, "half a <VirtualHost").unwrap();
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    let out = cron(&site, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+    assert!(!leftover.exists());
+    let temps: Vec<String> = std::fs::read_dir(site.path("dynconf"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp."))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+}
+
 #[test]
 fn cron_refuses_a_missing_database_and_a_bad_config_clearly() {
     let site = Site::without_database("");

@@ -160,6 +160,29 @@ fn mode_of(path: &Path) -> Option<u32> {
         .map(|m| m.permissions().mode() & 0o7777)
 }
 
+/// Apache reads the vhost include as configuration, as root: whoever can
+/// write it (or replace it in its directory) can run commands as root at
+/// the next reload.
+fn not_writable_by_others(path: &Path) -> Finding {
+    match mode_of(path) {
+        Some(mode) if mode & 0o022 != 0 => fail(
+            format!(
+                "{} is writable by its group or others ({mode:o}): Apache reads it as configuration",
+                path.display()
+            ),
+            format!("chmod go-w {} (only cron's user writes it)", path.display()),
+        ),
+        Some(mode) => ok(format!(
+            "{} is writable by its owner only ({mode:o})",
+            path.display()
+        )),
+        None => warn(
+            format!("{} does not exist yet", path.display()),
+            "satellite init, then satellite cron",
+        ),
+    }
+}
+
 fn check_files(config: &Config) -> Vec<Finding> {
     let mut findings = Vec::new();
     let writable_by_group = |dir: &Path, why: &str| -> Finding {
@@ -193,6 +216,10 @@ fn check_files(config: &Config) -> Vec<Finding> {
     match config.routing {
         Routing::Map => findings.push(check_dbd_driver()),
         Routing::Vhost => {
+            findings.push(not_writable_by_others(&config.httpdstubfile));
+            if let Some(dynconf) = config.httpdstubfile.parent() {
+                findings.push(not_writable_by_others(dynconf));
+            }
             if !config.httpdstubfile.exists() {
                 findings.push(warn(
                     format!("{} does not exist yet", config.httpdstubfile.display()),
