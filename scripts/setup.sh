@@ -6,7 +6,7 @@ set -euo pipefail
 what="${1:-test}"
 
 # Debian package names; rhel_name maps the few that differ.
-demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3)
+demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3 iproute2)
 test_pkgs=()
 
 rhel_name() {

@@ -754,3 +754,73 @@ fn map_mode_routes_come_and_go_under_load_and_survive_kill_9_of_writers() {
     assert!(ok > 0);
     assert_eq!(apache.generations(), generations, "{}", apache.error_log());
 }
+
+/// A websocket outlives the route that opened it unless something cuts it:
+/// with `cron --watch` running, revoking a token closes its open tunnels
+/// (here long before the client's 30 s read timeout), and a session on
+/// another backend keeps its own.
+#[test]
+fn map_mode_revoke_closes_open_websockets_of_the_route() {
+    let apache = Apache::start(Routing::Map);
+    let a = Backend::start("alpha", BACKEND_A);
+    let b = Backend::start("bravo", BACKEND_B);
+    let revoked = apache.getlink();
+    apache.redeem_ok(&revoked, BACKEND_A, a.port());
+    let kept = apache.getlink();
+    apache.redeem_ok(&kept, BACKEND_B, b.port());
+    let mut watcher = apache
+        .cron_command()
+        .arg("--watch")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The watcher knows both routes once it says it is watching.
+    let mut said = std::io::BufReader::new(watcher.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("watching the database; routes lead to 2 backend(s)") {
+        line.clear();
+        let read = std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+        assert!(read > 0, "the watcher stopped before watching");
+    }
+    let open = |alias: &str| {
+        let mut ws = apache.client().connect(&apache.host(alias)).unwrap();
+        let r = ws
+            .websocket(
+                &apache.host_port(alias),
+                "/api/kernels/k/channels",
+                JUPYTER_WS,
+            )
+            .unwrap();
+        assert_eq!(r.status, 101, "{r}");
+        ws.send_text("before").unwrap();
+        assert_eq!(ws.recv_text().unwrap(), "before");
+        ws
+    };
+    let mut ws_revoked = open(&revoked);
+    let mut ws_kept = open(&kept);
+
+    let out = Command::new(support::apache::SATELLITE)
+        .args(["revoke", &revoked, "--config"])
+        .arg(apache.config_file())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match ws_revoked.recv_text() {
+        Ok(text) => panic!("the revoked websocket still carried {text:?}"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the revoked websocket stayed open until the read timeout: {e}"
+        ),
+    }
+    ws_kept.send_text("after").unwrap();
+    assert_eq!(ws_kept.recv_text().unwrap(), "after");
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+}

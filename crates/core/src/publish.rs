@@ -18,6 +18,7 @@
 //! [`Publisher::redeem`] and [`Publisher::reconcile`] (the only places that
 //! match on it), and its Apache side in `httpd-conf/satellite.conf`.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::net::IpAddr;
@@ -125,6 +126,31 @@ impl<'a> Publisher<'a> {
         match self.config.routing {
             Routing::Map => self.reconcile_map(store, &set),
             Routing::Vhost => self.reconcile_vhosts(store, &set),
+        }
+    }
+
+    /// The backends that live routes lead to (`ip:port`), and when the
+    /// first of those routes expires: what [`cut_tunnels`] compares.
+    pub fn live_targets(
+        &self,
+        store: &Store,
+        now: DateTime<Utc>,
+    ) -> Result<(HashSet<String>, Option<DateTime<Utc>>)> {
+        match self.config.routing {
+            Routing::Map => {
+                let (targets, first_expiry) = store.live_targets(now)?;
+                Ok((targets.into_iter().collect(), first_expiry))
+            }
+            Routing::Vhost => {
+                let set =
+                    RouteSet::from_rows(&store.route_rows(now, self.config.ttl_secs)?, self.config);
+                let ttl = chrono::Duration::seconds(self.config.ttl_secs);
+                let first_expiry = set.routes.iter().map(|r| r.modified + ttl).min();
+                Ok((
+                    set.routes.iter().map(|r| r.target()).collect(),
+                    first_expiry,
+                ))
+            }
         }
     }
 
@@ -281,4 +307,38 @@ fn reload_apache(config: &Config) -> Result<()> {
         ))
     })?;
     Ok(())
+}
+
+/// `ss`, wherever this system keeps it (cron's PATH may be minimal).
+fn ss_program() -> &'static str {
+    ["/usr/sbin/ss", "/usr/bin/ss", "/sbin/ss", "/bin/ss"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("ss")
+}
+
+/// Closes this host's open TCP connections to each `ip:port` (the tunnels
+/// Apache holds to a backend whose route is gone: a websocket outlives the
+/// route that opened it). Needs CAP_NET_ADMIN (`ss -K`). Returns one line
+/// per target that could not be cut.
+pub fn cut_tunnels(targets: &[String]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for target in targets {
+        let Some((host, port)) = target.rsplit_once(':') else {
+            continue;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.parse::<IpAddr>().is_err() || port.parse::<u16>().is_err() {
+            failures.push(format!("{target}: not an ip:port"));
+            continue;
+        }
+        let argv: Vec<String> = [ss_program(), "-K", "-t", "dst", host, "dport", "=", port]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Err(err) = run_command(&argv, "closing tunnels") {
+            failures.push(err.to_string());
+        }
+    }
+    failures
 }

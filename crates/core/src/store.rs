@@ -813,6 +813,24 @@ impl Store {
             .optional()?)
     }
 
+    /// The targets of the routes live at `now`, and when the first of them
+    /// expires.
+    pub fn live_targets(&self, now: DateTime<Utc>) -> Result<(Vec<String>, Option<DateTime<Utc>>)> {
+        let now_text = sql_timestamp(now);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT target FROM routes WHERE expires >= ?1")?;
+        let targets = stmt
+            .query_map([&now_text], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        let first_expiry: Option<String> = self.conn.query_row(
+            "SELECT min(expires) FROM routes WHERE expires >= ?1",
+            [&now_text],
+            |r| r.get(0),
+        )?;
+        Ok((targets, first_expiry.and_then(|t| parse_sql_timestamp(&t))))
+    }
+
     /// How many routes the data plane holds that are live at `now`.
     pub fn live_route_count(&self, now: DateTime<Utc>) -> Result<i64> {
         Ok(self.conn.query_row(

@@ -29,6 +29,12 @@ pub struct Report {
     pub skipped: bool,
     pub expired: usize,
     pub published: publish::Report,
+    /// Backends (`ip:port`) whose routes went away since the last run, and
+    /// whose open connections were cut (`--watch` only).
+    pub tunnels_cut: Vec<String>,
+    pub cut_failures: Vec<String>,
+    /// `--watch`'s first run: it now watches, with this many live backends.
+    pub watching: Option<usize>,
 }
 
 impl Report {
@@ -37,6 +43,18 @@ impl Report {
     pub fn lines(&self) -> Vec<String> {
         let published = &self.published;
         let mut lines = published.refused.clone();
+        lines.extend(self.cut_failures.iter().cloned());
+        if let Some(backends) = self.watching {
+            lines.push(format!(
+                "watching the database; routes lead to {backends} backend(s)"
+            ));
+        }
+        if !self.tunnels_cut.is_empty() {
+            lines.push(format!(
+                "closed open connections to {} backend(s) whose route is gone",
+                self.tunnels_cut.len()
+            ));
+        }
         if self.expired > 0 {
             lines.push(format!("expired {} token(s)", self.expired));
         }
@@ -97,6 +115,7 @@ pub fn run_locked(config: &Config) -> Result<Report> {
         skipped: false,
         expired,
         published,
+        ..Report::default()
     })
 }
 
@@ -111,14 +130,21 @@ pub fn watch(config: &Config, mut on_report: impl FnMut(Result<Report>)) -> Resu
         );
     };
     let watcher = open_store(config)?;
+    let publisher = Publisher::new(config);
     let data_version = || -> Result<i64> { Ok(watcher.data_version()?) };
     let mut seen = data_version()?;
-    on_report(run_locked(config));
+    let mut first = run_locked(config);
+    let (mut live, mut first_expiry) = publisher.live_targets(&watcher, Utc::now())?;
+    if let Ok(report) = first.as_mut() {
+        report.watching = Some(live.len());
+    }
+    on_report(first);
     let mut last_run = Instant::now();
     loop {
         thread::sleep(WATCH_POLL);
         let now = data_version()?;
-        if now != seen || last_run.elapsed() >= WATCH_IDLE_RUN {
+        let expired = first_expiry.is_some_and(|at| Utc::now() > at);
+        if now != seen || expired || last_run.elapsed() >= WATCH_IDLE_RUN {
             // Let a burst of writes (getlink, redeem, link) settle first.
             thread::sleep(WATCH_DEBOUNCE);
             // What is seen is the version before the run: a commit made by
@@ -127,7 +153,18 @@ pub fn watch(config: &Config, mut on_report: impl FnMut(Result<Report>)) -> Resu
             // writes trigger one more, which finds nothing to do and
             // writes nothing.
             seen = data_version()?;
-            on_report(run_locked(config));
+            let mut report = run_locked(config);
+            // Open tunnels (websockets) to a backend whose route is gone
+            // would outlive the route: cut them.
+            let (still_live, next_expiry) = publisher.live_targets(&watcher, Utc::now())?;
+            let mut gone: Vec<String> = live.difference(&still_live).cloned().collect();
+            gone.sort();
+            if let Ok(report) = report.as_mut() {
+                report.tunnels_cut = gone.clone();
+                report.cut_failures = publish::cut_tunnels(&gone);
+            }
+            (live, first_expiry) = (still_live, next_expiry);
+            on_report(report);
             last_run = Instant::now();
         }
     }
