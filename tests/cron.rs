@@ -223,30 +223,46 @@ fn a_deleted_generated_file_is_recreated() {
 
 #[test]
 fn a_second_cron_while_one_runs_exits_zero_at_once() {
-    // The config test sleeps, so the first run holds the lock for a while.
-    let site = Site::with_config(
-        "routing = \"vhost\"\napache_configtest = [\"/bin/sleep\", \"5\"]\napache_reload = [\"/bin/true\"]",
-    );
-    site.redeemed_token(COMPUTE_NODE, 8888);
-    let first = Command::new(program("cron"))
+    let site = vhost_site("/bin/true", "/bin/true");
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    // The test is the run in progress: it holds the run lock until the
+    // second cron has exited. A cron that waited for the lock instead of
+    // skipping would never exit while the lock is held.
+    let lock = std::fs::File::open(site.path("dynconf/.satellite.lock"))
+        .or_else(|_| std::fs::File::create(site.path("dynconf/.satellite.lock")))
+        .unwrap();
+    lock.lock().unwrap();
+    let mut second = Command::new(program("cron"))
+        .arg("--verbose")
         .env("SATELLITE_CONFIG", &site.config)
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the first run has taken the lock (its config test is running).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !site.path("dynconf/proxyconf.conf").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "first cron never wrote"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    let deadline = std::time::Instant::now() + support::apache::DEADLINE;
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            panic!("the second cron waited for the lock instead of exiting");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let second = cron(&site, &[]);
-    assert!(second.status.success());
+    let second = second.wait_with_output().unwrap();
+    assert_eq!(second.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&second.stdout), "");
-    let first = first.wait_with_output().unwrap();
-    assert!(first.status.success());
+    assert_eq!(String::from_utf8_lossy(&second.stderr), "");
+    // It skipped: nothing written, nothing marked.
+    assert_eq!(site.state_of(&token).as_deref(), Some("mapped"));
+    assert!(
+        !std::fs::read_to_string(site.path("dynconf/proxyconf.conf"))
+            .unwrap_or_default()
+            .contains(&token)
+    );
+    // Once the lock is free, the same command does the run.
+    drop(lock);
+    let third = cron(&site, &[]);
+    assert!(third.status.success());
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
 }
 
 #[test]

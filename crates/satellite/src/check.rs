@@ -214,7 +214,15 @@ fn check_files(config: &Config) -> Vec<Finding> {
         ));
     }
     match config.routing {
-        Routing::Map => findings.push(check_dbd_driver()),
+        Routing::Map => {
+            findings.push(check_dbd_driver());
+            if config.obsolete_mapfile.is_some() || config.obsolete_map_format.is_some() {
+                findings.push(warn(
+                    "mapfile and map_format are obsolete: map routing reads routes from the database",
+                    "remove them from satellite.toml (they are ignored)",
+                ));
+            }
+        }
         Routing::Vhost => {
             findings.push(not_writable_by_others(&config.httpdstubfile));
             if let Some(dynconf) = config.httpdstubfile.parent() {

@@ -47,130 +47,173 @@ fn default_apache_user() -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Makes (or completes) the install tree under `options.prefix` and says
+/// what it did, a line a step. Safe to run again: the configuration, the
+/// word list and the database are kept, the programs replaced.
+///
+/// # Errors
+/// When a program is missing beside this one, a file cannot be written, or
+/// (as root) the web server's user or the cron user does not exist.
 pub fn init(options: &InitOptions) -> Result<String> {
     let prefix = &options.prefix;
     let mut log = String::new();
-    let programs = match &options.programs_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()?
-            .canonicalize()?
-            .parent()
-            .context("locating the programs")?
-            .to_owned(),
-    };
     for dir in ["cgi", "bin", "etc", "var", "dynconf", "html/satellite"] {
         fs::create_dir_all(prefix.join(dir))
             .with_context(|| format!("creating {}", prefix.join(dir).display()))?;
     }
-    for endpoint in Endpoint::ALL {
-        install_program(
-            &programs,
-            endpoint.name(),
-            &prefix.join(format!("cgi/{}.cgi", endpoint.name())),
-        )?;
-    }
-    for name in ["satellite", "cron"] {
-        install_program(&programs, name, &prefix.join("bin").join(name))?;
-    }
+    install_programs(&programs_dir(options)?, prefix)?;
     log.push_str(&format!(
         "installed the programs into {0}/cgi and {0}/bin\n",
         prefix.display()
     ));
-
-    let config = prefix.join("etc/satellite.toml");
-    if config.exists() {
-        log.push_str(&format!("kept {}\n", config.display()));
-    } else {
-        fs::write(
-            &config,
-            CONFIG_TEMPLATE.replace("@EXTBASENAME@", &options.extbasename),
-        )?;
-        log.push_str(&format!("wrote {}\n", config.display()));
-    }
-    write_if_missing(&prefix.join("var/eff_large_wordlist.txt"), WORDLIST)?;
-    for (name, text) in [
-        ("retry.html", RETRY_PAGE),
-        ("waiting.html", WAITING_PAGE),
-        ("default.txt", DEFAULT_MESSAGE),
-    ] {
-        fs::write(prefix.join("html/satellite").join(name), text)?;
-    }
-    for file in LOCK_AND_ROUTE_FILES {
-        write_if_missing(&prefix.join(file), "")?;
-    }
-    let db = prefix.join("var/state.sqlite");
-    let (_store, migration) =
-        Store::open_or_create(&db, Duration::from_secs(10)).about_path("creating", &db)?;
-    if migration.created {
-        log.push_str(&format!("created {}\n", db.display()));
-    }
-
-    // The web server runs the endpoints: it writes the database (and WAL
-    // files beside it). Apache reads dynconf/ as configuration, so only
-    // cron's user may write there: never the web server user, whose code
-    // would otherwise run as root at the next reload.
-    set_mode(&prefix.join("var"), 0o2770)?;
-    set_mode(&prefix.join("dynconf"), 0o755)?;
-    set_mode(&db, 0o660)?;
-    for file in LOCK_AND_ROUTE_FILES {
-        set_mode(&prefix.join(file), 0o644)?;
-    }
-    set_mode(&config, 0o640)?;
+    log.push_str(&write_config(prefix, &options.extbasename)?);
+    write_data_files(prefix)?;
+    log.push_str(&create_database(prefix)?);
+    set_modes(prefix)?;
     if Uid::effective().is_root() {
-        let apache = options
-            .apache_user
-            .clone()
-            .or_else(default_apache_user)
-            .context("no web server user found (www-data, apache); give --apache-user")?;
-        let group = Group::from_name(&apache)?
-            .map(|g| g.gid)
-            .or_else(|| User::from_name(&apache).ok().flatten().map(|u| u.gid))
-            .with_context(|| format!("no group for web server user {apache}"))?;
-        let owner = match &options.cron_user {
-            Some(name) => {
-                User::from_name(name)?
-                    .with_context(|| format!("no user {name}"))?
-                    .uid
-            }
-            None => Uid::from_raw(0),
-        };
-        for path in [
-            "etc",
-            "etc/satellite.toml",
-            "var",
-            "var/state.sqlite",
-            "var/eff_large_wordlist.txt",
-        ] {
-            chown(&prefix.join(path), Some(owner), Some(group))
-                .with_context(|| format!("chown {}", prefix.join(path).display()))?;
-        }
-        let owner_group = User::from_uid(owner)?
-            .map(|u| u.gid)
-            .unwrap_or(Gid::from_raw(0));
-        for path in [
-            "dynconf",
-            "dynconf/proxyconf.conf",
-            "dynconf/.satellite.lock",
-        ] {
-            chown(&prefix.join(path), Some(owner), Some(owner_group))
-                .with_context(|| format!("chown {}", prefix.join(path).display()))?;
-        }
-        for wal in ["var/state.sqlite-wal", "var/state.sqlite-shm"] {
-            let _ = chown(
-                &prefix.join(wal),
-                Some(owner),
-                Some(Gid::from_raw(group.as_raw())),
-            );
-        }
-        log.push_str(&format!(
-            "var/ belongs to group {apache} (mode 2770); dynconf/ only to cron's user (mode 755)\n"
-        ));
+        log.push_str(&give_to_web_server(prefix, options)?);
     } else {
         log.push_str(
             "not root: ownership left as is (run as root to give var/ to the web server group)\n",
         );
     }
     Ok(log)
+}
+
+fn programs_dir(options: &InitOptions) -> Result<PathBuf> {
+    match &options.programs_dir {
+        Some(dir) => Ok(dir.clone()),
+        None => Ok(std::env::current_exe()?
+            .canonicalize()?
+            .parent()
+            .context("locating the programs")?
+            .to_owned()),
+    }
+}
+
+fn install_programs(programs: &Path, prefix: &Path) -> Result<()> {
+    for endpoint in Endpoint::ALL {
+        install_program(
+            programs,
+            endpoint.name(),
+            &prefix.join(format!("cgi/{}.cgi", endpoint.name())),
+        )?;
+    }
+    for name in ["satellite", "cron"] {
+        install_program(programs, name, &prefix.join("bin").join(name))?;
+    }
+    Ok(())
+}
+
+/// A configuration for `extbasename` unless there is one: an admin's
+/// settings are never overwritten.
+fn write_config(prefix: &Path, extbasename: &str) -> Result<String> {
+    let config = prefix.join("etc/satellite.toml");
+    if config.exists() {
+        return Ok(format!("kept {}\n", config.display()));
+    }
+    fs::write(
+        &config,
+        CONFIG_TEMPLATE.replace("@EXTBASENAME@", extbasename),
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    Ok(format!("wrote {}\n", config.display()))
+}
+
+fn write_data_files(prefix: &Path) -> Result<()> {
+    write_if_missing(&prefix.join("var/eff_large_wordlist.txt"), WORDLIST)?;
+    for (name, text) in [
+        ("retry.html", RETRY_PAGE),
+        ("waiting.html", WAITING_PAGE),
+        ("default.txt", DEFAULT_MESSAGE),
+    ] {
+        let path = prefix.join("html/satellite").join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    for file in LOCK_AND_ROUTE_FILES {
+        write_if_missing(&prefix.join(file), "")?;
+    }
+    Ok(())
+}
+
+fn create_database(prefix: &Path) -> Result<String> {
+    let db = prefix.join("var/state.sqlite");
+    let (_store, migration) =
+        Store::open_or_create(&db, Duration::from_secs(10)).about_path("creating", &db)?;
+    Ok(if migration.created {
+        format!("created {}\n", db.display())
+    } else {
+        String::new()
+    })
+}
+
+/// The web server runs the endpoints: it writes the database (and WAL
+/// files beside it). Apache reads dynconf/ as configuration, so only
+/// cron's user may write there: never the web server user, whose code
+/// would otherwise run as root at the next reload.
+fn set_modes(prefix: &Path) -> Result<()> {
+    set_mode(&prefix.join("var"), 0o2770)?;
+    set_mode(&prefix.join("dynconf"), 0o755)?;
+    set_mode(&prefix.join("var/state.sqlite"), 0o660)?;
+    for file in LOCK_AND_ROUTE_FILES {
+        set_mode(&prefix.join(file), 0o644)?;
+    }
+    set_mode(&prefix.join("etc/satellite.toml"), 0o640)
+}
+
+/// As root: what the web server writes belongs to its group, and to the
+/// cron user (root unless named); what Apache reads as configuration to
+/// the cron user alone.
+fn give_to_web_server(prefix: &Path, options: &InitOptions) -> Result<String> {
+    let apache = options
+        .apache_user
+        .clone()
+        .or_else(default_apache_user)
+        .context("no web server user found (www-data, apache); give --apache-user")?;
+    let group = Group::from_name(&apache)?
+        .map(|g| g.gid)
+        .or_else(|| User::from_name(&apache).ok().flatten().map(|u| u.gid))
+        .with_context(|| format!("no group for web server user {apache}"))?;
+    let owner = match &options.cron_user {
+        Some(name) => {
+            User::from_name(name)?
+                .with_context(|| format!("no user {name}"))?
+                .uid
+        }
+        None => Uid::from_raw(0),
+    };
+    for path in [
+        "etc",
+        "etc/satellite.toml",
+        "var",
+        "var/state.sqlite",
+        "var/eff_large_wordlist.txt",
+    ] {
+        chown(&prefix.join(path), Some(owner), Some(group))
+            .with_context(|| format!("chown {}", prefix.join(path).display()))?;
+    }
+    let owner_group = User::from_uid(owner)?
+        .map(|u| u.gid)
+        .unwrap_or(Gid::from_raw(0));
+    for path in [
+        "dynconf",
+        "dynconf/proxyconf.conf",
+        "dynconf/.satellite.lock",
+    ] {
+        chown(&prefix.join(path), Some(owner), Some(owner_group))
+            .with_context(|| format!("chown {}", prefix.join(path).display()))?;
+    }
+    for wal in ["var/state.sqlite-wal", "var/state.sqlite-shm"] {
+        // They exist only while a connection is open; missing is fine.
+        let _ = chown(
+            &prefix.join(wal),
+            Some(owner),
+            Some(Gid::from_raw(group.as_raw())),
+        );
+    }
+    Ok(format!(
+        "var/ belongs to group {apache} (mode 2770); dynconf/ only to cron's user (mode 755)\n"
+    ))
 }
 
 fn install_program(from_dir: &Path, name: &str, to: &Path) -> Result<()> {
