@@ -7,13 +7,17 @@ what="${1:-test}"
 
 # Debian package names; rhel_name maps the few that differ.
 demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3 iproute2)
-test_pkgs=()
+# A real single-node Slurm for tests/sched_slurm.rs (tests/support/slurm.rs).
+test_pkgs=(slurmctld slurmd slurm-client munge)
 
 rhel_name() {
   case "$1" in
     apache2) echo "httpd mod_ssl" ;;
     apache2-utils) echo "httpd-tools" ;;
     libaprutil1-dbd-sqlite3) echo "apr-util-sqlite" ;;
+    slurmctld) echo "slurm-slurmctld" ;;
+    slurmd) echo "slurm-slurmd" ;;
+    slurm-client) echo "slurm" ;;
     *) echo "$1" ;;
   esac
 }
