@@ -778,3 +778,48 @@ fn perl_statements_treat_an_ended_tombstone_sensibly() {
     .unwrap();
     assert_eq!(site.state_of(&token), None);
 }
+
+/// A complete snapshot (`complete=1&taken=…`, what `satellite jobstates
+/// push` sends) that no longer lists a linked job ends its session; a
+/// legacy push that does not mention it ends nothing.
+#[test]
+fn a_complete_snapshot_without_the_linked_job_ends_its_session() {
+    let site = Site::new();
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    site.cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=555"))
+        .run();
+    // Linked well before the snapshot was taken (a job linked after it
+    // may be missing from it without having ended).
+    site.db()
+        .execute(
+            "UPDATE proxy SET linked_at = datetime('now', '-1 hour') WHERE alias = ?1",
+            [&token],
+        )
+        .unwrap();
+    let push = |body: String| {
+        let answer = site
+            .cgi("update-jobs")
+            .remote(SLURM_CONTROLLER)
+            .post(body)
+            .run();
+        assert_eq!(answer.status, 200, "{}", answer.stderr);
+    };
+    push("jobstates=\n999 RUNNING\n".into());
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+    let now = chrono_now();
+    push(format!(
+        "jobstates=999+RUNNING+-+{now}+3600+bob+5002+node01%0A&complete=1&taken={now}"
+    ));
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+    let cause: String = site
+        .db()
+        .query_row(
+            "SELECT end_cause FROM proxy WHERE alias = ?1",
+            [&token],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(cause, "job 555 is no longer known to the scheduler");
+}

@@ -29,52 +29,16 @@ use crate::store::{JobRecord, LinkedSession, Store};
 /// from it without having ended (the snapshot can predate the `sbatch`).
 pub const SNAPSHOT_GRACE_SECS: i64 = 120;
 
-/// Terminal job states, long and short (Slurm's codes; `PR` is Slurm's
-/// PREEMPTED here, not satellite's synthetic `PR`).
-const TERMINAL_STATES: [&str; 20] = [
-    "COMPLETED",
-    "CD",
-    "CANCELLED",
-    "CA",
-    "FAILED",
-    "F",
-    "TIMEOUT",
-    "TO",
-    "NODE_FAIL",
-    "NF",
-    "OUT_OF_MEMORY",
-    "OOM",
-    "PREEMPTED",
-    "PR",
-    "BOOT_FAIL",
-    "BF",
-    "DEADLINE",
-    "DL",
-    "REVOKED",
-    "RV",
-];
+/// Whether a scheduler state means the job is over (satellite-sched's
+/// classes: Slurm's long names and short codes; COMPLETING counts as over).
+pub fn is_terminal(state: &str) -> bool {
+    satellite_sched::JobState::new(state).is_ended()
+}
 
 /// Running states: the only ones in which a redeem can be checked against
 /// the job's nodes.
-const RUNNING_STATES: [&str; 4] = ["RUNNING", "R", "COMPLETING", "CG"];
-
-fn first_word_upper(state: &str) -> String {
-    // `CANCELLED by 0` is how squeue spells a cancel by root.
-    state
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .trim_end_matches('+')
-        .to_ascii_uppercase()
-}
-
-/// Whether a scheduler state means the job is over.
-pub fn is_terminal(state: &str) -> bool {
-    TERMINAL_STATES.contains(&first_word_upper(state).as_str())
-}
-
 pub fn is_running(state: &str) -> bool {
-    RUNNING_STATES.contains(&first_word_upper(state).as_str())
+    satellite_sched::JobState::new(state).class() == satellite_sched::StateClass::Running
 }
 
 /// What the scheduler knows now, as pushed to update-jobs or queried by the
@@ -99,6 +63,31 @@ pub struct Applied {
     pub warned: Vec<(String, String)>,
 }
 
+impl Snapshot {
+    /// What satellite-sched read from a push (or a query): the job
+    /// records the store keeps.
+    pub fn from_wire(snapshot: &satellite_sched::JobSnapshot) -> Self {
+        Snapshot {
+            complete: snapshot.complete,
+            taken_at: Some(snapshot.taken_at),
+            jobs: snapshot
+                .jobs
+                .iter()
+                .map(|job| JobRecord {
+                    jobid: job.id.clone(),
+                    state: job.state.base().to_owned(),
+                    reason: job.reason.clone(),
+                    start_time: job.start,
+                    time_limit_secs: job.time_limit_secs,
+                    user: job.user.clone(),
+                    uid: job.uid.map(i64::from),
+                    nodes: job.nodes.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Records a snapshot and ends the sessions whose job is over or does not
 /// match them.
 pub fn apply_snapshot(
@@ -121,11 +110,9 @@ pub fn apply_snapshot(
     };
     for session in store.linked_sessions(now, config.ttl_secs)? {
         let job_over = match reported.get(session.jobid.as_str()) {
-            Some(job) if is_terminal(&job.state) => Some(format!(
-                "job {} ended ({})",
-                session.jobid,
-                first_word_upper(&job.state)
-            )),
+            Some(job) if is_terminal(&job.state) => {
+                Some(format!("job {} ended ({})", session.jobid, job.state))
+            }
             Some(job) => {
                 if let Some(mismatch) = binding_violation(config, &mut resolver, &session, job) {
                     if config.job_binding == JobBinding::Enforce {
@@ -332,7 +319,7 @@ mod tests {
         ] {
             assert!(is_terminal(state), "{state}");
         }
-        for state in ["RUNNING", "PENDING", "CG", "SUSPENDED", ""] {
+        for state in ["RUNNING", "PENDING", "SUSPENDED", ""] {
             assert!(!is_terminal(state), "{state}");
         }
     }

@@ -87,20 +87,13 @@ pub(super) fn update_jobs(ctx: &mut Context, request: &Request<Body>) -> Outcome
         "Only POST method is supported",
     )?;
     let form = Params::parse(request.body());
-    let table = form.get("jobstates").ok_or_else(|| missing("jobstates"))?;
+    form.get("jobstates").ok_or_else(|| missing("jobstates"))?;
     allowed_client(request, &ctx.config.jobstateipmask, "")?;
-    let snapshot = crate::sessions::Snapshot {
-        complete: false,
-        taken_at: None,
-        jobs: parse_job_table(table)
-            .into_iter()
-            .map(|(jobid, state)| crate::store::JobRecord {
-                jobid,
-                state,
-                ..crate::store::JobRecord::default()
-            })
-            .collect(),
-    };
+    // Old pushes (`<jobid> <state>` lines) and new ones (more fields,
+    // `complete=1`, `taken=`) alike; see satellite_sched::wire.
+    let snapshot = crate::sessions::Snapshot::from_wire(&satellite_sched::wire::parse_form_body(
+        request.body(),
+    ));
     let now = ctx.now();
     ctx.store()?;
     let applied = ctx.apply_snapshot(&snapshot, now)?;
