@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod check;
 pub mod install;
+pub mod jobstates;
 
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};

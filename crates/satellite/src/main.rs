@@ -114,6 +114,21 @@ enum JobstatesCommand {
         #[arg(long)]
         url: Option<String>,
     },
+    /// On the broker host: query Slurm itself and end the sessions of jobs that are over
+    Poll {
+        /// One query, then exit (non-zero if the query failed)
+        #[arg(long)]
+        once: bool,
+        /// Seconds between queries (each with ±10% jitter)
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        every: u64,
+        /// Seconds a query may take before it is abandoned (and counts as no news)
+        #[arg(long, value_name = "SECS", default_value_t = 20)]
+        timeout: u64,
+        /// The squeue program [default: /usr/bin/squeue]
+        #[arg(long, value_name = "PATH")]
+        squeue: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -213,6 +228,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Jobstates {
+            command:
+                JobstatesCommand::Poll {
+                    once,
+                    every,
+                    timeout,
+                    squeue,
+                },
+        } => print(satellite::jobstates::poll(
+            &config()?,
+            &satellite::jobstates::PollOptions {
+                once: *once,
+                every: std::time::Duration::from_secs((*every).max(1)),
+                timeout: std::time::Duration::from_secs((*timeout).max(1)),
+                squeue: squeue.clone(),
+            },
+        )?),
         Command::Jobstates {
             command: JobstatesCommand::Push { from, db, url },
         } => {
