@@ -326,15 +326,26 @@ fn init_makes_the_install_tree_and_is_idempotent() {
 
 #[test]
 fn demo_walkthrough_runs_the_whole_stack() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let out = Command::new(program("satellite"))
-        .args(["demo", "--walkthrough", "--port", &port.to_string()])
-        .output()
-        .unwrap();
+    // Apache binds the port itself, so another process may take it between
+    // our choosing and Apache's binding: then choose again.
+    let mut out = None;
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let run = Command::new(program("satellite"))
+            .args(["demo", "--walkthrough", "--port", &port.to_string()])
+            .output()
+            .unwrap();
+        let port_taken = String::from_utf8_lossy(&run.stderr).contains("Address already in use");
+        out = Some(run);
+        if !port_taken {
+            break;
+        }
+    }
+    let out = out.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

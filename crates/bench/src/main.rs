@@ -210,21 +210,15 @@ fn main() -> Result<()> {
     );
     let cgi_rss = max_rss_children_kib();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    // Port 0: serve binds whatever port the system gives and says which,
+    // so no port is chosen here and lost to another process before serve
+    // binds it.
     let mut serve = Command::new(programs.join("satellite"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .env("SATELLITE_CONFIG", &site.config)
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("serve did not start");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let port = listening_port(&mut serve)?;
     let target = format!("/tokenjobstate.cgi?{poll}");
     row(
         "serve tokenjobstate, 1 client",
@@ -297,4 +291,22 @@ fn main() -> Result<()> {
         drop(site.dir);
     }
     Ok(())
+}
+
+/// The port serve says it listens on; the rest of its stderr is drained in
+/// the background so it never blocks on a full pipe.
+fn listening_port(serve: &mut std::process::Child) -> Result<u16> {
+    use std::io::BufRead;
+    let mut stderr = std::io::BufReader::new(serve.stderr.take().context("serve's stderr")?);
+    let mut line = String::new();
+    stderr.read_line(&mut line)?;
+    let port = line
+        .strip_prefix("satellite serve: listening on http://127.0.0.1:")
+        .and_then(|rest| rest.strip_suffix("/\n"))
+        .and_then(|port| port.parse().ok());
+    let Some(port) = port else {
+        bail!("serve did not start: {line}");
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    Ok(port)
 }

@@ -45,8 +45,13 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
     println!("satellite demo in {}", dir.display());
     install(&root, DOMAIN)?;
     let certificate = make_certificate(dir, DOMAIN)?;
-    let serve_port = free_port()?;
-    let backend_port = free_port_on(BACKEND_IP)?;
+    // Bound now and handed over, so no other process can take the ports
+    // between choosing and using them.
+    let serve_listener = TcpListener::bind(("127.0.0.1", 0)).context("binding serve's socket")?;
+    let serve_port = serve_listener.local_addr()?.port();
+    let backend = TcpListener::bind((BACKEND_IP, 0))
+        .with_context(|| format!("starting the sample backend on {BACKEND_IP}"))?;
+    let backend_port = backend.local_addr()?.port();
     let config_path = root.join("etc/satellite.toml");
     std::fs::write(
         &config_path,
@@ -69,7 +74,7 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
     }
     let config = Config::load_file(&config_path)?;
 
-    let server = satellite_serve::Server::bind(config.clone(), &config.serve_listen)?;
+    let server = satellite_serve::Server::on_listener(config.clone(), serve_listener)?;
     let stop_serving = server.stopper();
     let serving = thread::spawn(move || server.run());
     let watch_config = config.clone();
@@ -80,8 +85,6 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
             }
         });
     });
-    let backend = TcpListener::bind((BACKEND_IP, backend_port))
-        .with_context(|| format!("starting the sample backend on {BACKEND_IP}:{backend_port}"))?;
     thread::spawn(move || sample_backend(backend));
 
     let apache_dir = dir.join("apache");
@@ -133,14 +136,6 @@ fn open_up(path: &Path) -> Result<()> {
         bail!("chmod -R a+rwX {} failed", path.display());
     }
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    free_port_on("127.0.0.1")
-}
-
-fn free_port_on(ip: &str) -> Result<u16> {
-    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
 fn wait_for_interrupt() -> Result<()> {
