@@ -15,7 +15,9 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use satellite_core::Config;
 
-use crate::private_apache::{make_certificate, ApacheInstall, PrivateApache, Site, SiteConf};
+use crate::private_apache::{
+    make_certificate, output_of, ApacheInstall, PrivateApache, Site, SiteConf,
+};
 
 pub const DOMAIN: &str = "demo.localhost";
 /// Where the sample backend ("the compute node") listens.
@@ -248,18 +250,8 @@ impl Steps {
         let mut args = self.curl_base(host);
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push(self.url(host, path));
-        let out = Command::new(&args[0])
-            .args(&args[1..])
-            .output()
-            .context("running curl")?;
-        if !out.status.success() {
-            bail!(
-                "{} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = output_of(Command::new(&args[0]).args(&args[1..]), "(install curl)")?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Performs the steps, checking each answer.
