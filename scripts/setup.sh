@@ -7,7 +7,8 @@ what="${1:-test}"
 
 # Debian package names; rhel_name maps the few that differ.
 demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3)
-test_pkgs=()
+# binutils: nm, to check that the CGI programs link none of the demo crate.
+test_pkgs=(binutils)
 
 rhel_name() {
   case "$1" in

@@ -356,6 +356,37 @@ fn demo_walkthrough_runs_the_whole_stack() {
     assert!(text.ends_with("walkthrough: all steps passed\n"), "{text}");
 }
 
+/// The private Apache launcher and the demo live in satellite-demo, which
+/// only the admin program names: what Apache runs carries none of it.
+#[test]
+fn the_cgi_programs_carry_none_of_the_demo_machinery() {
+    let demo_symbols = |name: &str| {
+        let out = Command::new("nm")
+            .arg(program(name))
+            .output()
+            .unwrap_or_else(|e| panic!("nm (binutils) is needed: {e}"));
+        assert!(out.status.success(), "nm {name}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| line.contains("satellite_demo"))
+            .count()
+    };
+    // nm sees the crate where it is linked, so a zero below means absent.
+    assert!(demo_symbols("satellite") > 0);
+    for name in [
+        "getlink",
+        "redeemtoken",
+        "destroytoken",
+        "linktoken",
+        "tokenjobstate",
+        "update-jobs",
+        "index",
+        "cron",
+    ] {
+        assert_eq!(demo_symbols(name), 0, "{name} links satellite_demo");
+    }
+}
+
 #[test]
 fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_domain() {
     let site =
