@@ -470,6 +470,22 @@ fn error_messages_name_each_path_once() {
         )
     );
 
+    let out = Command::new(program("satellite"))
+        .arg("--config")
+        .arg(&missing)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "FAIL configuration file {}: No such file or directory (os error 2)\n     \
+             fix: correct the file (every key is described in the installed etc/satellite.toml)\n",
+            missing.display()
+        )
+    );
+
     let out = satellite(&site, &["list"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
