@@ -455,13 +455,17 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
 fn error_messages_name_each_path_once() {
     let site = Site::without_database("");
     let missing = site.path("etc/missing.toml");
-    let out = Command::new(program("satellite"))
-        .arg("--config")
-        .arg(&missing)
-        .arg("list")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    let without_config = |command: &str| {
+        let out = Command::new(program("satellite"))
+            .arg("--config")
+            .arg(&missing)
+            .arg(command)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        out
+    };
+    let out = without_config("list");
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
         format!(
@@ -470,13 +474,7 @@ fn error_messages_name_each_path_once() {
         )
     );
 
-    let out = Command::new(program("satellite"))
-        .arg("--config")
-        .arg(&missing)
-        .arg("check")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    let out = without_config("check");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         format!(
