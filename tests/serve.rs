@@ -58,12 +58,15 @@ impl Serve {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        match listening_port(&mut child) {
-            Ok(port) => Serve { child, port },
-            Err(said) => {
+        match satellite_demo::serve_child::listening_addr(&mut child) {
+            Ok(addr) => Serve {
+                child,
+                port: addr.port(),
+            },
+            Err(err) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("serve did not start: {said}");
+                panic!("{err:#}");
             }
         }
     }
@@ -104,30 +107,6 @@ impl Serve {
             })
             .collect();
         (status, headers, raw[split + 4..].to_vec())
-    }
-}
-
-/// Reads serve's stderr until it says where it listens (then drains the
-/// rest in the background so serve never blocks on a full pipe), or returns
-/// what it said before it exited.
-fn listening_port(child: &mut Child) -> Result<u16, String> {
-    use std::io::BufRead;
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut said = String::new();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
-            return Err(said);
-        }
-        let port = line
-            .strip_prefix("satellite serve: listening on http://127.0.0.1:")
-            .and_then(|rest| rest.strip_suffix("/\n"))
-            .and_then(|port| port.parse().ok());
-        if let Some(port) = port {
-            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-            return Ok(port);
-        }
-        said.push_str(&line);
     }
 }
 

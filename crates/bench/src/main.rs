@@ -218,7 +218,7 @@ fn main() -> Result<()> {
         .env("SATELLITE_CONFIG", &site.config)
         .stderr(Stdio::piped())
         .spawn()?;
-    let port = listening_port(&mut serve)?;
+    let port = satellite_demo::serve_child::listening_addr(&mut serve)?.port();
     let target = format!("/tokenjobstate.cgi?{poll}");
     row(
         "serve tokenjobstate, 1 client",
@@ -291,22 +291,4 @@ fn main() -> Result<()> {
         drop(site.dir);
     }
     Ok(())
-}
-
-/// The port serve says it listens on; the rest of its stderr is drained in
-/// the background so it never blocks on a full pipe.
-fn listening_port(serve: &mut std::process::Child) -> Result<u16> {
-    use std::io::BufRead;
-    let mut stderr = std::io::BufReader::new(serve.stderr.take().context("serve's stderr")?);
-    let mut line = String::new();
-    stderr.read_line(&mut line)?;
-    let port = line
-        .strip_prefix("satellite serve: listening on http://127.0.0.1:")
-        .and_then(|rest| rest.strip_suffix("/\n"))
-        .and_then(|port| port.parse().ok());
-    let Some(port) = port else {
-        bail!("serve did not start: {line}");
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    Ok(port)
 }

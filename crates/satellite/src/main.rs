@@ -153,10 +153,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             server.stop_on_signals()?;
             // The bound address, not the one asked for: with port 0 the
             // caller learns the port the system chose.
-            eprintln!(
-                "satellite serve: listening on http://{}/",
-                server.local_addr()?
-            );
+            eprintln!("{}{}/", satellite_serve::LISTENING, server.local_addr()?);
             server.run()?;
             Ok(ExitCode::SUCCESS)
         }

@@ -47,6 +47,11 @@ extern "C" fn request_shutdown(_: nix::libc::c_int) {
     SHUTDOWN.store(true, Ordering::SeqCst);
 }
 
+/// What `satellite serve` writes to stderr once it listens, followed by the
+/// bound address and `/`: a program that starts it on port 0 learns the
+/// port from this line.
+pub const LISTENING: &str = "satellite serve: listening on http://";
+
 /// A running server; `run` blocks until SIGTERM/SIGINT (or `stop`).
 pub struct Server {
     listener: std::net::TcpListener,
