@@ -7,8 +7,9 @@ what="${1:-test}"
 
 # Debian package names; rhel_name maps the few that differ.
 demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3 iproute2)
-# A real single-node Slurm for tests/sched_slurm.rs (tests/support/slurm.rs).
-test_pkgs=(slurmctld slurmd slurm-client munge)
+# A real single-node Slurm for tests/sched_slurm.rs (tests/support/slurm.rs);
+# binutils: nm, to check that the CGI programs link none of the demo crate.
+test_pkgs=(slurmctld slurmd slurm-client munge binutils)
 
 rhel_name() {
   case "$1" in

@@ -383,15 +383,26 @@ fn init_makes_the_install_tree_and_is_idempotent() {
 
 #[test]
 fn demo_walkthrough_runs_the_whole_stack() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let out = Command::new(program("satellite"))
-        .args(["demo", "--walkthrough", "--port", &port.to_string()])
-        .output()
-        .unwrap();
+    // Apache binds the port itself, so another process may take it between
+    // our choosing and Apache's binding: then choose again.
+    let mut out = None;
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let run = Command::new(program("satellite"))
+            .args(["demo", "--walkthrough", "--port", &port.to_string()])
+            .output()
+            .unwrap();
+        let port_taken = String::from_utf8_lossy(&run.stderr).contains("Address already in use");
+        out = Some(run);
+        if !port_taken {
+            break;
+        }
+    }
+    let out = out.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -400,6 +411,28 @@ fn demo_walkthrough_runs_the_whole_stack() {
     );
     assert!(text.contains("walkthrough: 4. the URL reaches the notebook: Hello from the demo notebook! You asked for /lab?token=abc"), "{text}");
     assert!(text.ends_with("walkthrough: all steps passed\n"), "{text}");
+}
+
+/// The private Apache launcher and the demo live in satellite-demo, which
+/// only the admin program names: what Apache runs carries none of it.
+#[test]
+fn the_cgi_programs_carry_none_of_the_demo_machinery() {
+    let demo_symbols = |name: &str| {
+        let out = Command::new("nm")
+            .arg(program(name))
+            .output()
+            .unwrap_or_else(|e| panic!("nm (binutils) is needed: {e}"));
+        assert!(out.status.success(), "nm {name}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| line.contains("satellite_demo"))
+            .count()
+    };
+    // nm sees the crate where it is linked, so a zero below means absent.
+    assert!(demo_symbols("satellite") > 0);
+    for name in ENDPOINT_PROGRAMS.into_iter().chain(["cron"]) {
+        assert_eq!(demo_symbols(name), 0, "{name} links satellite_demo");
+    }
 }
 
 #[test]
@@ -478,17 +511,31 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
 fn error_messages_name_each_path_once() {
     let site = Site::without_database("");
     let missing = site.path("etc/missing.toml");
-    let out = Command::new(program("satellite"))
-        .arg("--config")
-        .arg(&missing)
-        .arg("list")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    let without_config = |command: &str| {
+        let out = Command::new(program("satellite"))
+            .arg("--config")
+            .arg(&missing)
+            .arg(command)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        out
+    };
+    let out = without_config("list");
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
         format!(
             "satellite: configuration file {}: No such file or directory (os error 2)\n",
+            missing.display()
+        )
+    );
+
+    let out = without_config("check");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "FAIL configuration file {}: No such file or directory (os error 2)\n     \
+             fix: correct the file (every key is described in the installed etc/satellite.toml)\n",
             missing.display()
         )
     );

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::apache::{Apache, Routing, Running, DEFAULT_ANSWER};
-use support::backend::{answer_body, free_port, Backend};
+use support::backend::{answer_body, Backend, ReservedPort};
 use support::client::{Request, Response};
 
 const JUPYTER_WS: &str = "v1.kernel.websocket.jupyter.org";
@@ -340,7 +340,8 @@ fn vhost_mode_proxying() {
 fn retry_page(routing: Routing) {
     let apache = Apache::start(routing);
     let alias = apache.getlink();
-    let port = free_port(LATE_BACKEND);
+    let reserved = ReservedPort::on(LATE_BACKEND);
+    let port = reserved.port;
     apache.redeem_ok(&alias, LATE_BACKEND, port);
     publish(&apache);
     let retry = || -> Result<Response, String> {
@@ -366,7 +367,7 @@ fn retry_page(routing: Routing) {
     // Asked again while still down: still the retry page.
     retry().unwrap_or_else(|e| panic!("no retry page the second time: {e}"));
 
-    let late = Backend::start_on("late", LATE_BACKEND, port);
+    let late = reserved.listen("late");
     apache.eventually("the late backend answering", || {
         from_backend(&apache, &alias, &late, "/lab?token=abc")
     });

@@ -210,21 +210,15 @@ fn main() -> Result<()> {
     );
     let cgi_rss = max_rss_children_kib();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    // Port 0: serve binds whatever port the system gives and says which,
+    // so no port is chosen here and lost to another process before serve
+    // binds it.
     let mut serve = Command::new(programs.join("satellite"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .env("SATELLITE_CONFIG", &site.config)
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("serve did not start");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let port = satellite_demo::serve_child::listening_addr(&mut serve)?.port();
     let target = format!("/tokenjobstate.cgi?{poll}");
     row(
         "serve tokenjobstate, 1 client",

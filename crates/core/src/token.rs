@@ -83,7 +83,8 @@ impl Wordlist {
     /// uniformly by the thread's CSPRNG (ChaCha seeded from the OS).
     pub fn draw_alias(&self, words_per_token: usize) -> String {
         let mut rng = rand::rng();
-        let mut alias = String::with_capacity(words_per_token * 10);
+        // A token fits a DNS label; no arithmetic on the caller's count.
+        let mut alias = String::with_capacity(MAX_LABEL_LEN);
         for i in 0..words_per_token {
             if i > 0 {
                 alias.push('-');

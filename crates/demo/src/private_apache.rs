@@ -371,19 +371,9 @@ pub struct Certificate {
 /// insist on: a CA with keyUsage, a leaf that is no CA and is for serverAuth.
 pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
     let run = |args: &[&str]| -> Result<()> {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .context("running openssl (install the openssl package)")?;
-        if !out.status.success() {
-            bail!(
-                "openssl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        let mut command = Command::new("openssl");
+        command.args(args).current_dir(dir);
+        output_of(&mut command, "(install the openssl package)").map(drop)
     };
     let new_key = [
         "-newkey",
@@ -455,4 +445,23 @@ pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
         cert: dir.join("site.pem"),
         key: dir.join("site.key"),
     })
+}
+
+/// What `command` printed, or an error naming the command line and saying
+/// what it printed on stderr. `hint` follows "running <program>" when the
+/// program cannot be started.
+pub(crate) fn output_of(command: &mut Command, hint: &str) -> Result<Vec<u8>> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let out = command
+        .output()
+        .with_context(|| format!("running {program} {hint}"))?;
+    if !out.status.success() {
+        let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy()).collect();
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
 }

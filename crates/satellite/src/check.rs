@@ -68,10 +68,11 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     let config = match config {
         Ok(config) => config,
         Err(err) => {
+            // The error names the file ("configuration file X: ...").
             return vec![fail(
-                format!("configuration: {err}"),
+                err,
                 "correct the file (every key is described in the installed etc/satellite.toml)",
-            )]
+            )];
         }
     };
     let mut findings = vec![ok(format!(

@@ -166,7 +166,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .unwrap_or_else(|| config.serve_listen.clone());
             let server = satellite_serve::Server::bind(config, &listen)?;
             server.stop_on_signals()?;
-            eprintln!("satellite serve: listening on http://{listen}/");
+            // The bound address, not the one asked for: with port 0 the
+            // caller learns the port the system chose.
+            eprintln!("{}{}/", satellite_serve::LISTENING, server.local_addr()?);
             server.run()?;
             Ok(ExitCode::SUCCESS)
         }
