@@ -67,6 +67,10 @@ struct RawConfig {
     lockfile: Option<PathBuf>,
     serve_listen: Option<String>,
     serve_workers: Option<usize>,
+    serve_socket: Option<PathBuf>,
+    serve_socket_group: Option<String>,
+    serve_read_timeout_ms: Option<u64>,
+    logkey: Option<PathBuf>,
     trusted_proxies: Option<Vec<String>>,
     client_addr_header: Option<String>,
 }
@@ -103,8 +107,17 @@ pub struct Config {
     pub apache_pidfile: PathBuf,
     pub preserve_host: bool,
     pub lockfile: PathBuf,
-    pub serve_listen: String,
+    /// TCP address for serve; `None` (the default): the Unix socket.
+    pub serve_listen: Option<String>,
     pub serve_workers: usize,
+    pub serve_socket: PathBuf,
+    /// Group given the socket (mode 0660): Apache's, when serve runs as
+    /// another user.
+    pub serve_socket_group: Option<String>,
+    /// How long a client may take to send a whole request.
+    pub serve_read_timeout_ms: u64,
+    /// The secret that keys log ids (HMAC); missing file: no ids logged.
+    pub logkey: PathBuf,
     pub trusted_proxies: IpMaskList,
     pub client_addr_header: String,
 }
@@ -292,8 +305,12 @@ impl Config {
             apache_pidfile: path(raw.apache_pidfile, "/var/run/apache2/apache2.pid"),
             preserve_host: raw.preserve_host.unwrap_or(false),
             lockfile,
-            serve_listen: raw.serve_listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
+            serve_listen: raw.serve_listen.filter(|l| !l.is_empty()),
             serve_workers,
+            serve_socket: path(raw.serve_socket, "/run/satellite/serve.sock"),
+            serve_socket_group: raw.serve_socket_group,
+            serve_read_timeout_ms: raw.serve_read_timeout_ms.unwrap_or(10_000).max(1),
+            logkey: path(raw.logkey, "../etc/logkey"),
             trusted_proxies,
             client_addr_header,
         })

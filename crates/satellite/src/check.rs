@@ -317,10 +317,16 @@ fn check_reload(config: &Config) -> Finding {
     }
 }
 
-/// serve leans on the fronting Apache for request limits (header sizes,
-/// slow clients), so it belongs on loopback.
+/// Any local process can connect to a TCP port, and on TCP serve believes
+/// the client address only from `trusted_proxies`: the Unix socket (whose
+/// mode admits only Apache) is the safe default.
 fn check_serve_listen(config: &Config) -> Finding {
-    let listen = &config.serve_listen;
+    let Some(listen) = &config.serve_listen else {
+        return ok(format!(
+            "serve listens on the Unix socket {}",
+            config.serve_socket.display()
+        ));
+    };
     let loopback = listen
         .parse::<std::net::SocketAddr>()
         .map(|a| a.ip().is_loopback())
@@ -330,7 +336,7 @@ fn check_serve_listen(config: &Config) -> Finding {
     } else {
         warn(
             format!("serve_listen {listen} is not on loopback"),
-            "let only Apache reach serve: listen on 127.0.0.1 and define SATELLITE_SERVE in satellite.conf",
+            "let only Apache reach serve: leave serve_listen out (Unix socket) and define SATELLITE_SERVE in satellite.conf",
         )
     }
 }

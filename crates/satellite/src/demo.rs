@@ -49,7 +49,13 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
         programs_dir: None,
     })?;
     let certificate = make_certificate(dir, DOMAIN)?;
-    let serve_port = free_port()?;
+    let serve_socket = dir.join("serve.sock");
+    // Apache's workers run as nobody:nogroup under root: the socket's group.
+    let socket_group = if nix::unistd::Uid::effective().is_root() {
+        "serve_socket_group = \"nogroup\"\n"
+    } else {
+        ""
+    };
     let backend_port = free_port_on(BACKEND_IP)?;
     let config_path = root.join("etc/satellite.toml");
     std::fs::write(
@@ -61,10 +67,10 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
              extport = {port}\nlistenport = {port}\n\
              routing = \"map\"\n\
              syslog_socket = \"\"\n\
-             serve_listen = \"127.0.0.1:{serve_port}\"\n\
-             serve_workers = 4\n\
-             trusted_proxies = [\"127.0.0.1/32\"]\n",
-            port = options.port
+             serve_socket = \"{socket}\"\n{socket_group}\
+             serve_workers = 4\n",
+            port = options.port,
+            socket = serve_socket.display(),
         ),
     )?;
     if nix::unistd::Uid::effective().is_root() {
@@ -73,7 +79,10 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
     }
     let config = Config::load_file(&config_path)?;
 
-    let server = satellite_serve::Server::bind(config.clone(), &config.serve_listen)?;
+    let server = satellite_serve::Server::bind(
+        config.clone(),
+        &satellite_serve::Bind::Unix(serve_socket.clone()),
+    )?;
     let stop_serving = server.stopper();
     let serving = thread::spawn(move || server.run());
     let watch_config = config.clone();
@@ -102,7 +111,7 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
             port: options.port,
             cert: certificate.cert,
             key: certificate.key,
-            serve_url: Some(format!("http://127.0.0.1:{serve_port}")),
+            serve_url: Some(format!("unix:{}|http://localhost", serve_socket.display())),
             routing: satellite_core::config::Routing::Map,
             map_format: satellite_core::config::MapFormat::Txt,
             conf: SiteConf::Embedded,
@@ -137,10 +146,6 @@ fn open_up(path: &Path) -> Result<()> {
         bail!("chmod -R a+rwX {} failed", path.display());
     }
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    free_port_on("127.0.0.1")
 }
 
 fn free_port_on(ip: &str) -> Result<u16> {
