@@ -11,6 +11,7 @@ pub mod endpoints;
 pub mod error;
 pub mod ipmask;
 pub mod jobstate;
+pub mod logid;
 pub mod query;
 pub mod routes;
 pub mod store;

@@ -90,7 +90,45 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     findings.push(check_reload(&config));
     findings.push(check_certificate(&config, cert));
     findings.push(check_serve_listen(&config));
+    findings.push(check_log_key(&config));
+    findings.push(check_syslog(&config));
     findings
+}
+
+/// Without the key, log lines name no token (a keyless id could be
+/// reversed); a key others can read lets them test guesses against ids.
+fn check_log_key(config: &Config) -> Finding {
+    let path = &config.logkey;
+    match satellite_core::logid::read_key(path) {
+        Ok(_) => ok(format!("log key {} is private", path.display())),
+        Err(err) => fail(
+            format!("log key: {err}; log lines name no token"),
+            format!(
+                "satellite init creates it; by hand: head -c 32 /dev/urandom > {0}; chmod 0640 {0}; chgrp <web server group> {0}",
+                path.display()
+            ),
+        ),
+    }
+}
+
+/// The audit trail goes to syslog; a missing socket loses it silently
+/// (each program notes it on stderr at most once).
+fn check_syslog(config: &Config) -> Finding {
+    let path = &config.syslog_socket;
+    if path.as_os_str().is_empty() {
+        return warn(
+            "syslog_socket is empty: no audit log of issued, redeemed, linked and destroyed tokens",
+            "set syslog_socket = \"/dev/log\" (the default) and run a syslog daemon",
+        );
+    }
+    let reachable = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(path));
+    match reachable {
+        Ok(()) => ok(format!("syslog {} accepts messages", path.display())),
+        Err(err) => fail(
+            format!("syslog {}: {err}; audit lines are lost", path.display()),
+            "start a syslog daemon (rsyslog, or systemd-journald's /dev/log socket), or set syslog_socket",
+        ),
+    }
 }
 
 fn check_database(config: &Config) -> Finding {
