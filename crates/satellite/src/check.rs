@@ -12,6 +12,14 @@ use satellite_core::store::SCHEMA_VERSION;
 use satellite_core::token::Wordlist;
 use satellite_core::Config;
 
+use crate::subprocess::OutputWithin;
+
+/// Apache's config test reads every included file and certificate.
+const CONFIGTEST_TIMEOUT: Duration = Duration::from_secs(60);
+const OPENSSL_TIMEOUT: Duration = Duration::from_secs(20);
+/// `sudo -n -l`: never a prompt, but a slow directory service.
+const SUDO_TIMEOUT: Duration = Duration::from_secs(20);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
     Ok,
@@ -282,7 +290,10 @@ fn check_files(config: &Config) -> Vec<Finding> {
 
 fn check_configtest(config: &Config) -> Finding {
     let argv = &config.apache_configtest;
-    match Command::new(&argv[0]).args(&argv[1..]).output() {
+    match Command::new(&argv[0])
+        .args(&argv[1..])
+        .output_within(CONFIGTEST_TIMEOUT)
+    {
         Ok(out) if out.status.success() => {
             ok(format!("Apache config test `{}` passes", argv.join(" ")))
         }
@@ -313,7 +324,7 @@ fn check_reload(config: &Config) -> Finding {
                 .arg("-n")
                 .arg("-l")
                 .args(&rest)
-                .output();
+                .output_within(SUDO_TIMEOUT);
             return match out {
                 Ok(out) if out.status.success() => {
                     ok(format!("sudo allows the reload `{}`", argv.join(" ")))
@@ -396,7 +407,7 @@ fn check_certificate(config: &Config, cert: Option<&Path>) -> Finding {
             "-in",
         ])
         .arg(cert)
-        .output()
+        .output_within(OPENSSL_TIMEOUT)
     {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
         Ok(out) => {
@@ -429,7 +440,7 @@ fn check_certificate(config: &Config, cert: Option<&Path>) -> Finding {
     let expires_soon = Command::new("openssl")
         .args(["x509", "-noout", "-checkend", "2592000", "-in"])
         .arg(cert)
-        .output()
+        .output_within(OPENSSL_TIMEOUT)
         .map(|out| !out.status.success())
         .unwrap_or(false);
     let end = out

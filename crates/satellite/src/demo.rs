@@ -17,6 +17,7 @@ use satellite_core::Config;
 
 use crate::install::{init, InitOptions};
 use crate::private_apache::{make_certificate, ApacheInstall, PrivateApache, Site, SiteConf};
+use crate::subprocess::OutputWithin;
 
 pub const DOMAIN: &str = "demo.localhost";
 /// Where the sample backend ("the compute node") listens.
@@ -141,7 +142,8 @@ fn open_up(path: &Path) -> Result<()> {
         .arg("-R")
         .arg("a+rwX")
         .arg(path)
-        .status()?;
+        .output_within(Duration::from_secs(60))?
+        .status;
     if !status.success() {
         bail!("chmod -R a+rwX {} failed", path.display());
     }
@@ -264,7 +266,7 @@ impl Steps {
         args.push(self.url(host, path));
         let out = Command::new(&args[0])
             .args(&args[1..])
-            .output()
+            .output_within(Duration::from_secs(60))
             .context("running curl")?;
         if !out.status.success() {
             bail!(

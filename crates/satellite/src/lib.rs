@@ -7,6 +7,7 @@ pub mod check;
 pub mod demo;
 pub mod install;
 pub mod private_apache;
+pub mod subprocess;
 
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};

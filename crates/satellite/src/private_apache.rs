@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use satellite_core::config::{MapFormat, Routing};
 
+use crate::subprocess::OutputWithin;
+
 /// The site config shipped with the binary, so the demo runs from anywhere.
 pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.conf");
 
@@ -148,7 +150,7 @@ impl PrivateApache {
             .arg("-f")
             .arg(&conf)
             .arg("-t")
-            .output()
+            .output_within(Duration::from_secs(60))
             .with_context(|| format!("running {}", install.binary.display()))?;
         if !test.status.success() {
             bail!(
@@ -376,7 +378,7 @@ pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
         let out = Command::new("openssl")
             .args(args)
             .current_dir(dir)
-            .output()
+            .output_within(Duration::from_secs(60))
             .context("running openssl (install the openssl package)")?;
         if !out.status.success() {
             bail!(
