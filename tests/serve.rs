@@ -1136,3 +1136,27 @@ fn serve_takes_a_socket_passed_by_systemd() {
     let _ = child.wait();
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
 }
+
+#[test]
+fn a_client_that_expects_100_continue_is_told_to_go_on() {
+    let site = Site::with_config("jobstateipmask = [\"127.0.0.1/32\"]");
+    let serve = Serve::start(&site);
+    let body = b"jobstates=4242 RUNNING\n";
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /update-jobs.cgi HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(body).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+}

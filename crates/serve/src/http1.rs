@@ -29,7 +29,9 @@ const READ_SLICE: Duration = Duration::from_millis(200);
 /// is not lost to a reset (the lingering close Apache does too).
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to accept our answer (set on every
+/// connection before anything is written).
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request is not handled: an answer, or nothing (the client left,
 /// or serve is stopping before the client said anything).
@@ -248,7 +250,6 @@ pub(crate) fn read_request(
 }
 
 fn continue_please(stream: &mut Stream) {
-    let _ = stream.set_write_timeout(WRITE_TIMEOUT);
     let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
 }
 
@@ -298,7 +299,8 @@ fn read_chunked(reader: &mut Reader<'_>, max_body: usize) -> Result<Body, Refusa
     )
 }
 
-/// Writes `response` and closes our side. `head_only`: a HEAD request,
+/// Writes `response` (within the connection's write timeout) and closes
+/// our side. `head_only`: a HEAD request,
 /// whose answer has the body's length but not the body.
 pub(crate) fn write_response(
     stream: &mut Stream,
@@ -337,7 +339,6 @@ pub(crate) fn write_response(
     if !bodiless && !head_only {
         out.extend_from_slice(response.body());
     }
-    stream.set_write_timeout(WRITE_TIMEOUT)?;
     stream.write_all(&out)?;
     stream.flush()?;
     stream.shutdown_write();

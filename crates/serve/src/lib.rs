@@ -173,7 +173,10 @@ impl Server {
             };
             if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                 open.fetch_sub(1, Ordering::SeqCst);
-                busy(&config, &mut stream);
+                // The acceptor must not wait on this client: a short write,
+                // no lingering.
+                let _ = stream.set_write_timeout(Duration::from_millis(100));
+                let _ = http1::write_response(&mut stream, &busy_answer(&config), false);
                 continue;
             }
             let (config, queue, stopping, open_here) = (
@@ -215,15 +218,12 @@ fn readable(listener: &Listener, timeout: Duration) -> bool {
     ready > 0
 }
 
-fn busy(config: &Config, stream: &mut Stream) {
-    let answer = oops(
+fn busy_answer(config: &Config) -> http::Response<Body> {
+    oops(
         config,
         StatusCode::SERVICE_UNAVAILABLE,
         "The service is busy, please try again in a moment.",
-    );
-    if http1::write_response(stream, &answer, false).is_ok() {
-        http1::linger(stream);
-    }
+    )
 }
 
 /// A reader thread: one request off `stream`, refused here or queued for
@@ -235,6 +235,9 @@ fn read_and_queue(
     queue: &SyncSender<Job>,
     stopping: &AtomicBool,
 ) {
+    if stream.set_write_timeout(http1::WRITE_TIMEOUT).is_err() {
+        return;
+    }
     let timeout = Duration::from_millis(config.serve_read_timeout_ms);
     let incoming = match http1::read_request(&mut stream, timeout, config.max_body_bytes, stopping)
     {
@@ -256,7 +259,9 @@ fn read_and_queue(
     };
     match queue.try_send(Job { stream, request }) {
         Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-        Err(TrySendError::Full(mut job)) => busy(config, &mut job.stream),
+        Err(TrySendError::Full(mut job)) => {
+            let _ = http1::write_response(&mut job.stream, &busy_answer(config), false);
+        }
     }
 }
 
