@@ -330,6 +330,7 @@ fn init_makes_the_install_tree_and_is_idempotent() {
         String::from_utf8_lossy(&first.stderr)
     );
     web_server_user_cannot_write_apache_configuration(dir.path(), &prefix);
+    let first_key = std::fs::read(prefix.join("etc/logkey")).unwrap();
     std::fs::write(
         prefix.join("etc/satellite.toml"),
         "extbasename = \"hpc.example.edu\"\ntgtipmask = [\"10.21.0.0/16\"]\nsyslog_socket = \"\"\n",
@@ -337,6 +338,7 @@ fn init_makes_the_install_tree_and_is_idempotent() {
     .unwrap();
     let second = init();
     assert!(second.status.success());
+    assert_eq!(std::fs::read(prefix.join("etc/logkey")).unwrap(), first_key);
     assert!(String::from_utf8_lossy(&second.stdout).contains("kept "));
     assert!(std::fs::read_to_string(prefix.join("etc/satellite.toml"))
         .unwrap()
@@ -362,6 +364,11 @@ fn init_makes_the_install_tree_and_is_idempotent() {
     assert_eq!(mode("dynconf"), 0o755);
     assert_eq!(mode("dynconf/proxyconf.conf"), 0o644);
     assert_eq!(mode("var/state.sqlite"), 0o660);
+    // The log key: 32 random bytes, kept across runs (ids stay stable).
+    assert_eq!(mode("etc/logkey"), 0o640);
+    assert_eq!(first_key.len(), 32);
+    assert_ne!(first_key, vec![0u8; 32]);
+    assert!(String::from_utf8_lossy(&first.stdout).contains("/etc/logkey\n"));
     assert!(prefix.join("bin/satellite").exists() && prefix.join("bin/cron").exists());
     for page in ["retry.html", "waiting.html", "default.txt"] {
         assert!(prefix.join("html/satellite").join(page).exists(), "{page}");
@@ -469,7 +476,7 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
     let report = stdout(&out);
     assert_eq!(
         report.lines().filter(|l| l.starts_with("OK   ")).count(),
-        10,
+        12,
         "{report}"
     );
     assert!(
@@ -565,5 +572,63 @@ fn error_messages_name_each_path_once() {
             "satellite cron: opening lock file {}: No such file or directory (os error 2)\n",
             site.path("dynconf/.satellite.lock").display()
         )
+    );
+}
+
+#[test]
+fn check_fails_without_a_private_log_key_or_a_reachable_syslog() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new();
+    let report = String::from_utf8(satellite(&site, &["check"]).stdout).unwrap();
+    let key = site.path("etc/logkey");
+    assert!(
+        report.contains(&format!("OK   log key {} is private\n", key.display())),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "OK   syslog {} accepts messages\n",
+            site.path("syslog.sock").display()
+        )),
+        "{report}"
+    );
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = satellite(&site, &["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        report.contains(&format!(
+            "FAIL log key: {} is readable or writable by others (mode 644); log lines name no token\n     fix: satellite init creates it",
+            key.display()
+        )),
+        "{report}"
+    );
+    std::fs::remove_file(&key).unwrap();
+    let report = String::from_utf8(satellite(&site, &["check"]).stdout).unwrap();
+    assert!(
+        report.contains(&format!(
+            "FAIL log key: {}: No such file or directory (os error 2); log lines name no token\n",
+            key.display()
+        )),
+        "{report}"
+    );
+
+    let gone = Site::with_config("syslog_socket = \"../no-syslog-here.sock\"");
+    let out = satellite(&gone, &["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        report.contains(&format!(
+            "FAIL syslog {}: No such file or directory (os error 2); audit lines are lost\n     fix: ",
+            gone.path("no-syslog-here.sock").display()
+        )),
+        "{report}"
+    );
+    let off = Site::with_config("syslog_socket = \"\"");
+    let report = String::from_utf8(satellite(&off, &["check"]).stdout).unwrap();
+    assert!(
+        report.contains("WARN syslog_socket is empty: no audit log"),
+        "{report}"
     );
 }

@@ -148,17 +148,21 @@ fn the_whole_galyleo_flow() {
         )
     );
 
-    // Every change was logged, and the token itself never was.
+    // Every change was logged, naming the token by its keyed id; neither
+    // the token nor its plain hash (which a guess can be tested against)
+    // ever was.
     let log = site.syslog_lines();
-    let hash_prefix = &legacy_hash(&token)[..10];
+    let id = satellite_core::logid::id_under(&LOG_KEY, &legacy_hash(&token));
     for event in ["issued", "link", "redeemed", "destroy"] {
         assert!(
             log.iter()
-                .any(|l| l.contains(&format!("satellite {event} token-id: {hash_prefix}"))),
+                .any(|l| l.contains(&format!("satellite {event} token-id: {id}"))),
             "no {event} line in {log:?}"
         );
     }
     assert!(log.iter().all(|l| !l.contains(&token)), "{log:?}");
+    let plain = &legacy_hash(&token)[..6];
+    assert!(log.iter().all(|l| !l.contains(plain)), "{log:?}");
     assert!(log
         .iter()
         .any(|l| l.contains(&format!("mapped-to: {COMPUTE_NODE}:50123"))));
@@ -822,4 +826,50 @@ fn a_complete_snapshot_without_the_linked_job_ends_its_session() {
         )
         .unwrap();
     assert_eq!(cause, "job 555 is no longer known to the scheduler");
+}
+
+#[test]
+fn without_a_log_key_lines_name_no_token_at_all() {
+    let site = Site::new();
+    std::fs::remove_file(site.path("etc/logkey")).unwrap();
+    let token = site.new_token();
+    let log = site.syslog_lines();
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("satellite issued token-id: - requested-from: "))
+            .count(),
+        1,
+        "{log:?}"
+    );
+    let plain = &legacy_hash(&token)[..6];
+    assert!(
+        log.iter()
+            .all(|l| !l.contains(plain) && !l.contains(&token)),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn a_log_key_open_to_others_is_not_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new();
+    let key = site.path("etc/logkey");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    site.new_token();
+    let log = site.syslog_lines();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("satellite issued token-id: - ")),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn a_missing_syslog_socket_costs_cgi_no_line_in_apaches_log() {
+    let site = Site::with_config("syslog_socket = \"../no-syslog-here.sock\"");
+    for _ in 0..3 {
+        let answer = site.cgi("getlink").remote(LOGIN_NODE).run();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.stderr, "");
+    }
 }

@@ -1,5 +1,6 @@
-//! `satellite serve` answers exactly as the CGI programs do, and cannot be
-//! told a client address by anyone but a trusted proxy.
+//! `satellite serve` answers exactly as the CGI programs do, cannot be told
+//! a client address by anyone but Apache (its Unix socket or a trusted
+//! proxy), and refuses what a proxy could frame differently.
 
 mod support;
 
@@ -621,9 +622,8 @@ fn a_flood_beyond_the_queue_gets_quick_503s_and_nobody_hangs() {
     }
 }
 
-/// tiny_http puts no limit on a header's size; the fronting Apache does
-/// (LimitRequestFieldSize), which is why serve listens on loopback. What
-/// serve itself must do is carry on.
+/// A megabyte of header is refused (431, see below) without reading it
+/// all; what matters here is that serve carries on.
 #[test]
 fn oversized_headers_do_not_take_serve_down() {
     let site = Site::new();
@@ -668,4 +668,521 @@ fn running_out_of_file_descriptors_does_not_stop_serve_for_good() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+// ---- Hardening (issue 10, item 2): each attack against the real binary ----
+
+/// serve on a Unix socket in a directory of its own.
+struct SocketServe {
+    child: Child,
+    socket: std::path::PathBuf,
+}
+
+impl SocketServe {
+    fn start(site: &Site, env: &[(&str, &str)]) -> SocketServe {
+        let socket = site.path("run/serve.sock");
+        let mut command = Command::new(program("satellite"));
+        command
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .env("SATELLITE_CONFIG", &site.config)
+            .stderr(Stdio::null());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = command.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SocketServe { child, socket }
+    }
+
+    fn exchange(&self, raw: &[u8]) -> String {
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        stream.write_all(raw).unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+}
+
+impl Drop for SocketServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `raw` over TCP and reads until serve closes the connection.
+fn exchange(port: u16, raw: &[u8]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // A refused request may be cut short: serve answers without reading
+    // it all, so a failed write is expected here.
+    let _ = stream.write_all(raw);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn responses_in(answer: &str) -> usize {
+    answer.matches("HTTP/1.1 ").count()
+}
+
+#[test]
+fn the_client_address_header_is_believed_on_the_unix_socket_and_not_over_tcp() {
+    let site = Site::new();
+    let serve = SocketServe::start(&site, &[]);
+    let asked = format!(
+        "GET /getlink.cgi HTTP/1.1\r\nHost: manage.{EXT}\r\nX-Satellite-Client-Addr: {LOGIN_NODE}\r\n\r\n"
+    );
+    let answer = serve.exchange(asked.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("\r\n\r\nYour token is \n"), "{answer}");
+
+    // A local process over TCP forging the header is only 127.0.0.1.
+    let tcp = Serve::start(&site);
+    let answer = exchange(tcp.port, asked.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+    assert!(
+        answer.contains("\r\n\r\nOops! Client (your) IP not in ranges 10.21.0.0/16"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn the_unix_socket_admits_only_its_owner_and_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let site = Site::new();
+    let serve = SocketServe::start(&site, &[]);
+    let mode = std::fs::metadata(&serve.socket).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o660, "{mode:o}");
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("not root: cannot try the socket as another user");
+        return;
+    }
+    // Let anyone reach the socket's directory: only its mode may stop them.
+    for dir in [site.dir.path().to_owned(), site.path("run")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let try_as = |uid: u32| {
+        use std::os::unix::process::CommandExt;
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--unix-socket",
+            ])
+            .arg(&serve.socket)
+            .arg("http://localhost/")
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap()
+    };
+    let root = try_as(0);
+    assert_eq!(String::from_utf8_lossy(&root.stdout), "200");
+    let nobody = try_as(65534);
+    assert!(!nobody.status.success());
+    assert!(
+        String::from_utf8_lossy(&nobody.stderr).contains("Couldn't connect"),
+        "{}",
+        String::from_utf8_lossy(&nobody.stderr)
+    );
+    // The same user gets in once the socket's group is its own (what
+    // serve_socket_group does for Apache's group).
+    nix::unistd::chown(&serve.socket, None, Some(nix::unistd::Gid::from_raw(65534))).unwrap();
+    let member = try_as(65534);
+    assert_eq!(
+        String::from_utf8_lossy(&member.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+}
+
+#[test]
+fn ambiguous_framing_gets_one_400_and_never_a_second_response() {
+    let site = Site::new();
+    let serve = Serve::start(&site);
+    let smuggled = "GET /getlink.cgi HTTP/1.1\r\nHost: x\r\n\r\n";
+    let attacks = [
+        (
+            "CL+TE",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "TE+CL",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "duplicate Content-Length",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "differing Content-Length",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 39\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "a Content-Length list",
+            format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0, 0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "chunked, identity",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "two Transfer-Encoding fields",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "identity",
+            format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n{smuggled}"),
+        ),
+        (
+            "chunked in HTTP/1.0",
+            format!(
+                "POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "a bare LF in a chunk line",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "two Host fields",
+            format!("GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n{smuggled}"),
+        ),
+    ];
+    for (what, raw) in attacks {
+        let answer = exchange(serve.port, raw.as_bytes());
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{what}: {answer}"
+        );
+        assert!(
+            answer.contains("\r\nConnection: close\r\n"),
+            "{what}: {answer}"
+        );
+        assert!(
+            answer.ends_with("\r\n\r\nOops! Malformed request\n"),
+            "{what}: {answer}"
+        );
+        assert_eq!(responses_in(&answer), 1, "{what}: {answer}");
+    }
+}
+
+#[test]
+fn a_chunked_body_is_read_as_the_same_form_as_a_counted_one() {
+    let site = Site::with_config("jobstateipmask = [\"127.0.0.1/32\"]");
+    let token = site.new_token();
+    site.cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=4242"))
+        .run();
+    let serve = Serve::start(&site);
+    let answer = exchange(
+        serve.port,
+        b"POST /update-jobs.cgi HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\n\r\n\
+          a;ext=1\r\njobstates=\r\n9\r\n4242 PEND\r\n4\r\nING\n\r\n0\r\nX-Trailer: y\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_eq!(responses_in(&answer), 1, "{answer}");
+    let state = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}"))
+        .run();
+    assert_eq!(state.text(), "Q");
+}
+
+#[test]
+fn a_200_kb_header_or_a_hundred_and_one_fields_get_431() {
+    let site = Site::new();
+    let serve = Serve::start(&site);
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Huge: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let answer = exchange(serve.port, huge.as_bytes());
+    assert!(
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert!(
+        answer.ends_with("\r\n\r\nOops! Request header too large\n"),
+        "{answer}"
+    );
+
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..100 {
+        many.push_str(&format!("X-Field-{i}: {i}\r\n"));
+    }
+    many.push_str("\r\n");
+    let answer = exchange(serve.port, many.as_bytes());
+    assert!(
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("\r\n\r\nOops! Too many request header fields\n"),
+        "{answer}"
+    );
+    // A hundred fields in all are fine.
+    let mut most = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..99 {
+        most.push_str(&format!("X-Field-{i}: {i}\r\n"));
+    }
+    most.push_str("\r\n");
+    assert!(exchange(serve.port, most.as_bytes()).starts_with("HTTP/1.1 200 OK\r\n"));
+}
+
+#[test]
+fn a_slow_sender_gets_408_when_its_time_is_up_even_while_trickling() {
+    let site = Site::with_config("serve_read_timeout_ms = 1000");
+    let serve = Serve::start(&site);
+    // Half a head, then nothing.
+    let mut stalled = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stalled.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut answer = Vec::new();
+    stalled.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("\r\n\r\nOops! Request not received in time\n"),
+        "{answer}"
+    );
+
+    // One byte every 100 ms: each read is quick, the whole is not. The
+    // deadline is for the request, not for each read.
+    let mut trickle = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
+    trickle
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(100)
+    );
+    let mut answer = Vec::new();
+    let mut sent = 0;
+    for byte in request.as_bytes() {
+        if trickle.write_all(&[*byte]).is_err() {
+            break;
+        }
+        sent += 1;
+        let mut buf = [0u8; 1024];
+        match trickle.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if !answer.is_empty() {
+            break;
+        }
+    }
+    trickle
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let _ = trickle.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        sent < request.len(),
+        "the whole request went through: {answer}"
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn sigterm_answers_the_requests_already_queued_and_takes_no_new_ones() {
+    // One worker stuck behind a database lock; requests queue up behind it.
+    let site = Site::with_config("serve_workers = 1\nbusy_timeout_ms = 20000");
+    let token = site.new_token();
+    let mut serve = SocketServe::start(&site, &[]);
+    let writer = site.db();
+    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let clients: Vec<_> = (0..5)
+        .map(|_| {
+            let socket = serve.socket.clone();
+            let token = token.clone();
+            std::thread::spawn(move || {
+                let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+                write!(
+                    stream,
+                    "GET /redeemtoken.cgi?token={token}&port=8888 HTTP/1.1\r\nHost: x\r\nX-Satellite-Client-Addr: {COMPUTE_NODE}\r\n\r\n"
+                )
+                .unwrap();
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).unwrap();
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+        })
+        .collect();
+    // Let all five be read and queued, then ask serve to stop.
+    std::thread::sleep(Duration::from_millis(500));
+    nix_kill(serve.child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serve.socket.exists() {
+        assert!(Instant::now() < deadline, "serve kept listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(std::os::unix::net::UnixStream::connect(&serve.socket).is_err());
+    writer.execute_batch("ROLLBACK").unwrap();
+    let answers: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let success = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 200 OK\r\n") && a.ends_with("\r\n\r\nSuccess!\n"))
+        .count();
+    let conflict = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 409 Conflict\r\n") && a.contains("\r\n\r\nOops! "))
+        .count();
+    assert_eq!((success, conflict), (1, 4), "{answers:#?}");
+    let status = serve.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_panicking_handler_answers_500_and_its_worker_serves_on() {
+    let site = Site::with_config("serve_workers = 1");
+    let serve = SocketServe::start(&site, &[("SATELLITE_SERVE_TEST_PANIC", "1")]);
+    for _ in 0..3 {
+        let answer = serve.exchange(b"GET /.satellite-test/panic HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            answer.starts_with("HTTP/1.1 500 Internal Server Error\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with(
+                "\r\n\r\nOops! Internal error, please try again later or tell the administrators.\n"
+            ),
+            "{answer}"
+        );
+        // The only worker is still there.
+        let answer = serve.exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            answer.ends_with("\r\n\r\nPlease see documentation on how to use this service.\n"),
+            "{answer}"
+        );
+    }
+}
+
+#[test]
+fn serve_takes_a_socket_passed_by_systemd() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let site = Site::new();
+    let path = site.path("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    // systemd's protocol: the socket is descriptor 3 and LISTEN_PID is the
+    // server's own pid; a shell that execs serve knows it as $$.
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!(
+            "export LISTEN_PID=$$; exec {} serve",
+            program("satellite")
+        ))
+        .env("SATELLITE_CONFIG", &site.config)
+        .env("LISTEN_FDS", "1")
+        .stderr(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; nothing else runs after fork.
+    unsafe {
+        command.pre_exec(move || {
+            if nix::libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop(listener);
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+}
+
+#[test]
+fn a_client_that_expects_100_continue_is_told_to_go_on() {
+    let site = Site::with_config("jobstateipmask = [\"127.0.0.1/32\"]");
+    let serve = Serve::start(&site);
+    let body = b"jobstates=4242 RUNNING\n";
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /update-jobs.cgi HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(body).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+}
+
+#[test]
+fn serve_socket_group_gives_the_socket_to_apaches_group() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("not root: cannot give a socket to another group");
+        return;
+    }
+    // Debian's nogroup, RHEL's nobody: whichever name gid 65534 has here.
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(65534))
+        .unwrap()
+        .expect("a group with gid 65534")
+        .name;
+    let site = Site::with_config(&format!("serve_socket_group = \"{group}\""));
+    let serve = SocketServe::start(&site, &[]);
+    let meta = std::fs::metadata(&serve.socket).unwrap();
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (65534, 0o660));
 }

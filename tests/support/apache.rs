@@ -445,7 +445,7 @@ impl Apache {
         .ok()
     }
 
-    fn error_log_path(&self) -> PathBuf {
+    pub fn error_log_path(&self) -> PathBuf {
         PrivateApache::error_log_path(self.dir.path())
     }
 

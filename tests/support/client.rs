@@ -203,6 +203,15 @@ impl Conn {
         self.stream.flush()
     }
 
+    /// Writes `bytes` as they are (a request no `Request` can express, such
+    /// as one without Host) and reads until the server closes.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<Vec<u8>> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()?;
+        while self.fill()? > 0 {}
+        Ok(std::mem::take(&mut self.buf))
+    }
+
     /// Reads more bytes into the buffer; `Ok(0)` at the end of the stream
     /// (a close without close_notify counts as an end too).
     fn fill(&mut self) -> io::Result<usize> {

@@ -7,11 +7,14 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 pub const EXT: &str = "example.org";
+/// Every site's `etc/logkey`: log ids are HMACs under it.
+pub const LOG_KEY: [u8; 32] = [0x5a; 32];
 /// Login and compute nodes live here (`tgtipmask`).
 pub const LOGIN_NODE: &str = "10.21.0.10";
 pub const COMPUTE_NODE: &str = "10.21.3.4";
@@ -97,6 +100,9 @@ impl Site {
             dir.path().join("var/eff_large_wordlist.txt"),
         )
         .unwrap();
+        let logkey = dir.path().join("etc/logkey");
+        std::fs::write(&logkey, LOG_KEY).unwrap();
+        std::fs::set_permissions(&logkey, std::fs::Permissions::from_mode(0o600)).unwrap();
         let syslog_path = dir.path().join("syslog.sock");
         let syslog = UnixDatagram::bind(&syslog_path).unwrap();
         syslog.set_nonblocking(true).unwrap();

@@ -84,8 +84,17 @@ pub struct Config {
     pub preserve_host: bool,
     /// Left out (or empty): `.satellite.lock` beside `httpdstubfile`.
     pub lockfile: PathBuf,
-    pub serve_listen: String,
+    /// TCP address for serve; `None` (the default): the Unix socket.
+    pub serve_listen: Option<String>,
     pub serve_workers: usize,
+    pub serve_socket: PathBuf,
+    /// Group given the socket (mode 0660): Apache's, when serve runs as
+    /// another user.
+    pub serve_socket_group: Option<String>,
+    /// How long a client may take to send a whole request.
+    pub serve_read_timeout_ms: u64,
+    /// The secret that keys log ids (HMAC); missing file: no ids logged.
+    pub logkey: PathBuf,
     pub trusted_proxies: IpMaskList,
     pub client_addr_header: String,
     pub job_binding: JobBinding,
@@ -226,8 +235,12 @@ impl Config {
             apache_pidfile: "/var/run/apache2/apache2.pid".into(),
             preserve_host: false,
             lockfile: PathBuf::new(),
-            serve_listen: "127.0.0.1:8080".into(),
+            serve_listen: None,
             serve_workers: 8,
+            serve_socket: "/run/satellite/serve.sock".into(),
+            serve_socket_group: None,
+            serve_read_timeout_ms: 10_000,
+            logkey: "../etc/logkey".into(),
             trusted_proxies: IpMaskList::parse::<&str>(&[]).expect("an empty list parses"),
             client_addr_header: "X-Satellite-Client-Addr".into(),
             job_binding: JobBinding::Warn,
@@ -253,9 +266,13 @@ impl Config {
             &mut self.syslog_socket,
             &mut self.apache_pidfile,
             &mut self.lockfile,
+            &mut self.serve_socket,
+            &mut self.logkey,
         ] {
             resolve(path);
         }
+        self.serve_listen = self.serve_listen.take().filter(|l| !l.is_empty());
+        self.serve_read_timeout_ms = self.serve_read_timeout_ms.max(1);
         let dynconf = self
             .httpdstubfile
             .parent()

@@ -11,11 +11,13 @@ pub mod endpoints;
 pub mod error;
 pub mod ipmask;
 pub mod jobstate;
+pub mod logid;
 pub mod publish;
 pub mod query;
 pub mod routes;
 pub mod sessions;
 pub mod store;
+pub mod subprocess;
 pub mod syslog;
 pub mod token;
 

@@ -113,11 +113,10 @@ pub fn alias_compare_hash(alias: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(alias))
 }
 
-/// What the logs name a token by: enough of its stored hash for an admin to
-/// find the row (`WHERE alias_compare_hash LIKE '<prefix>%'`), too little to
-/// redeem anything.
-pub fn log_id(alias_hash: &str) -> &str {
-    &alias_hash[..alias_hash.len().min(10)]
+/// What the logs name a token by: a keyed HMAC of its stored hash (see
+/// `logid`), or `-` when this process has no log key.
+pub fn log_id(alias_hash: &str) -> String {
+    crate::logid::log_id(alias_hash)
 }
 
 /// The shape every alias written into Apache's configuration must have:

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use satellite_core::Config;
 
+use satellite_core::subprocess::OutputWithin;
 use crate::private_apache::{
     make_certificate, output_of, ApacheInstall, PrivateApache, Site, SiteConf,
 };
@@ -47,10 +48,15 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
     println!("satellite demo in {}", dir.display());
     install(&root, DOMAIN)?;
     let certificate = make_certificate(dir, DOMAIN)?;
-    // Bound now and handed over, so no other process can take the ports
-    // between choosing and using them.
-    let serve_listener = TcpListener::bind(("127.0.0.1", 0)).context("binding serve's socket")?;
-    let serve_port = serve_listener.local_addr()?.port();
+    let serve_socket = dir.join("serve.sock");
+    // Apache's workers run as nobody:nogroup under root: the socket's group.
+    let socket_group = if nix::unistd::Uid::effective().is_root() {
+        "serve_socket_group = \"nogroup\"\n"
+    } else {
+        ""
+    };
+    // Bound now and handed over, so no other process can take the port
+    // between choosing and using it.
     let backend = TcpListener::bind((BACKEND_IP, 0))
         .with_context(|| format!("starting the sample backend on {BACKEND_IP}"))?;
     let backend_port = backend.local_addr()?.port();
@@ -64,10 +70,10 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
              extport = {port}\nlistenport = {port}\n\
              routing = \"map\"\n\
              syslog_socket = \"\"\n\
-             serve_listen = \"127.0.0.1:{serve_port}\"\n\
-             serve_workers = 4\n\
-             trusted_proxies = [\"127.0.0.1/32\"]\n",
-            port = options.port
+             serve_socket = \"{socket}\"\n{socket_group}\
+             serve_workers = 4\n",
+            port = options.port,
+            socket = serve_socket.display(),
         ),
     )?;
     if nix::unistd::Uid::effective().is_root() {
@@ -76,7 +82,10 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
     }
     let config = Config::load_file(&config_path)?;
 
-    let server = satellite_serve::Server::on_listener(config.clone(), serve_listener)?;
+    let server = satellite_serve::Server::bind(
+        config.clone(),
+        &satellite_serve::Bind::Unix(serve_socket.clone()),
+    )?;
     let stop_serving = server.stopper();
     let serving = thread::spawn(move || server.run());
     let watch_config = config.clone();
@@ -103,7 +112,7 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
             port: options.port,
             cert: certificate.cert,
             key: certificate.key,
-            serve_url: Some(format!("http://127.0.0.1:{serve_port}")),
+            serve_url: Some(format!("unix:{}|http://localhost", serve_socket.display())),
             routing: satellite_core::config::Routing::Map,
             conf: SiteConf::Embedded,
         },
@@ -132,7 +141,8 @@ fn open_up(path: &Path) -> Result<()> {
         .arg("-R")
         .arg("a+rwX")
         .arg(path)
-        .status()?;
+        .output_within(Duration::from_secs(60))?
+        .status;
     if !status.success() {
         bail!("chmod -R a+rwX {} failed", path.display());
     }

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use satellite_core::config::Routing;
 
+use satellite_core::subprocess::OutputWithin;
+
 /// The site config shipped with the binary, so the demo runs from anywhere.
 pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.conf");
 
@@ -148,7 +150,7 @@ impl PrivateApache {
             .arg("-f")
             .arg(&conf)
             .arg("-t")
-            .output()
+            .output_within(Duration::from_secs(60))
             .with_context(|| format!("running {}", install.binary.display()))?;
         if !test.status.success() {
             bail!(

@@ -16,6 +16,7 @@ use satellite_core::store::{TokenRow, SCHEMA_VERSION};
 use satellite_core::{Config, Store};
 
 use crate::AboutPath;
+use crate::subprocess::OutputWithin;
 
 pub fn open_store(config: &Config) -> Result<Store> {
     Store::open(
@@ -275,7 +276,7 @@ pub fn read_squeue(from: Option<&Path>) -> Result<String> {
             // of the default format.
             let out = std::process::Command::new("squeue")
                 .args(["--noheader", "--all", "--format=%i %T"])
-                .output()
+                .output_within(Duration::from_secs(60))
                 .context(
                     "running squeue (is this a Slurm controller? use --from FILE otherwise)",
                 )?;

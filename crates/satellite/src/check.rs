@@ -5,11 +5,20 @@ use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use satellite_core::config::Routing;
 use satellite_core::store::SCHEMA_VERSION;
 use satellite_core::token::Wordlist;
 use satellite_core::Config;
+
+use crate::subprocess::OutputWithin;
+
+/// Apache's config test reads every included file and certificate.
+const CONFIGTEST_TIMEOUT: Duration = Duration::from_secs(60);
+const OPENSSL_TIMEOUT: Duration = Duration::from_secs(20);
+/// `sudo -n -l`: never a prompt, but a slow directory service.
+const SUDO_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -90,7 +99,45 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     findings.push(check_reload(&config));
     findings.push(check_certificate(&config, cert));
     findings.push(check_serve_listen(&config));
+    findings.push(check_log_key(&config));
+    findings.push(check_syslog(&config));
     findings
+}
+
+/// Without the key, log lines name no token (a keyless id could be
+/// reversed); a key others can read lets them test guesses against ids.
+fn check_log_key(config: &Config) -> Finding {
+    let path = &config.logkey;
+    match satellite_core::logid::read_key(path) {
+        Ok(_) => ok(format!("log key {} is private", path.display())),
+        Err(err) => fail(
+            format!("log key: {err}; log lines name no token"),
+            format!(
+                "satellite init creates it; by hand: head -c 32 /dev/urandom > {0}; chmod 0640 {0}; chgrp <web server group> {0}",
+                path.display()
+            ),
+        ),
+    }
+}
+
+/// The audit trail goes to syslog; a missing socket loses it silently
+/// (each program notes it on stderr at most once).
+fn check_syslog(config: &Config) -> Finding {
+    let path = &config.syslog_socket;
+    if path.as_os_str().is_empty() {
+        return warn(
+            "syslog_socket is empty: no audit log of issued, redeemed, linked and destroyed tokens",
+            "set syslog_socket = \"/dev/log\" (the default) and run a syslog daemon",
+        );
+    }
+    let reachable = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(path));
+    match reachable {
+        Ok(()) => ok(format!("syslog {} accepts messages", path.display())),
+        Err(err) => fail(
+            format!("syslog {}: {err}; audit lines are lost", path.display()),
+            "start a syslog daemon (rsyslog, or systemd-journald's /dev/log socket), or set syslog_socket",
+        ),
+    }
 }
 
 fn check_database(config: &Config) -> Finding {
@@ -254,7 +301,10 @@ fn check_files(config: &Config) -> Vec<Finding> {
 
 fn check_configtest(config: &Config) -> Finding {
     let argv = &config.apache_configtest;
-    match Command::new(&argv[0]).args(&argv[1..]).output() {
+    match Command::new(&argv[0])
+        .args(&argv[1..])
+        .output_within(CONFIGTEST_TIMEOUT)
+    {
         Ok(out) if out.status.success() => {
             ok(format!("Apache config test `{}` passes", argv.join(" ")))
         }
@@ -285,7 +335,7 @@ fn check_reload(config: &Config) -> Finding {
                 .arg("-n")
                 .arg("-l")
                 .args(&rest)
-                .output();
+                .output_within(SUDO_TIMEOUT);
             return match out {
                 Ok(out) if out.status.success() => {
                     ok(format!("sudo allows the reload `{}`", argv.join(" ")))
@@ -327,10 +377,16 @@ fn check_reload(config: &Config) -> Finding {
     }
 }
 
-/// serve leans on the fronting Apache for request limits (header sizes,
-/// slow clients), so it belongs on loopback.
+/// Any local process can connect to a TCP port, and on TCP serve believes
+/// the client address only from `trusted_proxies`: the Unix socket (whose
+/// mode admits only Apache) is the safe default.
 fn check_serve_listen(config: &Config) -> Finding {
-    let listen = &config.serve_listen;
+    let Some(listen) = &config.serve_listen else {
+        return ok(format!(
+            "serve listens on the Unix socket {}",
+            config.serve_socket.display()
+        ));
+    };
     let loopback = listen
         .parse::<std::net::SocketAddr>()
         .map(|a| a.ip().is_loopback())
@@ -340,7 +396,7 @@ fn check_serve_listen(config: &Config) -> Finding {
     } else {
         warn(
             format!("serve_listen {listen} is not on loopback"),
-            "let only Apache reach serve: listen on 127.0.0.1 and define SATELLITE_SERVE in satellite.conf",
+            "let only Apache reach serve: leave serve_listen out (Unix socket) and define SATELLITE_SERVE in satellite.conf",
         )
     }
 }
@@ -362,7 +418,7 @@ fn check_certificate(config: &Config, cert: Option<&Path>) -> Finding {
             "-in",
         ])
         .arg(cert)
-        .output()
+        .output_within(OPENSSL_TIMEOUT)
     {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
         Ok(out) => {
@@ -395,7 +451,7 @@ fn check_certificate(config: &Config, cert: Option<&Path>) -> Finding {
     let expires_soon = Command::new("openssl")
         .args(["x509", "-noout", "-checkend", "2592000", "-in"])
         .arg(cert)
-        .output()
+        .output_within(OPENSSL_TIMEOUT)
         .map(|out| !out.status.success())
         .unwrap_or(false);
     let end = out

@@ -30,6 +30,10 @@ pub const CONFIG_TEMPLATE: &str = include_str!("../assets/satellite.toml");
 /// lock exist before the first run.
 const LOCK_AND_ROUTE_FILES: [&str; 2] = ["dynconf/proxyconf.conf", "dynconf/.satellite.lock"];
 
+/// The key of log ids (`logkey`'s default): read by the endpoints (web
+/// server group) and cron (owner), by nobody else.
+const LOG_KEY: &str = "etc/logkey";
+
 pub struct InitOptions {
     pub prefix: PathBuf,
     pub apache_user: Option<String>,
@@ -68,6 +72,9 @@ pub fn init(options: &InitOptions) -> Result<String> {
     ));
     log.push_str(&write_config(prefix, &options.extbasename)?);
     write_data_files(prefix)?;
+    if write_log_key(&prefix.join(LOG_KEY))? {
+        log.push_str(&format!("wrote {}\n", prefix.join(LOG_KEY).display()));
+    }
     log.push_str(&create_database(prefix)?);
     set_modes(prefix)?;
     if Uid::effective().is_root() {
@@ -185,6 +192,7 @@ fn give_to_web_server(prefix: &Path, options: &InitOptions) -> Result<String> {
     for path in [
         "etc",
         "etc/satellite.toml",
+        LOG_KEY,
         "var",
         "var/state.sqlite",
         "var/eff_large_wordlist.txt",
@@ -231,6 +239,29 @@ fn install_program(from_dir: &Path, name: &str, to: &Path) -> Result<()> {
     set_mode(&temp, 0o755)?;
     fs::rename(&temp, to).with_context(|| format!("installing {}", to.display()))?;
     Ok(())
+}
+
+/// A new random key, unless there is one: replacing it would change every
+/// id and break the link between old and new log lines.
+fn write_log_key(path: &Path) -> Result<bool> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let created = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(path);
+    let mut file = match created {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(err) => return Err(err).with_context(|| format!("creating {}", path.display())),
+    };
+    file.write_all(&satellite_core::logid::new_key())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    // The umask may have taken group read away.
+    set_mode(path, 0o640)?;
+    Ok(true)
 }
 
 fn write_if_missing(path: &Path, text: &str) -> Result<()> {

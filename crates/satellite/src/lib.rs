@@ -6,6 +6,7 @@ pub mod admin;
 pub mod check;
 pub mod install;
 pub mod jobstates;
+pub use satellite_core::subprocess;
 
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
@@ -100,7 +101,7 @@ fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
     if let Some(addr) = cgi.remote_addr {
         request.extensions_mut().insert(ClientAddr(addr));
     }
-    let syslog = Syslog::new(&config.syslog_socket, "satellite");
+    let syslog = Syslog::new(&config.syslog_socket, "satellite").quiet_when_missing();
     let mut ctx = Context::new(config, syslog);
     Some(handle(&mut ctx, endpoint, &request))
 }
@@ -146,6 +147,7 @@ pub fn run_cron(args: Vec<std::ffi::OsString>) -> ExitCode {
 /// what changed only with `verbose` (a crontab mails any output, every
 /// minute) or under `--watch` (the service's journal).
 pub fn cron_main(config: &Config, watch: bool, verbose: bool) -> ExitCode {
+    satellite_core::logid::use_key(&config.logkey);
     let print = |report: anyhow::Result<satellite_cron::Report>| match report {
         Ok(report) => {
             if verbose || watch {

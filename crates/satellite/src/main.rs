@@ -24,11 +24,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the endpoints natively over HTTP (behind Apache, or alone on loopback)
+    /// Serve the endpoints natively over HTTP behind Apache (a Unix socket by default)
     Serve {
-        /// Address to listen on [default: serve_listen from the config]
-        #[arg(long, value_name = "ADDR")]
+        /// TCP address to listen on instead of the Unix socket [default: serve_listen]
+        #[arg(long, value_name = "ADDR", conflicts_with = "socket")]
         listen: Option<String>,
+        /// Unix socket to listen on [default: serve_socket]
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
     },
     /// Expire tokens and publish routes once, or keep doing it (--watch)
     Cron {
@@ -159,16 +162,16 @@ fn print(text: String) -> Result<ExitCode> {
 fn run(cli: Cli) -> Result<ExitCode> {
     let config = || load_config(cli.config.as_ref());
     match &cli.command {
-        Command::Serve { listen } => {
+        Command::Serve { listen, socket } => {
             let config = config()?;
-            let listen = listen
-                .clone()
-                .unwrap_or_else(|| config.serve_listen.clone());
-            let server = satellite_serve::Server::bind(config, &listen)?;
+            let bind = match (listen, socket) {
+                (Some(addr), _) => satellite_serve::Bind::Tcp(addr.clone()),
+                (None, Some(path)) => satellite_serve::Bind::Unix(path.clone()),
+                (None, None) => satellite_serve::Server::default_bind(&config),
+            };
+            let server = satellite_serve::Server::bind(config, &bind)?;
             server.stop_on_signals()?;
-            // The bound address, not the one asked for: with port 0 the
-            // caller learns the port the system chose.
-            eprintln!("{}{}/", satellite_serve::LISTENING, server.local_addr()?);
+            eprintln!("satellite serve: listening on {}", server.describe());
             server.run()?;
             Ok(ExitCode::SUCCESS)
         }

@@ -1,101 +1,110 @@
 //! `satellite serve`: the endpoint handlers of the core served natively, so
 //! a busy site does not pay a process start and a database open per request.
 //!
-//! Shape: one acceptor thread takes requests from tiny_http and hands them to
-//! a fixed pool of workers through a bounded queue; when the queue is full
-//! the acceptor answers 503 itself, so a flood degrades into quick refusals
-//! instead of unbounded memory. Each worker owns one `Context`, hence one
-//! database connection. SIGTERM or SIGINT stops the acceptor; queued and
-//! in-flight requests are answered before the process exits.
+//! Where: a Unix socket by default (mode 0660: only Apache, through the
+//! socket's owner or group, can connect), a socket passed by systemd, or a
+//! TCP address when configured explicitly. The client address header is
+//! believed only on the Unix socket or from `trusted_proxies` over TCP.
 //!
-//! tiny_http's accept thread ends for good on the first failed `accept`,
-//! or panics, when descriptors run out under a flood; the acceptor notices
-//! either and, once there is room again, starts a new tiny_http server on
-//! the same socket; the old one keeps answering the connections it has. tiny_http sets no
-//! limits on header size or on slow clients: serve belongs on loopback
-//! behind Apache, which enforces both.
+//! Shape: an acceptor thread hands each connection to a short-lived reader
+//! thread, which reads one request strictly (see `http1`) under a deadline
+//! and queues it for a fixed pool of workers; a full queue gets a quick 503
+//! from the reader, so a flood degrades into refusals instead of unbounded
+//! memory. Each worker owns one `Context`, hence one database connection,
+//! and catches a panicking handler (500; the worker carries on). SIGTERM or
+//! SIGINT stops accepting; requests already read, or being read, are still
+//! answered before the process exits.
+//!
+//! Why not tiny_http (used before): it answered twice to ambiguous framing
+//! (CL+TE, duplicate Content-Length, `chunked, identity`), had no limit on
+//! header size nor on slow senders, listened on TCP only, and its accept
+//! thread died for good on the first failed accept. httparse parses; the
+//! small connection loop here decides everything else.
 
-use std::io::Read;
+mod http1;
+mod listen;
+
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{Context as _, Result};
 use http::StatusCode;
-use satellite_core::endpoints::{oops, Body};
+use satellite_core::endpoints::{bug_response, oops, Body};
 use satellite_core::ipmask::canonical_ip;
 use satellite_core::syslog::Syslog;
 use satellite_core::{handle, ClientAddr, Config, Context, Endpoint};
 
+pub use listen::{Bind, Peer};
+
+/// What `satellite serve` writes to stderr once it listens on TCP, followed
+/// by the bound address and `/`: a program that starts it on port 0 learns
+/// the port from this line.
+pub const LISTENING: &str = "satellite serve: listening on http://";
+use listen::{Listener, Stream};
+
 /// Requests waiting for a worker, per worker, before new ones get 503.
 const QUEUE_PER_WORKER: usize = 64;
-/// How often the acceptor looks up from `recv` to check for shutdown.
+/// Connections being read at once; more are refused with 503 at accept.
+const MAX_CONNECTIONS: usize = 2048;
+/// How often the acceptor looks up from waiting to check for shutdown.
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
-
-/// How long to wait after a failed accept before listening again.
+/// How long to wait after a failed accept (out of descriptors, say).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Reader threads hold one request; they need little stack.
+const READER_STACK: usize = 256 * 1024;
 
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
-/// Set when a tiny_http thread panics: under descriptor exhaustion its
-/// accept thread can die by `unwrap` rather than by a reported error.
-static TINY_HTTP_PANICKED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn request_shutdown(_: nix::libc::c_int) {
     SHUTDOWN.store(true, Ordering::SeqCst);
 }
 
-/// What `satellite serve` writes to stderr once it listens, followed by the
-/// bound address and `/`: a program that starts it on port 0 learns the
-/// port from this line.
-pub const LISTENING: &str = "satellite serve: listening on http://";
+/// A request read in full, waiting for a worker.
+struct Job {
+    stream: Stream,
+    request: http::Request<Body>,
+}
 
 /// A running server; `run` blocks until SIGTERM/SIGINT (or `stop`).
 pub struct Server {
-    listener: std::net::TcpListener,
-    http: tiny_http::Server,
+    listener: Listener,
     config: Config,
     stop: Arc<AtomicBool>,
 }
 
 impl Server {
-    /// Listens on `listen` (`host:port`).
-    ///
-    /// # Errors
-    /// When the address cannot be bound or the server cannot start.
-    pub fn bind(config: Config, listen: &str) -> Result<Self> {
-        let listener = std::net::TcpListener::bind(listen)
-            .with_context(|| format!("listening on {listen}"))?;
-        Self::on_listener(config, listener)
-    }
-
-    /// Serves on a socket the caller has bound already: a caller that binds
-    /// port 0 knows the port it got and keeps it, where picking a free port
-    /// and binding it again later could lose it to another process.
-    ///
-    /// # Errors
-    /// When the server cannot start on the socket.
-    pub fn on_listener(config: Config, listener: std::net::TcpListener) -> Result<Self> {
+    /// Listens where `how` says; a Unix socket gets mode 0660 and, if
+    /// configured, `serve_socket_group`.
+    pub fn bind(config: Config, how: &Bind) -> Result<Self> {
         raise_descriptor_limit();
-        watch_for_tiny_http_panics();
-        let http = serve_on(&listener)?;
+        let listener = Listener::bind(how, config.serve_socket_group.as_deref())?;
         Ok(Server {
             listener,
-            http,
             config,
             stop: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// The address it listens on: the port the system chose when asked to
-    /// listen on port 0.
-    ///
-    /// # Errors
-    /// When the socket cannot be asked (it is always bound by now).
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.listener.local_addr()
+    /// Where the configuration says to listen: a socket from systemd if
+    /// one was passed, else `serve_listen` (TCP) if set, else `serve_socket`.
+    pub fn default_bind(config: &Config) -> Bind {
+        if std::env::var_os("LISTEN_FDS").is_some() {
+            Bind::Inherited
+        } else if let Some(listen) = &config.serve_listen {
+            Bind::Tcp(listen.clone())
+        } else {
+            Bind::Unix(config.serve_socket.clone())
+        }
+    }
+
+    /// `unix:/run/satellite/serve.sock` or `http://127.0.0.1:8080/`.
+    pub fn describe(&self) -> String {
+        self.listener.describe()
     }
 
     /// Makes SIGTERM and SIGINT stop the server gracefully.
@@ -103,7 +112,7 @@ impl Server {
         use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
         let action = SigAction::new(
             SigHandler::Handler(request_shutdown),
-            SaFlags::empty(),
+            SaFlags::SA_RESTART,
             SigSet::empty(),
         );
         for signal in [Signal::SIGTERM, Signal::SIGINT] {
@@ -120,88 +129,150 @@ impl Server {
 
     pub fn run(self) -> Result<()> {
         let workers = self.config.serve_workers;
-        let config = self.config.clone();
-        let (queue, requests) =
-            mpsc::sync_channel::<tiny_http::Request>(workers * QUEUE_PER_WORKER);
-        let requests = Arc::new(Mutex::new(requests));
+        let (queue, jobs) = mpsc::sync_channel::<Job>(workers * QUEUE_PER_WORKER);
+        let jobs = Arc::new(Mutex::new(jobs));
         let pool: Vec<_> = (0..workers)
             .map(|i| {
-                let requests = requests.clone();
-                let config = config.clone();
+                let jobs = jobs.clone();
+                let config = self.config.clone();
                 thread::Builder::new()
                     .name(format!("satellite-worker-{i}"))
-                    .spawn(move || work(config, requests))
+                    .spawn(move || work(config, jobs))
                     .context("starting a worker thread")
             })
             .collect::<Result<_>>()?;
         self.accept(queue);
-        // Dropping the sender lets workers drain the queue, then stop.
+        // Readers still reading hold senders: workers answer what they
+        // queue, and stop once every sender is gone and the queue is empty.
         for worker in pool {
             let _ = worker.join();
         }
         Ok(())
     }
 
-    fn accept(self, queue: SyncSender<tiny_http::Request>) {
-        // The newest server accepts; earlier ones (whose accept thread died)
-        // still deliver requests from the connections they hold.
-        let mut retired: Vec<tiny_http::Server> = Vec::new();
-        let mut current = self.http;
-        let mut accepting = true;
+    fn accept(self, queue: SyncSender<Job>) {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(AtomicUsize::new(0));
+        let config = Arc::new(self.config.clone());
+        let mut failing = false;
         while !SHUTDOWN.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
-            for old in &retired {
-                while let Ok(Some(request)) = old.try_recv() {
-                    dispatch(&self.config, &queue, request);
+            if !readable(&self.listener, ACCEPT_POLL) {
+                continue;
+            }
+            let (mut stream, peer) = match self.listener.accept() {
+                Ok(accepted) => {
+                    failing = false;
+                    accepted
                 }
-            }
-            if TINY_HTTP_PANICKED.swap(false, Ordering::SeqCst) {
-                accepting = false;
-            }
-            if !accepting {
-                // Out of descriptors, say. A new accept thread would fail
-                // at once (and each new server keeps a descriptor), so wait
-                // until there is room again.
-                thread::sleep(ACCEPT_BACKOFF);
-                if has_headroom(&self.listener) {
-                    match serve_on(&self.listener) {
-                        Ok(fresh) => {
-                            retired.push(std::mem::replace(&mut current, fresh));
-                            accepting = true;
-                        }
-                        Err(err) => eprintln!("satellite serve: listening again: {err:#}"),
-                    }
-                }
-            }
-            match current.recv_timeout(ACCEPT_POLL) {
-                Ok(Some(request)) => dispatch(&self.config, &queue, request),
-                Ok(None) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(err) => {
-                    eprintln!("satellite serve: accept failed ({err}); listening again");
-                    accepting = false;
+                    // Out of descriptors, say: the connection waits in the
+                    // backlog until there is room again.
+                    if !failing {
+                        eprintln!("satellite serve: accept failed ({err}); retrying");
+                        failing = true;
+                    }
+                    thread::sleep(ACCEPT_BACKOFF);
+                    continue;
                 }
+            };
+            if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::SeqCst);
+                // The acceptor must not wait on this client: a short write,
+                // no lingering.
+                let _ = stream.set_write_timeout(Duration::from_millis(100));
+                let _ = http1::write_response(&mut stream, &busy_answer(&config), false);
+                continue;
+            }
+            let (config, queue, stopping, open_here) = (
+                config.clone(),
+                queue.clone(),
+                stopping.clone(),
+                open.clone(),
+            );
+            let reader = thread::Builder::new()
+                .name("satellite-reader".into())
+                .stack_size(READER_STACK)
+                .spawn(move || {
+                    read_and_queue(&config, stream, peer, &queue, &stopping);
+                    open_here.fetch_sub(1, Ordering::SeqCst);
+                });
+            if reader.is_err() {
+                // No thread to read it: the connection (moved into the
+                // failed closure) is closed; the client may retry.
+                open.fetch_sub(1, Ordering::SeqCst);
+                thread::sleep(ACCEPT_BACKOFF);
             }
         }
+        // Stop listening first (the socket file goes away), then let the
+        // readers finish what they have started.
+        stopping.store(true, Ordering::SeqCst);
+        drop(self.listener);
     }
 }
 
-/// Hands a request to the workers, or answers 503 itself when the queue
-/// is full.
-fn dispatch(config: &Config, queue: &SyncSender<tiny_http::Request>, request: tiny_http::Request) {
-    match queue.try_send(request) {
+/// Whether the listener has a connection waiting, within `timeout`.
+fn readable(listener: &Listener, timeout: Duration) -> bool {
+    let mut fds = [nix::libc::pollfd {
+        fd: listener.raw_fd(),
+        events: nix::libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd, for a descriptor the listener owns.
+    let ready = unsafe { nix::libc::poll(fds.as_mut_ptr(), 1, timeout.as_millis() as i32) };
+    ready > 0
+}
+
+fn busy_answer(config: &Config) -> http::Response<Body> {
+    oops(
+        config,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The service is busy, please try again in a moment.",
+    )
+}
+
+/// A reader thread: one request off `stream`, refused here or queued for
+/// the workers (503 here when their queue is full).
+fn read_and_queue(
+    config: &Config,
+    mut stream: Stream,
+    peer: Peer,
+    queue: &SyncSender<Job>,
+    stopping: &AtomicBool,
+) {
+    if stream.set_write_timeout(http1::WRITE_TIMEOUT).is_err() {
+        return;
+    }
+    let timeout = Duration::from_millis(config.serve_read_timeout_ms);
+    let incoming = match http1::read_request(&mut stream, timeout, config.max_body_bytes, stopping)
+    {
+        Ok(incoming) => incoming,
+        Err(http1::Refusal::Silent) => return,
+        Err(http1::Refusal::Answer(status, message)) => {
+            if http1::write_response(&mut stream, &oops(config, status, &message), false).is_ok() {
+                http1::linger(&mut stream);
+            }
+            return;
+        }
+    };
+    let request = match to_request(config, peer, incoming) {
+        Ok(request) => request,
+        Err(refusal) => {
+            let _ = http1::write_response(&mut stream, &refusal, false);
+            return;
+        }
+    };
+    match queue.try_send(Job { stream, request }) {
         Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-        Err(TrySendError::Full(request)) => {
-            let busy = oops(
-                config,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The service is busy, please try again in a moment.",
-            );
-            respond(request, busy);
+        Err(TrySendError::Full(mut job)) => {
+            let _ = http1::write_response(&mut job.stream, &busy_answer(config), false);
         }
     }
 }
 
-/// tiny_http serves every connection on a thread of its own: give the
-/// process all the descriptors it may have, not the soft default of 1024.
+/// tiny_http served every connection on a thread of its own, and so do our
+/// readers: give the process all the descriptors it may have, not the soft
+/// default of 1024.
 fn raise_descriptor_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
@@ -211,77 +282,75 @@ fn raise_descriptor_limit() {
     }
 }
 
-/// Flags panics in tiny_http's threads (after the usual report), so the
-/// acceptor can listen again if the one that died was the accept thread.
-fn watch_for_tiny_http_panics() {
-    static INSTALLED: std::sync::Once = std::sync::Once::new();
-    INSTALLED.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if info
-                .location()
-                .is_some_and(|l| l.file().contains("tiny_http"))
-            {
-                TINY_HTTP_PANICKED.store(true, Ordering::SeqCst);
-            }
-            previous(info);
-        }));
-    });
-}
-
-/// Whether a burst of new connections could be accepted now.
-fn has_headroom(listener: &std::net::TcpListener) -> bool {
-    const SPARE_DESCRIPTORS: usize = 16;
-    let spare: Vec<_> = (0..SPARE_DESCRIPTORS)
-        .map(|_| listener.try_clone())
-        .collect();
-    spare.iter().all(Result::is_ok)
-}
-
-/// A tiny_http server accepting on (a clone of) our listening socket.
-fn serve_on(listener: &std::net::TcpListener) -> Result<tiny_http::Server> {
-    let socket = listener
-        .try_clone()
-        .context("sharing the listening socket")?;
-    tiny_http::Server::from_listener(socket, None).map_err(|err| anyhow!("serving: {err}"))
-}
-
-fn work(config: Config, requests: Arc<Mutex<Receiver<tiny_http::Request>>>) {
-    let syslog = Syslog::new(&config.syslog_socket, "satellite");
-    let mut ctx = Context::new(config, syslog);
+fn work(config: Config, jobs: Arc<Mutex<Receiver<Job>>>) {
+    let new_context = || {
+        let syslog = Syslog::new(&config.syslog_socket, "satellite");
+        Context::new(config.clone(), syslog)
+    };
+    let mut ctx = new_context();
     loop {
-        let next = requests.lock().map(|r| r.recv());
-        let Ok(Ok(mut request)) = next else { return };
-        let parts = request_parts(&ctx.config, &mut request);
-        let response = answer(&mut ctx, parts);
-        respond(request, response);
+        let next = jobs.lock().map(|r| r.recv());
+        let Ok(Ok(mut job)) = next else { return };
+        let answered = panic::catch_unwind(AssertUnwindSafe(|| answer(&mut ctx, &job.request)));
+        let response = answered.unwrap_or_else(|_| {
+            // Whatever the handler was doing (a transaction, say) is not
+            // to be trusted: start over with a fresh connection.
+            ctx = new_context();
+            bug_response()
+        });
+        let head_only = job.request.method() == http::Method::HEAD;
+        if let Err(err) = http1::write_response(&mut job.stream, &response, head_only) {
+            // A client that went away mid-answer costs nothing but this line.
+            if err.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("satellite serve: answering: {err}");
+            }
+        }
+    }
+}
+
+fn answer(ctx: &mut Context, request: &http::Request<Body>) -> http::Response<Body> {
+    #[cfg(debug_assertions)]
+    panic_on_request_in_tests(request);
+    let endpoint = Endpoint::for_path(request.uri().path());
+    handle(ctx, endpoint, request)
+}
+
+/// Debug builds only: with `SATELLITE_SERVE_TEST_PANIC=1`, a request for
+/// `/.satellite-test/panic` panics inside the worker, so tests can check
+/// that a panicking handler is answered with a 500 and the worker lives.
+#[cfg(debug_assertions)]
+fn panic_on_request_in_tests(request: &http::Request<Body>) {
+    if request.uri().path() == "/.satellite-test/panic"
+        && std::env::var_os("SATELLITE_SERVE_TEST_PANIC").is_some_and(|v| v == "1")
+    {
+        panic!("a test asked this handler to panic");
     }
 }
 
 /// The request as the handlers see it, or the answer refusing it.
-fn request_parts(
+fn to_request(
     config: &Config,
-    request: &mut tiny_http::Request,
+    peer: Peer,
+    incoming: http1::Incoming,
 ) -> Result<http::Request<Body>, Box<http::Response<Body>>> {
     let bad = |status: StatusCode, message: &str| Box::new(oops(config, status, message));
-    let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
+    let target = &incoming.target;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let uri = satellite_cgi::request_uri(path.as_bytes(), query.as_bytes())
         .ok_or_else(|| bad(StatusCode::URI_TOO_LONG, "Request URI too long"))?;
     let mut builder = http::Request::builder()
-        .method(request.method().as_str())
+        .method(incoming.method.as_str())
         .uri(uri);
     let mut proxied_client = None;
     let mut forwarded_host = None;
-    for header in request.headers() {
-        let name = header.field.as_str().as_str();
-        let value = header.value.as_str().as_bytes();
+    for (name, value) in &incoming.headers {
         if name.eq_ignore_ascii_case(&config.client_addr_header) {
-            proxied_client = Some(value.to_vec());
+            proxied_client = Some(value.clone());
             // Consumed here; handlers never see a client-settable address.
             continue;
         }
         if name.eq_ignore_ascii_case("x-forwarded-host") {
-            forwarded_host = Some(value.to_vec());
+            forwarded_host = Some(value.clone());
         }
         // As in CGI: a header that is not valid HTTP is dropped, not fatal.
         if let (Ok(name), Ok(value)) = (
@@ -291,15 +360,13 @@ fn request_parts(
             builder = builder.header(name, value);
         }
     }
-    let peer = request.remote_addr().map(|a| a.ip());
-    let behind_trusted_proxy = peer.is_some_and(|p| config.trusted_proxies.contains(p));
     if let Some(addr) = client_addr(config, peer, proxied_client.as_deref()) {
         builder = builder.extension(ClientAddr(addr));
     }
     // Behind Apache the Host is Apache's view of us; the host the user
     // asked for (which names the alias) is the last X-Forwarded-Host entry,
     // the one Apache appended.
-    if behind_trusted_proxy {
+    if behind_proxy(config, peer) {
         let last = forwarded_host
             .as_deref()
             .and_then(|v| v.rsplit(|&b| b == b',').next())
@@ -310,86 +377,29 @@ fn request_parts(
             }
         }
     }
-    let declared = request.body_length().unwrap_or(0);
-    if declared > config.max_body_bytes {
-        return Err(bad(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
-                "Request body too large (at most {} bytes)",
-                config.max_body_bytes
-            ),
-        ));
-    }
-    let mut body = Vec::new();
-    let limit = config.max_body_bytes as u64 + 1;
-    if let Err(err) = request.as_reader().take(limit).read_to_end(&mut body) {
-        eprintln!("satellite serve: reading a request body: {err}");
-        return Err(bad(StatusCode::BAD_REQUEST, "Malformed request"));
-    }
-    if body.len() > config.max_body_bytes {
-        return Err(bad(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
-                "Request body too large (at most {} bytes)",
-                config.max_body_bytes
-            ),
-        ));
-    }
     builder
-        .body(body)
+        .body(incoming.body)
         .map_err(|_| bad(StatusCode::BAD_REQUEST, "Malformed request"))
 }
 
-fn answer(
-    ctx: &mut Context,
-    parts: Result<http::Request<Body>, Box<http::Response<Body>>>,
-) -> http::Response<Body> {
-    match parts {
-        Ok(request) => {
-            let endpoint = Endpoint::for_path(request.uri().path());
-            handle(ctx, endpoint, &request)
-        }
-        Err(refusal) => *refusal,
-    }
-}
-
-fn respond(request: tiny_http::Request, response: http::Response<Body>) {
-    let status = response.status().as_u16();
-    let headers: Vec<tiny_http::Header> = response
-        .headers()
-        .iter()
-        .filter_map(|(name, value)| {
-            tiny_http::Header::from_bytes(
-                satellite_cgi::title_case(name.as_str()),
-                value.as_bytes(),
-            )
-            .ok()
-        })
-        .collect();
-    let body = response.into_body();
-    let length = body.len();
-    let reply = tiny_http::Response::new(
-        tiny_http::StatusCode(status),
-        headers,
-        std::io::Cursor::new(body),
-        Some(length),
-        None,
-    );
-    // A client that went away mid-answer costs nothing but this line.
-    if let Err(err) = request.respond(reply) {
-        if err.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("satellite serve: answering: {err}");
-        }
+/// Whether the peer is the fronting proxy, whose headers describe the
+/// client: anyone on the Unix socket (its mode admits only Apache), or a
+/// TCP peer in `trusted_proxies`.
+fn behind_proxy(config: &Config, peer: Peer) -> bool {
+    match peer {
+        Peer::Unix => true,
+        Peer::Tcp(ip) => config.trusted_proxies.contains(canonical_ip(ip)),
     }
 }
 
 /// The client's address: the TCP peer, or the fronting proxy's header when
-/// (and only when) the peer is a trusted proxy. `X-Forwarded-For` is never
+/// (and only when) the peer is the proxy. `X-Forwarded-For` is never
 /// believed: any client can send it.
-pub fn client_addr(config: &Config, peer: Option<IpAddr>, header: Option<&[u8]>) -> Option<IpAddr> {
-    let peer = canonical_ip(peer?);
-    if !config.trusted_proxies.contains(peer) {
-        return Some(peer);
+pub fn client_addr(config: &Config, peer: Peer, header: Option<&[u8]>) -> Option<IpAddr> {
+    if let Peer::Tcp(ip) = peer {
+        if !behind_proxy(config, peer) {
+            return Some(canonical_ip(ip));
+        }
     }
     let claimed = std::str::from_utf8(header?)
         .ok()?

@@ -104,6 +104,7 @@ impl Context {
             &config.job_run_state_codes,
             &config.job_gone_state_codes,
         );
+        crate::logid::use_key(&config.logkey);
         Context {
             config,
             syslog,
@@ -382,5 +383,5 @@ const FROM_COMPUTE_NODE: &str = ", please try from the compute node running your
 
 fn short_id(alias: &str) -> String {
     let hash = crate::token::alias_compare_hash(alias.as_bytes());
-    crate::token::log_id(&hash).to_owned()
+    crate::token::log_id(&hash)
 }
