@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
 # Installs what satellite's demo and tests need and is missing, with the
 # platform's package manager (apt on Debian/Ubuntu, dnf on RHEL/Rocky/Alma).
-# Usage: scripts/setup.sh [demo|test]   (test: everything the suite needs)
+# Usage: scripts/setup.sh [demo|test|package]
+#   demo     what `satellite demo` needs
+#   test     the demo's, and everything else the test suite needs
+#   package  what scripts/package.sh needs to build, check and lint the
+#            .deb, the .rpm, the SELinux module and the systemd units
 set -euo pipefail
 what="${1:-test}"
 
 # Debian package names; rhel_name maps the few that differ.
 demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3)
 test_pkgs=()
+# rpm: rpmbuild-free checks of the .rpm (rpm -qlp); the SELinux reference
+# policy headers build the module; systemd gives systemd-analyze.
+package_pkgs=(rpm rpmlint checkpolicy semodule-utils selinux-policy-dev systemd)
 
 rhel_name() {
   case "$1" in
     apache2) echo "httpd mod_ssl" ;;
     apache2-utils) echo "httpd-tools" ;;
     libaprutil1-dbd-sqlite3) echo "apr-util-sqlite" ;;
+    semodule-utils) echo "policycoreutils" ;;
+    selinux-policy-dev) echo "selinux-policy-devel" ;;
     *) echo "$1" ;;
   esac
 }
 
-pkgs=("${demo_pkgs[@]}")
-if [ "$what" = test ]; then pkgs+=("${test_pkgs[@]}"); fi
+case "$what" in
+  demo) pkgs=("${demo_pkgs[@]}") ;;
+  test) pkgs=("${demo_pkgs[@]}" "${test_pkgs[@]}") ;;
+  package) pkgs=("${demo_pkgs[@]}" "${package_pkgs[@]}") ;;
+  *) echo "usage: scripts/setup.sh [demo|test|package]" >&2; exit 2 ;;
+esac
 
 sudo_cmd=()
 if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
