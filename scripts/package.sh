@@ -84,7 +84,7 @@ if dpkg-query -W -f='${Status}' satellite 2>/dev/null | grep -q "install ok inst
 fi
 [ ! -e /var/www/satellite ] || fail "/var/www/satellite exists; the purge check needs a machine without it"
 dpkg-deb --contents "$deb"
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$deb" >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$deb" >/dev/null
 for path in /usr/bin/satellite /var/www/satellite/cgi/getlink.cgi /var/www/satellite/bin/cron \
   /var/www/satellite/etc/satellite.toml /var/www/satellite/var/state.sqlite; do
   [ -e "$path" ] || fail "after install, $path is missing"
@@ -93,7 +93,7 @@ done
 
 step "an edited satellite.toml survives a reinstall"
 echo "# edited by package.sh" >>/var/www/satellite/etc/satellite.toml
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall "$deb" >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --reinstall "$deb" >/dev/null
 tail -n1 /var/www/satellite/etc/satellite.toml | grep -qx "# edited by package.sh" ||
   fail "the reinstall overwrote satellite.toml"
 
