@@ -58,20 +58,30 @@ cargo deb -p satellite --no-build --locked --output "$dist/"
 deb=$(ls "$dist"/satellite_*.deb)
 
 step "cargo generate-rpm"
+# cargo-deb strips the programs itself; cargo-generate-rpm takes them as
+# they are, so it gets stripped copies (rpmlint: unstripped-binary).
+mkdir -p "$dist/bin"
+for program in satellite cron getlink redeemtoken destroytoken linktoken tokenjobstate update-jobs index; do
+  strip -s -o "$dist/bin/$program" "target/release/$program"
+done
 cargo generate-rpm -p crates/satellite --output "$dist/"
 rpm_file=$(ls "$dist"/satellite-*.rpm)
 
 step "the .rpm: files and scriptlets"
-rpm -qlp "$rpm_file"
-rpm -qp --scripts "$rpm_file"
+# Read whole before grep -q: with pipefail, grep quitting early fails rpm.
+rpm_files=$(rpm -qlp "$rpm_file")
+rpm_scripts=$(rpm -qp --scripts "$rpm_file")
+rpm_flags=$(rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm_file")
+echo "$rpm_files"
+echo "$rpm_scripts"
 for must in /usr/lib/satellite/bin/satellite /usr/lib/satellite/bin/getlink \
   /usr/share/selinux/packages/satellite.pp /usr/lib/systemd/system/satellite-cron.service \
   /usr/share/man/man1/satellite.1.gz /etc/cron.d/satellite; do
-  rpm -qlp "$rpm_file" | grep -qx "$must" || fail "the .rpm lacks $must"
+  grep -qx "$must" <<<"$rpm_files" || fail "the .rpm lacks $must"
 done
-rpm -qp --scripts "$rpm_file" | grep -q "package-setup configure" || fail "the .rpm has no postinstall"
-rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm_file" | grep -q "^cn /etc/cron.d/satellite$" ||
-  fail "/etc/cron.d/satellite is not %config(noreplace)"
+grep -q "package-setup configure" <<<"$rpm_scripts" || fail "the .rpm has no postinstall"
+grep -q "^cn /etc/cron.d/satellite$" <<<"$rpm_flags" ||
+  fail "/etc/cron.d/satellite is not %config(noreplace): $(grep cron.d <<<"$rpm_flags")"
 grep -q "SocketGroup=apache" "$dist/rpm-systemd/satellite-serve.socket"
 if command -v rpmlint >/dev/null 2>&1; then
   step "rpmlint (findings are reported, not fatal)"
@@ -79,9 +89,10 @@ if command -v rpmlint >/dev/null 2>&1; then
 fi
 
 step "install the .deb"
-if dpkg-query -W -f='${Status}' satellite 2>/dev/null | grep -q "install ok installed"; then
-  fail "satellite is already installed here; purge it first"
-fi
+case "$(dpkg-query -W -f='${db:Status-Abbrev}' satellite 2>/dev/null || true)" in
+  "" | un* | pn*) ;;
+  *) fail "satellite is already installed here; purge it first" ;;
+esac
 [ ! -e /var/www/satellite ] || fail "/var/www/satellite exists; the purge check needs a machine without it"
 dpkg-deb --contents "$deb"
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$deb" >/dev/null
