@@ -101,6 +101,7 @@ for path in /usr/bin/satellite /var/www/satellite/cgi/getlink.cgi /var/www/satel
   [ -e "$path" ] || fail "after install, $path is missing"
 done
 [ "$(stat -c %U:%G /var/www/satellite/var)" = satellite:www-data ] || fail "var/ is not satellite:www-data"
+[[ " $(id -nG satellite) " == *" www-data "* ]] || fail "the satellite user is not in group www-data"
 
 step "an edited satellite.toml survives a reinstall"
 echo "# edited by package.sh" >>/var/www/satellite/etc/satellite.toml
