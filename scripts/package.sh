@@ -88,6 +88,11 @@ if command -v rpmlint >/dev/null 2>&1; then
   rpmlint "$rpm_file" || true
 fi
 
+if command -v lintian >/dev/null 2>&1; then
+  step "lintian (findings are reported, not fatal)"
+  lintian --allow-root "$deb" || true
+fi
+
 step "install the .deb"
 case "$(dpkg-query -W -f='${db:Status-Abbrev}' satellite 2>/dev/null || true)" in
   "" | un* | pn*) ;;

@@ -14,7 +14,7 @@ demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sq
 test_pkgs=()
 # rpm: rpmbuild-free checks of the .rpm (rpm -qlp); the SELinux reference
 # policy headers build the module; systemd gives systemd-analyze.
-package_pkgs=(rpm rpmlint checkpolicy semodule-utils selinux-policy-dev systemd binutils)
+package_pkgs=(rpm rpmlint lintian checkpolicy semodule-utils selinux-policy-dev systemd binutils)
 
 rhel_name() {
   case "$1" in
@@ -23,6 +23,7 @@ rhel_name() {
     libaprutil1-dbd-sqlite3) echo "apr-util-sqlite" ;;
     semodule-utils) echo "policycoreutils" ;;
     selinux-policy-dev) echo "selinux-policy-devel" ;;
+    lintian) echo "" ;; # Debian's package checker; package.sh skips it when absent
     *) echo "$1" ;;
   esac
 }
