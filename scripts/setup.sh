@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs what satellite's demo and tests need and is missing, with the
 # platform's package manager (apt on Debian/Ubuntu, dnf on RHEL/Rocky/Alma).
-# Usage: scripts/setup.sh [demo|test]   (test: everything the suite needs)
+# Usage: scripts/setup.sh [demo|test|package]
+#   demo     what `satellite demo` needs
+#   test     the demo's, and everything else the test suite needs
+#   package  what scripts/package.sh needs to build, check and lint the
+#            .deb, the .rpm, the SELinux module and the systemd units
 set -euo pipefail
 what="${1:-test}"
 
@@ -10,6 +14,9 @@ demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sq
 # A real single-node Slurm for tests/sched_slurm.rs (tests/support/slurm.rs);
 # binutils: nm, to check that the CGI programs link none of the demo crate.
 test_pkgs=(slurmctld slurmd slurm-client munge binutils)
+# rpm: rpmbuild-free checks of the .rpm (rpm -qlp); the SELinux reference
+# policy headers build the module; systemd gives systemd-analyze.
+package_pkgs=(rpm rpmlint lintian checkpolicy semodule-utils selinux-policy-dev systemd binutils)
 
 rhel_name() {
   case "$1" in
@@ -19,12 +26,19 @@ rhel_name() {
     slurmctld) echo "slurm-slurmctld" ;;
     slurmd) echo "slurm-slurmd" ;;
     slurm-client) echo "slurm" ;;
+    semodule-utils) echo "policycoreutils" ;;
+    selinux-policy-dev) echo "selinux-policy-devel" ;;
+    lintian) echo "" ;; # Debian's package checker; package.sh skips it when absent
     *) echo "$1" ;;
   esac
 }
 
-pkgs=("${demo_pkgs[@]}")
-if [ "$what" = test ]; then pkgs+=("${test_pkgs[@]}"); fi
+case "$what" in
+  demo) pkgs=("${demo_pkgs[@]}") ;;
+  test) pkgs=("${demo_pkgs[@]}" "${test_pkgs[@]}") ;;
+  package) pkgs=("${demo_pkgs[@]}" "${package_pkgs[@]}") ;;
+  *) echo "usage: scripts/setup.sh [demo|test|package]" >&2; exit 2 ;;
+esac
 
 sudo_cmd=()
 if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi

@@ -632,3 +632,79 @@ fn check_fails_without_a_private_log_key_or_a_reachable_syslog() {
         "{report}"
     );
 }
+
+/// `satellite list | head`: the reader is gone before the first write.
+#[test]
+fn list_into_a_closed_pipe_exits_zero_without_a_message() {
+    let site = Site::new();
+    for _ in 0..3 {
+        site.new_token();
+    }
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(program("satellite"))
+        .arg("list")
+        .env("SATELLITE_CONFIG", &site.config)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
+
+#[test]
+fn generate_writes_a_man_page_per_visible_command_and_three_completions() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(program("satellite"))
+        .args(["generate", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!(
+            "wrote man pages into {0}/man and completions into {0}/completions\n",
+            out_dir.path().display()
+        )
+    );
+    assert!(out.status.success());
+    let names = |dir: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(out_dir.path().join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        names("man"),
+        [
+            "satellite-check.1",
+            "satellite-cron.1",
+            "satellite-demo.1",
+            "satellite-gc.1",
+            "satellite-init.1",
+            "satellite-jobstates-poll.1",
+            "satellite-jobstates-push.1",
+            "satellite-jobstates.1",
+            "satellite-list.1",
+            "satellite-migrate.1",
+            "satellite-render.1",
+            "satellite-revoke.1",
+            "satellite-serve.1",
+            "satellite-show.1",
+            "satellite-stats.1",
+            "satellite.1",
+        ]
+    );
+    assert_eq!(
+        names("completions"),
+        ["_satellite", "satellite.bash", "satellite.fish"]
+    );
+    let page = std::fs::read_to_string(out_dir.path().join("man/satellite-list.1")).unwrap();
+    assert!(page.starts_with(".ie \\n(.g .ds Aq \\(aq\n"), "{page}");
+    assert!(page.contains(".TH satellite-list 1"), "{page}");
+    let bash = std::fs::read_to_string(out_dir.path().join("completions/satellite.bash")).unwrap();
+    assert!(bash.contains("satellite,list)"), "{bash}");
+}

@@ -454,3 +454,33 @@ fn without_verbose_a_crontab_run_prints_nothing_but_failures() {
     assert!(out.status.success());
     assert_eq!((out.stdout.len(), out.stderr.len()), (0, 0));
 }
+
+#[test]
+fn cron_help_prints_the_usage_on_stdout_and_exits_zero() {
+    let out = Command::new(program("cron"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), satellite::CRON_HELP);
+    assert!(out.stderr.is_empty());
+    let text = satellite::CRON_HELP;
+    assert!(
+        text.contains("\nusage: cron [--watch] [--verbose]\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn cron_with_an_unknown_argument_says_how_to_get_help_and_exits_two() {
+    let out = Command::new(program("cron"))
+        .arg("--frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        "usage: cron [--watch] [--verbose]\nTry 'cron --help' for more information.\n"
+    );
+}

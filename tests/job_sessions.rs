@@ -32,7 +32,11 @@ fn poll(site: &Site, slurm: &Slurm) -> Output {
 
 fn poll_ok(site: &Site, slurm: &Slurm) -> String {
     let out = poll(site, slurm);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -125,7 +129,10 @@ fn a_session_lives_with_its_running_job_and_ends_when_the_job_is_cancelled() {
             "Oops! Nonce must be redeemed from a node of the job it is linked to\n".into()
         )
     );
-    assert_eq!(redeem(&site, &token, COMPUTE_NODE), (200, "Success!\n".into()));
+    assert_eq!(
+        redeem(&site, &token, COMPUTE_NODE),
+        (200, "Success!\n".into())
+    );
     assert_eq!(route(&site, &token), Some(format!("{COMPUTE_NODE}:50123")));
     poll_ok(&site, &slurm);
     assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
@@ -133,10 +140,16 @@ fn a_session_lives_with_its_running_job_and_ends_when_the_job_is_cancelled() {
     slurm.scancel(&[&job]);
     slurm.wait_for_state(&job, "CANCELLED", SOON);
     let said = poll_ok(&site, &slurm);
-    assert!(said.contains(&format!("job {} ended (CANCELLED)", job.id)), "{said}");
+    assert!(
+        said.contains(&format!("job {} ended (CANCELLED)", job.id)),
+        "{said}"
+    );
     assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
     assert_eq!(route(&site, &token), None);
-    let poll = site.cgi("tokenjobstate").query(format!("token={token}")).run();
+    let poll = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}"))
+        .run();
     assert_eq!(poll.text(), "D");
 }
 
@@ -204,7 +217,10 @@ fn a_stopped_controller_ends_no_session() {
     link(&site, &token, &job);
     slurm.wait_for_state(&job, "RUNNING", SOON);
     poll_ok(&site, &slurm);
-    assert_eq!(redeem(&site, &token, COMPUTE_NODE), (200, "Success!\n".into()));
+    assert_eq!(
+        redeem(&site, &token, COMPUTE_NODE),
+        (200, "Success!\n".into())
+    );
 
     slurm.scancel(&[&job]);
     slurm.stop_controller();

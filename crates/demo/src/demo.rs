@@ -15,10 +15,10 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use satellite_core::Config;
 
-use satellite_core::subprocess::OutputWithin;
 use crate::private_apache::{
     make_certificate, output_of, ApacheInstall, PrivateApache, Site, SiteConf,
 };
+use satellite_core::subprocess::OutputWithin;
 
 pub const DOMAIN: &str = "demo.localhost";
 /// Where the sample backend ("the compute node") listens.

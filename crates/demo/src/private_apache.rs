@@ -73,7 +73,8 @@ impl ApacheInstall {
         bail!(
             "Apache httpd with mod_ssl was not found. Install it first:\n  \
              Debian/Ubuntu: sudo apt-get install apache2\n  \
-             RHEL/Rocky/Alma: sudo dnf install httpd mod_ssl"
+             RHEL/Rocky/Alma: sudo dnf install httpd mod_ssl\n\
+             (from a source checkout, scripts/setup.sh demo installs all the demo needs)"
         )
     }
 

@@ -15,8 +15,8 @@ use satellite_core::routes::{self, RouteSet};
 use satellite_core::store::{TokenRow, SCHEMA_VERSION};
 use satellite_core::{Config, Store};
 
-use crate::AboutPath;
 use crate::subprocess::OutputWithin;
+use crate::AboutPath;
 
 pub fn open_store(config: &Config) -> Result<Store> {
     Store::open(

@@ -119,6 +119,26 @@ fn refusal(config: &Config, err: &CgiError) -> http::Response<Body> {
     oops(config, status, &message)
 }
 
+const CRON_USAGE: &str = "usage: cron [--watch] [--verbose]";
+
+/// What `cron --help` prints: the program is a plain argument loop (it runs
+/// every minute, so it stays small), and this text is its clap-less help.
+pub const CRON_HELP: &str = "\
+Expire tokens and publish routes (in vhost routing: test and reload Apache)
+
+usage: cron [--watch] [--verbose]
+
+Options:
+  --watch        Stay running; publish within about a second of any change
+  -v, --verbose  Print what changed (always printed under --watch)
+  -h, --help     Print this help
+  -V, --version  Print the version
+
+The configuration is $SATELLITE_CONFIG, else ../etc/satellite.toml beside
+this program. Exit status: 0 when the run worked or another run holds the
+lock, 1 when it failed, 2 for a bad argument.
+";
+
 /// The `cron` program: `cron [--watch] [--verbose]`. Exit status 0 when
 /// the run worked or another run holds the lock, 1 when it failed.
 pub fn run_cron(args: Vec<std::ffi::OsString>) -> ExitCode {
@@ -127,8 +147,17 @@ pub fn run_cron(args: Vec<std::ffi::OsString>) -> ExitCode {
         match arg.to_str() {
             Some("--watch") => watch = true,
             Some("--verbose" | "-v") => verbose = true,
+            Some("--help" | "-h") => {
+                // A closed pipe is no reason to fail `cron --help | head`.
+                let _ = io::stdout().lock().write_all(CRON_HELP.as_bytes());
+                return ExitCode::SUCCESS;
+            }
+            Some("--version" | "-V") => {
+                let _ = writeln!(io::stdout().lock(), "cron {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
             _ => {
-                eprintln!("usage: cron [--watch] [--verbose]");
+                eprintln!("{CRON_USAGE}\nTry 'cron --help' for more information.");
                 return ExitCode::from(2);
             }
         }
@@ -151,8 +180,10 @@ pub fn cron_main(config: &Config, watch: bool, verbose: bool) -> ExitCode {
     let print = |report: anyhow::Result<satellite_cron::Report>| match report {
         Ok(report) => {
             if verbose || watch {
+                // Not println!: a closed stdout must not panic the watcher.
+                let mut out = io::stdout().lock();
                 for line in report.lines() {
-                    println!("satellite cron: {line}");
+                    let _ = writeln!(out, "satellite cron: {line}");
                 }
             }
             true

@@ -1,10 +1,11 @@
 //! `satellite`: the admin command (and the native server, and the demo).
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context as _, Result};
+use clap::{CommandFactory, Parser, Subcommand};
 use satellite::{admin, install};
 use satellite_core::Config;
 
@@ -101,6 +102,12 @@ enum Command {
         #[command(subcommand)]
         command: JobstatesCommand,
     },
+    /// Write man pages (man/) and shell completions (completions/) into a directory; packaging runs this
+    #[command(hide = true)]
+    Generate {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,11 +145,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        // `satellite list | head`: the reader has all it wanted, which is
+        // success for a pipeline, not an error to report.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("satellite: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
@@ -154,8 +172,13 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     Ok(Config::load_file(&path)?)
 }
 
+/// Writes a command's output. Never `print!`: it panics when the reader has
+/// gone away (Rust ignores SIGPIPE, so the write fails with EPIPE instead).
 fn print(text: String) -> Result<ExitCode> {
-    print!("{text}");
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to standard output")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -204,9 +227,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check { cert } => {
             let findings =
                 satellite::check::check(config().map_err(|e| format!("{e:#}")), cert.as_deref());
-            for finding in &findings {
-                println!("{finding}");
-            }
+            let report: String = findings.iter().map(|f| format!("{f}\n")).collect();
+            print(report)?;
             let failed = findings
                 .iter()
                 .any(|f| f.level == satellite::check::Level::Fail);
@@ -233,6 +255,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Generate { out } => print(generate(out)?),
         Command::Jobstates {
             command:
                 JobstatesCommand::Poll {
@@ -267,4 +290,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?)
         }
     }
+}
+
+/// Man pages and completions come from the same clap definitions as
+/// `--help`, so they can never disagree with the program they ship with.
+fn generate(out: &std::path::Path) -> Result<String> {
+    use clap_complete::Shell;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages into {}", man.display()))?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "satellite", &completions)
+            .with_context(|| {
+                format!("writing {shell} completions into {}", completions.display())
+            })?;
+    }
+    Ok(format!(
+        "wrote man pages into {} and completions into {}\n",
+        man.display(),
+        completions.display()
+    ))
 }

@@ -1,0 +1,6 @@
+/usr/lib/satellite/package-setup configure
+# The policy module, when SELinux is on; then label the tree it covers.
+if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled; then
+    semodule -i /usr/share/selinux/packages/satellite.pp || :
+    restorecon -R /var/www/satellite /usr/lib/satellite /run/satellite 2>/dev/null || :
+fi

@@ -1,0 +1,5 @@
+# $1 is 0 on erase, 1 on upgrade: only an erase stops and unlinks. An erase
+# keeps satellite.toml, the database and the routes (rpm has no purge).
+if [ "$1" -eq 0 ]; then
+    /usr/lib/satellite/package-setup remove
+fi

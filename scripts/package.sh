@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Builds the .deb and the .rpm (with man pages, completions, systemd units
+# and the SELinux module), then checks them on this machine: installs the
+# .deb, runs `satellite check` and the demo against the installed files,
+# verifies and scores the systemd units, purges the package and asserts
+# nothing is left but the service user; lists the .rpm's files and
+# scriptlets and runs rpmlint. Run by .ci/run after the tests, as root (it
+# installs a package). Everything it builds lands in target/dist/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+dist=$root/target/dist
+started=$SECONDS
+
+step() { printf '\n== %s (%ss)\n' "$*" "$((SECONDS - started))"; }
+fail() { echo "package.sh: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || fail "run as root: it installs and purges the .deb"
+bash scripts/setup.sh package
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
+
+step "packaging tools"
+# Both compile from source the first time (minutes); later runs reuse them.
+for tool in cargo-deb cargo-generate-rpm; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    t=$SECONDS
+    cargo install --locked "$tool"
+    echo "installed $tool in $((SECONDS - t))s"
+  fi
+done
+
+step "release build"
+cargo build --release --locked -p satellite
+rm -rf "$dist"
+mkdir -p "$dist"
+
+step "man pages and completions (satellite generate)"
+target/release/satellite generate --out "$dist"
+gzip -9nf "$dist"/man/*.1
+
+step "SELinux module"
+# The reference policy's Makefile expands the interfaces with m4, then runs
+# checkmodule -M -m and semodule_package, as for any policy module.
+mkdir -p "$dist/selinux"
+cp selinux/satellite.te selinux/satellite.fc selinux/satellite.if "$dist/selinux/"
+make -s -C "$dist/selinux" -f /usr/share/selinux/devel/Makefile satellite.pp
+[ -s "$dist/selinux/satellite.pp" ] || fail "no satellite.pp"
+echo "built $(du -h "$dist/selinux/satellite.pp" | cut -f1) satellite.pp"
+
+step "systemd units for the rpm (the web server's group is apache there)"
+mkdir -p "$dist/rpm-systemd"
+for unit in dist/systemd/*; do
+  sed 's/^SocketGroup=www-data$/SocketGroup=apache/' "$unit" >"$dist/rpm-systemd/$(basename "$unit")"
+done
+
+step "cargo deb"
+cargo deb -p satellite --no-build --locked --output "$dist/"
+deb=$(ls "$dist"/satellite_*.deb)
+
+step "cargo generate-rpm"
+# cargo-deb strips the programs itself; cargo-generate-rpm takes them as
+# they are, so it gets stripped copies (rpmlint: unstripped-binary).
+mkdir -p "$dist/bin"
+for program in satellite cron getlink redeemtoken destroytoken linktoken tokenjobstate update-jobs index; do
+  strip -s -o "$dist/bin/$program" "target/release/$program"
+done
+cargo generate-rpm -p crates/satellite --output "$dist/"
+rpm_file=$(ls "$dist"/satellite-*.rpm)
+
+step "the .rpm: files and scriptlets"
+# Read whole before grep -q: with pipefail, grep quitting early fails rpm.
+rpm_files=$(rpm -qlp "$rpm_file")
+rpm_scripts=$(rpm -qp --scripts "$rpm_file")
+rpm_flags=$(rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm_file")
+echo "$rpm_files"
+echo "$rpm_scripts"
+for must in /usr/lib/satellite/bin/satellite /usr/lib/satellite/bin/getlink \
+  /usr/share/selinux/packages/satellite.pp /usr/lib/systemd/system/satellite-cron.service \
+  /usr/share/man/man1/satellite.1.gz /etc/cron.d/satellite; do
+  grep -qx "$must" <<<"$rpm_files" || fail "the .rpm lacks $must"
+done
+grep -q "package-setup configure" <<<"$rpm_scripts" || fail "the .rpm has no postinstall"
+grep -q "^cn /etc/cron.d/satellite$" <<<"$rpm_flags" ||
+  fail "/etc/cron.d/satellite is not %config(noreplace): $(grep cron.d <<<"$rpm_flags")"
+grep -q "SocketGroup=apache" "$dist/rpm-systemd/satellite-serve.socket"
+if command -v rpmlint >/dev/null 2>&1; then
+  step "rpmlint (findings are reported, not fatal)"
+  rpmlint "$rpm_file" || true
+fi
+
+if command -v lintian >/dev/null 2>&1; then
+  step "lintian (findings are reported, not fatal)"
+  lintian --allow-root "$deb" || true
+fi
+
+step "install the .deb"
+case "$(dpkg-query -W -f='${db:Status-Abbrev}' satellite 2>/dev/null || true)" in
+  "" | un* | pn*) ;;
+  *) fail "satellite is already installed here; purge it first" ;;
+esac
+[ ! -e /var/www/satellite ] || fail "/var/www/satellite exists; the purge check needs a machine without it"
+dpkg-deb --contents "$deb"
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$deb" >/dev/null
+for path in /usr/bin/satellite /var/www/satellite/cgi/getlink.cgi /var/www/satellite/bin/cron \
+  /var/www/satellite/etc/satellite.toml /var/www/satellite/var/state.sqlite; do
+  [ -e "$path" ] || fail "after install, $path is missing"
+done
+[ "$(stat -c %U:%G /var/www/satellite/var)" = satellite:www-data ] || fail "var/ is not satellite:www-data"
+[[ " $(id -nG satellite) " == *" www-data "* ]] || fail "the satellite user is not in group www-data"
+
+step "an edited satellite.toml survives a reinstall"
+echo "# edited by package.sh" >>/var/www/satellite/etc/satellite.toml
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --reinstall "$deb" >/dev/null
+tail -n1 /var/www/satellite/etc/satellite.toml | grep -qx "# edited by package.sh" ||
+  fail "the reinstall overwrote satellite.toml"
+
+step "satellite check against the installed files (WARN and FAIL are fine, a crash is not)"
+set +e
+satellite check
+code=$?
+set -e
+[ "$code" -le 1 ] || fail "satellite check crashed (exit $code)"
+man -w satellite-check >/dev/null 2>&1 || [ -e /usr/share/man/man1/satellite-check.1.gz ] ||
+  fail "no man page for satellite-check"
+/var/www/satellite/bin/cron --help >/dev/null
+
+step "the demo from the installed programs"
+port=$((20000 + RANDOM % 20000))
+/usr/bin/satellite demo --walkthrough --port "$port"
+
+step "systemd units: verify and score"
+units=(/usr/lib/systemd/system/satellite-serve.socket /usr/lib/systemd/system/satellite-serve.service
+  /usr/lib/systemd/system/satellite-cron.service /usr/lib/systemd/system/satellite-jobstates.service)
+systemd-analyze verify "${units[@]}"
+for unit in "${units[@]}"; do
+  case "$unit" in *.socket) continue ;; esac
+  # --offline: CI containers have no running systemd to ask.
+  score=$(systemd-analyze security --offline=true "$unit" 2>&1 | sed -n 's/.*Overall exposure level for .*: \([0-9.]*\).*/\1/p')
+  echo "$(basename "$unit"): exposure $score"
+  awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.5) }' || fail "$(basename "$unit") scores $score (over 2.5)"
+done
+
+step "purge the .deb: nothing left but the service user"
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq satellite >/dev/null
+for path in /usr/bin/satellite /usr/lib/satellite /var/www/satellite /etc/cron.d/satellite \
+  /usr/share/doc/satellite /usr/share/satellite /usr/lib/systemd/system/satellite-cron.service \
+  /usr/share/man/man1/satellite.1.gz /run/satellite; do
+  [ ! -e "$path" ] && [ ! -L "$path" ] || fail "after purge, $path is still there"
+done
+status=$(dpkg-query -W -f='${db:Status-Abbrev}' satellite 2>/dev/null || true)
+case "$status" in "" | un* | pn*) ;; *) fail "dpkg still has satellite: $status" ;; esac
+getent passwd satellite >/dev/null || fail "the purge removed the service user (policy keeps it)"
+
+step "done"
+ls -l "$dist"/*.deb "$dist"/*.rpm "$dist"/selinux/satellite.pp
+echo "package.sh took $((SECONDS - started))s"
