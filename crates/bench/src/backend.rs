@@ -8,8 +8,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub const BODY: &[u8] = b"backend ok\n";
-
 pub struct Backend {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicU64>,
@@ -33,7 +31,8 @@ impl Backend {
                 let Ok(stream) = stream else { continue };
                 c.fetch_add(1, Ordering::Relaxed);
                 let r = r.clone();
-                std::thread::spawn(move || serve(stream, &r));
+                let body = body_of(addr);
+                std::thread::spawn(move || serve(stream, &r, &body));
             }
         });
         Ok(Backend {
@@ -42,6 +41,12 @@ impl Backend {
             requests,
             stop,
         })
+    }
+
+    /// What this backend answers: its own address, so that a request
+    /// proxied to the wrong backend is seen.
+    pub fn body(&self) -> Vec<u8> {
+        body_of(self.addr)
     }
 
     /// (connections, requests) so far.
@@ -61,7 +66,11 @@ impl Drop for Backend {
     }
 }
 
-fn serve(stream: TcpStream, requests: &AtomicU64) {
+fn body_of(addr: SocketAddr) -> Vec<u8> {
+    format!("backend {addr}\n").into_bytes()
+}
+
+fn serve(stream: TcpStream, requests: &AtomicU64, body: &[u8]) {
     let _ = stream.set_nodelay(true);
     let Ok(mut writer) = stream.try_clone() else {
         return;
@@ -89,10 +98,10 @@ fn serve(stream: TcpStream, requests: &AtomicU64) {
         requests.fetch_add(1, Ordering::Relaxed);
         let mut answer = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
-            BODY.len()
+            body.len()
         )
         .into_bytes();
-        answer.extend_from_slice(BODY);
+        answer.extend_from_slice(body);
         if writer.write_all(&answer).is_err() {
             return;
         }

@@ -192,18 +192,21 @@ impl Throughput {
     }
 }
 
-/// `threads` clients, each sending GET `target` with the Host `host(i)`
-/// gives for its i-th request, for `duration`. A response counts when its
-/// status is `expect` and its body starts with `body_prefix`; anything else
-/// is an error.
+/// What a thread's i-th request is: its Host, and the start of the body
+/// it must get (with status `expect`).
+pub type Pick<'a> = &'a (dyn Fn(usize, u64) -> (String, Vec<u8>) + Sync);
+
+/// `threads` clients, each sending GET `target` with the Host `pick` gives
+/// for its i-th request, for `duration`. A response counts when its status
+/// is `expect` and its body starts with what `pick` said (so a request
+/// proxied to the wrong backend is an error); anything else is an error.
 pub fn run(
     tls: &Tls,
     threads: usize,
     duration: Duration,
-    host: &(dyn Fn(usize, u64) -> String + Sync),
+    pick: Pick<'_>,
     target: &str,
     expect: u16,
-    body_prefix: &[u8],
 ) -> Throughput {
     let start = Instant::now();
     let deadline = start + duration;
@@ -216,7 +219,7 @@ pub fn run(
                     let mut conn: Option<Conn> = None;
                     let mut i = 0u64;
                     while Instant::now() < deadline {
-                        let name = host(t, i);
+                        let (name, body_prefix) = pick(t, i);
                         i += 1;
                         if conn.is_none() {
                             match tls.connect(&name) {
@@ -235,7 +238,8 @@ pub fn run(
                         let Some(c) = conn.as_mut() else { continue };
                         match c.get(&name, target) {
                             Ok(answer) => {
-                                if answer.status == expect && answer.body.starts_with(body_prefix) {
+                                if answer.status == expect && answer.body.starts_with(&body_prefix)
+                                {
                                     ok += 1;
                                 } else {
                                     errors += 1;

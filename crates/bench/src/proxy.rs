@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use satellite_core::Config;
 
-use crate::backend::{Backend, BODY};
-use crate::load::{self, Throughput};
+use crate::backend::Backend;
+use crate::load::{self, Pick, Throughput};
 use crate::web::{WebSite, DOMAIN, STATIC_HOST};
 use crate::write_path::{pending, populate};
 use crate::{ms, Report, Sample};
+
+const BACKENDS: usize = 3;
 
 pub struct Options {
     pub routes: usize,
@@ -37,9 +39,14 @@ fn spread(thread: usize, i: u64, n: usize) -> usize {
     (x % n as u64) as usize
 }
 
+/// Routes take turns among three backends: two "notebooks" on one node
+/// (127.0.0.3, two ports) and one on a node whose address has the first
+/// one's as a string prefix (127.0.0.33). Each answers with its own
+/// address, so a reused connection that carried a request to the wrong
+/// backend shows as an error.
 struct Run<'a> {
     site: &'a WebSite,
-    backend: &'a Backend,
+    backends: &'a [Backend; BACKENDS],
     options: &'a Options,
 }
 
@@ -48,26 +55,25 @@ impl Run<'_> {
         Duration::from_secs_f64(self.options.seconds)
     }
 
-    /// A load run against hosts from `host`, with the backend's
-    /// (connections, requests) during it.
-    fn measure(
-        &self,
-        name: &str,
-        host: &(dyn Fn(usize, u64) -> String + Sync),
-        expect: u16,
-        body: &[u8],
-    ) -> (Throughput, (u64, u64)) {
-        let before = self.backend.counts();
+    fn backend_counts(&self) -> (u64, u64) {
+        self.backends.iter().fold((0, 0), |(c, r), b| {
+            let (bc, br) = b.counts();
+            (c + bc, r + br)
+        })
+    }
+
+    /// A load run, with the backends' (connections, requests) during it.
+    fn measure(&self, name: &str, pick: Pick<'_>, expect: u16) -> (Throughput, (u64, u64)) {
+        let before = self.backend_counts();
         let result = load::run(
             &self.site.tls,
             self.options.threads,
             self.duration(),
-            host,
+            pick,
             "/",
             expect,
-            body,
         );
-        let after = self.backend.counts();
+        let after = self.backend_counts();
         let backend = (after.0 - before.0, after.1 - before.1);
         eprintln!(
             "  {name}: {:.0} req/s, {} errors{}, {} client connections, backend {} connections for {} requests",
@@ -90,23 +96,27 @@ impl Run<'_> {
     fn proxied(&self, label: &str, report: &mut Report, main_rows: bool) {
         let port = self.site.port;
         let routes = self.options.routes;
+        let bodies: Vec<Vec<u8>> = self.backends.iter().map(Backend::body).collect();
         let (stat, stat_backend) = self.measure(
             &format!("{label}: static ProxyPass"),
-            &|_, _| format!("{STATIC_HOST}:{port}"),
+            &|_, _| (format!("{STATIC_HOST}:{port}"), bodies[0].clone()),
             200,
-            BODY,
         );
         let (one, one_backend) = self.measure(
             &format!("{label}: one routed host"),
-            &|_, _| format!("route-7-x.{DOMAIN}:{port}"),
+            &|_, _| (format!("route-6-x.{DOMAIN}:{port}"), bodies[0].clone()),
             200,
-            BODY,
         );
         let (random, random_backend) = self.measure(
             &format!("{label}: random routed hosts"),
-            &|t, i| format!("route-{}-x.{DOMAIN}:{port}", spread(t, i, routes)),
+            &|t, i| {
+                let n = spread(t, i, routes);
+                (
+                    format!("route-{n}-x.{DOMAIN}:{port}"),
+                    bodies[n % BACKENDS].clone(),
+                )
+            },
             200,
-            BODY,
         );
         let s = stat.per_second();
         let per_conn = |(c, r): (u64, u64)| {
@@ -178,24 +188,27 @@ impl Run<'_> {
 
     fn floods(&self, report: &mut Report, pending_count: usize) {
         let port = self.site.port;
-        let waiting = b"<!DOCTYPE html>";
+        let waiting = b"<!DOCTYPE html>".to_vec();
         let (unknown, _) = self.measure(
             "unknown token hosts",
-            &|t, i| format!("nope-{t}-{i}-zz.{DOMAIN}:{port}"),
+            &|t, i| (format!("nope-{t}-{i}-zz.{DOMAIN}:{port}"), waiting.clone()),
             200,
-            waiting,
         );
         let (pending, _) = self.measure(
             "pending token hosts",
-            &|t, i| format!("wait-{}-x.{DOMAIN}:{port}", spread(t, i, pending_count)),
+            &|t, i| {
+                let n = spread(t, i, pending_count);
+                (format!("wait-{n}-x.{DOMAIN}:{port}"), waiting.clone())
+            },
             200,
-            waiting,
         );
         let (junk, _) = self.measure(
             "hosts that are not token-shaped",
-            &|t, i| format!("junk{t}x{i}.{DOMAIN}:{port}"),
+            &|t, i| {
+                let host = format!("junk{t}x{i}.{DOMAIN}:{port}");
+                (host, b"Please see documentation".to_vec())
+            },
             200,
-            b"Please see documentation",
         );
         let routes = self.options.routes;
         for (name, t) in [
@@ -270,19 +283,30 @@ impl Run<'_> {
 
 /// Worker setups tried for connection reuse on `[P]` rewrites, added at
 /// server level next to the shipped config.
-fn reuse_variants(backend: std::net::SocketAddr) -> Vec<(&'static str, String)> {
+fn reuse_variants(backends: &[Backend; BACKENDS]) -> Vec<(&'static str, String)> {
+    let per_backend: String = backends
+        .iter()
+        .map(|b| {
+            format!(
+                "<Proxy \"http://{}/\">\n    ProxySet keepalive=On\n</Proxy>\n",
+                b.addr
+            )
+        })
+        .collect();
     vec![
+        ("a <Proxy> worker per backend (ProxySet)", per_backend),
         (
-            "<Proxy> worker for the backend (ProxySet)",
-            format!("<Proxy \"http://{backend}/\">\n    ProxySet keepalive=On\n</Proxy>\n"),
-        ),
-        (
-            "<ProxyMatch> worker for 127.0.0.x:port",
-            "<ProxyMatch \"^http://127\\.0\\.0\\.[0-9]+:[0-9]+/\">\n    ProxySet keepalive=On\n</ProxyMatch>\n"
+            "a <Proxy> worker per node address, any port",
+            "<Proxy \"http://127.0.0.3\">\n    ProxySet keepalive=On\n</Proxy>\n\
+             <Proxy \"http://127.0.0.33\">\n    ProxySet keepalive=On\n</Proxy>\n"
                 .to_owned(),
         ),
         (
-            "ProxyPassMatch worker for 127.0.0.x:port (never matching path)",
+            "one wildcard worker <Proxy \"http://127.0.0.*\">",
+            "<Proxy \"http://127.0.0.*\">\n    ProxySet keepalive=On\n</Proxy>\n".to_owned(),
+        ),
+        (
+            "ProxyPassMatch worker with $1 as host:port (path never used)",
             "ProxyPassMatch \"^/\\.satellite-never/(127\\.0\\.0\\.[0-9]+:[0-9]+)/(.*)$\" \"http://$1/$2\"\n"
                 .to_owned(),
         ),
@@ -291,29 +315,33 @@ fn reuse_variants(backend: std::net::SocketAddr) -> Vec<(&'static str, String)> 
 
 pub fn run(programs: &Path, options: &Options, report: &mut Report) -> Result<()> {
     let mut site = WebSite::install(programs)?;
-    let backend = Backend::start("127.0.0.3")?;
+    let backends = [
+        Backend::start("127.0.0.3")?,
+        Backend::start("127.0.0.3")?,
+        Backend::start("127.0.0.33")?,
+    ];
     let config = Config::load_file(&site.config_file())?;
-    let backend_ip: IpAddr = backend.addr.ip();
-    let filled = populate(
-        &config,
-        options.routes,
-        "route",
-        Some(backend_ip),
-        backend.addr.port(),
-    )?;
+    let targets: Vec<(IpAddr, u16)> = backends
+        .iter()
+        .map(|b| (b.addr.ip(), b.addr.port()))
+        .collect();
+    let filled = populate(&config, options.routes, "route", &|i| targets[i % BACKENDS])?;
     eprintln!(
-        "  {} live routes to {} written in {:.1} s",
+        "  {} live routes to {}, {} and {} written in {:.1} s",
         options.routes,
-        backend.addr,
+        backends[0].addr,
+        backends[1].addr,
+        backends[2].addr,
         filled.as_secs_f64()
     );
+    let backend = backends[0].addr;
     let pending_count = 1000;
     pending(&config, pending_count, "wait")?;
     let redeem_tokens = pending(&config, 100, "redeem")?;
-    site.start(backend.addr, "")?;
+    site.start(backend, "")?;
     let run = Run {
         site: &site,
-        backend: &backend,
+        backends: &backends,
         options,
     };
     if options.proxy {
@@ -327,8 +355,8 @@ pub fn run(programs: &Path, options: &Options, report: &mut Report) -> Result<()
     }
     drop(run);
     if options.reuse {
-        for (label, extra) in reuse_variants(backend.addr) {
-            if let Err(why) = site.start(backend.addr, &extra) {
+        for (label, extra) in reuse_variants(&backends) {
+            if let Err(why) = site.start(backend, &extra) {
                 report.line(
                     &format!("reuse: {label}"),
                     "-",
@@ -342,7 +370,7 @@ pub fn run(programs: &Path, options: &Options, report: &mut Report) -> Result<()
             }
             let run = Run {
                 site: &site,
-                backend: &backend,
+                backends: &backends,
                 options,
             };
             run.proxied(label, report, false);

@@ -230,8 +230,8 @@ impl Store {
         if create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
-        let conn = Connection::open_with_flags(path, flags)?;
-        conn.busy_timeout(busy_timeout)?;
+        let mut conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_handler(Some(busy_handler(busy_timeout)))?;
         let mut store = Store {
             conn,
             path: path.to_owned(),
@@ -806,6 +806,41 @@ impl Store {
                 .conn
                 .query_row("SELECT count(*) FROM jobstates", [], |r| r.get(0))?,
         })
+    }
+}
+
+/// The longest pause between two tries for a lock.
+const BUSY_PAUSE_MAX: Duration = Duration::from_millis(2);
+
+/// Waits for SQLite's locks up to `timeout`, trying again soon. SQLite's
+/// own busy timeout sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 and then
+/// 100 ms between tries, while a writer holds the lock for about one fsync
+/// (a millisecond or two): under a burst of redeems the lock sat free while
+/// the waiters slept. Here the pause doubles from 0.1 ms to
+/// [`BUSY_PAUSE_MAX`], each drawn between half and all of that so that
+/// waiters do not wake in step.
+fn busy_handler(timeout: Duration) -> impl FnMut(i32) -> bool + Send + 'static {
+    let mut started = std::time::Instant::now();
+    move |count| {
+        // SQLite counts from 0 for each lock it waits for.
+        if count == 0 {
+            started = std::time::Instant::now();
+        }
+        let waited = started.elapsed();
+        if waited >= timeout {
+            return false;
+        }
+        let ceiling = Duration::from_micros(100)
+            .saturating_mul(1 << count.clamp(0, 5))
+            .min(BUSY_PAUSE_MAX);
+        let spread = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let half = ceiling / 2;
+        let jitter = Duration::from_nanos(u64::from(spread) % (half.as_nanos() as u64).max(1));
+        std::thread::sleep((half + jitter).min(timeout - waited));
+        true
     }
 }
 
