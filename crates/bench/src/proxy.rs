@@ -339,21 +339,22 @@ pub fn run(programs: &Path, options: &Options, report: &mut Report) -> Result<()
     pending(&config, pending_count, "wait")?;
     let redeem_tokens = pending(&config, 100, "redeem")?;
     site.start(backend, "")?;
-    let run = Run {
-        site: &site,
-        backends: &backends,
-        options,
-    };
-    if options.proxy {
-        run.proxied("shipped config", report, true);
+    {
+        let run = Run {
+            site: &site,
+            backends: &backends,
+            options,
+        };
+        if options.proxy {
+            run.proxied("shipped config", report, true);
+        }
+        if options.flood {
+            run.floods(report, pending_count);
+        }
+        if options.redeem {
+            run.redeems(report, &redeem_tokens)?;
+        }
     }
-    if options.flood {
-        run.floods(report, pending_count);
-    }
-    if options.redeem {
-        run.redeems(report, &redeem_tokens)?;
-    }
-    drop(run);
     if options.reuse {
         for (label, extra) in reuse_variants(&backends) {
             if let Err(why) = site.start(backend, &extra) {

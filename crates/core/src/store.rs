@@ -907,6 +907,49 @@ mod tests {
         (dir, store)
     }
 
+    /// Another connection's write transaction on `path`, held until the
+    /// returned sender is dropped or sent to.
+    fn hold_write_lock(path: &Path) -> std::sync::mpsc::Sender<()> {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            let conn = Connection::open(path).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            locked.send(()).unwrap();
+            let _ = released.recv();
+            conn.execute_batch("COMMIT").unwrap();
+        });
+        is_locked.recv().unwrap();
+        release
+    }
+
+    #[test]
+    fn a_writer_waiting_for_the_lock_gets_it_once_the_holder_commits() {
+        let (dir, _) = new_store();
+        let path = dir.path().join("state.sqlite");
+        let release = hold_write_lock(&path);
+        let waiter = std::thread::spawn(move || {
+            let mut store = Store::open(&path, Duration::from_secs(30)).unwrap();
+            store.insert_pending("able-acorn-zoo", at("2026-01-01T12:00:00Z"))
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        release.send(()).unwrap();
+        assert!(waiter.join().unwrap().unwrap());
+    }
+
+    #[test]
+    fn a_lock_held_past_the_busy_timeout_is_busy_not_a_hang() {
+        let (dir, _) = new_store();
+        let path = dir.path().join("state.sqlite");
+        let _release = hold_write_lock(&path);
+        let mut store = Store::open(&path, Duration::from_millis(100)).unwrap();
+        let err = store
+            .insert_pending("able-acorn-zoo", at("2026-01-01T12:00:00Z"))
+            .unwrap_err();
+        assert!(matches!(err, CoreError::Busy), "{err:?}");
+    }
+
     #[test]
     fn a_token_is_redeemed_once_and_destroyed_only_from_its_host() {
         let (_dir, mut store) = new_store();
