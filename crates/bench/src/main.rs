@@ -181,7 +181,6 @@ fn rss_kib(pid: u32) -> i64 {
 }
 
 fn serve_rows(programs: &Path) -> Result<()> {
-    let programs = programs.to_owned();
     let site = new_site("")?;
     let token = {
         let out = Command::new(programs.join("getlink"))
@@ -215,15 +214,15 @@ fn serve_rows(programs: &Path) -> Result<()> {
     };
     row(
         "CGI getlink (process + db open + insert)",
-        cgi(&programs, &site, "getlink", "", "manage.example.org")?,
+        cgi(programs, &site, "getlink", "", "manage.example.org")?,
     );
     row(
         "CGI tokenjobstate (the waiting page's poll)",
-        cgi(&programs, &site, "tokenjobstate", &poll, "example.org")?,
+        cgi(programs, &site, "tokenjobstate", &poll, "example.org")?,
     );
     row(
         "CGI index (waiting page)",
-        cgi(&programs, &site, "index", "", &alias_host)?,
+        cgi(programs, &site, "index", "", &alias_host)?,
     );
     let cgi_rss = max_rss_children_kib();
 
