@@ -353,7 +353,10 @@ fn main() -> Result<()> {
             burst: on("burst"),
             getlink: on("getlink"),
         };
-        write_path::run(&programs, &parts, &[10, 10_000, args.routes], &mut report)?;
+        let mut sizes = vec![10, 10_000, args.routes];
+        sizes.sort_unstable();
+        sizes.dedup();
+        write_path::run(&programs, &parts, &sizes, &mut report)?;
     }
     if on("proxy") || on("flood") || on("reuse") || on("redeem") {
         eprintln!("private Apache");
