@@ -1,14 +1,28 @@
-//! `satellite-bench`: measures what the design choices are for and prints a
-//! table. Build the programs first (they are spawned as Apache would):
+//! `satellite-bench`: measures what the design choices are for and prints
+//! one table beside the goals of issue 8 and the figures before the
+//! redesign. Build the programs first (they are spawned as Apache would):
 //!
 //! ```text
 //! cargo build --release && cargo run --release -p satellite-bench
+//! cargo run --release -p satellite-bench -- --only redeem,burst
 //! ```
 //!
-//! Rows: a request answered by a fresh CGI process against one answered by
-//! `satellite serve` (latency, throughput, memory), and how long map
-//! routing takes to publish a route as the table of live routes grows
-//! (the time a redeem adds before it answers).
+//! Parts (`--only`, comma-separated; all by default):
+//! - `redeem`: a real `redeemtoken` CGI process per request against a
+//!   database holding 10 / 10k / 100k live routes, and through Apache;
+//! - `burst`: 200 redeem processes started within 1 s at 10k routes;
+//! - `getlink`: getlink's wall time against its processes' CPU, alone and
+//!   4 at a time;
+//! - `proxy`: proxied req/s through the private Apache for one host and for
+//!   random live hosts among `--routes` (100k) against a static ProxyPass
+//!   to the same backend;
+//! - `flood`: unknown, pending and non-token hosts (static pages);
+//! - `reuse`: the proxy rows again under worker definitions that might let
+//!   `[P]` rewrites reuse backend connections;
+//! - `serve`: a CGI process against `satellite serve` (latency, memory).
+//!
+//! Load comes from threads of our own (`--threads`, 8), each with one
+//! kept-alive rustls connection, for `--seconds` (4) per row; loopback only.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -17,8 +31,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use satellite_core::publish::Publisher;
-use satellite_core::{Config, Store};
+use satellite_core::Store;
+
+mod backend;
+mod load;
+mod proxy;
+mod web;
+mod write_path;
 
 const REQUESTS: usize = 300;
 
@@ -162,8 +181,7 @@ fn rss_kib(pid: u32) -> i64 {
         .unwrap_or(0)
 }
 
-fn main() -> Result<()> {
-    let programs = programs_dir()?;
+fn serve_rows(programs: &Path) -> Result<()> {
     let site = new_site("")?;
     let token = {
         let out = Command::new(programs.join("getlink"))
@@ -198,15 +216,15 @@ fn main() -> Result<()> {
     };
     row(
         "CGI getlink (process + db open + insert)",
-        cgi(&programs, &site, "getlink", "", "manage.example.org")?,
+        cgi(programs, &site, "getlink", "", "manage.example.org")?,
     );
     row(
         "CGI tokenjobstate (the waiting page's poll)",
-        cgi(&programs, &site, "tokenjobstate", &poll, "example.org")?,
+        cgi(programs, &site, "tokenjobstate", &poll, "example.org")?,
     );
     row(
         "CGI index (waiting page)",
-        cgi(&programs, &site, "index", "", &alias_host)?,
+        cgi(programs, &site, "index", "", &alias_host)?,
     );
     let cgi_rss = max_rss_children_kib();
 
@@ -246,43 +264,124 @@ fn main() -> Result<()> {
         "serve, 8 workers, after the runs above", serve_rss
     );
 
-    println!(
-        "\n{:<44} {:>9} {:>9}",
-        "map routing: redeem + publish one more route", "p50 ms", "p95 ms"
-    );
-    for live in [10usize, 10_000, 100_000] {
-        let site = new_site("routing = \"map\"")?;
-        let config = Config::load_file(&site.config)?;
-        let publisher = Publisher::new(&config);
-        let mut store = Store::open(&config.dbfile, Duration::from_secs(5))?;
-        let now = chrono::Utc::now();
-        for i in 0..live {
-            let alias = format!("route-{i}-x");
-            store.insert_pending(&alias, now)?;
-            let host = std::net::Ipv4Addr::new(10, 1, (i / 250 % 250) as u8, (i % 250 + 1) as u8);
-            publisher.redeem(&mut store, &alias, host.into(), 50000, now)?;
+    Ok(())
+}
+
+/// The table: each figure beside its goal and the figure before the
+/// redesign (issue 8).
+#[derive(Default)]
+pub struct Report {
+    lines: Vec<[String; 4]>,
+}
+
+impl Report {
+    fn line(&mut self, figure: &str, goal: &str, baseline: &str, measured: String) {
+        eprintln!("  -> {figure}: {measured}");
+        self.lines
+            .push([figure.into(), goal.into(), baseline.into(), measured]);
+    }
+
+    fn print(&self) {
+        let header = ["figure", "goal", "before (issue 8)", "measured"];
+        println!("| {} |", header.join(" | "));
+        println!("|---|---|---|---|");
+        for line in &self.lines {
+            println!("| {} |", line.join(" | "));
         }
-        let mut latencies = Vec::new();
-        let start = Instant::now();
-        for i in 0..50 {
-            let alias = format!("extra-{i}-x");
-            store.insert_pending(&alias, now)?;
-            let t = Instant::now();
-            publisher.redeem(&mut store, &alias, "10.2.0.1".parse()?, 50001, now)?;
-            latencies.push(t.elapsed());
+    }
+}
+
+const PARTS: [&str; 7] = [
+    "redeem", "burst", "getlink", "proxy", "flood", "reuse", "serve",
+];
+
+struct Args {
+    only: Vec<String>,
+    routes: usize,
+    threads: usize,
+    seconds: f64,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        only: PARTS.iter().map(|p| (*p).to_owned()).collect(),
+        routes: 100_000,
+        threads: 8,
+        seconds: 4.0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--only" => {
+                let list = value("--only")?;
+                args.only = list.split(',').map(str::to_owned).collect();
+                if let Some(bad) = args.only.iter().find(|p| !PARTS.contains(&p.as_str())) {
+                    bail!("unknown part {bad:?}; parts: {}", PARTS.join(","));
+                }
+            }
+            "--routes" => args.routes = value("--routes")?.parse().context("--routes")?,
+            "--threads" => args.threads = value("--threads")?.parse().context("--threads")?,
+            "--seconds" => args.seconds = value("--seconds")?.parse().context("--seconds")?,
+            "--help" | "-h" => {
+                println!(
+                    "usage: satellite-bench [--only {}] [--routes N] [--threads N] [--seconds S]",
+                    PARTS.join(",")
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
         }
-        let mut sample = Sample {
-            latencies,
-            wall: start.elapsed(),
+    }
+    Ok(args)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let on = |part: &str| args.only.iter().any(|p| p == part);
+    let programs = programs_dir()?;
+    let started = Instant::now();
+    let mut report = Report::default();
+    if on("redeem") || on("burst") || on("getlink") {
+        eprintln!("CGI write path");
+        let parts = write_path::Parts {
+            redeem: on("redeem"),
+            burst: on("burst"),
+            getlink: on("getlink"),
         };
-        let (p50, p95) = (sample.percentile(0.5), sample.percentile(0.95));
-        println!(
-            "{:<44} {:>9} {:>9}",
-            format!("with {live} live routes (in process)"),
-            ms(p50),
-            ms(p95)
-        );
-        drop(site.dir);
+        let mut sizes = vec![10, 10_000, args.routes];
+        sizes.sort_unstable();
+        sizes.dedup();
+        write_path::run(&programs, &parts, &sizes, &mut report)?;
+    }
+    if on("proxy") || on("flood") || on("reuse") || on("redeem") {
+        eprintln!("private Apache");
+        let options = proxy::Options {
+            routes: args.routes,
+            threads: args.threads,
+            seconds: args.seconds,
+            proxy: on("proxy"),
+            flood: on("flood"),
+            reuse: on("reuse"),
+            redeem: on("redeem"),
+        };
+        proxy::run(&programs, &options, &mut report)?;
+    }
+    println!(
+        "satellite-bench: {} cores, load average {}, {:.0} s\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        started.elapsed().as_secs_f64()
+    );
+    report.print();
+    if on("serve") {
+        println!();
+        serve_rows(&programs)?;
     }
     Ok(())
 }

@@ -285,8 +285,8 @@ impl Store {
         if create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
-        let conn = Connection::open_with_flags(path, flags)?;
-        conn.busy_timeout(busy_timeout)?;
+        let mut conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_handler(Some(busy_handler(busy_timeout)))?;
         let mut store = Store {
             conn,
             path: path.to_owned(),
@@ -980,6 +980,41 @@ impl Store {
     }
 }
 
+/// The longest pause between two tries for a lock.
+const BUSY_PAUSE_MAX: Duration = Duration::from_millis(2);
+
+/// Waits for SQLite's locks up to `timeout`, trying again soon. SQLite's
+/// own busy timeout sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 and then
+/// 100 ms between tries, while a writer holds the lock for about one fsync
+/// (a millisecond or two): under a burst of redeems the lock sat free while
+/// the waiters slept. Here the pause doubles from 0.1 ms to
+/// [`BUSY_PAUSE_MAX`], each drawn between half and all of that so that
+/// waiters do not wake in step.
+fn busy_handler(timeout: Duration) -> impl FnMut(i32) -> bool + Send + 'static {
+    let mut started = std::time::Instant::now();
+    move |count| {
+        // SQLite counts from 0 for each lock it waits for.
+        if count == 0 {
+            started = std::time::Instant::now();
+        }
+        let waited = started.elapsed();
+        if waited >= timeout {
+            return false;
+        }
+        let ceiling = Duration::from_micros(100)
+            .saturating_mul(1 << count.clamp(0, 5))
+            .min(BUSY_PAUSE_MAX);
+        let spread = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let half = ceiling / 2;
+        let jitter = Duration::from_nanos(u64::from(spread) % (half.as_nanos() as u64).max(1));
+        std::thread::sleep((half + jitter).min(timeout - waited));
+        true
+    }
+}
+
 fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
     Ok(conn
         .query_row(
@@ -1076,6 +1111,49 @@ mod tests {
                 .unwrap();
         assert!(migration.created);
         (dir, store)
+    }
+
+    /// Another connection's write transaction on `path`, held until the
+    /// returned sender is dropped or sent to.
+    fn hold_write_lock(path: &Path) -> std::sync::mpsc::Sender<()> {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            let conn = Connection::open(path).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            locked.send(()).unwrap();
+            let _ = released.recv();
+            conn.execute_batch("COMMIT").unwrap();
+        });
+        is_locked.recv().unwrap();
+        release
+    }
+
+    #[test]
+    fn a_writer_waiting_for_the_lock_gets_it_once_the_holder_commits() {
+        let (dir, _) = new_store();
+        let path = dir.path().join("state.sqlite");
+        let release = hold_write_lock(&path);
+        let waiter = std::thread::spawn(move || {
+            let mut store = Store::open(&path, Duration::from_secs(30)).unwrap();
+            store.insert_pending("able-acorn-zoo", at("2026-01-01T12:00:00Z"))
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        release.send(()).unwrap();
+        assert!(waiter.join().unwrap().unwrap());
+    }
+
+    #[test]
+    fn a_lock_held_past_the_busy_timeout_is_busy_not_a_hang() {
+        let (dir, _) = new_store();
+        let path = dir.path().join("state.sqlite");
+        let _release = hold_write_lock(&path);
+        let mut store = Store::open(&path, Duration::from_millis(100)).unwrap();
+        let err = store
+            .insert_pending("able-acorn-zoo", at("2026-01-01T12:00:00Z"))
+            .unwrap_err();
+        assert!(matches!(err, CoreError::Busy), "{err:?}");
     }
 
     #[test]

@@ -1,0 +1,382 @@
+//! The data plane through the private Apache: proxied requests for one
+//! host and for random live hosts among 100k routes against a static
+//! `ProxyPass` to the same backend, floods of unknown and pending token
+//! hosts (the static waiting page), redeems through Apache, and whether
+//! `[P]` rewrites reuse backend connections under several worker setups.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use satellite_core::Config;
+
+use crate::backend::Backend;
+use crate::load::{self, Pick, Throughput};
+use crate::web::{WebSite, DOMAIN, STATIC_HOST};
+use crate::write_path::{pending, populate};
+use crate::{ms, Report, Sample};
+
+const BACKENDS: usize = 3;
+
+pub struct Options {
+    pub routes: usize,
+    pub threads: usize,
+    pub seconds: f64,
+    pub proxy: bool,
+    pub flood: bool,
+    pub reuse: bool,
+    pub redeem: bool,
+}
+
+/// A cheap, well-spread pseudo-random index (no need for a CSPRNG here).
+fn spread(thread: usize, i: u64, n: usize) -> usize {
+    let mut x = (thread as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ i.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 29;
+    (x % n as u64) as usize
+}
+
+/// Routes take turns among three backends: two "notebooks" on one node
+/// (127.0.0.3, two ports) and one on a node whose address has the first
+/// one's as a string prefix (127.0.0.33). Each answers with its own
+/// address, so a reused connection that carried a request to the wrong
+/// backend shows as an error.
+struct Run<'a> {
+    site: &'a WebSite,
+    backends: &'a [Backend; BACKENDS],
+    options: &'a Options,
+}
+
+impl Run<'_> {
+    fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.options.seconds)
+    }
+
+    fn backend_counts(&self) -> (u64, u64) {
+        self.backends.iter().fold((0, 0), |(c, r), b| {
+            let (bc, br) = b.counts();
+            (c + bc, r + br)
+        })
+    }
+
+    /// A load run, with the backends' (connections, requests) during it.
+    fn measure(&self, name: &str, pick: Pick<'_>, expect: u16) -> (Throughput, (u64, u64)) {
+        let before = self.backend_counts();
+        let result = load::run(
+            &self.site.tls,
+            self.options.threads,
+            self.duration(),
+            pick,
+            "/",
+            expect,
+        );
+        let after = self.backend_counts();
+        let backend = (after.0 - before.0, after.1 - before.1);
+        eprintln!(
+            "  {name}: {:.0} req/s, {} errors{}, {} client connections, backend {} connections for {} requests",
+            result.per_second(),
+            result.errors,
+            result
+                .first_error
+                .as_deref()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default(),
+            result.connections,
+            backend.0,
+            backend.1
+        );
+        (result, backend)
+    }
+
+    /// Static ProxyPass, one routed host, random routed hosts: req/s each,
+    /// and backend connections per request of the dynamic rows.
+    fn proxied(&self, label: &str, report: &mut Report, main_rows: bool) {
+        let port = self.site.port;
+        let routes = self.options.routes;
+        let bodies: Vec<Vec<u8>> = self.backends.iter().map(Backend::body).collect();
+        let (stat, stat_backend) = self.measure(
+            &format!("{label}: static ProxyPass"),
+            &|_, _| (format!("{STATIC_HOST}:{port}"), bodies[0].clone()),
+            200,
+        );
+        let (one, one_backend) = self.measure(
+            &format!("{label}: one routed host"),
+            &|_, _| (format!("route-6-x.{DOMAIN}:{port}"), bodies[0].clone()),
+            200,
+        );
+        let (random, random_backend) = self.measure(
+            &format!("{label}: random routed hosts"),
+            &|t, i| {
+                let n = spread(t, i, routes);
+                (
+                    format!("route-{n}-x.{DOMAIN}:{port}"),
+                    bodies[n % BACKENDS].clone(),
+                )
+            },
+            200,
+        );
+        let s = stat.per_second();
+        let per_conn = |(c, r): (u64, u64)| {
+            if c == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", r as f64 / c as f64)
+            }
+        };
+        let errors = |t: &Throughput| {
+            if t.errors == 0 {
+                String::new()
+            } else {
+                format!(", {} errors", t.errors)
+            }
+        };
+        if main_rows {
+            report.line(
+                "static ProxyPass in the same Apache (req/s)",
+                "(ceiling)",
+                "-",
+                format!(
+                    "{s:.0} req/s{} (backend: {} req/conn)",
+                    errors(&stat),
+                    per_conn(stat_backend)
+                ),
+            );
+            report.line(
+                "proxied, one host / static",
+                ">= 0.8",
+                "0.45",
+                format!(
+                    "{:.2} ({:.0} req/s{}; backend {} req/conn)",
+                    one.per_second() / s,
+                    one.per_second(),
+                    errors(&one),
+                    per_conn(one_backend)
+                ),
+            );
+            report.line(
+                &format!("proxied, random of {routes} hosts / static"),
+                ">= 0.5",
+                "0.02 (txt), 0.26 (dbm)",
+                format!(
+                    "{:.2} ({:.0} req/s{}; backend {} req/conn)",
+                    random.per_second() / s,
+                    random.per_second(),
+                    errors(&random),
+                    per_conn(random_backend)
+                ),
+            );
+        } else {
+            report.line(
+                &format!("reuse: {label}"),
+                "one host >= 0.8",
+                "-",
+                format!(
+                    "one {:.2}, random {:.2} of static {s:.0} req/s; backend req/conn {} / {}{}{}",
+                    one.per_second() / s,
+                    random.per_second() / s,
+                    per_conn(one_backend),
+                    per_conn(random_backend),
+                    errors(&one),
+                    errors(&random),
+                ),
+            );
+        }
+    }
+
+    fn floods(&self, report: &mut Report, pending_count: usize) {
+        let port = self.site.port;
+        let waiting = b"<!DOCTYPE html>".to_vec();
+        let (unknown, _) = self.measure(
+            "unknown token hosts",
+            &|t, i| (format!("nope-{t}-{i}-zz.{DOMAIN}:{port}"), waiting.clone()),
+            200,
+        );
+        let (pending, _) = self.measure(
+            "pending token hosts",
+            &|t, i| {
+                let n = spread(t, i, pending_count);
+                (format!("wait-{n}-x.{DOMAIN}:{port}"), waiting.clone())
+            },
+            200,
+        );
+        let (junk, _) = self.measure(
+            "hosts that are not token-shaped",
+            &|t, i| {
+                let host = format!("junk{t}x{i}.{DOMAIN}:{port}");
+                (host, b"Please see documentation".to_vec())
+            },
+            200,
+        );
+        let routes = self.options.routes;
+        for (name, t) in [
+            ("unknown token hosts", &unknown),
+            ("pending token hosts", &pending),
+            ("non-token hosts (default message)", &junk),
+        ] {
+            report.line(
+                &format!("flood of {name}, {routes} routes"),
+                ">= 10k req/s",
+                if name.starts_with("non") {
+                    "-"
+                } else {
+                    "107 (txt), 459 (dbm)"
+                },
+                format!(
+                    "{:.0} req/s{}",
+                    t.per_second(),
+                    if t.errors > 0 {
+                        format!(", {} errors", t.errors)
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+        }
+    }
+
+    /// Redeems through Apache (TLS, mod_cgid, the CGI process), a fresh
+    /// connection each as galyleo's curl makes.
+    fn redeems(&self, report: &mut Report, tokens: &[String]) -> Result<()> {
+        let port = self.site.port;
+        let manage = format!("manage.{DOMAIN}:{port}");
+        let start = Instant::now();
+        let mut latencies = Vec::new();
+        for token in tokens {
+            let t = Instant::now();
+            let answer = self.site.tls.get_once(
+                &manage,
+                &format!("/redeemtoken.cgi?token={token}&port=50002"),
+            )?;
+            latencies.push(t.elapsed());
+            if answer.status != 200 || answer.body != b"Success!\n" {
+                bail!(
+                    "redeem through Apache: {} {}\n{}",
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body),
+                    self.site.error_log()
+                );
+            }
+        }
+        let mut sample = Sample {
+            latencies,
+            wall: start.elapsed(),
+        };
+        report.line(
+            &format!(
+                "redeem through Apache p50/p95, {} routes",
+                self.options.routes
+            ),
+            "p50 <= 10 ms",
+            "-",
+            format!(
+                "{} / {} ms",
+                ms(sample.percentile(0.5)),
+                ms(sample.percentile(0.95))
+            ),
+        );
+        Ok(())
+    }
+}
+
+/// Worker setups tried for connection reuse on `[P]` rewrites, added at
+/// server level next to the shipped config.
+fn reuse_variants(backends: &[Backend; BACKENDS]) -> Vec<(&'static str, String)> {
+    let per_backend: String = backends
+        .iter()
+        .map(|b| {
+            format!(
+                "<Proxy \"http://{}/\">\n    ProxySet keepalive=On\n</Proxy>\n",
+                b.addr
+            )
+        })
+        .collect();
+    vec![
+        ("a <Proxy> worker per backend (ProxySet)", per_backend),
+        (
+            "a <Proxy> worker per node address, any port",
+            "<Proxy \"http://127.0.0.3\">\n    ProxySet keepalive=On\n</Proxy>\n\
+             <Proxy \"http://127.0.0.33\">\n    ProxySet keepalive=On\n</Proxy>\n"
+                .to_owned(),
+        ),
+        (
+            "one wildcard worker <Proxy \"http://127.0.0.*\">",
+            "<Proxy \"http://127.0.0.*\">\n    ProxySet keepalive=On\n</Proxy>\n".to_owned(),
+        ),
+        (
+            "ProxyPassMatch worker with $1 as host:port (path never used)",
+            "ProxyPassMatch \"^/\\.satellite-never/(127\\.0\\.0\\.[0-9]+:[0-9]+)/(.*)$\" \"http://$1/$2\"\n"
+                .to_owned(),
+        ),
+    ]
+}
+
+pub fn run(programs: &Path, options: &Options, report: &mut Report) -> Result<()> {
+    let mut site = WebSite::install(programs)?;
+    let backends = [
+        Backend::start("127.0.0.3")?,
+        Backend::start("127.0.0.3")?,
+        Backend::start("127.0.0.33")?,
+    ];
+    let config = Config::load_file(&site.config_file())?;
+    let targets: Vec<(IpAddr, u16)> = backends
+        .iter()
+        .map(|b| (b.addr.ip(), b.addr.port()))
+        .collect();
+    let filled = populate(&config, options.routes, "route", &|i| targets[i % BACKENDS])?;
+    eprintln!(
+        "  {} live routes to {}, {} and {} written in {:.1} s",
+        options.routes,
+        backends[0].addr,
+        backends[1].addr,
+        backends[2].addr,
+        filled.as_secs_f64()
+    );
+    let backend = backends[0].addr;
+    let pending_count = 1000;
+    pending(&config, pending_count, "wait")?;
+    let redeem_tokens = pending(&config, 100, "redeem")?;
+    site.start(backend, "")?;
+    {
+        let run = Run {
+            site: &site,
+            backends: &backends,
+            options,
+        };
+        if options.proxy {
+            run.proxied("shipped config", report, true);
+        }
+        if options.flood {
+            run.floods(report, pending_count);
+        }
+        if options.redeem {
+            run.redeems(report, &redeem_tokens)?;
+        }
+    }
+    if options.reuse {
+        for (label, extra) in reuse_variants(&backends) {
+            if let Err(why) = site.start(backend, &extra) {
+                report.line(
+                    &format!("reuse: {label}"),
+                    "-",
+                    "-",
+                    format!(
+                        "Apache refused it: {}",
+                        format!("{why:#}").lines().next().unwrap_or("")
+                    ),
+                );
+                continue;
+            }
+            let run = Run {
+                site: &site,
+                backends: &backends,
+                options,
+            };
+            run.proxied(label, report, false);
+        }
+    }
+    site.stop();
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! A private Apache running the repository's `httpd-conf/` as shipped,
+//! installed as in production (CGI programs, config, database, html), plus
+//! one extra file of the bench's own: a vhost with a static `ProxyPass` to
+//! the same backend (the ceiling the dynamic routes are compared with) and
+//! optionally worker definitions under test. The extra file is added by
+//! handing the launcher a directory whose `satellite.conf` includes the
+//! repository's file and then ours, so nothing shipped is edited.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use satellite_demo::private_apache::{
+    make_certificate, ApacheInstall, PrivateApache, Site as ApacheSite, SiteConf,
+};
+use satellite_core::config::Routing;
+
+use crate::load::Tls;
+
+pub const DOMAIN: &str = "example.test";
+/// The host of the vhost with a static ProxyPass.
+pub const STATIC_HOST: &str = "static.example.test";
+
+const PROGRAMS: [&str; 7] = [
+    "getlink",
+    "redeemtoken",
+    "destroytoken",
+    "linktoken",
+    "tokenjobstate",
+    "update-jobs",
+    "index",
+];
+
+pub struct WebSite {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub tls: Tls,
+    apache: Option<PrivateApache>,
+    install: ApacheInstall,
+    cert: satellite_demo::private_apache::Certificate,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Apache's children run as nobody when we are root: they read the
+/// database (and its -shm) and the CGI programs write it.
+fn give_to_nobody(path: &Path) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let nobody = nix::unistd::User::from_name("nobody")?.context("no user nobody")?;
+    let group = nix::unistd::Group::from_name("nogroup")?
+        .map(|g| g.gid)
+        .unwrap_or(nobody.gid);
+    fn walk(path: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> Result<()> {
+        nix::unistd::chown(path, Some(uid), Some(gid))?;
+        if path.is_dir() {
+            for entry in fs::read_dir(path)? {
+                walk(&entry?.path(), uid, gid)?;
+            }
+        }
+        Ok(())
+    }
+    walk(path, nobody.uid, group)
+}
+
+impl WebSite {
+    /// Installs satellite (map routing) into a new directory; the database
+    /// is created and left for the caller to fill before [`start`].
+    pub fn install(programs: &Path) -> Result<WebSite> {
+        let install = ApacheInstall::find()?;
+        let dir = tempfile::Builder::new()
+            .prefix("satellite-bench-")
+            .tempdir()?;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
+        let cert = make_certificate(dir.path(), DOMAIN)?;
+        let root = dir.path().join("root");
+        for sub in [
+            "cgi", "etc", "var", "dynconf", "html", "logs", "conf", "apache",
+        ] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        for name in PROGRAMS {
+            // Copies, not links: the tree is given to nobody below.
+            fs::copy(programs.join(name), root.join(format!("cgi/{name}.cgi")))
+                .with_context(|| format!("installing {name}"))?;
+        }
+        fs::copy(
+            repo().join("wordlist/eff_large_wordlist.txt"),
+            root.join("var/eff_large_wordlist.txt"),
+        )?;
+        copy_tree(&repo().join("html"), &root.join("html"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        fs::write(
+            root.join("etc/satellite.toml"),
+            format!(
+                "extbasename = \"{DOMAIN}\"\ntgtipmask = [\"127.0.0.0/8\"]\n\
+                 extport = {port}\nlistenport = {port}\nsyslog_socket = \"\"\nrouting = \"map\"\n"
+            ),
+        )?;
+        satellite_core::Store::open_or_create(
+            &root.join("var/state.sqlite"),
+            std::time::Duration::from_secs(5),
+        )?;
+        let ca = fs::read(&cert.ca)?;
+        let tls = Tls::new(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &ca)?;
+        Ok(WebSite {
+            dir,
+            port,
+            tls,
+            apache: None,
+            install,
+            cert,
+        })
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.root().join("etc/satellite.toml")
+    }
+
+    /// (Re)starts Apache with the static vhost proxying to `backend` and
+    /// `extra` lines at server level.
+    pub fn start(&mut self, backend: std::net::SocketAddr, extra: &str) -> Result<()> {
+        self.stop();
+        give_to_nobody(&self.root())?;
+        let conf_dir = self.root().join("conf");
+        let shipped = repo().join("httpd-conf").canonicalize()?;
+        let mut conf = String::new();
+        let _ = writeln!(
+            conf,
+            "Include \"{}\"",
+            shipped.join("satellite.conf").display()
+        );
+        let _ = writeln!(
+            conf,
+            "<VirtualHost *:${{SATELLITE_PORT}}>\n    ServerName {STATIC_HOST}\n    SSLEngine on\n    \
+             ProxyPass \"/\" \"http://{backend}/\"\n</VirtualHost>\n{extra}"
+        );
+        fs::write(conf_dir.join("satellite.conf"), conf)?;
+        if let Some(modules) = self.install.modules_conf {
+            fs::write(
+                conf_dir.join(modules),
+                format!("Include \"{}\"\n", shipped.join(modules).display()),
+            )?;
+        }
+        let site = ApacheSite {
+            root: self.root(),
+            domain: DOMAIN.into(),
+            port: self.port,
+            cert: self.cert.cert.clone(),
+            key: self.cert.key.clone(),
+            serve_url: None,
+            routing: Routing::Map,
+            conf: SiteConf::Directory(conf_dir),
+        };
+        let tls = self.tls.clone();
+        let apache_dir = self.root().join("apache");
+        let apache = PrivateApache::start_when(&self.install, &apache_dir, &site, || {
+            tls.get_once("nothing-here.example.test", "/")
+                .is_ok_and(|a| a.status == 200)
+        })?;
+        self.apache = Some(apache);
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut apache) = self.apache.take() {
+            apache.stop();
+        }
+    }
+
+    pub fn error_log(&self) -> String {
+        self.apache
+            .as_ref()
+            .map(|a| fs::read_to_string(a.error_log()).unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for WebSite {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
