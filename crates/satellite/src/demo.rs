@@ -100,6 +100,7 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
             root: root.clone(),
             domain: DOMAIN.into(),
             port: options.port,
+            http_port: None,
             cert: certificate.cert,
             key: certificate.key,
             serve_url: Some(format!("http://127.0.0.1:{serve_port}")),

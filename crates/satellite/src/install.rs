@@ -21,6 +21,7 @@ use crate::admin::set_mode;
 
 pub const WORDLIST: &str = include_str!("../../../wordlist/eff_large_wordlist.txt");
 pub const RETRY_PAGE: &str = include_str!("../../../html/satellite/retry.html");
+pub const WAITING_PAGE: &str = include_str!("../../../html/satellite/waiting.html");
 pub const CONFIG_TEMPLATE: &str = include_str!("../assets/satellite.toml");
 
 /// Written by cron and, in map routing, by the endpoints (as the web
@@ -91,6 +92,13 @@ pub fn init(options: &InitOptions) -> Result<String> {
     }
     write_if_missing(&prefix.join("var/eff_large_wordlist.txt"), WORDLIST)?;
     fs::write(prefix.join("html/satellite/retry.html"), RETRY_PAGE)?;
+    fs::write(prefix.join("html/satellite/waiting.html"), WAITING_PAGE)?;
+    // What the waiting page shows as the site's name and help link; the
+    // site edits it (a static file, so pages cost Apache no process).
+    write_if_missing(
+        &prefix.join("html/satellite/site.json"),
+        &site_json(&options.extbasename),
+    )?;
     for file in LOCK_AND_ROUTE_FILES {
         write_if_missing(&prefix.join(file), "")?;
     }
@@ -172,6 +180,13 @@ fn install_program(from_dir: &Path, name: &str, to: &Path) -> Result<()> {
     set_mode(&temp, 0o755)?;
     fs::rename(&temp, to).with_context(|| format!("installing {}", to.display()))?;
     Ok(())
+}
+
+/// The initial `html/satellite/site.json`: the domain as the site's name,
+/// no help link until the site names one.
+pub fn site_json(extbasename: &str) -> String {
+    let site = serde_json::json!({ "name": extbasename, "help": "", "help_text": "Help" });
+    format!("{site:#}\n")
 }
 
 fn write_if_missing(path: &Path, text: &str) -> Result<()> {

@@ -106,6 +106,8 @@ pub struct Site {
     pub root: PathBuf,
     pub domain: String,
     pub port: u16,
+    /// A plain-HTTP port to listen on as well (the redirect to https).
+    pub http_port: Option<u16>,
     pub cert: PathBuf,
     pub key: PathBuf,
     /// `Some(url)`: endpoints go to `satellite serve` at that URL.
@@ -258,6 +260,9 @@ impl PrivateApache {
         conf.push_str("TypesConfig /etc/mime.types\n");
         let _ = writeln!(conf, "ScriptSock \"{}\"", dir.join("cgisock").display());
         let _ = writeln!(conf, "Listen 127.0.0.1:{} https", site.port);
+        if let Some(http_port) = site.http_port {
+            let _ = writeln!(conf, "Listen 127.0.0.1:{http_port} http");
+        }
         conf.push_str("ServerName localhost\n");
         let _ = writeln!(
             conf,
@@ -280,6 +285,9 @@ impl PrivateApache {
         ];
         for (name, value) in defines {
             let _ = writeln!(conf, "Define {name} \"{value}\"");
+        }
+        if let Some(http_port) = site.http_port {
+            let _ = writeln!(conf, "Define SATELLITE_HTTP_PORT \"{http_port}\"");
         }
         if let Some(url) = &site.serve_url {
             let _ = writeln!(conf, "Define SATELLITE_SERVE \"{url}\"");
