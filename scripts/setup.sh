@@ -7,13 +7,20 @@ what="${1:-test}"
 
 # Debian package names; rhel_name maps the few that differ.
 demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3)
-test_pkgs=()
+# The browser suite (Chromium over WebDriver, JupyterLab in a venv) and the
+# TLS grading (testssl.sh); on RHEL chromium, chromedriver and testssl come
+# from EPEL.
+test_pkgs=(chromium chromium-driver python3-venv python3-pip testssl.sh fonts-dejavu-core)
 
 rhel_name() {
   case "$1" in
     apache2) echo "httpd mod_ssl" ;;
     apache2-utils) echo "httpd-tools" ;;
     libaprutil1-dbd-sqlite3) echo "apr-util-sqlite" ;;
+    chromium-driver) echo "chromedriver" ;;
+    python3-venv) echo "python3" ;;
+    testssl.sh) echo "testssl" ;;
+    fonts-dejavu-core) echo "dejavu-sans-fonts" ;;
     *) echo "$1" ;;
   esac
 }
