@@ -356,3 +356,4 @@ impl Answer {
 pub mod apache;
 pub mod backend;
 pub mod client;
+pub mod webdriver;
