@@ -116,6 +116,12 @@ fn satellite_pages_endpoints_and_proxied_applications_carry_nosniff_and_hsts() {
         )) && csp.contains("frame-ancestors 'none'"),
         "{page}"
     );
+    // Both policies apply: a script-src or default-src here would block the
+    // inline script the page's <meta> allows by its hash.
+    assert!(
+        !csp.contains("default-src") && !csp.contains("script-src"),
+        "{page}"
+    );
     let state = apache.get("manage", &format!("/tokenjobstate.cgi?token={token}"));
     assert_hardened(&state, "tokenjobstate.cgi");
     let junk = apache.get("not_an-alias", "/");
