@@ -320,6 +320,11 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
         }
     });
     b.screenshot(&shots.join("05-jupyterlab.png"));
+    let protocol = b.eval(
+        "return performance.getEntriesByType('navigation')[0].nextHopProtocol;",
+        json!([]),
+    );
+    assert_eq!(protocol, Ok(json!("h2")), "the browser should speak HTTP/2");
 
     // A notebook; a cell through the kernel's websocket.
     b.wait_for("a new notebook", LAB_WAIT, |b| {

@@ -20,7 +20,7 @@ pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.con
 /// after SIGTERM.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-const MODULES: [(&str, &str); 12] = [
+const MODULES: [(&str, &str); 13] = [
     ("mpm_event_module", "mod_mpm_event.so"),
     ("authz_core_module", "mod_authz_core.so"),
     ("mime_module", "mod_mime.so"),
@@ -33,6 +33,7 @@ const MODULES: [(&str, &str); 12] = [
     ("proxy_http_module", "mod_proxy_http.so"),
     ("proxy_wstunnel_module", "mod_proxy_wstunnel.so"),
     ("cgid_module", "mod_cgid.so"),
+    ("http2_module", "mod_http2.so"),
 ];
 
 /// Where Apache is on this machine.
