@@ -6,17 +6,23 @@ set -euo pipefail
 what="${1:-test}"
 
 # Debian package names; rhel_name maps the few that differ.
-demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3)
+demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3 iproute2)
+# A real single-node Slurm for tests/sched_slurm.rs (tests/support/slurm.rs);
+# binutils: nm, to check that the CGI programs link none of the demo crate.
 # The browser suite (Chromium over WebDriver, JupyterLab in a venv) and the
 # TLS grading (testssl.sh); on RHEL chromium, chromedriver and testssl come
 # from EPEL.
-test_pkgs=(chromium chromium-driver python3-venv python3-pip testssl.sh fonts-dejavu-core)
+test_pkgs=(slurmctld slurmd slurm-client munge binutils
+  chromium chromium-driver python3-venv python3-pip testssl.sh fonts-dejavu-core)
 
 rhel_name() {
   case "$1" in
     apache2) echo "httpd mod_ssl" ;;
     apache2-utils) echo "httpd-tools" ;;
     libaprutil1-dbd-sqlite3) echo "apr-util-sqlite" ;;
+    slurmctld) echo "slurm-slurmctld" ;;
+    slurmd) echo "slurm-slurmd" ;;
+    slurm-client) echo "slurm" ;;
     chromium-driver) echo "chromedriver" ;;
     python3-venv) echo "python3" ;;
     testssl.sh) echo "testssl" ;;

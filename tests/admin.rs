@@ -4,6 +4,7 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Output};
 
 use support::*;
@@ -84,7 +85,7 @@ fn list_show_stats_and_render_describe_the_tokens() {
     assert_eq!(
         stdout(&satellite(&site, &["render"])),
         format!(
-            "# Written by satellite; every change is replaced whole.\n{live} 10.21.3.4:50123\n"
+            "# Routes of map routing, as the routes table holds them.\n{live} 10.21.3.4:50123\n"
         )
     );
     let missing = satellite(&site, &["show", "no-such-token"]);
@@ -109,15 +110,17 @@ fn revoke_removes_the_token_and_its_route_and_gc_expires_now() {
 
     assert_eq!(
         stdout(&satellite(&site, &["revoke", &live])),
-        format!("revoked {live}; route map updated (0 live)\n")
+        format!("revoked {live}; routes table updated (0 live)\n")
     );
     assert_eq!(site.state_of(&live), None);
-    assert!(!std::fs::read_to_string(site.path("dynconf/routes.map"))
-        .unwrap()
-        .contains(&live));
+    let routes: i64 = site
+        .db()
+        .query_row("SELECT count(*) FROM routes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(routes, 0);
     assert_eq!(
         stdout(&satellite(&site, &["gc"])),
-        "expired 1 token(s); route map updated (0 live)\n"
+        "expired 1 token(s); routes table updated (0 live)\n"
     );
     assert_eq!(site.state_of(&old), None);
 }
@@ -135,7 +138,7 @@ fn admin_commands_refuse_a_bad_config_a_missing_database_and_one_from_the_future
     site.db().execute_batch("PRAGMA user_version = 99").unwrap();
     let out = satellite(&site, &["stats"]);
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("written by a newer satellite (schema version 99, this build knows 1)"));
+        .contains("written by a newer satellite (schema version 99, this build knows 2)"));
     let out = satellite(&site, &["migrate", "--dry-run"]);
     assert!(!out.status.success());
 
@@ -176,7 +179,7 @@ fn migrate_takes_a_perl_database_in_place_with_a_backup() {
     assert_eq!(
         dry,
         format!(
-            "{db}:\n  schema version 0 (this build writes 1)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  no colliding aliases\n"
+            "{db}:\n  schema version 0 (this build writes 2)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  will add the routes table that Apache reads (map routing) and its triggers\n  no colliding aliases\n"
         )
     );
     assert_eq!(
@@ -187,7 +190,12 @@ fn migrate_takes_a_perl_database_in_place_with_a_backup() {
 
     let done = stdout(&satellite(&site, &["migrate", "--db", &db]));
     assert!(done.contains("  backup written to "), "{done}");
-    assert!(done.ends_with("  migrated\n"), "{done}");
+    assert!(
+        done.ends_with(
+            "  migrated; in map routing run `satellite cron` once to fill the routes table\n"
+        ),
+        "{done}"
+    );
     let backup = done
         .lines()
         .find_map(|l| l.strip_prefix("  backup written to "))
@@ -256,6 +264,49 @@ fn jobstates_push_writes_squeue_output_into_the_database() {
     assert_eq!(state.text(), "R");
 }
 
+/// As root, `init` gives `var/` to the web server's group and `dynconf/`
+/// (which Apache includes as root) to cron's user alone: the web server
+/// user can write the database but gets EACCES on the configuration.
+fn web_server_user_cannot_write_apache_configuration(top: &Path, prefix: &Path) {
+    if !nix::unistd::Uid::effective().is_root() {
+        return;
+    }
+    let Some(user) = ["www-data", "apache"]
+        .into_iter()
+        .find(|u| nix::unistd::User::from_name(u).ok().flatten().is_some())
+    else {
+        panic!("running as root but no web server user (www-data, apache) exists");
+    };
+    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(prefix, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_web_server = |script: &str| {
+        Command::new("runuser")
+            .args(["-u", user, "--", "/bin/sh", "-c", script])
+            .current_dir(prefix)
+            .output()
+            .unwrap()
+    };
+    let db = as_web_server("test -w var/state.sqlite && : >> var/state.sqlite");
+    assert!(
+        db.status.success(),
+        "{}",
+        String::from_utf8_lossy(&db.stderr)
+    );
+    for attack in [
+        "echo '<VirtualHost *:1>ErrorLog \"|/bin/sh -c id\"</VirtualHost>' >> dynconf/proxyconf.conf",
+        "echo 'Include /tmp/x' > dynconf/evil.conf",
+        "mv dynconf/proxyconf.conf dynconf/old.conf",
+    ] {
+        let out = as_web_server(attack);
+        assert!(!out.status.success(), "{attack} succeeded as {user}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{attack}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn init_makes_the_install_tree_and_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
@@ -278,6 +329,7 @@ fn init_makes_the_install_tree_and_is_idempotent() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
+    web_server_user_cannot_write_apache_configuration(dir.path(), &prefix);
     std::fs::write(
         prefix.join("etc/satellite.toml"),
         "extbasename = \"hpc.example.edu\"\ntgtipmask = [\"10.21.0.0/16\"]\nsyslog_socket = \"\"\n",
@@ -305,13 +357,19 @@ fn init_makes_the_install_tree_and_is_idempotent() {
             & 0o7777
     };
     assert_eq!(mode("var"), 0o2770);
-    assert_eq!(mode("dynconf"), 0o2770);
+    // Apache reads dynconf/ as configuration: never writable by the web
+    // server's group.
+    assert_eq!(mode("dynconf"), 0o755);
+    assert_eq!(mode("dynconf/proxyconf.conf"), 0o644);
     assert_eq!(mode("var/state.sqlite"), 0o660);
     assert!(prefix.join("bin/satellite").exists() && prefix.join("bin/cron").exists());
-    assert!(prefix.join("html/satellite/retry.html").exists());
+    for page in ["retry.html", "waiting.html", "default.txt"] {
+        assert!(prefix.join("html/satellite").join(page).exists(), "{page}");
+    }
     // The installed programs find their config beside them and work.
     let answer = Command::new(prefix.join("cgi/getlink.cgi"))
         .env_clear()
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
         .env("REQUEST_METHOD", "GET")
         .env("REMOTE_ADDR", "10.21.0.10")
         .output()
@@ -325,15 +383,26 @@ fn init_makes_the_install_tree_and_is_idempotent() {
 
 #[test]
 fn demo_walkthrough_runs_the_whole_stack() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let out = Command::new(program("satellite"))
-        .args(["demo", "--walkthrough", "--port", &port.to_string()])
-        .output()
-        .unwrap();
+    // Apache binds the port itself, so another process may take it between
+    // our choosing and Apache's binding: then choose again.
+    let mut out = None;
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let run = Command::new(program("satellite"))
+            .args(["demo", "--walkthrough", "--port", &port.to_string()])
+            .output()
+            .unwrap();
+        let port_taken = String::from_utf8_lossy(&run.stderr).contains("Address already in use");
+        out = Some(run);
+        if !port_taken {
+            break;
+        }
+    }
+    let out = out.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -344,13 +413,34 @@ fn demo_walkthrough_runs_the_whole_stack() {
     assert!(text.ends_with("walkthrough: all steps passed\n"), "{text}");
 }
 
+/// The private Apache launcher and the demo live in satellite-demo, which
+/// only the admin program names: what Apache runs carries none of it.
+#[test]
+fn the_cgi_programs_carry_none_of_the_demo_machinery() {
+    let demo_symbols = |name: &str| {
+        let out = Command::new("nm")
+            .arg(program(name))
+            .output()
+            .unwrap_or_else(|e| panic!("nm (binutils) is needed: {e}"));
+        assert!(out.status.success(), "nm {name}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| line.contains("satellite_demo"))
+            .count()
+    };
+    // nm sees the crate where it is linked, so a zero below means absent.
+    assert!(demo_symbols("satellite") > 0);
+    for name in ENDPOINT_PROGRAMS.into_iter().chain(["cron"]) {
+        assert_eq!(demo_symbols(name), 0, "{name} links satellite_demo");
+    }
+}
+
 #[test]
 fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_domain() {
     let site =
         Site::with_config("apache_configtest = [\"/bin/true\"]\napache_reload = [\"/bin/true\"]");
     std::fs::create_dir_all(site.path("html/satellite")).unwrap();
     std::fs::write(site.path("html/satellite/retry.html"), "retry").unwrap();
-    std::fs::write(site.path("dynconf/routes.map"), "").unwrap();
     for dir in ["var", "dynconf"] {
         std::fs::set_permissions(site.path(dir), std::fs::Permissions::from_mode(0o2770)).unwrap();
     }
@@ -414,5 +504,66 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
             apex_only.display()
         )),
         "{report}"
+    );
+}
+
+#[test]
+fn error_messages_name_each_path_once() {
+    let site = Site::without_database("");
+    let missing = site.path("etc/missing.toml");
+    let without_config = |command: &str| {
+        let out = Command::new(program("satellite"))
+            .arg("--config")
+            .arg(&missing)
+            .arg(command)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        out
+    };
+    let out = without_config("list");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "satellite: configuration file {}: No such file or directory (os error 2)\n",
+            missing.display()
+        )
+    );
+
+    let out = without_config("check");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "FAIL configuration file {}: No such file or directory (os error 2)\n     \
+             fix: correct the file (every key is described in the installed etc/satellite.toml)\n",
+            missing.display()
+        )
+    );
+
+    let out = satellite(&site, &["list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "satellite: database {} does not exist (create it with `satellite migrate`)\n",
+            site.db.display()
+        )
+    );
+
+    // An I/O error is said once, not once by the message and again as its
+    // source.
+    std::fs::remove_dir(site.path("dynconf")).unwrap();
+    let out = Command::new(program("satellite"))
+        .args(["migrate", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = satellite(&site, &["cron"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "satellite cron: opening lock file {}: No such file or directory (os error 2)\n",
+            site.path("dynconf/.satellite.lock").display()
+        )
     );
 }

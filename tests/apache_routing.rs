@@ -12,10 +12,11 @@
 
 mod support;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use support::apache::{Apache, Routing, Running, DEFAULT_ANSWER};
-use support::backend::{answer_body, free_port, Backend};
+use support::backend::{answer_body, Backend, ReservedPort};
 use support::client::{Request, Response};
 
 const JUPYTER_WS: &str = "v1.kernel.websocket.jupyter.org";
@@ -58,14 +59,13 @@ fn publish(apache: &Apache) {
 fn assert_live(apache: &Apache, alias: &str, backend: &Backend) -> Response {
     let path = "/live-probe?token=abc";
     match apache.routing {
-        Routing::Map | Routing::MapDbm => from_backend(apache, alias, backend, path)
-            .unwrap_or_else(|last| {
-                panic!(
-                    "{alias} does not reach backend {} right after redeem: {last}\n{}",
-                    backend.name,
-                    apache.error_log()
-                )
-            }),
+        Routing::Map => from_backend(apache, alias, backend, path).unwrap_or_else(|last| {
+            panic!(
+                "{alias} does not reach backend {} right after redeem: {last}\n{}",
+                backend.name,
+                apache.error_log()
+            )
+        }),
         // Three fresh connections in a row, so that no child of the
         // previous generation is still taking connections.
         Routing::Vhost => apache.eventually(
@@ -91,21 +91,34 @@ fn default_answer(apache: &Apache, alias: &str) -> Result<(), String> {
     }
 }
 
-/// `alias` is back to the default answer: at once in map routing,
+/// `alias` is no longer routed (its host shows the static waiting page,
+/// which then says the session is over): at once in map routing,
 /// eventually in vhost routing.
 fn assert_gone(apache: &Apache, alias: &str) {
     match apache.routing {
-        Routing::Map | Routing::MapDbm => default_answer(apache, alias).unwrap_or_else(|last| {
+        Routing::Map => waiting_answer(apache, alias).unwrap_or_else(|last| {
             panic!(
                 "{alias} still routed right after destroy: {last}\n{}",
                 apache.error_log()
             )
         }),
-        Routing::Vhost => apache.eventually(&format!("{alias} back to the default answer"), || {
-            default_answer(apache, alias)?;
-            default_answer(apache, alias)?;
-            default_answer(apache, alias)
+        Routing::Vhost => apache.eventually(&format!("{alias} back to the waiting page"), || {
+            waiting_answer(apache, alias)?;
+            waiting_answer(apache, alias)?;
+            waiting_answer(apache, alias)
         }),
+    }
+}
+
+fn waiting_answer(apache: &Apache, alias: &str) -> Result<(), String> {
+    let r = apache
+        .client()
+        .get(&apache.host_port(alias), "/")
+        .map_err(|e| e.to_string())?;
+    if r.status == 200 && r.text().contains("tokenjobstate.cgi") {
+        Ok(())
+    } else {
+        Err(r.to_string())
     }
 }
 
@@ -126,7 +139,7 @@ fn assert_waiting_page(apache: &Apache, alias: &str, path: &str) {
 
 fn expected_state(apache: &Apache) -> &'static str {
     match apache.routing {
-        Routing::Map | Routing::MapDbm => "proxied",
+        Routing::Map => "proxied",
         Routing::Vhost => "mapped",
     }
 }
@@ -166,6 +179,16 @@ fn proxying(routing: Routing) {
     assert_waiting_page(&apache, &alias, "/lab/tree/work/notes.ipynb?token=abc");
     // So does an upper-case spelling of the host.
     assert_waiting_page(&apache, &alias.to_uppercase(), "/?token=abc");
+    // An unknown token's host gets the very same bytes (nothing to learn
+    // by guessing), never from a cache once it is live.
+    let pending_page = apache.get(&alias, "/");
+    let unknown_page = apache.get("never-issued-token", "/lab");
+    assert_eq!(pending_page.body, unknown_page.body);
+    assert_eq!(pending_page.header("Cache-Control"), Some("no-store"));
+    // Hosts that are not token-shaped get the original's default message.
+    for host in ["manage", "www"] {
+        default_answer(&apache, host).unwrap_or_else(|e| panic!("{host}: {e}"));
+    }
 
     // Redeemed from the backend's own address; live after publishing.
     apache.redeem_ok(&alias, BACKEND_A, a.port());
@@ -308,11 +331,6 @@ fn map_mode_proxying() {
 }
 
 #[test]
-fn dbm_map_mode_proxying() {
-    proxying(Routing::MapDbm);
-}
-
-#[test]
 fn vhost_mode_proxying() {
     proxying(Routing::Vhost);
 }
@@ -322,7 +340,8 @@ fn vhost_mode_proxying() {
 fn retry_page(routing: Routing) {
     let apache = Apache::start(routing);
     let alias = apache.getlink();
-    let port = free_port(LATE_BACKEND);
+    let reserved = ReservedPort::on(LATE_BACKEND);
+    let port = reserved.port;
     apache.redeem_ok(&alias, LATE_BACKEND, port);
     publish(&apache);
     let retry = || -> Result<Response, String> {
@@ -337,7 +356,7 @@ fn retry_page(routing: Routing) {
         }
     };
     let r = match routing {
-        Routing::Map | Routing::MapDbm => retry().unwrap_or_else(|e| panic!("no retry page: {e}")),
+        Routing::Map => retry().unwrap_or_else(|e| panic!("no retry page: {e}")),
         Routing::Vhost => apache.eventually("the retry page", retry),
     };
     assert!(
@@ -348,7 +367,7 @@ fn retry_page(routing: Routing) {
     // Asked again while still down: still the retry page.
     retry().unwrap_or_else(|e| panic!("no retry page the second time: {e}"));
 
-    let late = Backend::start_on("late", LATE_BACKEND, port);
+    let late = reserved.listen("late");
     apache.eventually("the late backend answering", || {
         from_backend(&apache, &alias, &late, "/lab?token=abc")
     });
@@ -546,11 +565,11 @@ fn vhost_mode_cron_watch_publishes_without_a_manual_run() {
     });
     apache.destroy_ok(&alias, BACKEND_A);
     apache.eventually("the watcher removing the route", || {
-        default_answer(&apache, &alias)
+        waiting_answer(&apache, &alias)
     });
 }
 
-/// map routing: routes come and go with the map file alone; Apache is
+/// map routing: routes come and go with the routes table alone; Apache is
 /// never reloaded, not even with websockets open.
 #[test]
 fn map_mode_routes_change_without_any_reload() {
@@ -599,10 +618,10 @@ fn map_mode_routes_change_without_any_reload() {
 
     // Destroyed: gone on the next request.
     apache.destroy_ok(&third, BACKEND_A);
-    default_answer(&apache, &third)
+    waiting_answer(&apache, &third)
         .unwrap_or_else(|e| panic!("still routed right after destroy: {e}"));
     apache.destroy_ok(&first, BACKEND_A);
-    default_answer(&apache, &first)
+    waiting_answer(&apache, &first)
         .unwrap_or_else(|e| panic!("still routed right after destroy: {e}"));
     from_backend(&apache, &second, &b, "/untouched")
         .unwrap_or_else(|e| panic!("the remaining route broke: {e}"));
@@ -623,4 +642,186 @@ fn map_mode_routes_change_without_any_reload() {
         .unwrap_or_else(|e| panic!("cron broke the route: {e}"));
     assert_eq!(apache.parent_pid(), parent);
     assert_eq!(apache.generations(), generations, "{}", apache.error_log());
+}
+
+/// The routes table and the tokens never disagree: checked from the
+/// database side, whatever killed whom.
+fn routes_equal_the_database(apache: &Apache) -> Result<(), String> {
+    let conn = rusqlite::Connection::open(apache.db_file()).map_err(|e| e.to_string())?;
+    let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let orphans = count(
+        "SELECT count(*) FROM routes r LEFT JOIN proxy p ON p.alias = r.alias \
+         WHERE p.alias IS NULL OR p.state <> 'proxied' \
+         OR r.target <> p.dsthost || ':' || p.dstport",
+    );
+    let unrouted = count(
+        "SELECT count(*) FROM proxy p LEFT JOIN routes r ON r.alias = p.alias \
+         WHERE p.state = 'proxied' AND r.alias IS NULL",
+    );
+    if (orphans, unrouted) == (0, 0) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{orphans} route(s) without their proxied token, {unrouted} proxied token(s) without a route"
+        ))
+    }
+}
+
+/// Runs the installed redeemtoken.cgi as Apache would, and kills it with
+/// SIGKILL after `delay`: wherever it is, in or out of its transaction.
+fn redeem_killed_after(apache: &Apache, token: &str, port: u16, delay: Duration) {
+    let mut child = Command::new(apache.path("cgi/redeemtoken.cgi"))
+        .env_clear()
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
+        .env("REQUEST_METHOD", "GET")
+        .env("SERVER_PROTOCOL", "HTTP/1.1")
+        .env("QUERY_STRING", format!("token={token}&port={port}"))
+        .env("REMOTE_ADDR", BACKEND_A)
+        .env("SCRIPT_NAME", "/redeemtoken.cgi")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// map routing under load: while one session is used without pause,
+/// others go live and away, and redeems are killed with SIGKILL at every
+/// point of their run. Nothing is reloaded, the busy session never sees an
+/// error, and the routes Apache reads always equal the database.
+#[test]
+fn map_mode_routes_come_and_go_under_load_and_survive_kill_9_of_writers() {
+    let apache = Apache::start(Routing::Map);
+    let a = Backend::start("alpha", BACKEND_A);
+    let busy = apache.getlink();
+    apache.redeem_ok(&busy, BACKEND_A, a.port());
+    let generations = apache.generations();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let client = apache.client();
+        let host = apache.host_port(&busy);
+        std::thread::spawn(move || {
+            let (mut ok, mut failures) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.get(&host, "/busy") {
+                    Ok(r) if r.status == 200 && r.header("X-Backend") == Some("alpha") => ok += 1,
+                    Ok(r) => failures.push(r.to_string()),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (ok, failures)
+        })
+    };
+
+    for round in 0..20u64 {
+        let token = apache.getlink();
+        apache.redeem_ok(&token, BACKEND_A, a.port());
+        from_backend(&apache, &token, &a, "/live")
+            .unwrap_or_else(|e| panic!("round {round}: not live after redeem: {e}"));
+        apache.destroy_ok(&token, BACKEND_A);
+        waiting_answer(&apache, &token)
+            .unwrap_or_else(|e| panic!("round {round}: still routed after destroy: {e}"));
+
+        let victim = apache.getlink();
+        redeem_killed_after(
+            &apache,
+            &victim,
+            a.port(),
+            Duration::from_micros(round * 250),
+        );
+        routes_equal_the_database(&apache).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // Routed exactly when its row says so.
+        match apache.state_of(&victim).as_deref() {
+            Some("proxied") => from_backend(&apache, &victim, &a, "/victim")
+                .unwrap_or_else(|e| panic!("round {round}: proxied but not routed: {e}")),
+            Some("pending") => waiting_answer(&apache, &victim)
+                .map(|()| apache.get(&victim, "/"))
+                .unwrap_or_else(|e| panic!("round {round}: pending but routed: {e}")),
+            other => panic!("round {round}: victim in state {other:?}"),
+        };
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failures) = load.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(ok > 0);
+    assert_eq!(apache.generations(), generations, "{}", apache.error_log());
+}
+
+/// A websocket outlives the route that opened it unless something cuts it:
+/// with `cron --watch` running, revoking a token closes its open tunnels
+/// (here long before the client's 30 s read timeout), and a session on
+/// another backend keeps its own.
+#[test]
+fn map_mode_revoke_closes_open_websockets_of_the_route() {
+    let apache = Apache::start(Routing::Map);
+    let a = Backend::start("alpha", BACKEND_A);
+    let b = Backend::start("bravo", BACKEND_B);
+    let revoked = apache.getlink();
+    apache.redeem_ok(&revoked, BACKEND_A, a.port());
+    let kept = apache.getlink();
+    apache.redeem_ok(&kept, BACKEND_B, b.port());
+    let mut watcher = apache
+        .cron_command()
+        .arg("--watch")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The watcher knows both routes once it says it is watching.
+    let mut said = std::io::BufReader::new(watcher.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("watching the database; routes lead to 2 backend(s)") {
+        line.clear();
+        let read = std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+        assert!(read > 0, "the watcher stopped before watching");
+    }
+    let open = |alias: &str| {
+        let mut ws = apache.client().connect(&apache.host(alias)).unwrap();
+        let r = ws
+            .websocket(
+                &apache.host_port(alias),
+                "/api/kernels/k/channels",
+                JUPYTER_WS,
+            )
+            .unwrap();
+        assert_eq!(r.status, 101, "{r}");
+        ws.send_text("before").unwrap();
+        assert_eq!(ws.recv_text().unwrap(), "before");
+        ws
+    };
+    let mut ws_revoked = open(&revoked);
+    let mut ws_kept = open(&kept);
+
+    let out = Command::new(support::apache::SATELLITE)
+        .args(["revoke", &revoked, "--config"])
+        .arg(apache.config_file())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match ws_revoked.recv_text() {
+        Ok(text) => panic!("the revoked websocket still carried {text:?}"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the revoked websocket stayed open until the read timeout: {e}"
+        ),
+    }
+    ws_kept.send_text("after").unwrap();
+    assert_eq!(ws_kept.recv_text().unwrap(), "after");
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
 }

@@ -1171,10 +1171,6 @@ fn valid_requests(site: &Site, token: &str) -> Vec<(&'static str, Call)> {
             "tokenjobstate",
             site.cgi("tokenjobstate").query(format!("token={token}")),
         ),
-        (
-            "index",
-            site.cgi("index").header("Host", format!("{token}.{EXT}")),
-        ),
     ]
 }
 
@@ -1191,6 +1187,14 @@ fn dir_listing(site: &Site, sub: &str) -> Vec<String> {
 fn a_missing_database_is_a_500_and_is_not_created() {
     let site = Site::without_database("");
     let var_before = dir_listing(&site, "var");
+    // index never opens the database: every token's host gets the same page.
+    let page = site
+        .cgi("index")
+        .header("Host", format!("able-acorn-zoo.{EXT}"))
+        .run();
+    assert_eq!(page.status, 200, "{}", page.stderr);
+    assert!(page.text().contains("tokenjobstate.cgi"));
+    assert_eq!(dir_listing(&site, "var"), var_before);
     for (program, call) in valid_requests(&site, "able-acorn-zoo") {
         let answer = call.run();
         assert_answer(&answer, 500, INTERNAL, program);
@@ -1492,4 +1496,37 @@ fn no_program_panics_on_junk_requests_and_none_changes_the_database() {
             }
         }
     }
+}
+
+#[test]
+fn a_cgi_program_run_by_hand_says_what_it_is_before_looking_for_a_configuration() {
+    for name in ["getlink", "index"] {
+        // No configuration anywhere: the hint must not depend on one.
+        let out = Command::new(program(name))
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "", "{name}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "{name}: this is a CGI program: install it as {name}.cgi and let the web server \
+                 run it (GATEWAY_INTERFACE is not set)\n"
+            )
+        );
+    }
+}
+
+#[test]
+fn a_web_server_that_sets_no_request_method_gets_malformed_request() {
+    let site = Site::new();
+    let answer = site.cgi("getlink").unset("REQUEST_METHOD").run();
+    assert_answer(&answer, 400, MALFORMED, "no REQUEST_METHOD");
+    assert!(
+        answer.stderr.contains("REQUEST_METHOD is not set"),
+        "{}",
+        answer.stderr
+    );
 }

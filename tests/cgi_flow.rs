@@ -129,12 +129,19 @@ fn the_whole_galyleo_flow() {
         (200, "Success! Token destroyed.\n".into())
     );
     assert_eq!(poll(), "");
+    // The same page as for any token's host; it polls and tells the end.
     let gone = site
         .cgi("index")
         .header("Host", format!("{token}.{EXT}"))
         .run();
+    assert_eq!(gone.status, 200);
+    assert!(gone.text().contains("tokenjobstate.cgi"));
+    let manage = site
+        .cgi("index")
+        .header("Host", format!("manage.{EXT}"))
+        .run();
     assert_eq!(
-        gone.status_and_text(),
+        manage.status_and_text(),
         (
             200,
             "Please see documentation on how to use this service.\n".into()
@@ -259,12 +266,15 @@ fn fifty_concurrent_redeems_of_one_token_make_exactly_one_success() {
     assert_eq!(rows, 1);
 }
 
+/// The generator's own property (many draws, distinct valid labels) is a
+/// unit test in `satellite-core`'s `token.rs`; this checks the processes:
+/// concurrent getlinks, each with its own CSPRNG seed, store what they answer.
 #[test]
-fn two_thousand_getlinks_give_distinct_dns_labels() {
+fn three_hundred_concurrent_getlinks_give_distinct_dns_labels() {
     let site = Site::new();
     let tokens: Vec<String> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..4)
-            .map(|_| scope.spawn(|| (0..500).map(|_| site.new_token()).collect::<Vec<_>>()))
+            .map(|_| scope.spawn(|| (0..75).map(|_| site.new_token()).collect::<Vec<_>>()))
             .collect();
         workers
             .into_iter()
@@ -272,7 +282,7 @@ fn two_thousand_getlinks_give_distinct_dns_labels() {
             .collect()
     });
     let distinct: HashSet<&String> = tokens.iter().collect();
-    assert_eq!(distinct.len(), 2000);
+    assert_eq!(distinct.len(), 300);
     for token in &tokens {
         assert!(
             token.len() <= 63 && token.split('-').count() == 3,
@@ -286,7 +296,7 @@ fn two_thousand_getlinks_give_distinct_dns_labels() {
         .db()
         .query_row("SELECT count(DISTINCT alias) FROM proxy", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(rows, 2000);
+    assert_eq!(rows, 300);
 }
 
 fn legacy_schema(variant: &str) -> String {
@@ -383,7 +393,7 @@ fn legacy_databases_are_migrated_in_place_and_keep_working() {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!((version, mode.as_str(), unique), (1, "wal", 1), "{variant}");
+        assert_eq!((version, mode.as_str(), unique), (2, "wal", 1), "{variant}");
 
         // The Perl scripts' own statements still work on the migrated file.
         conn.execute(
@@ -415,6 +425,24 @@ fn legacy_databases_are_migrated_in_place_and_keep_working() {
             )
             .unwrap();
         assert_eq!(lastseen_type, "integer");
+
+        // The Perl destroy's own delete takes the route with it (the
+        // routes table's triggers), so Apache stops proxying at once.
+        let route = |conn: &rusqlite::Connection| -> i64 {
+            conn.query_row(
+                "SELECT count(*) FROM routes WHERE alias = 'abacus-zoom-apple'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(route(&conn), 1, "{variant}");
+        conn.execute(
+            "delete from proxy where alias_compare_hash = ?",
+            [legacy_hash("abacus-zoom-apple")],
+        )
+        .unwrap();
+        assert_eq!(route(&conn), 0, "{variant}");
     }
 }
 
@@ -560,19 +588,23 @@ fn the_waiting_page_answers_any_path_get_and_head_while_pending() {
 fn in_map_routing_redeem_and_destroy_publish_the_route_before_answering() {
     let site = Site::new();
     let token = site.new_token();
-    let map = site.path("dynconf/routes.map");
+    let route = || -> Option<String> {
+        site.db()
+            .query_row(
+                "SELECT target FROM routes WHERE alias = ?1 AND expires >= datetime('now')",
+                [&token],
+                |r| r.get(0),
+            )
+            .ok()
+    };
     let redeemed = site
         .cgi("redeemtoken")
         .remote(COMPUTE_NODE)
         .query(format!("token={token}&port=50123"))
         .run();
     assert_eq!(redeemed.status_and_text(), (200, "Success!\n".into()));
-    let text = std::fs::read_to_string(&map).unwrap();
-    assert!(
-        text.lines()
-            .any(|l| l == format!("{token} {COMPUTE_NODE}:50123")),
-        "{text}"
-    );
+    // Apache's query answers the route the moment redeem has answered.
+    assert_eq!(route(), Some(format!("{COMPUTE_NODE}:50123")));
     assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
     let poll = site
         .cgi("tokenjobstate")
@@ -586,6 +618,208 @@ fn in_map_routing_redeem_and_destroy_publish_the_route_before_answering() {
         .query(format!("token={token}"))
         .run();
     assert_eq!(destroyed.status, 200);
-    let text = std::fs::read_to_string(&map).unwrap();
-    assert!(!text.contains(&token), "{text}");
+    assert_eq!(route(), None);
+}
+
+/// A job's end ends its session: the route goes at once, the token stays
+/// as a tombstone that tokenjobstate reports as `D` (and its JSON form as
+/// ended, with when), and the alias cannot be redeemed again.
+#[test]
+fn a_job_reported_ended_ends_its_session_and_keeps_a_tombstone() {
+    let site = Site::new();
+    let token = site.new_token();
+    let linked = site
+        .cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=4242"))
+        .run();
+    assert_eq!(linked.status, 200, "{}", linked.stderr);
+    let redeemed = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}&port=50123"))
+        .run();
+    assert_eq!(redeemed.status_and_text(), (200, "Success!\n".into()));
+    let push = |table: &str| {
+        let answer = site
+            .cgi("update-jobs")
+            .remote(SLURM_CONTROLLER)
+            .post(format!("jobstates={table}"))
+            .run();
+        assert_eq!(
+            answer.status_and_text(),
+            (200, "Successfully updated jobs! \n".into()),
+            "{}",
+            answer.stderr
+        );
+    };
+    push("4242 RUNNING\n");
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+    push("4242 TIMEOUT\n");
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+    let routes: i64 = site
+        .db()
+        .query_row("SELECT count(*) FROM routes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(routes, 0);
+    let poll = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}.{EXT}"))
+        .run();
+    assert_eq!(poll.text(), "D");
+    let json = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}.{EXT}&format=json"))
+        .run();
+    assert_eq!(json.header("Content-Type"), Some("application/json"));
+    let value: serde_json::Value = serde_json::from_str(&json.text()).unwrap();
+    assert_eq!(value["state"], "D", "{value}");
+    assert_eq!(value["job"]["id"], "4242", "{value}");
+    assert_eq!(value["job"]["state"], "TIMEOUT", "{value}");
+    assert!(value["ended_at"].as_i64().is_some(), "{value}");
+    let unknown = site
+        .cgi("tokenjobstate")
+        .query("token=never-issued-here&format=json")
+        .run();
+    assert_eq!(unknown.text(), r#"{"job":null,"state":"X"}"#);
+    let again = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}&port=50124"))
+        .run();
+    assert_eq!(again.status, 409, "{}", again.text());
+}
+
+/// job_binding = "enforce": once the scheduler has said where a linked job
+/// runs, a redeem from any other host is refused.
+#[test]
+fn in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused() {
+    let site = Site::with_config(&format!(
+        "job_binding = \"enforce\"\n[node_addresses]\nnode07 = [\"{COMPUTE_NODE}\"]"
+    ));
+    let token = site.new_token();
+    site.cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=77"))
+        .run();
+    let conn = site.db();
+    conn.execute_batch(
+        "INSERT INTO jobstates (jobid, state, lastseen) VALUES ('77', 'RUNNING', strftime('%s','now')); \
+         INSERT INTO jobdetails (jobid, nodes, job_user, job_uid) VALUES ('77', 'node07', 'alice', 5001);",
+    )
+    .unwrap();
+    let stranger = site
+        .cgi("redeemtoken")
+        .remote(OTHER_COMPUTE_NODE)
+        .query(format!("token={token}&port=50123"))
+        .run();
+    assert_eq!(
+        stranger.status_and_text(),
+        (
+            403,
+            "Oops! Nonce must be redeemed from a node of the job it is linked to\n".into()
+        )
+    );
+    assert_eq!(site.state_of(&token).as_deref(), Some("pending"));
+    let own = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={token}&port=50123"))
+        .run();
+    assert_eq!(own.status_and_text(), (200, "Success!\n".into()));
+}
+
+/// The Perl scripts on a database with an `ended` tombstone: their own
+/// statements never route it, never redeem it, and their expiry removes it.
+#[test]
+fn perl_statements_treat_an_ended_tombstone_sensibly() {
+    let site = Site::new();
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    let conn = site.db();
+    conn.execute(
+        "UPDATE proxy SET state = 'ended', ended_at = datetime('now'), end_cause = 'test' \
+         WHERE alias = ?1",
+        [&token],
+    )
+    .unwrap();
+    // cron (master): the rows it writes vhosts for.
+    let routed: i64 = conn
+        .query_row(
+            "select count(*) from proxy where (state = 'mapped' or state = 'proxied')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(routed, 0);
+    // redeemtoken: only a pending row is redeemable.
+    let redeemable: i64 = conn
+        .query_row(
+            "select count(*) from proxy where alias_compare_hash = ? and state = 'pending'",
+            [legacy_hash(&token)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(redeemable, 0);
+    // tokenjobstate's join still reads the row.
+    let state: String = conn
+        .query_row(
+            "select ps.state from proxy ps left join jobstates js using (jobid) \
+             where ps.alias_compare_hash = ?",
+            [legacy_hash(&token)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, "ended");
+    // cron's expiry removes it like any row, and its route is long gone.
+    conn.execute(
+        "delete from proxy where modified < datetime(?,'unixepoch')",
+        [chrono_now() + 10],
+    )
+    .unwrap();
+    assert_eq!(site.state_of(&token), None);
+}
+
+/// A complete snapshot (`complete=1&taken=…`, what `satellite jobstates
+/// push` sends) that no longer lists a linked job ends its session; a
+/// legacy push that does not mention it ends nothing.
+#[test]
+fn a_complete_snapshot_without_the_linked_job_ends_its_session() {
+    let site = Site::new();
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    site.cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid=555"))
+        .run();
+    // Linked well before the snapshot was taken (a job linked after it
+    // may be missing from it without having ended).
+    site.db()
+        .execute(
+            "UPDATE proxy SET linked_at = datetime('now', '-1 hour') WHERE alias = ?1",
+            [&token],
+        )
+        .unwrap();
+    let push = |body: String| {
+        let answer = site
+            .cgi("update-jobs")
+            .remote(SLURM_CONTROLLER)
+            .post(body)
+            .run();
+        assert_eq!(answer.status, 200, "{}", answer.stderr);
+    };
+    push("jobstates=\n999 RUNNING\n".into());
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+    let now = chrono_now();
+    push(format!(
+        "jobstates=999+RUNNING+-+{now}+3600+bob+5002+node01%0A&complete=1&taken={now}"
+    ));
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+    let cause: String = site
+        .db()
+        .query_row(
+            "SELECT end_cause FROM proxy WHERE alias = ?1",
+            [&token],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(cause, "job 555 is no longer known to the scheduler");
 }

@@ -162,8 +162,13 @@ fn expired_rows_of_every_state_go_and_fresh_ones_stay() {
     assert_eq!(site.state_of(&fresh).as_deref(), Some("pending"));
     assert_eq!(site.state_of(&old_pending), None);
     assert_eq!(site.state_of(&old_mapped), None);
-    let map = std::fs::read_to_string(site.path("dynconf/routes.map")).unwrap();
-    assert!(!map.contains(&old_mapped), "{map}");
+    assert!(
+        routes_table(&site)
+            .iter()
+            .all(|(alias, _)| *alias != old_mapped),
+        "{:?}",
+        routes_table(&site)
+    );
 }
 
 #[test]
@@ -218,30 +223,46 @@ fn a_deleted_generated_file_is_recreated() {
 
 #[test]
 fn a_second_cron_while_one_runs_exits_zero_at_once() {
-    // The config test sleeps, so the first run holds the lock for a while.
-    let site = Site::with_config(
-        "routing = \"vhost\"\napache_configtest = [\"/bin/sleep\", \"5\"]\napache_reload = [\"/bin/true\"]",
-    );
-    site.redeemed_token(COMPUTE_NODE, 8888);
-    let first = Command::new(program("cron"))
+    let site = vhost_site("/bin/true", "/bin/true");
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    // The test is the run in progress: it holds the run lock until the
+    // second cron has exited. A cron that waited for the lock instead of
+    // skipping would never exit while the lock is held.
+    let lock = std::fs::File::open(site.path("dynconf/.satellite.lock"))
+        .or_else(|_| std::fs::File::create(site.path("dynconf/.satellite.lock")))
+        .unwrap();
+    lock.lock().unwrap();
+    let mut second = Command::new(program("cron"))
+        .arg("--verbose")
         .env("SATELLITE_CONFIG", &site.config)
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the first run has taken the lock (its config test is running).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !site.path("dynconf/proxyconf.conf").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "first cron never wrote"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    let deadline = std::time::Instant::now() + support::apache::DEADLINE;
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            panic!("the second cron waited for the lock instead of exiting");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let second = cron(&site, &[]);
-    assert!(second.status.success());
+    let second = second.wait_with_output().unwrap();
+    assert_eq!(second.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&second.stdout), "");
-    let first = first.wait_with_output().unwrap();
-    assert!(first.status.success());
+    assert_eq!(String::from_utf8_lossy(&second.stderr), "");
+    // It skipped: nothing written, nothing marked.
+    assert_eq!(site.state_of(&token).as_deref(), Some("mapped"));
+    assert!(
+        !std::fs::read_to_string(site.path("dynconf/proxyconf.conf"))
+            .unwrap_or_default()
+            .contains(&token)
+    );
+    // Once the lock is free, the same command does the run.
+    drop(lock);
+    let third = cron(&site, &[]);
+    assert!(third.status.success());
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
 }
 
 #[test]
@@ -268,6 +289,83 @@ fn watch_publishes_a_redeem_without_a_manual_run() {
     watcher.wait().unwrap();
 }
 
+/// A redeem committed while a watcher's run is in progress (here: held in
+/// Apache's config test) is published by the next run, not at the idle run
+/// a minute later.
+#[test]
+fn watch_publishes_a_redeem_committed_during_a_run_without_waiting() {
+    let site = Site::new();
+    let started = site.path("configtest-started");
+    let gate = site.path("configtest-gate");
+    let held_test = format!(
+        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done",
+        started.display(),
+        gate.display()
+    );
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        format!(
+            "{text}\nrouting = \"vhost\"\napache_configtest = [\"/bin/sh\", \"-c\", {held_test:?}]\napache_reload = [\"/bin/true\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut watcher = Command::new(program("cron"))
+        .arg("--watch")
+        .env("SATELLITE_CONFIG", &site.config)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = site.redeemed_token(COMPUTE_NODE, 8888);
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        // Half the idle run: a lost wake-up would wait for the idle run.
+        let deadline = std::time::Instant::now() + satellite_cron::WATCH_IDLE_RUN / 2;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_for("the watcher's run never reached the config test", &|| {
+        started.exists()
+    });
+    let second = site.redeemed_token(OTHER_COMPUTE_NODE, 9999);
+    std::fs::write(&gate, "").unwrap();
+    wait_for(
+        "the redeem made during the run waited for the idle run",
+        &|| site.state_of(&second).as_deref() == Some("proxied"),
+    );
+    assert_eq!(site.state_of(&first).as_deref(), Some("proxied"));
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+}
+
+/// A writer killed mid-write leaves a temporary file; one with the same pid
+/// later must still publish, and the leftover goes at the next write.
+#[test]
+fn leftovers_of_a_killed_writer_never_block_publication_and_are_cleaned() {
+    let site = vhost_site("/bin/true", "/bin/true");
+    let leftover = site.path(&format!(
+        "dynconf/.proxyconf.conf.tmp.{}",
+        std::process::id()
+    ));
+    std::fs::write(&leftover, "half a <VirtualHost").unwrap();
+    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    let out = cron(&site, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+    assert!(!leftover.exists());
+    let temps: Vec<String> = std::fs::read_dir(site.path("dynconf"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp."))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+}
+
 #[test]
 fn cron_refuses_a_missing_database_and_a_bad_config_clearly() {
     let site = Site::without_database("");
@@ -286,32 +384,63 @@ fn cron_refuses_a_missing_database_and_a_bad_config_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has host bits set"));
 }
 
-#[test]
-fn dbm_maps_are_built_with_httxt2dbm_and_replaced_whole() {
-    let site = Site::with_config("map_format = \"dbm\"");
-    let token = site.redeemed_token(COMPUTE_NODE, 8888);
-    let dbm = site.path("dynconf/routes.map.db");
-    assert!(dbm.exists(), "no {}", dbm.display());
-    // httxt2dbm's own reader agrees with the text beside it.
-    let text = std::fs::read_to_string(site.path("dynconf/routes.map")).unwrap();
-    assert!(
-        text.contains(&format!("{token} {COMPUTE_NODE}:8888")),
-        "{text}"
-    );
-    let first = std::fs::read(&dbm).unwrap();
-    let second = site.redeemed_token(OTHER_COMPUTE_NODE, 9999);
-    assert_ne!(
-        std::fs::read(&dbm).unwrap(),
-        first,
-        "the dbm map was not rebuilt for {second}"
-    );
-    assert_eq!(site.state_of(&second).as_deref(), Some("proxied"));
-    let leftovers: Vec<String> = std::fs::read_dir(site.path("dynconf"))
+fn routes_table(site: &Site) -> Vec<(String, String)> {
+    let conn = site.db();
+    let mut stmt = conn
+        .prepare("SELECT alias, target FROM routes ORDER BY alias")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp."))
+        .map(Result::unwrap)
         .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    rows
+}
+
+/// Map routing: cron is the repair pass. A row another program redeemed
+/// (the Perl script, a hand edit) gets its route; a row whose route is
+/// refused now (tgtipmask narrowed) loses it and is `mapped` again, so its
+/// state says what is routed.
+#[test]
+fn in_map_routing_cron_routes_rows_others_wrote_and_unroutes_refused_ones() {
+    let site = Site::new();
+    let kept = site.redeemed_token(COMPUTE_NODE, 8888);
+    let narrowed = site.redeemed_token(OTHER_COMPUTE_NODE, 8888);
+    let by_perl = site.new_token();
+    site.db()
+        .execute(
+            "UPDATE proxy SET state = 'mapped', dsthost = ?1, dstport = 9999 WHERE alias = ?2",
+            [COMPUTE_NODE, by_perl.as_str()],
+        )
+        .unwrap();
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("\"10.21.0.0/16\"", "\"10.21.3.0/24\"");
+    std::fs::write(&site.config, text).unwrap();
+
+    let out = cron(&site, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("is outside tgtipmask"), "{stdout}");
+    let mut expected = vec![
+        (kept.clone(), format!("{COMPUTE_NODE}:8888")),
+        (by_perl.clone(), format!("{COMPUTE_NODE}:9999")),
+    ];
+    expected.sort();
+    assert_eq!(routes_table(&site), expected);
+    assert_eq!(site.state_of(&by_perl).as_deref(), Some("proxied"));
+    assert_eq!(site.state_of(&narrowed).as_deref(), Some("mapped"));
+
+    // Nothing left to repair: a second run changes nothing and says nothing
+    // but the refusal.
+    let again = cron(&site, &[]);
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(!stdout.contains("published"), "{stdout}");
+    assert_eq!(routes_table(&site), expected);
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use support::apache::{Apache, Routing, Running, DOMAIN};
-use support::backend::free_port;
+use support::backend::ReservedPort;
 use support::client::Request;
 use support::repo_root;
 use support::webdriver::Browser;
@@ -132,13 +132,60 @@ fn manage(apache: &Apache, from: &str, request: Request) -> String {
     r.text()
 }
 
-/// What the site's Slurm pusher does: the job's state to update-jobs.
-fn push_job_state(apache: &Apache, state: &str) {
-    let body = format!("jobstates=\n{JOB_ID} {state}\n").into_bytes();
+/// What the broker's job-state pusher does: job `id` in `state` to
+/// update-jobs, in the extended form (reason, start, time limit).
+fn push_job(apache: &Apache, id: &str, state: &str, reason: &str, start_in: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let line = format!("{id} {state} {reason} {} 3600 - - -\n", now + start_in);
+    let encoded: String = line
+        .bytes()
+        .map(|c| match c {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (c as char).to_string(),
+            _ => format!("%{c:02X}"),
+        })
+        .collect();
+    let body = format!("jobstates={encoded}&taken={now}").into_bytes();
     let request = Request::post(&apache.host_port("manage"), "/update-jobs.cgi", body)
         .header("Content-Type", "application/x-www-form-urlencoded");
     let text = manage(apache, "127.0.0.1", request);
     assert_eq!(text, "Successfully updated jobs! \n");
+}
+
+fn link_job(apache: &Apache, token: &str, id: &str) {
+    let linked = manage(
+        apache,
+        "127.0.0.1",
+        Request::get(
+            &apache.host_port("manage"),
+            &format!("/linktoken.cgi?token={token}&jobid={id}"),
+        ),
+    );
+    assert_eq!(linked, "Success! Token linked to jobid.\n");
+}
+
+/// The waiting page shows `name` in its job details (`#v-<name>`).
+fn detail(b: &Browser, name: &str) -> Result<String, String> {
+    let shown = b.eval(
+        "var e = document.getElementById('v-' + arguments[0]); return e && !e.hidden ? e.textContent : null;",
+        json!([name]),
+    )?;
+    shown
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no {name} shown"))
+}
+
+/// The page's title says `title` (final states set it).
+fn title_is(b: &Browser, title: &str) -> Result<(), String> {
+    let now = b.title();
+    if now == title {
+        Ok(())
+    } else {
+        Err(format!("title {now:?}, body {:?}", b.text("body")))
+    }
 }
 
 fn shots() -> PathBuf {
@@ -218,15 +265,7 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
 
     // galyleo on the login node: a token, then the job id.
     let token = apache.getlink();
-    let linked = manage(
-        &apache,
-        "127.0.0.1",
-        Request::get(
-            &apache.host_port("manage"),
-            &format!("/linktoken.cgi?token={token}&jobid={JOB_ID}"),
-        ),
-    );
-    assert_eq!(linked, "Success! Token linked to jobid.\n");
+    link_job(&apache, &token, JOB_ID);
     let jupyter_token = format!("e2e{}", std::process::id());
     let url = format!("{}/lab?token={jupyter_token}", apache.origin(&token));
 
@@ -251,9 +290,13 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
     );
     b.screenshot(&shots.join("01-pending.png"));
 
-    push_job_state(&apache, "PENDING");
-    b.wait_for("the queued state", STATE_WAIT, |b| {
-        status_is(b, "Your job is in the queue.")
+    push_job(&apache, JOB_ID, "PENDING", "Priority", 600);
+    b.wait_for("the queued state with the job's details", STATE_WAIT, |b| {
+        status_is(b, "Your job is in the queue.")?;
+        if detail(b, "id")? != JOB_ID || detail(b, "reason")? != "Priority" {
+            return Err("job id or reason".into());
+        }
+        detail(b, "eta")
     });
     b.screenshot(&shots.join("02-queued.png"));
     // A phone: nothing wider than the screen.
@@ -272,10 +315,16 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
     b.screenshot(&shots.join("02-queued-phone.png"));
     b.resize(800, 700);
 
-    push_job_state(&apache, "RUNNING");
-    b.wait_for("the starting state", STATE_WAIT, |b| {
-        status_is(b, "Your job is running and starting your application.")
-    });
+    push_job(&apache, JOB_ID, "RUNNING", "None", -5);
+    b.wait_for(
+        "the starting state with time run and left",
+        STATE_WAIT,
+        |b| {
+            status_is(b, "Your job is running and starting your application.")?;
+            detail(b, "since")?;
+            detail(b, "left")
+        },
+    );
     let current = b.eval(
         "return document.querySelector('#steps li[aria-current=step]').dataset.step;",
         json!([]),
@@ -285,7 +334,8 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
 
     // The job redeems before Jupyter listens (as galyleo does): the page
     // reloads into the retry page, which keeps trying.
-    let port = free_port(COMPUTE_NODE);
+    let reserved = ReservedPort::on(COMPUTE_NODE);
+    let port = reserved.port;
     apache.redeem_ok(&token, COMPUTE_NODE, port);
     b.wait_for("the retry page", STATE_WAIT, |b| {
         let title = b.title();
@@ -298,6 +348,9 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
     assert_eq!(b.url(), url, "the reload must keep the URL and its query");
     b.screenshot(&shots.join("04-retry.png"));
 
+    // Jupyter binds the port itself: the reservation ends just before, and
+    // with --port-retries=0 a port taken in between fails loudly.
+    drop(reserved);
     let mut jupyter = start_jupyterlab(work.path(), port, &jupyter_token);
     b.wait_for("JupyterLab, by itself", LAB_WAIT, |b| {
         if let Ok(Some(status)) = jupyter.0.try_wait() {
@@ -393,17 +446,29 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    apache.destroy_ok(&token, COMPUTE_NODE);
-    push_job_state(&apache, "COMPLETED");
+    // The job ends (its script returns); the scheduler says so, which ends
+    // the session and drops its route.
+    push_job(&apache, JOB_ID, "COMPLETED", "None", -60);
     b.goto(&url);
     b.wait_for("the ended page", STATE_WAIT, |b| {
-        let title = b.title();
-        if title == "This session has ended." || title == "This link has expired or is unknown." {
-            Ok(title)
-        } else {
-            Err(format!("title {title:?}, body {:?}", b.text("body")))
-        }
+        title_is(b, "This session has ended.")?;
+        detail(b, "ended")
     });
     b.screenshot(&shots.join("08-ended.png"));
+
+    // A link nobody issued, and a job that died before it redeemed.
+    b.goto(&format!("{}/lab", apache.origin("no-such-token-here")));
+    b.wait_for("the unknown-link page", STATE_WAIT, |b| {
+        title_is(b, "This link has expired or is unknown.")
+    });
+    b.screenshot(&shots.join("09-unknown.png"));
+    let failed = apache.getlink();
+    link_job(&apache, &failed, "4343");
+    push_job(&apache, "4343", "FAILED", "NonZeroExitCode", -30);
+    b.goto(&apache.origin(&failed));
+    b.wait_for("the failed-to-start page", STATE_WAIT, |b| {
+        title_is(b, "The job failed to start.")
+    });
+    b.screenshot(&shots.join("10-failed.png"));
     eprintln!("browser path done in {:?}", started.elapsed());
 }

@@ -43,31 +43,32 @@ struct Serve {
 
 impl Serve {
     fn start(site: &Site) -> Serve {
-        Self::start_command(site, |port| {
-            let mut command = Command::new(program("satellite"));
-            command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
-            command
-        })
+        let mut command = Command::new(program("satellite"));
+        command.args(["serve", "--listen", "127.0.0.1:0"]);
+        Self::start_command(site, command)
     }
 
-    /// Starts what `command(port)` builds and waits until it listens.
-    fn start_command(site: &Site, command: impl FnOnce(u16) -> Command) -> Serve {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = command(port)
+    /// Starts `command`, a serve told to listen on port 0, and learns the
+    /// port the system gave it from what it says once it listens: no port
+    /// is chosen first and bound later, so none can be lost to another
+    /// process in between.
+    fn start_command(site: &Site, mut command: Command) -> Serve {
+        let mut child = command
             .env("SATELLITE_CONFIG", &site.config)
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        match satellite_demo::serve_child::listening_addr(&mut child) {
+            Ok(addr) => Serve {
+                child,
+                port: addr.port(),
+            },
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{err:#}");
+            }
         }
-        Serve { child, port }
     }
 
     /// One request over HTTP/1.1; returns status, headers and body.
@@ -643,14 +644,12 @@ fn oversized_headers_do_not_take_serve_down() {
 fn running_out_of_file_descriptors_does_not_stop_serve_for_good() {
     let site = Site::new();
     // A low descriptor limit, so a burst of connections makes accept fail.
-    let serve = Serve::start_command(&site, |port| {
-        let mut command = Command::new("sh");
-        command.arg("-c").arg(format!(
-            "ulimit -n 48 && exec {} serve --listen 127.0.0.1:{port}",
-            program("satellite")
-        ));
-        command
-    });
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(format!(
+        "ulimit -n 48 && exec {} serve --listen 127.0.0.1:0",
+        program("satellite")
+    ));
+    let serve = Serve::start_command(&site, command);
     let port = serve.port;
     let burst: Vec<TcpStream> = (0..100)
         .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())

@@ -71,13 +71,6 @@ fn the_pages_content_security_policy_allows_exactly_their_own_script_and_style()
     }
 }
 
-#[test]
-fn the_index_program_shows_the_same_waiting_page_apache_serves() {
-    let asset = std::fs::read(repo_root().join("crates/core/assets/waiting.html")).unwrap();
-    let page = std::fs::read(repo_root().join("html/satellite/waiting.html")).unwrap();
-    assert!(asset == page, "crates/core/assets/waiting.html differs");
-}
-
 fn headers_named<'a>(r: &'a Response, name: &str) -> Vec<&'a str> {
     r.headers
         .iter()

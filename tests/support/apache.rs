@@ -19,7 +19,7 @@ use std::process::{Child, Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use satellite::private_apache::{
+use satellite_demo::private_apache::{
     children_of, make_certificate, ApacheInstall, Certificate, PrivateApache, Site, SiteConf,
 };
 
@@ -47,30 +47,22 @@ pub const SATELLITE: &str = env!("CARGO_BIN_EXE_satellite");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Routing {
+    /// Routes in the database's `routes` table, read by a `dbd:` RewriteMap.
     Map,
-    /// Map routing with `map_format = "dbm"` (httxt2dbm).
-    MapDbm,
     Vhost,
 }
 
 impl Routing {
     pub fn as_str(self) -> &'static str {
         match self {
-            Routing::Map | Routing::MapDbm => "map",
+            Routing::Map => "map",
             Routing::Vhost => "vhost",
-        }
-    }
-
-    pub fn map_format(self) -> &'static str {
-        match self {
-            Routing::MapDbm => "dbm",
-            Routing::Map | Routing::Vhost => "txt",
         }
     }
 
     /// Routes are live the moment redeem answers.
     pub fn is_map(self) -> bool {
-        matches!(self, Routing::Map | Routing::MapDbm)
+        self == Routing::Map
     }
 }
 
@@ -224,11 +216,6 @@ impl Apache {
         self.path("dynconf/proxyconf.conf")
     }
 
-    /// dynconf/routes.map (map routing).
-    pub fn map_file(&self) -> PathBuf {
-        self.path("dynconf/routes.map")
-    }
-
     fn install(&self) {
         let root = self.root();
         for sub in ["cgi", "etc", "var", "dynconf", "html", "logs"] {
@@ -247,18 +234,8 @@ impl Apache {
         run(Command::new(SATELLITE)
             .args(["migrate", "--config"])
             .arg(self.config_file()));
-        // The lock files every writer opens, and the map Apache reads from
-        // the start (an install creates them).
-        for lock in [".satellite.lock", ".routes.map.lock"] {
-            fs::write(root.join("dynconf").join(lock), "").unwrap();
-        }
-        if self.routing.is_map() && !self.map_file().exists() {
-            fs::write(self.map_file(), "").unwrap();
-        }
-        if self.routing == Routing::MapDbm {
-            // Builds routes.map.db, which Apache opens from the start.
-            run(Command::new(CRON).env("SATELLITE_CONFIG", self.config_file()));
-        }
+        // cron's lock file (an install creates it).
+        fs::write(root.join("dynconf/.satellite.lock"), "").unwrap();
         if self.as_root {
             let nobody = nix::unistd::User::from_name("nobody")
                 .unwrap()
@@ -293,7 +270,6 @@ impl Apache {
             ("listenport".into(), self.port.max(1).to_string()),
             ("syslog_socket".into(), quote("")),
             ("routing".into(), quote(self.routing.as_str())),
-            ("map_format".into(), quote(self.routing.map_format())),
             (
                 "apache_configtest".into(),
                 list(&self.configtest_command(None)),
@@ -341,11 +317,6 @@ impl Apache {
                 satellite_core::config::Routing::Map
             } else {
                 satellite_core::config::Routing::Vhost
-            },
-            map_format: if self.routing == Routing::MapDbm {
-                satellite_core::config::MapFormat::Dbm
-            } else {
-                satellite_core::config::MapFormat::Txt
             },
             conf: SiteConf::Directory(repo_root().join("httpd-conf")),
         };

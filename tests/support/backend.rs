@@ -56,23 +56,41 @@ pub fn answer_body(name: &str, method: &str, target: &str) -> String {
     format!("backend {name} answers {method} {target}\n")
 }
 
-/// A port that was free on `ip` a moment ago, for a backend that will
-/// start later.
-pub fn free_port(ip: &str) -> u16 {
-    let listener = TcpListener::bind((ip, 0)).unwrap();
-    listener.local_addr().unwrap().port()
+/// A port on an address, bound but not listening: connections to it are
+/// refused, as to a notebook that has not started yet, and no other process
+/// can take it before the backend starts on it ([`ReservedPort::listen`]).
+pub struct ReservedPort {
+    socket: socket2::Socket,
+    pub port: u16,
+}
+
+impl ReservedPort {
+    pub fn on(ip: &str) -> ReservedPort {
+        use socket2::{Domain, Socket, Type};
+        let addr = SocketAddr::new(ip.parse().unwrap(), 0);
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        socket.bind(&addr.into()).unwrap();
+        let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+        ReservedPort { socket, port }
+    }
+
+    /// The backend, answering on the reserved port from now on.
+    pub fn listen(self, name: &str) -> Backend {
+        self.socket.listen(128).unwrap();
+        Backend::on_listener(name, self.socket.into())
+    }
 }
 
 impl Backend {
     /// Listens on `ip` at a port the system picks.
     pub fn start(name: &str, ip: &str) -> Backend {
-        Self::start_on(name, ip, 0)
+        let listener = TcpListener::bind((ip, 0))
+            .unwrap_or_else(|e| panic!("backend {name} cannot listen on {ip}: {e}"));
+        Self::on_listener(name, listener)
     }
 
-    /// Listens on `ip:port`.
-    pub fn start_on(name: &str, ip: &str, port: u16) -> Backend {
-        let listener = TcpListener::bind((ip, port))
-            .unwrap_or_else(|e| panic!("backend {name} cannot listen on {ip}:{port}: {e}"));
+    /// Answers on a socket that listens already.
+    pub fn on_listener(name: &str, listener: TcpListener) -> Backend {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));

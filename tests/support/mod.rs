@@ -356,4 +356,5 @@ impl Answer {
 pub mod apache;
 pub mod backend;
 pub mod client;
+pub mod slurm;
 pub mod webdriver;

@@ -27,9 +27,9 @@ pub struct CgiRequest {
 
 #[derive(Debug)]
 pub enum CgiError {
-    /// `REQUEST_METHOD` is not set: the program was not started by a web
-    /// server.
-    NotCgi,
+    /// `REQUEST_METHOD` is not set although a web server started the
+    /// program: the server broke RFC 3875.
+    NoMethod,
     /// `REQUEST_METHOD` is not an HTTP token.
     BadMethod,
     BadContentLength,
@@ -45,9 +45,7 @@ pub enum CgiError {
 impl std::fmt::Display for CgiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CgiError::NotCgi => f.write_str(
-                "REQUEST_METHOD is not set: this is a CGI program, to be run by a web server",
-            ),
+            CgiError::NoMethod => f.write_str("REQUEST_METHOD is not set"),
             CgiError::BadMethod => f.write_str("REQUEST_METHOD is not an HTTP method"),
             CgiError::BadContentLength => f.write_str("CONTENT_LENGTH is not a number"),
             CgiError::UriTooLong => f.write_str("the request target is too long"),
@@ -59,6 +57,15 @@ impl std::fmt::Display for CgiError {
 
 impl std::error::Error for CgiError {}
 
+/// Whether a web server started this process. RFC 3875 (4.1.4) has the
+/// server set `GATEWAY_INTERFACE` for every request, and no login shell
+/// sets it: a program that finds it missing was run by hand and should say
+/// what it is rather than answer a request nobody sent (or complain about a
+/// configuration it does not need yet).
+pub fn started_by_web_server() -> bool {
+    std::env::var_os("GATEWAY_INTERFACE").is_some()
+}
+
 /// Builds the request from meta-variables (`std::env::vars_os()` in a real
 /// CGI process) and the body from `stdin`, reading at most `max_body` bytes.
 pub fn read_request<I, R>(vars: I, stdin: R, max_body: usize) -> Result<CgiRequest, CgiError>
@@ -66,77 +73,121 @@ where
     I: IntoIterator<Item = (OsString, OsString)>,
     R: Read,
 {
-    let mut method = None;
-    let mut query = Vec::new();
-    let mut script_name = Vec::new();
-    let mut path_info = Vec::new();
-    let mut content_length = None;
-    let mut version = Version::HTTP_11;
-    let mut remote_addr = None;
-    let mut headers = http::HeaderMap::new();
+    let meta = MetaVariables::gather(vars);
+    let method = meta.method.ok_or(CgiError::NoMethod)?;
+    let method = Method::from_bytes(&method).map_err(|_| CgiError::BadMethod)?;
+    let length = content_length(meta.content_length.as_deref())?;
+    let body = read_body(stdin, length, max_body)?;
+    let mut headers = meta.headers;
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
 
-    for (name, value) in vars {
-        let (name, value) = (name.as_bytes(), value.as_bytes());
+    let mut path = meta.script_name;
+    path.extend_from_slice(&meta.path_info);
+    let uri = request_uri(&path, &meta.query).ok_or(CgiError::UriTooLong)?;
+
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = meta.version;
+    *request.headers_mut() = headers;
+    Ok(CgiRequest {
+        request,
+        remote_addr: meta.remote_addr,
+    })
+}
+
+/// The meta-variables a request is made of, as raw bytes where they still
+/// need checking.
+#[derive(Default)]
+struct MetaVariables {
+    method: Option<Vec<u8>>,
+    query: Vec<u8>,
+    script_name: Vec<u8>,
+    path_info: Vec<u8>,
+    content_length: Option<Vec<u8>>,
+    version: Version,
+    remote_addr: Option<IpAddr>,
+    headers: http::HeaderMap,
+}
+
+impl MetaVariables {
+    fn gather(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Self {
+        let mut meta = MetaVariables::default();
+        for (name, value) in vars {
+            meta.take(name.as_bytes(), value.as_bytes());
+        }
+        meta
+    }
+
+    fn take(&mut self, name: &[u8], value: &[u8]) {
         match name {
-            b"REQUEST_METHOD" => method = Some(value.to_vec()),
-            b"QUERY_STRING" => query = value.to_vec(),
-            b"SCRIPT_NAME" => script_name = value.to_vec(),
-            b"PATH_INFO" => path_info = value.to_vec(),
-            b"CONTENT_LENGTH" => content_length = Some(value.to_vec()),
+            b"REQUEST_METHOD" => self.method = Some(value.to_vec()),
+            b"QUERY_STRING" => self.query = value.to_vec(),
+            b"SCRIPT_NAME" => self.script_name = value.to_vec(),
+            b"PATH_INFO" => self.path_info = value.to_vec(),
+            b"CONTENT_LENGTH" => self.content_length = Some(value.to_vec()),
             b"CONTENT_TYPE" => {
                 if let Ok(v) = HeaderValue::from_bytes(value) {
-                    headers.insert(CONTENT_TYPE, v);
+                    self.headers.insert(CONTENT_TYPE, v);
                 }
             }
-            b"SERVER_PROTOCOL" => {
-                version = match value {
-                    b"HTTP/0.9" => Version::HTTP_09,
-                    b"HTTP/1.0" => Version::HTTP_10,
-                    b"HTTP/2" | b"HTTP/2.0" => Version::HTTP_2,
-                    b"HTTP/3" | b"HTTP/3.0" => Version::HTTP_3,
-                    // Unknown protocols (INCLUDED, junk) are answered as 1.1.
-                    _ => Version::HTTP_11,
-                }
-            }
+            b"SERVER_PROTOCOL" => self.version = protocol_version(value),
             b"REMOTE_ADDR" => {
-                remote_addr = std::str::from_utf8(value)
+                self.remote_addr = std::str::from_utf8(value)
                     .ok()
                     .and_then(|v| v.trim().parse::<IpAddr>().ok())
             }
             _ => {
-                if let Some(header) = name.strip_prefix(b"HTTP_") {
-                    let header: Vec<u8> = header
-                        .iter()
-                        .map(|&b| {
-                            if b == b'_' {
-                                b'-'
-                            } else {
-                                b.to_ascii_lowercase()
-                            }
-                        })
-                        .collect();
-                    // Headers that are not valid HTTP are dropped, not fatal.
-                    if let (Ok(n), Ok(v)) = (
-                        HeaderName::from_bytes(&header),
-                        HeaderValue::from_bytes(value),
-                    ) {
-                        headers.append(n, v);
-                    }
+                // Headers that are not valid HTTP are dropped, not fatal.
+                if let Some((name, value)) = client_header(name, value) {
+                    self.headers.append(name, value);
                 }
             }
         }
     }
+}
 
-    let method = method.ok_or(CgiError::NotCgi)?;
-    let method = Method::from_bytes(&method).map_err(|_| CgiError::BadMethod)?;
+/// Unknown protocols (`INCLUDED`, junk) are answered as HTTP/1.1.
+fn protocol_version(value: &[u8]) -> Version {
+    match value {
+        b"HTTP/0.9" => Version::HTTP_09,
+        b"HTTP/1.0" => Version::HTTP_10,
+        b"HTTP/2" | b"HTTP/2.0" => Version::HTTP_2,
+        b"HTTP/3" | b"HTTP/3.0" => Version::HTTP_3,
+        _ => Version::HTTP_11,
+    }
+}
 
-    let length = match content_length.as_deref() {
-        None | Some(b"") => 0,
+/// `HTTP_X_FORWARDED_FOR` → `x-forwarded-for`; `None` for any other
+/// meta-variable and for a name or value that is not valid HTTP.
+fn client_header(name: &[u8], value: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+    let header: Vec<u8> = name
+        .strip_prefix(b"HTTP_")?
+        .iter()
+        .map(|&b| match b {
+            b'_' => b'-',
+            _ => b.to_ascii_lowercase(),
+        })
+        .collect();
+    Some((
+        HeaderName::from_bytes(&header).ok()?,
+        HeaderValue::from_bytes(value).ok()?,
+    ))
+}
+
+fn content_length(raw: Option<&[u8]>) -> Result<u64, CgiError> {
+    match raw {
+        None | Some(b"") => Ok(0),
         Some(raw) => std::str::from_utf8(raw)
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or(CgiError::BadContentLength)?,
-    };
+            .ok_or(CgiError::BadContentLength),
+    }
+}
+
+/// Exactly `length` bytes of `stdin`, refused before reading when the
+/// length is over `max_body`.
+fn read_body(stdin: impl Read, length: u64, max_body: usize) -> Result<Vec<u8>, CgiError> {
     if length > max_body as u64 {
         return Err(CgiError::BodyTooLarge { limit: max_body });
     }
@@ -151,23 +202,7 @@ where
             format!("announced {length} bytes, got {}", body.len()),
         )));
     }
-    if let Ok(v) = HeaderValue::from_str(&length.to_string()) {
-        headers.insert(CONTENT_LENGTH, v);
-    }
-
-    let mut path = script_name;
-    path.extend_from_slice(&path_info);
-    let uri = request_uri(&path, &query).ok_or(CgiError::UriTooLong)?;
-
-    let mut request = Request::new(body);
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
-    *request.headers_mut() = headers;
-    Ok(CgiRequest {
-        request,
-        remote_addr,
-    })
+    Ok(body)
 }
 
 /// The request target from a raw path and query, every byte a URI may not
@@ -299,10 +334,10 @@ mod tests {
     }
 
     #[test]
-    fn not_started_by_a_web_server() {
+    fn a_request_without_a_method_is_refused() {
         assert!(matches!(
             read_request(env(&[]), io::empty(), 8),
-            Err(CgiError::NotCgi)
+            Err(CgiError::NoMethod)
         ));
     }
 

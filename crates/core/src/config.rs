@@ -27,54 +27,29 @@ pub enum Routing {
     Vhost,
 }
 
+/// Whether a session must come from its own batch job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum MapFormat {
-    Txt,
-    Dbm,
+pub enum JobBinding {
+    /// Tokens are bound to nothing but their TTL, as the original.
+    Off,
+    /// Mismatches are logged; nothing is refused or ended.
+    Warn,
+    /// A redeem that does not come from its linked job's node, or a job run
+    /// by a denied user, is refused or its session ended.
+    Enforce,
 }
 
-/// The file as written: every key optional, unknown keys refused so that a
-/// typo is an error instead of a silently ignored setting.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    extbasename: Option<String>,
-    tgtipmask: Option<Vec<String>>,
-    jobstateipmask: Option<Vec<String>>,
-    ttl_secs: Option<i64>,
-    extport: Option<u16>,
-    listenport: Option<u16>,
-    dbfile: Option<PathBuf>,
-    httpdstubfile: Option<PathBuf>,
-    htmldir: Option<PathBuf>,
-    wordlist: Option<PathBuf>,
-    words_per_token: Option<usize>,
-    job_wait_state_codes: Option<Vec<String>>,
-    job_run_state_codes: Option<Vec<String>>,
-    job_gone_state_codes: Option<Vec<String>>,
-    legacy_status_200: Option<bool>,
-    max_body_bytes: Option<usize>,
-    busy_timeout_ms: Option<u64>,
-    syslog_socket: Option<PathBuf>,
-    routing: Option<Routing>,
-    mapfile: Option<PathBuf>,
-    map_format: Option<MapFormat>,
-    apache_configtest: Option<Vec<String>>,
-    apache_reload: Option<Vec<String>>,
-    apache_pidfile: Option<PathBuf>,
-    preserve_host: Option<bool>,
-    lockfile: Option<PathBuf>,
-    serve_listen: Option<String>,
-    serve_workers: Option<usize>,
-    trusted_proxies: Option<Vec<String>>,
-    client_addr_header: Option<String>,
-}
-
-/// The resolved configuration every program works from.
-#[derive(Clone, Debug)]
+/// The resolved configuration every program works from. The file is read
+/// straight into it: every key may be left out (its default is in
+/// [`Config::file_defaults`]), unknown keys are refused so that a typo is an
+/// error instead of a silently ignored setting, and after the environment
+/// overrides, relative paths are resolved and every value is checked.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default = "Config::file_defaults")]
 pub struct Config {
     /// Where the settings came from (for messages), if from a file.
+    #[serde(skip)]
     pub source: Option<PathBuf>,
     pub extbasename: String,
     pub tgtipmask: IpMaskList,
@@ -96,17 +71,31 @@ pub struct Config {
     /// Empty path: do not log to syslog.
     pub syslog_socket: PathBuf,
     pub routing: Routing,
-    pub mapfile: PathBuf,
-    pub map_format: MapFormat,
+    /// Obsolete since map routing reads routes from the database: accepted
+    /// and ignored so that an older `satellite.toml` still loads (`check`
+    /// says so).
+    #[serde(rename = "mapfile")]
+    pub obsolete_mapfile: Option<PathBuf>,
+    #[serde(rename = "map_format")]
+    pub obsolete_map_format: Option<String>,
     pub apache_configtest: Vec<String>,
     pub apache_reload: Option<Vec<String>>,
     pub apache_pidfile: PathBuf,
     pub preserve_host: bool,
+    /// Left out (or empty): `.satellite.lock` beside `httpdstubfile`.
     pub lockfile: PathBuf,
     pub serve_listen: String,
     pub serve_workers: usize,
     pub trusted_proxies: IpMaskList,
     pub client_addr_header: String,
+    pub job_binding: JobBinding,
+    /// Compute node name → addresses, for sites whose node names do not
+    /// resolve on the proxy host (or resolve to another interface).
+    pub node_addresses: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Users whose jobs may never be proxied (besides uids below
+    /// `job_uid_min`).
+    pub job_user_deny: Vec<String>,
+    pub job_uid_min: u32,
 }
 
 pub const DEFAULT_TTL_SECS: i64 = 176_400;
@@ -131,8 +120,16 @@ pub fn default_gone_codes() -> Vec<String> {
     )
 }
 
+fn loopback() -> IpMaskList {
+    IpMaskList::parse(&["127.0.0.0/8", "::1/128"]).expect("constant CIDR blocks parse")
+}
+
 impl Config {
     /// Finds and loads the configuration of the running program.
+    ///
+    /// # Errors
+    /// As [`Config::load_file`], and when the running program cannot be
+    /// located.
     pub fn load() -> Result<Self> {
         let path = Self::locate()?;
         Self::load_file(&path)
@@ -140,6 +137,9 @@ impl Config {
 
     /// `$SATELLITE_CONFIG`, else `../etc/satellite.toml` beside the binary's
     /// real (symlink-resolved) path.
+    ///
+    /// # Errors
+    /// [`CoreError::Io`] when the running program cannot be located.
     pub fn locate() -> Result<PathBuf> {
         if let Some(path) = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()) {
             return Ok(PathBuf::from(path));
@@ -151,154 +151,224 @@ impl Config {
         Ok(bin_dir.join("..").join("etc").join("satellite.toml"))
     }
 
+    /// Reads `path` with the process's `SAT_CONFIG_*` overrides.
+    ///
+    /// # Errors
+    /// [`CoreError::Config`], naming `path`, when the file cannot be read or
+    /// a value is refused.
     pub fn load_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|err| CoreError::Config {
+        let refused = |message: String| CoreError::Config {
             path: path.to_owned(),
-            message: err.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|err| refused(err.to_string()))?;
+        // Relative paths in the file must come out absolute even when the
+        // file was named by a relative path: Apache and the programs run
+        // from other directories.
+        let absolute = std::path::absolute(path).map_err(|err| refused(err.to_string()))?;
+        let base = absolute.parent().unwrap_or(Path::new("/"));
         let overrides = EnvOverrides::from_process();
-        Self::from_toml(&text, base, &overrides)
-            .map(|mut config| {
-                config.source = Some(path.to_owned());
-                config
-            })
-            .map_err(|err| match err {
-                CoreError::ConfigValue(message) => CoreError::Config {
-                    path: path.to_owned(),
-                    message,
-                },
-                other => other,
-            })
+        let mut config = Self::from_toml(&text, base, &overrides).map_err(|err| match err {
+            CoreError::ConfigValue(message) => refused(message),
+            other => other,
+        })?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Builds a configuration from TOML text; relative paths resolve
     /// against `base`.
+    ///
+    /// # Errors
+    /// [`CoreError::ConfigValue`] for text that is not TOML, an unknown key,
+    /// or a value that is refused.
     pub fn from_toml(text: &str, base: &Path, env: &EnvOverrides) -> Result<Self> {
-        let mut raw: RawConfig =
+        let mut config: Config =
             toml::from_str(text).map_err(|err| CoreError::ConfigValue(err.to_string()))?;
-        env.apply(&mut raw)?;
-        Self::resolve(raw, base)
+        env.apply(&mut config)?;
+        config.extbasename = config.extbasename.to_ascii_lowercase();
+        config.resolve_paths(base);
+        config.check_names()?;
+        config.check_numbers()?;
+        config.check_commands()?;
+        config.check_apache_values()?;
+        Ok(config)
     }
 
-    fn resolve(raw: RawConfig, base: &Path) -> Result<Self> {
-        let bad = |msg: String| CoreError::ConfigValue(msg);
-        let path = |p: Option<PathBuf>, default: &str| -> PathBuf {
-            let p = p.unwrap_or_else(|| PathBuf::from(default));
-            if p.as_os_str().is_empty() || p.is_absolute() {
-                p
-            } else {
-                normalize(&base.join(p))
+    /// What a key left out of the file means. Paths are relative to the
+    /// file's directory, as in the install tree `satellite init` makes.
+    fn file_defaults() -> Self {
+        Config {
+            source: None,
+            extbasename: "localhost".into(),
+            tgtipmask: loopback(),
+            jobstateipmask: loopback(),
+            ttl_secs: DEFAULT_TTL_SECS,
+            extport: 443,
+            listenport: 443,
+            dbfile: "../var/state.sqlite".into(),
+            httpdstubfile: "../dynconf/proxyconf.conf".into(),
+            htmldir: "../html".into(),
+            wordlist: "../var/eff_large_wordlist.txt".into(),
+            words_per_token: 3,
+            job_wait_state_codes: default_wait_codes(),
+            job_run_state_codes: default_run_codes(),
+            job_gone_state_codes: default_gone_codes(),
+            legacy_status_200: false,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            busy_timeout_ms: 5000,
+            syslog_socket: "/dev/log".into(),
+            routing: Routing::Map,
+            obsolete_mapfile: None,
+            obsolete_map_format: None,
+            apache_configtest: vec!["/usr/sbin/apachectl".into(), "-t".into()],
+            apache_reload: None,
+            apache_pidfile: "/var/run/apache2/apache2.pid".into(),
+            preserve_host: false,
+            lockfile: PathBuf::new(),
+            serve_listen: "127.0.0.1:8080".into(),
+            serve_workers: 8,
+            trusted_proxies: IpMaskList::parse::<&str>(&[]).expect("an empty list parses"),
+            client_addr_header: "X-Satellite-Client-Addr".into(),
+            job_binding: JobBinding::Warn,
+            node_addresses: std::collections::BTreeMap::new(),
+            job_user_deny: vec!["root".into()],
+            job_uid_min: 1000,
+        }
+    }
+
+    /// Relative paths against `base`; the lock beside the Apache include
+    /// unless named.
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if !path.as_os_str().is_empty() && !path.is_absolute() {
+                *path = normalize(&base.join(&path));
             }
         };
-
-        let extbasename = raw
-            .extbasename
-            .unwrap_or_else(|| "localhost".to_owned())
-            .to_ascii_lowercase();
-        if !is_valid_hostname(&extbasename) {
-            return Err(bad(format!(
-                "extbasename `{extbasename}` is not a host name (letters, digits, `-`, dots)"
-            )));
+        for path in [
+            &mut self.dbfile,
+            &mut self.httpdstubfile,
+            &mut self.htmldir,
+            &mut self.wordlist,
+            &mut self.syslog_socket,
+            &mut self.apache_pidfile,
+            &mut self.lockfile,
+        ] {
+            resolve(path);
         }
-        let masks = |key: &str, list: Option<Vec<String>>| -> Result<IpMaskList> {
-            let list = list.unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]);
-            IpMaskList::parse(&list).map_err(|msg| bad(format!("{key}: {msg}")))
-        };
-        let tgtipmask = masks("tgtipmask", raw.tgtipmask)?;
-        let jobstateipmask = masks("jobstateipmask", raw.jobstateipmask)?;
-        let trusted_proxies = IpMaskList::parse(&raw.trusted_proxies.unwrap_or_default())
-            .map_err(|msg| bad(format!("trusted_proxies: {msg}")))?;
-
-        let ttl_secs = raw.ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
-        if ttl_secs <= 0 {
-            return Err(bad(format!("ttl_secs must be positive, not {ttl_secs}")));
+        let dynconf = self
+            .httpdstubfile
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        if self.lockfile.as_os_str().is_empty() {
+            self.lockfile = dynconf.join(".satellite.lock");
         }
-        let extport = raw.extport.unwrap_or(443);
-        let listenport = raw.listenport.unwrap_or(443);
-        if extport == 0 || listenport == 0 {
-            return Err(bad("extport and listenport must be 1-65535".into()));
-        }
-        let words_per_token = raw.words_per_token.unwrap_or(3);
-        if !(2..=6).contains(&words_per_token) {
-            return Err(bad(format!(
-                "words_per_token must be 2 to 6 (a token must fit a {MAX_LABEL_LEN}-character DNS label), not {words_per_token}"
-            )));
-        }
-        let httpdstubfile = path(raw.httpdstubfile, "../dynconf/proxyconf.conf");
-        let mapfile = match raw.mapfile {
-            Some(p) => path(Some(p), ""),
-            None => httpdstubfile
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("routes.map"),
-        };
-        let lockfile = match raw.lockfile {
-            Some(p) => path(Some(p), ""),
-            None => httpdstubfile
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(".satellite.lock"),
-        };
-        let apache_configtest = raw
-            .apache_configtest
-            .unwrap_or_else(|| vec!["/usr/sbin/apachectl".into(), "-t".into()]);
-        if apache_configtest.is_empty() {
-            return Err(bad("apache_configtest must name a command".into()));
-        }
-        if raw.apache_reload.as_ref().is_some_and(Vec::is_empty) {
-            return Err(bad(
-                "apache_reload must name a command (or be left out)".into()
-            ));
-        }
-        let client_addr_header = raw
-            .client_addr_header
-            .unwrap_or_else(|| "X-Satellite-Client-Addr".into());
-        if http::HeaderName::from_bytes(client_addr_header.as_bytes()).is_err() {
-            return Err(bad(format!(
-                "client_addr_header `{client_addr_header}` is not a header name"
-            )));
-        }
-        let serve_workers = raw.serve_workers.unwrap_or(8);
-        if !(1..=1024).contains(&serve_workers) {
-            return Err(bad("serve_workers must be 1 to 1024".into()));
-        }
-
-        Ok(Config {
-            source: None,
-            extbasename,
-            tgtipmask,
-            jobstateipmask,
-            ttl_secs,
-            extport,
-            listenport,
-            dbfile: path(raw.dbfile, "../var/state.sqlite"),
-            httpdstubfile,
-            htmldir: path(raw.htmldir, "../html"),
-            wordlist: path(raw.wordlist, "../var/eff_large_wordlist.txt"),
-            words_per_token,
-            job_wait_state_codes: raw.job_wait_state_codes.unwrap_or_else(default_wait_codes),
-            job_run_state_codes: raw.job_run_state_codes.unwrap_or_else(default_run_codes),
-            job_gone_state_codes: raw.job_gone_state_codes.unwrap_or_else(default_gone_codes),
-            legacy_status_200: raw.legacy_status_200.unwrap_or(false),
-            max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
-            busy_timeout_ms: raw.busy_timeout_ms.unwrap_or(5000),
-            syslog_socket: path(raw.syslog_socket, "/dev/log"),
-            routing: raw.routing.unwrap_or(Routing::Map),
-            mapfile,
-            map_format: raw.map_format.unwrap_or(MapFormat::Txt),
-            apache_configtest,
-            apache_reload: raw.apache_reload,
-            apache_pidfile: path(raw.apache_pidfile, "/var/run/apache2/apache2.pid"),
-            preserve_host: raw.preserve_host.unwrap_or(false),
-            lockfile,
-            serve_listen: raw.serve_listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
-            serve_workers,
-            trusted_proxies,
-            client_addr_header,
-        })
     }
 
+    fn check_names(&self) -> Result<()> {
+        let extbasename = &self.extbasename;
+        if !is_valid_hostname(extbasename) {
+            return Err(refused(format!(
+                "extbasename `{}` is not a host name (letters, digits, `-`, dots)",
+                extbasename.escape_debug()
+            )));
+        }
+        let header = &self.client_addr_header;
+        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            return Err(refused(format!(
+                "client_addr_header `{}` is not a header name",
+                header.escape_debug()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_numbers(&self) -> Result<()> {
+        if self.ttl_secs <= 0 {
+            return Err(refused(format!(
+                "ttl_secs must be positive, not {}",
+                self.ttl_secs
+            )));
+        }
+        if self.extport == 0 || self.listenport == 0 {
+            return Err(refused("extport and listenport must be 1-65535".into()));
+        }
+        if !(2..=6).contains(&self.words_per_token) {
+            return Err(refused(format!(
+                "words_per_token must be 2 to 6 (a token must fit a {MAX_LABEL_LEN}-character DNS label), not {}",
+                self.words_per_token
+            )));
+        }
+        if !(1..=1024).contains(&self.serve_workers) {
+            return Err(refused("serve_workers must be 1 to 1024".into()));
+        }
+        Ok(())
+    }
+
+    fn check_commands(&self) -> Result<()> {
+        if self.apache_configtest.is_empty() {
+            return Err(refused("apache_configtest must name a command".into()));
+        }
+        if self.apache_reload.as_ref().is_some_and(Vec::is_empty) {
+            return Err(refused(
+                "apache_reload must name a command (or be left out)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The values cron and the admin command write into Apache's
+    /// configuration (the vhost renderer: `extbasename`, `listenport`,
+    /// `htmldir`) must not be able to end the quoted argument they are
+    /// written in, start a new line (a new directive), or mean something
+    /// else to Apache than to us. `extbasename` is a host name and the port
+    /// a number by now; the directory is checked here.
+    fn check_apache_values(&self) -> Result<()> {
+        apache_path("htmldir", &self.htmldir)
+    }
+}
+
+fn refused(message: String) -> CoreError {
+    CoreError::ConfigValue(message)
+}
+
+/// A directory Apache is given in a quoted argument: absolute (Apache would
+/// take a relative one against its ServerRoot), valid UTF-8 (the rendered
+/// text must be the path), and without what a quoted argument cannot hold
+/// or Apache would read specially: `"` and `\` end or escape the quoting,
+/// control characters (newlines above all) end the directive, and `${`
+/// starts one of Apache's variables.
+fn apache_path(key: &str, path: &Path) -> Result<()> {
+    let shown = path.display().to_string().escape_debug().to_string();
+    let Some(text) = path.to_str() else {
+        return Err(refused(format!("{key} `{shown}` is not valid UTF-8")));
+    };
+    if !path.is_absolute() {
+        return Err(refused(format!(
+            "{key} `{shown}` must be an absolute path (Apache would take it relative to its ServerRoot)"
+        )));
+    }
+    let what = if text.chars().any(char::is_control) {
+        Some("a control character (a newline ends an Apache directive)")
+    } else if text.contains('"') {
+        Some("`\"`")
+    } else if text.contains('\\') {
+        Some("`\\`")
+    } else if text.contains("${") {
+        Some("`${` (Apache would expand it as a variable)")
+    } else {
+        None
+    };
+    match what {
+        Some(what) => Err(refused(format!(
+            "{key} `{shown}` holds {what}, which cannot be written into Apache's configuration"
+        ))),
+        None => Ok(()),
+    }
+}
+
+impl Config {
     /// The origin a browser reports for pages of `alias`:
     /// `https://<alias>.<extbasename>` plus `:<extport>` when not 443.
     pub fn alias_origin(&self, alias: &str) -> String {
@@ -382,7 +452,7 @@ impl EnvOverrides {
         self
     }
 
-    fn apply(&self, raw: &mut RawConfig) -> Result<()> {
+    fn apply(&self, config: &mut Config) -> Result<()> {
         for (name, value) in &self.vars {
             let text = value
                 .to_str()
@@ -396,15 +466,19 @@ impl EnvOverrides {
                 u16::try_from(number("a port")?)
                     .map_err(|_| CoreError::ConfigValue(format!("{name}=`{text}` is not a port")))
             };
+            let masks = |key: &str| -> Result<IpMaskList> {
+                IpMaskList::parse_words(text)
+                    .map_err(|msg| CoreError::ConfigValue(format!("{key} ({name}): {msg}")))
+            };
             match *name {
-                "SAT_CONFIG_EXTBASENAME" => raw.extbasename = Some(text.trim().to_owned()),
-                "SAT_CONFIG_TGTIPMASK" => raw.tgtipmask = Some(words(text)),
-                "SAT_CONFIG_JOBSTATEIPMASK" => raw.jobstateipmask = Some(words(text)),
-                "SAT_CONFIG_EXTPORT" => raw.extport = Some(port()?),
-                "SAT_CONFIG_LISTENPORT" => raw.listenport = Some(port()?),
-                "SAT_CONFIG_TTL_SECS" => raw.ttl_secs = Some(number("a number of seconds")?),
-                "SAT_CONFIG_DBFILE" => raw.dbfile = Some(PathBuf::from(text)),
-                "SAT_CONFIG_HTTPDSTUBFILE" => raw.httpdstubfile = Some(PathBuf::from(text)),
+                "SAT_CONFIG_EXTBASENAME" => config.extbasename = text.trim().to_owned(),
+                "SAT_CONFIG_TGTIPMASK" => config.tgtipmask = masks("tgtipmask")?,
+                "SAT_CONFIG_JOBSTATEIPMASK" => config.jobstateipmask = masks("jobstateipmask")?,
+                "SAT_CONFIG_EXTPORT" => config.extport = port()?,
+                "SAT_CONFIG_LISTENPORT" => config.listenport = port()?,
+                "SAT_CONFIG_TTL_SECS" => config.ttl_secs = number("a number of seconds")?,
+                "SAT_CONFIG_DBFILE" => config.dbfile = PathBuf::from(text),
+                "SAT_CONFIG_HTTPDSTUBFILE" => config.httpdstubfile = PathBuf::from(text),
                 _ => unreachable!("only names from OVERRIDE_NAMES are collected"),
             }
         }
@@ -425,11 +499,8 @@ mod tests {
         let config = load("").unwrap();
         assert_eq!(config.ttl_secs, 176_400);
         assert_eq!(config.dbfile, Path::new("/srv/satellite/var/state.sqlite"));
-        assert_eq!(
-            config.mapfile,
-            Path::new("/srv/satellite/dynconf/routes.map")
-        );
         assert_eq!(config.routing, Routing::Map);
+        assert_eq!(config.job_binding, JobBinding::Warn);
         assert!(config
             .job_gone_state_codes
             .contains(&"OUT_OF_MEMORY".to_string()));
@@ -440,9 +511,18 @@ mod tests {
         let err = load(r#"tgtipmask = ["10.1.1.1/24"]"#)
             .unwrap_err()
             .to_string();
+        // toml shows the line, so the key is named where it is written.
         assert_eq!(
             err,
-            "configuration: tgtipmask: `10.1.1.1/24` has host bits set; did you mean `10.1.1.0/24`?"
+            "configuration: TOML parse error at line 1, column 13\n  |\n\
+             1 | tgtipmask = [\"10.1.1.1/24\"]\n  |             ^^^^^^^^^^^^^^^\n\
+             `10.1.1.1/24` has host bits set; did you mean `10.1.1.0/24`?\n"
+        );
+        let env = EnvOverrides::none().with("SAT_CONFIG_TGTIPMASK", "10.1.1.1/24");
+        let err = Config::from_toml("", Path::new("/etc"), &env).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "configuration: tgtipmask (SAT_CONFIG_TGTIPMASK): `10.1.1.1/24` has host bits set; did you mean `10.1.1.0/24`?"
         );
     }
 
@@ -473,5 +553,154 @@ mod tests {
     fn extbasename_must_be_a_host_name() {
         assert!(load(r#"extbasename = "evil.org\nInclude /etc/shadow""#).is_err());
         assert!(load(r#"extbasename = "*.org""#).is_err());
+    }
+
+    #[test]
+    fn values_written_into_apache_cannot_end_their_quotes_or_start_a_directive() {
+        let htmldir_holds = |value: &str, what: &str| {
+            format!(
+                "configuration: htmldir `{value}` holds {what}, which cannot be written into Apache's configuration"
+            )
+        };
+        let control = "a control character (a newline ends an Apache directive)";
+        // (the TOML text, the base it resolves against, the error or None)
+        let table: Vec<(&str, &str, Option<String>)> = vec![
+            (r#"htmldir = "/srv/html""#, "/etc", None),
+            (r#"htmldir = "/srv/my html""#, "/etc", None),
+            (r#"htmldir = "../html""#, "/srv/satellite/etc", None),
+            (
+                r#"htmldir = "/srv/html\"\nInclude /etc/shadow\n#""#,
+                "/etc",
+                Some(htmldir_holds(r#"/srv/html\"\nInclude /etc/shadow\n#"#, control)),
+            ),
+            (
+                r#"htmldir = "/srv/html\nInclude /etc/shadow""#,
+                "/etc",
+                Some(htmldir_holds(r"/srv/html\nInclude /etc/shadow", control)),
+            ),
+            (
+                r#"htmldir = "/srv/html\r</VirtualHost>""#,
+                "/etc",
+                Some(htmldir_holds(r"/srv/html\r</VirtualHost>", control)),
+            ),
+            (
+                r#"htmldir = "/srv/ht\tml""#,
+                "/etc",
+                Some(htmldir_holds(r"/srv/ht\tml", control)),
+            ),
+            (
+                r#"htmldir = "/srv/html\u0000""#,
+                "/etc",
+                Some(htmldir_holds(r"/srv/html\0", control)),
+            ),
+            (
+                r#"htmldir = "/srv/html\" \"/etc""#,
+                "/etc",
+                Some(htmldir_holds(r#"/srv/html\" \"/etc"#, "`\"`")),
+            ),
+            (
+                r#"htmldir = "/srv/html\\""#,
+                "/etc",
+                Some(htmldir_holds(r"/srv/html\\", "`\\`")),
+            ),
+            (
+                r#"htmldir = "/srv/${APACHE_RUN_DIR}/html""#,
+                "/etc",
+                Some(htmldir_holds(
+                    "/srv/${APACHE_RUN_DIR}/html",
+                    "`${` (Apache would expand it as a variable)",
+                )),
+            ),
+            (
+                r#"htmldir = "html""#,
+                "etc",
+                Some(
+                    "configuration: htmldir `etc/html` must be an absolute path (Apache would take it relative to its ServerRoot)"
+                        .to_owned(),
+                ),
+            ),
+            (
+                r#"extbasename = "evil.org\"\nInclude /etc/shadow\n#""#,
+                "/etc",
+                Some(
+                    r#"configuration: extbasename `evil.org\"\ninclude /etc/shadow\n#` is not a host name (letters, digits, `-`, dots)"#
+                        .to_owned(),
+                ),
+            ),
+            (
+                r#"extbasename = "evil.org example.org""#,
+                "/etc",
+                Some(
+                    "configuration: extbasename `evil.org example.org` is not a host name (letters, digits, `-`, dots)"
+                        .to_owned(),
+                ),
+            ),
+            (
+                "listenport = 0",
+                "/etc",
+                Some("configuration: extport and listenport must be 1-65535".to_owned()),
+            ),
+        ];
+        for (text, base, expected) in table {
+            let result = Config::from_toml(text, Path::new(base), &EnvOverrides::none());
+            match (result, expected) {
+                (Ok(_), None) => {}
+                (Err(err), Some(expected)) => assert_eq!(err.to_string(), expected, "{text}"),
+                (result, expected) => panic!("{text}: got {result:?}, expected {expected:?}"),
+            }
+        }
+        // A quoted port or a directive in a port is not a number at all.
+        assert!(load("listenport = \"443\\nInclude /etc/shadow\"").is_err());
+        let env = EnvOverrides::none().with("SAT_CONFIG_EXTBASENAME", "evil.org\nInclude x");
+        assert!(Config::from_toml("", Path::new("/etc"), &env).is_err());
+    }
+
+    #[test]
+    fn a_file_named_by_a_relative_path_still_gives_absolute_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(dir.path().join("etc/satellite.toml"), "").unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let relative = pathdiff(dir.path(), &cwd).join("etc/satellite.toml");
+        assert!(relative.is_relative());
+        let config = Config::load_file(&relative).unwrap();
+        assert_eq!(config.htmldir, dir.path().join("html"));
+        assert_eq!(config.dbfile, dir.path().join("var/state.sqlite"));
+        assert_eq!(config.lockfile, dir.path().join("dynconf/.satellite.lock"));
+    }
+
+    /// `to` relative to `from` (both absolute), by `..` steps.
+    fn pathdiff(to: &Path, from: &Path) -> PathBuf {
+        let to: Vec<_> = to.components().collect();
+        let from: Vec<_> = from.components().collect();
+        let common = to.iter().zip(&from).take_while(|(a, b)| a == b).count();
+        let mut out = PathBuf::new();
+        for _ in common..from.len() {
+            out.push("..");
+        }
+        for part in &to[common..] {
+            out.push(part);
+        }
+        out
+    }
+
+    #[test]
+    fn the_lock_defaults_to_beside_the_apache_include() {
+        let config = load(r#"httpdstubfile = "/srv/dyn/proxyconf.conf""#).unwrap();
+        assert_eq!(config.lockfile, Path::new("/srv/dyn/.satellite.lock"));
+    }
+
+    #[test]
+    fn the_keys_of_map_files_still_load_and_node_addresses_must_be_addresses() {
+        let config = load("mapfile = \"routes.txt\"\nmap_format = \"dbm\"").unwrap();
+        assert_eq!(config.obsolete_map_format.as_deref(), Some("dbm"));
+        let config =
+            load("job_binding = \"enforce\"\n[node_addresses]\nn1 = [\"10.0.0.1\"]").unwrap();
+        assert_eq!(config.job_binding, JobBinding::Enforce);
+        assert_eq!(
+            config.node_addresses["n1"],
+            vec!["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert!(load("[node_addresses]\nn1 = [\"node-one\"]").is_err());
     }
 }

@@ -17,6 +17,9 @@ pub enum CoreError {
     #[error("word list {path}: {message}")]
     Wordlist { path: PathBuf, message: String },
 
+    #[error("only {usable} usable words (at least {needed} are needed for tokens worth the name)")]
+    TooFewWords { usable: usize, needed: usize },
+
     #[error("database {path} does not exist (create it with `satellite migrate`)")]
     DatabaseMissing { path: PathBuf },
 
@@ -29,6 +32,15 @@ pub enum CoreError {
         found: i64,
         known: i64,
     },
+
+    #[error("database {path} is not a satellite database: {why}")]
+    NotSatelliteDatabase { path: PathBuf, why: String },
+
+    #[error("route for token-id {token_id} refused: {why}")]
+    RouteRefused { token_id: String, why: String },
+
+    #[error("publishing routes: {0}")]
+    Publication(String),
 
     #[error(
         "database {path}: rows share an alias_compare_hash, so it cannot be made unique: {aliases}"
@@ -44,19 +56,20 @@ pub enum CoreError {
     #[error("database: {0}")]
     Sqlite(rusqlite::Error),
 
-    #[error("{context}: {source}")]
+    /// The I/O error is part of the message and not also its `source()`:
+    /// a chain printed whole (`{:#}`) would say it twice.
+    #[error("{context}: {error}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 impl CoreError {
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+    pub fn io(context: impl Into<String>, error: std::io::Error) -> Self {
         CoreError::Io {
             context: context.into(),
-            source,
+            error,
         }
     }
 

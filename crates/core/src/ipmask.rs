@@ -8,7 +8,8 @@ use ipnet::IpNet;
 /// A list of CIDR blocks, IPv4 and IPv6. An address is allowed when any block
 /// contains it; a `/32` or `/128` block allows exactly its own address (the
 /// original rejected those, a bug).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "Vec<String>")]
 pub struct IpMaskList {
     nets: Vec<IpNet>,
 }
@@ -58,6 +59,15 @@ impl IpMaskList {
 
     pub fn is_empty(&self) -> bool {
         self.nets.is_empty()
+    }
+}
+
+/// The configuration file's form: a list of CIDR strings.
+impl TryFrom<Vec<String>> for IpMaskList {
+    type Error = String;
+
+    fn try_from(items: Vec<String>) -> Result<Self, String> {
+        Self::parse(&items)
     }
 }
 

@@ -61,6 +61,9 @@ impl JobClassifier {
 
     /// The code tokenjobstate answers (legacy-srps.md 9.3).
     pub fn display_code(&self, token: &TokenJob, now_epoch: i64) -> &'static str {
+        if token.proxy_state == ProxyState::Ended {
+            return "D";
+        }
         let class = token
             .job_state
             .as_deref()
@@ -77,7 +80,7 @@ impl JobClassifier {
             (ProxyState::Pending, false, _) => "R",
             (ProxyState::Mapped, _, _) => "M",
             (ProxyState::Proxied, _, _) => "PR",
-            (ProxyState::Other(_), _, _) => "U",
+            (ProxyState::Ended | ProxyState::Other(_), _, _) => "U",
         }
     }
 }
@@ -101,6 +104,10 @@ mod tests {
             jobid: job.map(|_| "123".to_owned()),
             job_state: job.map(|(s, _)| s.to_owned()),
             job_lastseen: job.map(|(_, t)| t),
+            job: None,
+            redeemed: false,
+            ended_at: None,
+            end_cause: None,
         }
     }
 

@@ -1,6 +1,7 @@
-//! Routes: which aliases Apache proxies to which `host:port`, rendered as a
-//! `RewriteMap` (map routing) or as one `<VirtualHost>` per alias (vhost
-//! routing), and written so that Apache never reads a half-written file.
+//! Routes: which aliases Apache proxies to which `host:port`, validated,
+//! rendered as one `<VirtualHost>` per alias (vhost routing) or as the
+//! `alias target` listing `satellite render` shows for map routing, and
+//! written so that Apache never reads a half-written file.
 //!
 //! Every value is validated again here, whatever the database says, before
 //! it is written: this is the one place where a bad string becomes an
@@ -11,12 +12,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use crate::config::{Config, MapFormat};
+use chrono::{DateTime, Utc};
+
+use crate::config::Config;
 use crate::error::{CoreError, Result};
-use crate::store::{ProxyState, RouteRow, Store};
+use crate::store::{ProxyState, RouteRow};
 use crate::token::is_valid_alias;
 
 /// A validated route.
@@ -25,6 +27,8 @@ pub struct Route {
     pub alias: String,
     pub host: IpAddr,
     pub port: u16,
+    /// The row's `modified`: the route lives until it plus the TTL.
+    pub modified: DateTime<Utc>,
     /// Still `mapped`: flip to `proxied` once the route is live.
     pub pending_flip: bool,
 }
@@ -106,17 +110,24 @@ pub fn validate(row: &RouteRow, config: &Config) -> Result<Route, String> {
         .ok()
         .filter(|p| *p >= 1024)
         .ok_or_else(|| format!("port {port_text:?} is not 1024-65535"))?;
+    let modified = row
+        .modified
+        .as_deref()
+        .and_then(crate::store::parse_sql_timestamp)
+        .ok_or_else(|| format!("modified {:?} is not a timestamp", row.modified))?;
     Ok(Route {
         alias: row.alias.clone(),
+        modified,
         host: crate::ipmask::canonical_ip(host),
         port,
         pending_flip: row.state == ProxyState::Mapped,
     })
 }
 
-/// The `RewriteMap` text: `<alias> <host>:<port>` a line, by alias.
+/// Map routing's routes as text, `<alias> <host>:<port>` a line, by alias:
+/// what the `routes` table should hold (`satellite render`).
 pub fn render_map(routes: &[Route]) -> String {
-    let mut out = String::from("# Written by satellite; every change is replaced whole.\n");
+    let mut out = String::from("# Routes of map routing, as the routes table holds them.\n");
     for route in routes {
         let _ = writeln!(out, "{} {}", route.alias, route.target());
     }
@@ -127,6 +138,10 @@ pub fn render_map(routes: &[Route]) -> String {
 /// faults fixed (websocket target without a double slash, the scheme the
 /// user sees forwarded, `ProxyPassReverse`, no short idle timeout), plus a
 /// retry page while the backend is not listening yet.
+/// Each route's vhost passes the request target through as the client sent
+/// it (`nocanon`, encoded slashes kept, `//` not merged) and tunnels
+/// websockets itself (`upgrade=websocket`, also over HTTP/2): see
+/// docs/paths.md for why that leaves the authority ours.
 pub fn render_vhosts(routes: &[Route], config: &Config) -> String {
     let mut out = String::new();
     for (i, route) in routes.iter().enumerate() {
@@ -147,11 +162,9 @@ pub fn render_vhosts(routes: &[Route], config: &Config) -> String {
              \x20   ProxyPass \"/.satellite/\" \"!\"\n\
              \x20   ErrorDocument 502 /.satellite/retry.html\n\
              \x20   ErrorDocument 503 /.satellite/retry.html\n\
-             \x20   RewriteEngine on\n\
-             \x20   RewriteCond \"%{{HTTP:Upgrade}}\" \"websocket\" [NC]\n\
-             \x20   RewriteCond \"%{{HTTP:Connection}}\" \"upgrade\" [NC]\n\
-             \x20   RewriteRule \"^/(.*)$\" \"ws://{target}/$1\" [P,L]\n\
-             \x20   ProxyPass \"/\" \"http://{target}/\"\n\
+             \x20   AllowEncodedSlashes NoDecode\n\
+             \x20   MergeSlashes Off\n\
+             \x20   ProxyPass \"/\" \"http://{target}/\" nocanon upgrade=websocket\n\
              \x20   ProxyPassReverse \"/\" \"http://{target}/\"\n\
              </VirtualHost>\n",
             listen = config.listenport,
@@ -178,7 +191,8 @@ pub fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
 }
 
 /// Replaces `path` whole: a temporary file in the same directory, fsync,
-/// rename, fsync of the directory. Readers see the old file or the new one,
+/// rename, fsync of the directory. Callers serialise writers of one path
+/// (cron's run lock). Readers see the old file or the new one,
 /// never a mix. The new file's mtime is made strictly later than the old
 /// one's, because Apache notices a changed map by its mtime and two quick
 /// writes can otherwise share one timestamp.
@@ -190,6 +204,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let previous_mtime = fs::metadata(path).and_then(|m| m.modified()).ok();
+    remove_stale_temps(dir, path);
     let temp = temp_path(path);
     let result = (|| {
         let mut file = OpenOptions::new()
@@ -228,12 +243,43 @@ fn advance_mtime(file: &File, previous: Option<SystemTime>) -> io::Result<()> {
     }
 }
 
-fn temp_path(path: &Path) -> PathBuf {
+fn temp_prefix(path: &Path) -> String {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+    format!(".{name}.tmp.")
+}
+
+/// A temporary name unique to this write (pid, time and a counter), so a
+/// writer killed mid-way can never block a later one that reuses its pid.
+fn temp_path(path: &Path) -> PathBuf {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let count = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(
+        "{}{}.{nanos}.{count}",
+        temp_prefix(path),
+        std::process::id()
+    ))
+}
+
+/// Removes temporary files that killed writers left beside `path`. Callers
+/// hold the lock that serialises writers of `path`, so any such file is
+/// stale.
+fn remove_stale_temps(dir: &Path, path: &Path) {
+    let prefix = temp_prefix(path);
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// An exclusive lock held while this value lives (released on drop).
@@ -282,124 +328,6 @@ impl FileLock {
     }
 }
 
-/// What publishing the map did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Published {
-    pub routes: usize,
-    pub changed: bool,
-    pub flipped: usize,
-    pub refused: Vec<String>,
-}
-
-/// Map routing: renders the live routes into the map file (when its
-/// content changes) and marks their rows `proxied`. Serialised by a lock
-/// beside the map, since every redeem and destroy calls this.
-pub fn publish_map(store: &mut Store, config: &Config) -> Result<Published> {
-    let lock_path = map_lock_path(config);
-    let _lock = FileLock::acquire(&lock_path)?;
-    let set = RouteSet::from_rows(
-        &store.route_rows(chrono::Utc::now(), config.ttl_secs)?,
-        config,
-    );
-    let text = render_map(&set.routes);
-    let changed = match config.map_format {
-        MapFormat::Txt => {
-            let changed = read_if_exists(&config.mapfile)?.as_deref() != Some(text.as_bytes());
-            if changed {
-                write_atomically(&config.mapfile, text.as_bytes())?;
-            }
-            changed
-        }
-        MapFormat::Dbm => publish_dbm(config, &text)?,
-    };
-    let flipped = store.mark_proxied(&set.to_flip())?;
-    Ok(Published {
-        routes: set.routes.len(),
-        changed,
-        flipped,
-        refused: set.refusal_lines(),
-    })
-}
-
-pub fn map_lock_path(config: &Config) -> PathBuf {
-    let name = config
-        .mapfile
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "routes.map".into());
-    config.mapfile.with_file_name(format!(".{name}.lock"))
-}
-
-/// CGI programs get whatever PATH the web server has (often none), so the
-/// usual install locations are tried as well.
-fn httxt2dbm() -> PathBuf {
-    let in_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("httxt2dbm"))
-            .find(|p| p.is_file())
-    });
-    in_path
-        .or_else(|| {
-            [
-                "/usr/sbin/httxt2dbm",
-                "/usr/bin/httxt2dbm",
-                "/usr/local/apache2/bin/httxt2dbm",
-            ]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| PathBuf::from("httxt2dbm"))
-}
-
-/// The DBM map lives at `<mapfile>.db`; the text beside it is the source
-/// (and what decides whether anything changed).
-fn publish_dbm(config: &Config, text: &str) -> Result<bool> {
-    let changed = read_if_exists(&config.mapfile)?.as_deref() != Some(text.as_bytes());
-    let dbm = PathBuf::from(format!("{}.db", config.mapfile.display()));
-    if !changed && dbm.exists() {
-        return Ok(false);
-    }
-    let staging = temp_path(&dbm);
-    let staging_txt = temp_path(&config.mapfile);
-    fs::write(&staging_txt, text)
-        .map_err(|e| CoreError::io(format!("writing {}", staging_txt.display()), e))?;
-    let output = Command::new(httxt2dbm())
-        .arg("-i")
-        .arg(&staging_txt)
-        .arg("-o")
-        .arg(&staging)
-        .output();
-    let _ = fs::remove_file(&staging_txt);
-    let output = output.map_err(|e| CoreError::io("running httxt2dbm", e))?;
-    if !output.status.success() {
-        return Err(CoreError::ConfigValue(format!(
-            "httxt2dbm failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    // SDBM writes two files (.dir, .pag), Berkeley DB one; move each.
-    for suffix in ["", ".dir", ".pag"] {
-        let from = PathBuf::from(format!("{}{suffix}", staging.display()));
-        if from.exists() {
-            let to = PathBuf::from(format!("{}{suffix}", dbm.display()));
-            let previous = fs::metadata(&to).and_then(|m| m.modified()).ok();
-            File::options()
-                .write(true)
-                .open(&from)
-                .and_then(|f| {
-                    advance_mtime(&f, previous)?;
-                    f.sync_all()
-                })
-                .map_err(|e| CoreError::io(format!("finishing {}", from.display()), e))?;
-            fs::rename(&from, &to)
-                .map_err(|e| CoreError::io(format!("renaming into {}", to.display()), e))?;
-        }
-    }
-    write_atomically(&config.mapfile, text.as_bytes())?;
-    Ok(true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,6 +347,7 @@ mod tests {
     fn row(alias: &str, host: &str, port: &str, state: ProxyState) -> RouteRow {
         RouteRow {
             alias: alias.into(),
+            modified: Some("2026-01-01 00:00:00".into()),
             dsthost: Some(host.into()),
             dstport: Some(port.into()),
             state,
@@ -439,7 +368,7 @@ mod tests {
     fn map_snapshot() {
         assert_eq!(
             render_map(&two_routes().routes),
-            "# Written by satellite; every change is replaced whole.\n\
+            "# Routes of map routing, as the routes table holds them.\n\
              able-acorn-zoo 10.21.3.4:8888\n\
              zen-yak-bat [2001:db8::5]:50123\n"
         );
@@ -458,11 +387,9 @@ mod tests {
     ProxyPass "/.satellite/" "!"
     ErrorDocument 502 /.satellite/retry.html
     ErrorDocument 503 /.satellite/retry.html
-    RewriteEngine on
-    RewriteCond "%{HTTP:Upgrade}" "websocket" [NC]
-    RewriteCond "%{HTTP:Connection}" "upgrade" [NC]
-    RewriteRule "^/(.*)$" "ws://10.21.3.4:8888/$1" [P,L]
-    ProxyPass "/" "http://10.21.3.4:8888/"
+    AllowEncodedSlashes NoDecode
+    MergeSlashes Off
+    ProxyPass "/" "http://10.21.3.4:8888/" nocanon upgrade=websocket
     ProxyPassReverse "/" "http://10.21.3.4:8888/"
 </VirtualHost>
 
@@ -476,11 +403,9 @@ mod tests {
     ProxyPass "/.satellite/" "!"
     ErrorDocument 502 /.satellite/retry.html
     ErrorDocument 503 /.satellite/retry.html
-    RewriteEngine on
-    RewriteCond "%{HTTP:Upgrade}" "websocket" [NC]
-    RewriteCond "%{HTTP:Connection}" "upgrade" [NC]
-    RewriteRule "^/(.*)$" "ws://[2001:db8::5]:50123/$1" [P,L]
-    ProxyPass "/" "http://[2001:db8::5]:50123/"
+    AllowEncodedSlashes NoDecode
+    MergeSlashes Off
+    ProxyPass "/" "http://[2001:db8::5]:50123/" nocanon upgrade=websocket
     ProxyPassReverse "/" "http://[2001:db8::5]:50123/"
 </VirtualHost>
 "#;

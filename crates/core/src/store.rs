@@ -19,9 +19,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use crate::error::{CoreError, Result};
 use crate::token::alias_compare_hash;
 
-/// Written to `PRAGMA user_version` once a database has satellite's indexes.
-/// Legacy databases have 0.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Written to `PRAGMA user_version` once a database has satellite's indexes
+/// and route table. Legacy databases have 0; 1 had the indexes only.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Job states older than this are purged whenever new ones arrive.
 pub const JOBSTATE_RETENTION_SECS: i64 = 3 * 24 * 3600;
@@ -34,6 +34,41 @@ const CREATE_INDEXES: &str = "
     CREATE INDEX IF NOT EXISTS proxy_modified ON proxy (modified);
     CREATE INDEX IF NOT EXISTS jobstates_lastseen ON jobstates (lastseen);
 ";
+/// The data plane of map routing: Apache's `dbd:` RewriteMap reads this
+/// table on every request for a token's host, so a row written here is live
+/// at the commit that writes it, and gone at the commit that deletes it.
+/// Only validated routes are written (`target` is a rendered `ip:port`), and
+/// `expires` is the row's TTL end, compared by Apache with SQLite's own
+/// clock, so a route dies on time even if nothing runs. The triggers keep it
+/// equal to the `proxy` table whoever writes there (the Perl scripts
+/// included): a deleted token, or one that is no longer `proxied`, has no
+/// route.
+const CREATE_ROUTES: &str = "
+    CREATE TABLE IF NOT EXISTS routes ( alias text primary key not null, target text not null, expires text not null ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS jobdetails ( jobid text primary key not null, reason text, start_time integer, time_limit integer, job_user text, job_uid integer, nodes text ) WITHOUT ROWID;
+    CREATE TRIGGER IF NOT EXISTS proxy_delete_drops_route AFTER DELETE ON proxy
+        BEGIN DELETE FROM routes WHERE alias = old.alias; END;
+    CREATE TRIGGER IF NOT EXISTS proxy_update_drops_route
+        AFTER UPDATE OF alias, state, dsthost, dstport ON proxy
+        WHEN new.state IS NOT 'proxied' OR new.alias IS NOT old.alias
+          OR new.dsthost IS NOT old.dsthost OR new.dstport IS NOT old.dstport
+        BEGIN DELETE FROM routes WHERE alias = old.alias; END;
+";
+/// Columns satellite adds to the legacy tables, all nullable, so the Perl
+/// scripts' inserts (which name their columns) keep working.
+/// `jobid` is the master branch's; the rest are satellite's: when a token
+/// was linked and when and why its session ended (state `ended`, a
+/// tombstone kept until the TTL so the alias is never issued again), and
+/// why.
+/// `jobstates` itself is left as the original made it (a site's own
+/// scripts may insert into it without naming columns): the rest of what the
+/// scheduler says of a job lives in satellite's `jobdetails`.
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+    ("proxy", "jobid", "text default null"),
+    ("proxy", "linked_at", "text default null"),
+    ("proxy", "ended_at", "text default null"),
+    ("proxy", "end_cause", "text default null"),
+];
 const PROXY_COLUMNS: [&str; 7] = [
     "alias",
     "alias_compare_hash",
@@ -50,6 +85,9 @@ pub enum ProxyState {
     Pending,
     Mapped,
     Proxied,
+    /// The session is over (its job ended, or its redeem did not match its
+    /// job): no route, and the alias stays taken until the TTL.
+    Ended,
     /// Anything else a hand-edited database may hold.
     Other(String),
 }
@@ -60,6 +98,7 @@ impl ProxyState {
             "pending" => ProxyState::Pending,
             "mapped" => ProxyState::Mapped,
             "proxied" => ProxyState::Proxied,
+            "ended" => ProxyState::Ended,
             other => ProxyState::Other(other.to_owned()),
         }
     }
@@ -99,6 +138,41 @@ pub struct TokenJob {
     pub jobid: Option<String>,
     pub job_state: Option<String>,
     pub job_lastseen: Option<i64>,
+    /// The rest of what the scheduler said, when a push carried it.
+    pub job: Option<JobRecord>,
+    /// The token was redeemed (it has a host), whatever its state now.
+    pub redeemed: bool,
+    /// When the session ended (`ended` rows), and why.
+    pub ended_at: Option<String>,
+    pub end_cause: Option<String>,
+}
+
+/// What the scheduler said of one job, as stored in `jobstates`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobRecord {
+    pub jobid: String,
+    /// The scheduler's own state text (`RUNNING`, `CA`...).
+    pub state: String,
+    pub reason: Option<String>,
+    /// Epoch seconds: the start, or the scheduler's estimate while pending.
+    pub start_time: Option<i64>,
+    pub time_limit_secs: Option<i64>,
+    pub user: Option<String>,
+    pub uid: Option<i64>,
+    /// Node names, expanded.
+    pub nodes: Vec<String>,
+}
+
+/// A live token linked to a job, with what is known of the job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkedSession {
+    pub alias: String,
+    pub state: ProxyState,
+    pub jobid: String,
+    pub dsthost: Option<String>,
+    pub linked_at: Option<DateTime<Utc>>,
+    /// `None` when no push has mentioned the job.
+    pub job: Option<JobRecord>,
 }
 
 /// A row of `proxy` as a route candidate; values are raw, to be validated
@@ -106,6 +180,8 @@ pub struct TokenJob {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteRow {
     pub alias: String,
+    /// `modified` as stored; a route lives until it plus the TTL.
+    pub modified: Option<String>,
     pub dsthost: Option<String>,
     pub dstport: Option<String>,
     pub state: ProxyState,
@@ -122,6 +198,58 @@ pub struct Migration {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+}
+
+/// How a redeem publishes its route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoutePublication<'a> {
+    /// Map routing: the validated `ip:port` goes into `routes` with the
+    /// redeem, and the row is `proxied` at once.
+    Live { target: &'a str },
+    /// Vhost routing: the row stays `mapped` until cron has reloaded Apache.
+    Deferred,
+}
+
+/// A route as map routing publishes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedRoute {
+    pub alias: String,
+    /// A rendered, validated `ip:port` (`[v6]:port`).
+    pub target: String,
+    /// `modified` + TTL, in `modified`'s text format.
+    pub expires: String,
+}
+
+/// What [`Store::sync_routes`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RouteSync {
+    pub written: usize,
+    pub removed: usize,
+    pub flipped: usize,
+    pub unrouted: usize,
+}
+
+/// What a database file holds, read without writing anything.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Inspection {
+    pub version: i64,
+    pub has_proxy: bool,
+    pub proxy_columns: Vec<String>,
+    pub tokens_by_state: Vec<(String, i64)>,
+    /// Aliases that share one hash, joined by ` = ` per group.
+    pub colliding_aliases: Vec<String>,
+}
+
+/// The instant a row modified at `modified` stops being live, as text.
+pub fn route_expiry(modified: DateTime<Utc>, ttl_secs: i64) -> String {
+    sql_timestamp(modified + chrono::Duration::seconds(ttl_secs))
+}
+
+/// The instant a `modified` text names, if it is one.
+pub fn parse_sql_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+        .ok()
+        .map(|naive| naive.and_utc())
 }
 
 /// `modified` text for an instant: what SQLite's `current_timestamp` writes.
@@ -228,13 +356,24 @@ impl Store {
             .iter()
             .find(|c| !columns.iter().any(|have| have == *c))
         {
-            return Err(CoreError::Sqlite(rusqlite::Error::InvalidColumnName(
-                format!("table proxy has no column {missing}: not a satellite database"),
-            )));
+            return Err(CoreError::NotSatelliteDatabase {
+                path,
+                why: format!("table proxy has no column {missing}"),
+            });
         }
-        if !columns.iter().any(|c| c == "jobid") {
-            tx.execute_batch("ALTER TABLE proxy ADD COLUMN jobid text default null")?;
-            migration.added_columns.push("jobid");
+        for (table, column, declaration) in ADDED_COLUMNS {
+            let present: Vec<String> = {
+                let mut stmt =
+                    tx.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+                let names = stmt.query_map([], |row| row.get(0))?;
+                names.collect::<rusqlite::Result<_>>()?
+            };
+            if !present.iter().any(|c| c == column) {
+                tx.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+                ))?;
+                migration.added_columns.push(column);
+            }
         }
         let duplicates: Vec<String> = {
             let mut stmt = tx.prepare(
@@ -251,6 +390,7 @@ impl Store {
             });
         }
         tx.execute_batch(CREATE_INDEXES)?;
+        tx.execute_batch(CREATE_ROUTES)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
         // WAL lets readers (tokenjobstate polls, index) run beside a writer.
@@ -309,7 +449,10 @@ impl Store {
         Ok(inserted == 1)
     }
 
-    /// Binds a live pending token to `host:port`.
+    /// Binds a live pending token to `host:port`. With
+    /// [`RoutePublication::Live`] the route is written to `routes` in the
+    /// same transaction and the row becomes `proxied`: the route is live
+    /// when this returns `Redeemed`, and a failure leaves nothing behind.
     pub fn redeem(
         &mut self,
         alias: &str,
@@ -317,15 +460,27 @@ impl Store {
         port: u16,
         now: DateTime<Utc>,
         ttl_secs: i64,
+        publication: RoutePublication<'_>,
     ) -> Result<RedeemOutcome> {
         let cutoff = expiry_cutoff(now, ttl_secs);
+        let state = match publication {
+            RoutePublication::Live { .. } => "proxied",
+            RoutePublication::Deferred => "mapped",
+        };
         let written = self.conditional_write(alias, &cutoff, |tx, hash| {
-            tx.execute(
-                "UPDATE proxy SET dsthost = ?1, dstport = ?2, dstpath = '/', state = 'mapped', \
-                 modified = ?3 WHERE alias_compare_hash = ?4 AND alias = ?5 AND state = 'pending' \
-                 AND modified >= ?6",
-                params![host, port, sql_timestamp(now), hash, alias, cutoff],
-            )
+            let updated = tx.execute(
+                "UPDATE proxy SET dsthost = ?1, dstport = ?2, dstpath = '/', state = ?3, \
+                 modified = ?4 WHERE alias_compare_hash = ?5 AND alias = ?6 AND state = 'pending' \
+                 AND modified >= ?7",
+                params![host, port, state, sql_timestamp(now), hash, alias, cutoff],
+            )?;
+            if let (1, RoutePublication::Live { target }) = (updated, publication) {
+                tx.execute(
+                    "INSERT OR REPLACE INTO routes (alias, target, expires) VALUES (?1, ?2, ?3)",
+                    params![alias, target, route_expiry(now, ttl_secs)],
+                )?;
+            }
+            Ok(updated)
         })?;
         Ok(match written {
             Written::Applied => RedeemOutcome::Redeemed,
@@ -364,9 +519,9 @@ impl Store {
         let cutoff = expiry_cutoff(now, ttl_secs);
         let written = self.conditional_write(alias, &cutoff, |tx, hash| {
             tx.execute(
-                "UPDATE proxy SET jobid = ?1 WHERE alias_compare_hash = ?2 AND alias = ?3 \
-                 AND (jobid IS NULL OR jobid = '') AND modified >= ?4",
-                params![jobid, hash, alias, cutoff],
+                "UPDATE proxy SET jobid = ?1, linked_at = ?5 WHERE alias_compare_hash = ?2 \
+                 AND alias = ?3 AND (jobid IS NULL OR jobid = '') AND modified >= ?4",
+                params![jobid, hash, alias, cutoff, sql_timestamp(now)],
             )
         })?;
         Ok(match written {
@@ -407,18 +562,28 @@ impl Store {
         let row = self
             .conn
             .query_row(
-                "SELECT ps.state, ps.jobid, js.state, js.lastseen FROM proxy ps \
-                 LEFT JOIN jobstates js ON js.jobid = ps.jobid \
-                 WHERE ps.alias_compare_hash = ?1 AND ps.alias = ?2 AND ps.modified >= ?3",
+                &format!(
+                    "SELECT ps.state, ps.jobid, js.state, js.lastseen, ps.ended_at, ps.end_cause, \
+                     {JOB_DETAIL_COLUMNS}, ps.dsthost FROM proxy ps \
+                     LEFT JOIN jobstates js ON js.jobid = ps.jobid \
+                     LEFT JOIN jobdetails jd ON jd.jobid = ps.jobid \
+                     WHERE ps.alias_compare_hash = ?1 AND ps.alias = ?2 AND ps.modified >= ?3"
+                ),
                 params![hash, alias, expiry_cutoff(now, ttl_secs)],
                 |row| {
+                    let jobid = value_text(row.get(1)?).filter(|j| !j.is_empty());
+                    let job_state = value_text(row.get(2)?);
                     Ok(TokenJob {
                         proxy_state: ProxyState::parse(
                             &value_text(row.get(0)?).unwrap_or_default(),
                         ),
-                        jobid: value_text(row.get(1)?).filter(|j| !j.is_empty()),
-                        job_state: value_text(row.get(2)?),
+                        job: job_record(row, 6, jobid.as_deref(), job_state.as_deref())?,
+                        jobid,
+                        job_state,
                         job_lastseen: value_integer(row.get(3)?),
+                        redeemed: value_text(row.get(12)?).is_some_and(|h| !h.is_empty()),
+                        ended_at: value_text(row.get(4)?),
+                        end_cause: value_text(row.get(5)?),
                     })
                 },
             )
@@ -433,21 +598,99 @@ impl Store {
         states: &[(String, String)],
         now_epoch: i64,
     ) -> Result<usize> {
+        let records: Vec<JobRecord> = states
+            .iter()
+            .map(|(jobid, state)| JobRecord {
+                jobid: jobid.clone(),
+                state: state.clone(),
+                ..JobRecord::default()
+            })
+            .collect();
+        self.record_jobs(&records, now_epoch)
+    }
+
+    /// Writes what the scheduler said of these jobs (seen now) and purges
+    /// jobs not seen for three days, in one transaction.
+    pub fn record_jobs(&mut self, jobs: &[JobRecord], now_epoch: i64) -> Result<usize> {
         let tx = self.write_tx()?;
         tx.execute(
             "DELETE FROM jobstates WHERE lastseen < ?1 OR typeof(lastseen) <> 'integer'",
             [now_epoch - JOBSTATE_RETENTION_SECS],
         )?;
+        tx.execute(
+            "DELETE FROM jobdetails WHERE jobid NOT IN (SELECT jobid FROM jobstates)",
+            [],
+        )?;
         {
-            let mut insert = tx.prepare(
+            let mut state = tx.prepare(
                 "INSERT OR REPLACE INTO jobstates (jobid, state, lastseen) VALUES (?1, ?2, ?3)",
             )?;
-            for (jobid, state) in states {
-                insert.execute(params![jobid, state, now_epoch])?;
+            let mut details = tx.prepare(
+                "INSERT OR REPLACE INTO jobdetails (jobid, reason, start_time, time_limit, \
+                 job_user, job_uid, nodes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for job in jobs {
+                state.execute(params![job.jobid, job.state, now_epoch])?;
+                let nodes = (!job.nodes.is_empty()).then(|| job.nodes.join(","));
+                details.execute(params![
+                    job.jobid,
+                    job.reason,
+                    job.start_time,
+                    job.time_limit_secs,
+                    job.user,
+                    job.uid,
+                    nodes
+                ])?;
             }
         }
         tx.commit()?;
-        Ok(states.len())
+        Ok(jobs.len())
+    }
+
+    /// Live tokens that are linked to a job and not ended, with what the
+    /// last pushes said of their job.
+    pub fn linked_sessions(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<LinkedSession>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT ps.alias, ps.state, ps.jobid, ps.dsthost, ps.linked_at, js.state, \
+             {JOB_DETAIL_COLUMNS} FROM proxy ps LEFT JOIN jobstates js ON js.jobid = ps.jobid \
+             LEFT JOIN jobdetails jd ON jd.jobid = ps.jobid \
+             WHERE ps.jobid IS NOT NULL AND ps.jobid <> '' \
+             AND ps.state IN ('pending', 'mapped', 'proxied') AND ps.modified >= ?1 \
+             ORDER BY ps.alias"
+        ))?;
+        let rows = stmt.query_map([expiry_cutoff(now, ttl_secs)], |row| {
+            let jobid = value_text(row.get(2)?).unwrap_or_default();
+            let job_state = value_text(row.get(5)?);
+            Ok(LinkedSession {
+                alias: value_text(row.get(0)?).unwrap_or_default(),
+                state: ProxyState::parse(&value_text(row.get(1)?).unwrap_or_default()),
+                job: job_record(row, 6, Some(&jobid), job_state.as_deref())?,
+                jobid,
+                dsthost: value_text(row.get(3)?).filter(|h| !h.is_empty()),
+                linked_at: value_text(row.get(4)?).and_then(|t| parse_sql_timestamp(&t)),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Ends these sessions (state `ended`, when and why): their routes go in
+    /// the same transaction (the triggers), the rows stay as tombstones
+    /// until the TTL so their aliases are never issued again. Rows already
+    /// ended or gone are left alone. Returns how many ended now.
+    pub fn end_sessions(&mut self, ends: &[(String, String)], now: DateTime<Utc>) -> Result<usize> {
+        let tx = self.write_tx()?;
+        let mut ended = 0;
+        {
+            let mut end = tx.prepare(
+                "UPDATE proxy SET state = 'ended', ended_at = ?1, end_cause = ?2 \
+                 WHERE alias = ?3 AND state IN ('pending', 'mapped', 'proxied')",
+            )?;
+            for (alias, cause) in ends {
+                ended += end.execute(params![sql_timestamp(now), cause, alias])?;
+            }
+        }
+        tx.commit()?;
+        Ok(ended)
     }
 
     /// Deletes rows of every state whose `modified` is older than the TTL.
@@ -466,12 +709,13 @@ impl Store {
     /// before cron deletes it.
     pub fn route_rows(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<RouteRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT alias, dsthost, dstport, state FROM proxy \
+            "SELECT alias, dsthost, dstport, state, modified FROM proxy \
              WHERE state IN ('mapped', 'proxied') AND modified >= ?1 ORDER BY alias ASC",
         )?;
         let rows = stmt.query_map([expiry_cutoff(now, ttl_secs)], |row| {
             Ok(RouteRow {
                 alias: value_text(row.get(0)?).unwrap_or_default(),
+                modified: value_text(row.get(4)?),
                 dsthost: value_text(row.get(1)?),
                 dstport: value_text(row.get(2)?),
                 state: ProxyState::parse(&value_text(row.get(3)?).unwrap_or_default()),
@@ -494,6 +738,155 @@ impl Store {
         }
         tx.commit()?;
         Ok(flipped)
+    }
+
+    /// Map routing's repair pass (cron): makes `routes` hold exactly
+    /// `wanted`, flips their rows to `proxied`, and turns rows that are
+    /// `proxied` without a wanted route back to `mapped` (their route was
+    /// refused), so the state always says what is routed. One transaction;
+    /// only differences are written, so a run with nothing to do writes
+    /// nothing and Apache's readers never see a half-done set.
+    pub fn sync_routes(&mut self, wanted: &[PublishedRoute]) -> Result<RouteSync> {
+        let tx = self.write_tx()?;
+        let mut sync = RouteSync::default();
+        let current: std::collections::HashMap<String, (String, String)> = {
+            let mut stmt = tx.prepare("SELECT alias, target, expires FROM routes")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let wanted_aliases: std::collections::HashSet<&str> =
+            wanted.iter().map(|r| r.alias.as_str()).collect();
+        {
+            let mut flip = tx.prepare(
+                "UPDATE proxy SET state = 'proxied' WHERE alias = ?1 AND state = 'mapped'",
+            )?;
+            let mut write = tx.prepare(
+                "INSERT OR REPLACE INTO routes (alias, target, expires) VALUES (?1, ?2, ?3)",
+            )?;
+            for route in wanted {
+                sync.flipped += flip.execute([&route.alias])?;
+                let same = current.get(&route.alias).is_some_and(|(target, expires)| {
+                    *target == route.target && *expires == route.expires
+                });
+                if !same {
+                    write.execute(params![route.alias, route.target, route.expires])?;
+                    sync.written += 1;
+                }
+            }
+            let mut remove = tx.prepare("DELETE FROM routes WHERE alias = ?1")?;
+            for alias in current.keys() {
+                if !wanted_aliases.contains(alias.as_str()) {
+                    sync.removed += remove.execute([alias])?;
+                }
+            }
+        }
+        {
+            let mut proxied = tx.prepare("SELECT alias FROM proxy WHERE state = 'proxied'")?;
+            let stale: Vec<String> = proxied
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?
+                .into_iter()
+                .filter(|alias| !wanted_aliases.contains(alias.as_str()))
+                .collect();
+            drop(proxied);
+            let mut unroute = tx.prepare(
+                "UPDATE proxy SET state = 'mapped' WHERE alias = ?1 AND state = 'proxied'",
+            )?;
+            for alias in stale {
+                sync.unrouted += unroute.execute([alias])?;
+            }
+        }
+        tx.commit()?;
+        Ok(sync)
+    }
+
+    /// The target Apache's `dbd:` map answers for `alias` at `now` (the same
+    /// query, with `now` for SQLite's clock): what the data plane sees.
+    pub fn live_route(&self, alias: &str, now: DateTime<Utc>) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT target FROM routes WHERE alias = ?1 AND expires >= ?2",
+                params![alias, sql_timestamp(now)],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// The targets of the routes live at `now`, and when the first of them
+    /// expires.
+    pub fn live_targets(&self, now: DateTime<Utc>) -> Result<(Vec<String>, Option<DateTime<Utc>>)> {
+        let now_text = sql_timestamp(now);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT target FROM routes WHERE expires >= ?1")?;
+        let targets = stmt
+            .query_map([&now_text], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        let first_expiry: Option<String> = self.conn.query_row(
+            "SELECT min(expires) FROM routes WHERE expires >= ?1",
+            [&now_text],
+            |r| r.get(0),
+        )?;
+        Ok((targets, first_expiry.and_then(|t| parse_sql_timestamp(&t))))
+    }
+
+    /// How many routes the data plane holds that are live at `now`.
+    pub fn live_route_count(&self, now: DateTime<Utc>) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) FROM routes WHERE expires >= ?1",
+            [sql_timestamp(now)],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// SQLite's `PRAGMA data_version`: changes whenever another connection
+    /// commits, so a watcher can poll it cheaply.
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    /// Reads a database without writing to it (no migration, no WAL switch):
+    /// for `migrate --dry-run` and `check`.
+    pub fn inspect(path: &Path) -> Result<Inspection> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(2))?;
+        let mut inspection = Inspection {
+            version: conn.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+            has_proxy: table_exists(&conn, "proxy")?,
+            ..Inspection::default()
+        };
+        if !inspection.has_proxy {
+            return Ok(inspection);
+        }
+        let strings = |sql: &str| -> Result<Vec<String>> {
+            let mut stmt = conn.prepare(sql)?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        };
+        inspection.proxy_columns = strings("SELECT name FROM pragma_table_info('proxy')")?;
+        inspection.colliding_aliases = strings(
+            "SELECT group_concat(alias, ' = ') FROM proxy \
+             GROUP BY alias_compare_hash HAVING count(*) > 1",
+        )?;
+        let mut stmt =
+            conn.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
+        let counts = stmt.query_map([], |r| {
+            Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
+        })?;
+        inspection.tokens_by_state = counts.collect::<rusqlite::Result<_>>()?;
+        Ok(inspection)
+    }
+
+    /// A consistent copy of the database at `backup` (`VACUUM INTO`), safe
+    /// while other processes write.
+    pub fn backup_to(path: &Path, backup: &Path) -> Result<()> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute("VACUUM INTO ?1", [backup.to_string_lossy()])?;
+        Ok(())
     }
 }
 
@@ -611,6 +1004,41 @@ fn live_row_exists(conn: &Connection, hash: &str, alias: &str, cutoff: &str) -> 
         .is_some())
 }
 
+/// The `jobstates` columns beyond state and lastseen, in [`job_record`]'s
+/// order.
+const JOB_DETAIL_COLUMNS: &str =
+    "jd.reason, jd.start_time, jd.time_limit, jd.job_user, jd.job_uid, jd.nodes";
+
+/// A job record from [`JOB_DETAIL_COLUMNS`] starting at column `first`;
+/// `None` when no push mentioned the job.
+fn job_record(
+    row: &rusqlite::Row<'_>,
+    first: usize,
+    jobid: Option<&str>,
+    state: Option<&str>,
+) -> rusqlite::Result<Option<JobRecord>> {
+    let (Some(jobid), Some(state)) = (jobid, state) else {
+        return Ok(None);
+    };
+    Ok(Some(JobRecord {
+        jobid: jobid.to_owned(),
+        state: state.to_owned(),
+        reason: value_text(row.get(first)?),
+        start_time: value_integer(row.get(first + 1)?),
+        time_limit_secs: value_integer(row.get(first + 2)?),
+        user: value_text(row.get(first + 3)?),
+        uid: value_integer(row.get(first + 4)?),
+        nodes: value_text(row.get(first + 5)?)
+            .map(|n| {
+                n.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }))
+}
+
 /// Legacy columns are loosely typed: read whatever is there as text.
 fn value_text(value: Value) -> Option<String> {
     match value {
@@ -658,13 +1086,27 @@ mod tests {
         assert!(!store.insert_pending("able-acorn-zoo", now).unwrap());
         assert_eq!(
             store
-                .redeem("able-acorn-zoo", "10.0.0.5", 8888, now, 100)
+                .redeem(
+                    "able-acorn-zoo",
+                    "10.0.0.5",
+                    8888,
+                    now,
+                    100,
+                    RoutePublication::Deferred
+                )
                 .unwrap(),
             RedeemOutcome::Redeemed
         );
         assert_eq!(
             store
-                .redeem("able-acorn-zoo", "10.0.0.6", 9999, now, 100)
+                .redeem(
+                    "able-acorn-zoo",
+                    "10.0.0.6",
+                    9999,
+                    now,
+                    100,
+                    RoutePublication::Deferred
+                )
                 .unwrap(),
             RedeemOutcome::AlreadyRedeemed
         );
@@ -691,7 +1133,14 @@ mod tests {
         let later = at("2026-01-01T00:01:41Z");
         assert_eq!(
             store
-                .redeem("old-token-here", "10.0.0.5", 8888, later, 100)
+                .redeem(
+                    "old-token-here",
+                    "10.0.0.5",
+                    8888,
+                    later,
+                    100,
+                    RoutePublication::Deferred
+                )
                 .unwrap(),
             RedeemOutcome::Unknown
         );
@@ -713,5 +1162,165 @@ mod tests {
             .query_row("SELECT modified FROM proxy", [], |r| r.get(0))
             .unwrap();
         assert_eq!(modified, "2026-03-04 05:06:07");
+    }
+
+    fn live(target: &str) -> RoutePublication<'_> {
+        RoutePublication::Live { target }
+    }
+
+    #[test]
+    fn a_live_redeem_routes_in_its_own_transaction_until_the_ttl_ends() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        store.insert_pending("able-acorn-zoo", now).unwrap();
+        assert_eq!(
+            store
+                .redeem(
+                    "able-acorn-zoo",
+                    "10.0.0.5",
+                    8888,
+                    now,
+                    100,
+                    live("10.0.0.5:8888")
+                )
+                .unwrap(),
+            RedeemOutcome::Redeemed
+        );
+        assert_eq!(
+            store.proxy_state("able-acorn-zoo", now, 100).unwrap(),
+            Some(ProxyState::Proxied)
+        );
+        let at_ttl_end = at("2026-01-01T12:01:40Z");
+        assert_eq!(
+            store
+                .live_route("able-acorn-zoo", at_ttl_end)
+                .unwrap()
+                .as_deref(),
+            Some("10.0.0.5:8888")
+        );
+        assert_eq!(
+            store
+                .live_route("able-acorn-zoo", at("2026-01-01T12:01:41Z"))
+                .unwrap(),
+            None
+        );
+        // A refused second redeem writes no route either.
+        store.insert_pending("other-token-here", now).unwrap();
+        store.revoke("other-token-here").unwrap();
+        assert_eq!(
+            store
+                .redeem(
+                    "other-token-here",
+                    "10.0.0.6",
+                    8888,
+                    now,
+                    100,
+                    live("10.0.0.6:8888")
+                )
+                .unwrap(),
+            RedeemOutcome::Unknown
+        );
+        assert_eq!(store.live_route_count(now).unwrap(), 1);
+    }
+
+    #[test]
+    fn any_delete_or_state_change_of_a_token_drops_its_route() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        for alias in ["one-a-b", "two-a-b", "three-a-b"] {
+            store.insert_pending(alias, now).unwrap();
+            store
+                .redeem(alias, "10.0.0.5", 8888, now, 100, live("10.0.0.5:8888"))
+                .unwrap();
+        }
+        store.destroy("one-a-b", "10.0.0.5").unwrap();
+        // What a Perl script or a hand edit does, with no satellite code.
+        store
+            .connection()
+            .execute(
+                "UPDATE proxy SET state = 'mapped' WHERE alias = 'two-a-b'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(store.live_route("one-a-b", now).unwrap(), None);
+        assert_eq!(store.live_route("two-a-b", now).unwrap(), None);
+        assert!(store.live_route("three-a-b", now).unwrap().is_some());
+        assert_eq!(store.expire(at("2026-01-01T13:00:00Z"), 100).unwrap(), 2);
+        assert_eq!(store.live_route_count(now).unwrap(), 0);
+    }
+
+    #[test]
+    fn sync_routes_writes_only_differences_and_unroutes_refused_rows() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        for alias in ["kept-a-b", "moved-a-b", "refused-a-b"] {
+            store.insert_pending(alias, now).unwrap();
+            store
+                .redeem(alias, "10.0.0.5", 8888, now, 100, live("10.0.0.5:8888"))
+                .unwrap();
+        }
+        store.insert_pending("late-a-b", now).unwrap();
+        store
+            .redeem(
+                "late-a-b",
+                "10.0.0.7",
+                8888,
+                now,
+                100,
+                RoutePublication::Deferred,
+            )
+            .unwrap();
+        let expires = route_expiry(now, 100);
+        let route = |alias: &str, target: &str| PublishedRoute {
+            alias: alias.into(),
+            target: target.into(),
+            expires: expires.clone(),
+        };
+        let wanted = [
+            route("kept-a-b", "10.0.0.5:8888"),
+            route("moved-a-b", "10.0.0.6:8888"),
+            route("late-a-b", "10.0.0.7:8888"),
+        ];
+        let sync = store.sync_routes(&wanted).unwrap();
+        assert_eq!(
+            sync,
+            RouteSync {
+                written: 2,
+                removed: 1,
+                flipped: 1,
+                unrouted: 1
+            }
+        );
+        assert_eq!(
+            store.proxy_state("refused-a-b", now, 100).unwrap(),
+            Some(ProxyState::Mapped)
+        );
+        assert_eq!(
+            store.live_route("moved-a-b", now).unwrap().as_deref(),
+            Some("10.0.0.6:8888")
+        );
+        assert_eq!(store.sync_routes(&wanted).unwrap(), RouteSync::default());
+    }
+
+    #[test]
+    fn a_version_1_database_gains_the_routes_table_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(CREATE_PROXY).unwrap();
+            conn.execute_batch(CREATE_JOBSTATES).unwrap();
+            conn.execute_batch(CREATE_INDEXES).unwrap();
+            conn.execute_batch(
+                "INSERT INTO proxy (alias, alias_compare_hash, state) VALUES ('a-b-c', 'h', 'pending'); \
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, Duration::from_secs(1)).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert!(table_exists(store.connection(), "routes").unwrap());
+        let found = Store::inspect(&path).unwrap();
+        assert_eq!(found.tokens_by_state, vec![("pending".to_owned(), 1)]);
     }
 }

@@ -6,15 +6,13 @@
 //! written atomically, nothing written or reloaded when nothing changed, and
 //! a config that fails Apache's test is never left in place.
 
-use std::path::Path;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use chrono::Utc;
-use satellite_core::config::Routing;
-use satellite_core::routes::{self, FileLock, RouteSet};
+use satellite_core::publish::{self, Publisher};
+use satellite_core::routes::FileLock;
 use satellite_core::{Config, Store};
 
 /// How often `--watch` looks for database changes.
@@ -30,32 +28,53 @@ pub struct Report {
     /// Another run held the lock; this one did nothing.
     pub skipped: bool,
     pub expired: usize,
-    pub routes: usize,
-    pub written: bool,
-    pub reloaded: bool,
-    pub flipped: usize,
-    pub refused: Vec<String>,
+    pub published: publish::Report,
+    /// Backends (`ip:port`) whose routes went away since the last run, and
+    /// whose open connections were cut (`--watch` only).
+    pub tunnels_cut: Vec<String>,
+    pub cut_failures: Vec<String>,
+    /// `--watch`'s first run: it now watches, with this many live backends.
+    pub watching: Option<usize>,
 }
 
 impl Report {
     /// The lines worth printing: what changed and what was refused. A run
     /// that changed nothing prints nothing (cron mails any output).
     pub fn lines(&self) -> Vec<String> {
-        let mut lines = self.refused.clone();
+        let published = &self.published;
+        let mut lines = published.refused.clone();
+        lines.extend(self.cut_failures.iter().cloned());
+        if let Some(backends) = self.watching {
+            lines.push(format!(
+                "watching the database; routes lead to {backends} backend(s)"
+            ));
+        }
+        if !self.tunnels_cut.is_empty() {
+            lines.push(format!(
+                "closed open connections to {} backend(s) whose route is gone",
+                self.tunnels_cut.len()
+            ));
+        }
         if self.expired > 0 {
             lines.push(format!("expired {} token(s)", self.expired));
         }
-        if self.written || self.reloaded || self.flipped > 0 {
+        if published.unrouted > 0 {
+            lines.push(format!(
+                "{} token(s) lost a route that was refused (now mapped)",
+                published.unrouted
+            ));
+        }
+        if published.written || published.reloaded || published.flipped > 0 {
             lines.push(format!(
                 "{} route(s) published{}{}",
-                self.routes,
-                if self.reloaded {
+                published.routes,
+                if published.reloaded {
                     ", Apache reloaded"
                 } else {
                     ""
                 },
-                if self.flipped > 0 {
-                    format!(", {} now proxied", self.flipped)
+                if published.flipped > 0 {
+                    format!(", {} now proxied", published.flipped)
                 } else {
                     String::new()
                 }
@@ -77,137 +96,27 @@ pub fn run_once(config: &Config) -> Result<Report> {
     run_locked(config)
 }
 
+fn open_store(config: &Config) -> Result<Store> {
+    let timeout = Duration::from_millis(config.busy_timeout_ms);
+    Store::open(&config.dbfile, timeout).context("opening the database")
+}
+
 /// One run; the caller holds the run lock.
 pub fn run_locked(config: &Config) -> Result<Report> {
-    let timeout = Duration::from_millis(config.busy_timeout_ms);
-    let mut store = Store::open(&config.dbfile, timeout)
-        .with_context(|| format!("opening the database {}", config.dbfile.display()))?;
+    let mut store = open_store(config)?;
+    let now = Utc::now();
     let expired = store
-        .expire(Utc::now(), config.ttl_secs)
+        .expire(now, config.ttl_secs)
         .context("expiring old tokens")?;
-    let mut report = match config.routing {
-        Routing::Map => {
-            let published = routes::publish_map(&mut store, config).with_context(|| {
-                format!("publishing the route map {}", config.mapfile.display())
-            })?;
-            Report {
-                routes: published.routes,
-                written: published.changed,
-                flipped: published.flipped,
-                refused: published.refused,
-                ..Report::default()
-            }
-        }
-        Routing::Vhost => publish_vhosts(&mut store, config)?,
-    };
-    report.expired = expired;
-    Ok(report)
-}
-
-fn publish_vhosts(store: &mut Store, config: &Config) -> Result<Report> {
-    let set = RouteSet::from_rows(
-        &store.route_rows(chrono::Utc::now(), config.ttl_secs)?,
-        config,
-    );
-    let text = routes::render_vhosts(&set.routes, config);
-    let path = &config.httpdstubfile;
-    let previous = routes::read_if_exists(path)?;
-    let changed = previous.as_deref() != Some(text.as_bytes());
-    let to_flip = set.to_flip();
-    let mut report = Report {
-        routes: set.routes.len(),
-        refused: set.refusal_lines(),
+    let published = Publisher::new(config)
+        .reconcile(&mut store, now)
+        .context("publishing routes")?;
+    Ok(Report {
+        skipped: false,
+        expired,
+        published,
         ..Report::default()
-    };
-    // Rows still `mapped` with an unchanged file mean an earlier reload did
-    // not happen (or failed): reload again before calling them proxied.
-    if !changed && to_flip.is_empty() {
-        return Ok(report);
-    }
-    if changed {
-        routes::write_atomically(path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        report.written = true;
-    }
-    if let Err(err) = config_test(config) {
-        if changed {
-            restore(path, previous.as_deref())
-                .with_context(|| format!("putting the previous {} back", path.display()))?;
-        }
-        return Err(err.context(format!(
-            "Apache's config test failed with the new {}; the previous routes stay in place",
-            path.display()
-        )));
-    }
-    reload(config).context("reloading Apache")?;
-    report.reloaded = true;
-    report.flipped = store.mark_proxied(&to_flip)?;
-    Ok(report)
-}
-
-fn restore(path: &Path, previous: Option<&[u8]>) -> Result<()> {
-    match previous {
-        Some(bytes) => routes::write_atomically(path, bytes)?,
-        None => std::fs::remove_file(path)?,
-    }
-    Ok(())
-}
-
-fn run_command(argv: &[String], what: &str) -> Result<()> {
-    let (program, args) = argv.split_first().context("empty command")?;
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {what} `{}`", argv.join(" ")))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        bail!(
-            "{what} `{}` failed ({}): {}",
-            argv.join(" "),
-            output.status,
-            format!("{} {}", stderr.trim(), stdout.trim()).trim()
-        );
-    }
-    Ok(())
-}
-
-fn config_test(config: &Config) -> Result<()> {
-    run_command(&config.apache_configtest, "config test")
-}
-
-/// `apache_reload` if configured, else SIGUSR1 (graceful restart) to the
-/// pid in `apache_pidfile`: one process, never a `killall`.
-fn reload(config: &Config) -> Result<()> {
-    if let Some(command) = &config.apache_reload {
-        return run_command(command, "reload command");
-    }
-    let pidfile = &config.apache_pidfile;
-    let text = std::fs::read_to_string(pidfile)
-        .with_context(|| format!("reading Apache's pid file {}", pidfile.display()))?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .ok()
-        .filter(|p| *p > 1)
-        .with_context(|| {
-            format!(
-                "{} does not hold a pid: {:?}",
-                pidfile.display(),
-                text.trim()
-            )
-        })?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGUSR1,
-    )
-    .with_context(|| {
-        format!(
-            "sending SIGUSR1 to Apache (pid {pid} from {})",
-            pidfile.display()
-        )
-    })?;
-    Ok(())
+    })
 }
 
 /// `cron --watch`: stays running, and runs again shortly after any change
@@ -220,27 +129,42 @@ pub fn watch(config: &Config, mut on_report: impl FnMut(Result<Report>)) -> Resu
             config.lockfile.display()
         );
     };
-    let watcher = rusqlite::Connection::open_with_flags(
-        &config.dbfile,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .with_context(|| format!("opening {} to watch it", config.dbfile.display()))?;
-    let data_version =
-        || -> Result<i64> { Ok(watcher.query_row("PRAGMA data_version", [], |r| r.get(0))?) };
+    let watcher = open_store(config)?;
+    let publisher = Publisher::new(config);
+    let data_version = || -> Result<i64> { Ok(watcher.data_version()?) };
     let mut seen = data_version()?;
-    on_report(run_locked(config));
+    let mut first = run_locked(config);
+    let (mut live, mut first_expiry) = publisher.live_targets(&watcher, Utc::now())?;
+    if let Ok(report) = first.as_mut() {
+        report.watching = Some(live.len());
+    }
+    on_report(first);
     let mut last_run = Instant::now();
     loop {
         thread::sleep(WATCH_POLL);
         let now = data_version()?;
-        if now != seen || last_run.elapsed() >= WATCH_IDLE_RUN {
+        let expired = first_expiry.is_some_and(|at| Utc::now() > at);
+        if now != seen || expired || last_run.elapsed() >= WATCH_IDLE_RUN {
             // Let a burst of writes (getlink, redeem, link) settle first.
             thread::sleep(WATCH_DEBOUNCE);
+            // What is seen is the version before the run: a commit made by
+            // anyone during the run (which may wait seconds on Apache's
+            // config test) then triggers the next run. The run's own
+            // writes trigger one more, which finds nothing to do and
+            // writes nothing.
             seen = data_version()?;
-            on_report(run_locked(config));
-            // Our own writes (expiry, flips) bump the version too; they
-            // need no second run.
-            seen = seen.max(data_version()?);
+            let mut report = run_locked(config);
+            // Open tunnels (websockets) to a backend whose route is gone
+            // would outlive the route: cut them.
+            let (still_live, next_expiry) = publisher.live_targets(&watcher, Utc::now())?;
+            let mut gone: Vec<String> = live.difference(&still_live).cloned().collect();
+            gone.sort();
+            if let Ok(report) = report.as_mut() {
+                report.tunnels_cut = gone.clone();
+                report.cut_failures = publish::cut_tunnels(&gone);
+            }
+            (live, first_expiry) = (still_live, next_expiry);
+            on_report(report);
             last_run = Instant::now();
         }
     }

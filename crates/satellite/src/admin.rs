@@ -15,12 +15,14 @@ use satellite_core::routes::{self, RouteSet};
 use satellite_core::store::{TokenRow, SCHEMA_VERSION};
 use satellite_core::{Config, Store};
 
+use crate::AboutPath;
+
 pub fn open_store(config: &Config) -> Result<Store> {
     Store::open(
         &config.dbfile,
         Duration::from_millis(config.busy_timeout_ms),
     )
-    .with_context(|| format!("opening {}", config.dbfile.display()))
+    .about_path("opening", &config.dbfile)
 }
 
 fn age(modified: &str) -> String {
@@ -96,20 +98,21 @@ pub fn show(config: &Config, token: &str) -> Result<String> {
     ))
 }
 
-/// After a change to the routes: in map routing publish at once; in vhost
-/// routing run cron (config test and reload).
+/// After rows were deleted: in map routing their routes went with them (the
+/// store's triggers, same transaction); in vhost routing run cron (config
+/// test and reload).
 fn republish(config: &Config, store: &mut Store) -> Result<String> {
     match config.routing {
-        Routing::Map => {
-            let published = routes::publish_map(store, config)?;
-            Ok(format!("route map updated ({} live)", published.routes))
-        }
+        Routing::Map => Ok(format!(
+            "routes table updated ({} live)",
+            store.live_route_count(Utc::now())?
+        )),
         Routing::Vhost => {
             let report = satellite_cron::run_once(config)?;
             Ok(if report.skipped {
                 "another cron run is in progress; it will drop the route".into()
             } else {
-                format!("Apache config updated ({} live)", report.routes)
+                format!("Apache config updated ({} live)", report.published.routes)
             })
         }
     }
@@ -172,10 +175,8 @@ pub fn stats(config: &Config) -> Result<String> {
 /// What a database holds and what migrating it will change, read without
 /// writing anything.
 pub fn inspect(db: &Path) -> Result<String> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .with_context(|| format!("opening {} read-only", db.display()))?;
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let found = Store::inspect(db).about_path("reading read-only", db)?;
+    let version = found.version;
     let mut out = format!(
         "{}:\n  schema version {version} (this build writes {SCHEMA_VERSION})\n",
         db.display()
@@ -186,56 +187,40 @@ pub fn inspect(db: &Path) -> Result<String> {
             db.display()
         );
     }
-    let has_proxy: bool = conn
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='proxy'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n > 0)?;
-    if !has_proxy {
+    if !found.has_proxy {
         out.push_str("  no proxy table: the tables will be created\n");
         return Ok(out);
     }
-    let columns: Vec<String> = {
-        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('proxy')")?;
-        let names = stmt.query_map([], |r| r.get(0))?;
-        names.collect::<rusqlite::Result<_>>()?
-    };
-    let variant = if columns.iter().any(|c| c == "revssh_user") {
+    let has_column = |name: &str| found.proxy_columns.iter().any(|c| c == name);
+    let variant = if has_column("revssh_user") {
         "revssh"
-    } else if columns.iter().any(|c| c == "jobid") {
+    } else if has_column("jobid") {
         "master"
     } else {
         "base (no jobid)"
     };
     let _ = writeln!(out, "  legacy schema variant: {variant}");
-    let mut stmt =
-        conn.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
-    let counts = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    for count in counts {
-        let (state, n) = count?;
+    for (state, n) in &found.tokens_by_state {
         let _ = writeln!(out, "  {n} {state} token(s)");
     }
     if version < SCHEMA_VERSION {
-        if !columns.iter().any(|c| c == "jobid") {
+        if !has_column("jobid") {
             out.push_str("  will add column proxy.jobid\n");
         }
-        out.push_str("  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n");
+        if version < 1 {
+            out.push_str("  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n");
+        }
+        out.push_str(
+            "  will add the routes table that Apache reads (map routing) and its triggers\n",
+        );
     }
-    let mut stmt = conn.prepare(
-        "SELECT group_concat(alias, ' = ') FROM proxy GROUP BY alias_compare_hash HAVING count(*) > 1",
-    )?;
-    let collisions: Vec<String> = stmt
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    if collisions.is_empty() {
+    if found.colliding_aliases.is_empty() {
         out.push_str("  no colliding aliases\n");
     } else {
         let _ = writeln!(
             out,
             "  BLOCKED: these rows share a hash (the original treated them as unknown); delete all but one of each: {}",
-            collisions.join("; ")
+            found.colliding_aliases.join("; ")
         );
     }
     Ok(out)
@@ -249,19 +234,15 @@ pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
                 db.display()
             ));
         }
-        let (_store, _) = Store::open_or_create(db, Duration::from_secs(10))
-            .with_context(|| format!("creating {}", db.display()))?;
+        let (_store, _) =
+            Store::open_or_create(db, Duration::from_secs(10)).about_path("creating", db)?;
         return Ok(format!("{}: created\n", db.display()));
     }
     let mut out = inspect(db)?;
     if dry_run {
         return Ok(out);
     }
-    let current = {
-        let conn = rusqlite::Connection::open(db)?;
-        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? == SCHEMA_VERSION
-    };
-    if current {
+    if Store::inspect(db)?.version == SCHEMA_VERSION {
         out.push_str("  already current; nothing to do\n");
         return Ok(out);
     }
@@ -270,15 +251,10 @@ pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
         db.display(),
         Utc::now().format("%Y%m%dT%H%M%SZ")
     ));
-    {
-        let conn = rusqlite::Connection::open(db)?;
-        conn.execute("VACUUM INTO ?1", [backup.to_string_lossy()])
-            .with_context(|| format!("backing up to {}", backup.display()))?;
-    }
+    Store::backup_to(db, &backup).with_context(|| format!("backing up to {}", backup.display()))?;
     let _ = writeln!(out, "  backup written to {}", backup.display());
-    Store::open(db, Duration::from_secs(10))
-        .with_context(|| format!("migrating {}", db.display()))?;
-    out.push_str("  migrated\n");
+    Store::open(db, Duration::from_secs(10)).about_path("migrating", db)?;
+    out.push_str("  migrated; in map routing run `satellite cron` once to fill the routes table\n");
     Ok(out)
 }
 
@@ -322,8 +298,7 @@ pub fn push_jobstates(
 ) -> Result<String> {
     let states = satellite_core::endpoints::parse_job_table(table.as_bytes());
     if let Some(db) = db {
-        let mut store = Store::open(db, Duration::from_secs(10))
-            .with_context(|| format!("opening {}", db.display()))?;
+        let mut store = Store::open(db, Duration::from_secs(10)).about_path("opening", db)?;
         let n = store.update_jobstates(&states, Utc::now().timestamp())?;
         return Ok(format!("wrote {n} job state(s) to {}\n", db.display()));
     }

@@ -5,7 +5,6 @@ use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use satellite_core::config::Routing;
 use satellite_core::store::SCHEMA_VERSION;
@@ -69,10 +68,11 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     let config = match config {
         Ok(config) => config,
         Err(err) => {
+            // The error names the file ("configuration file X: ...").
             return vec![fail(
-                format!("configuration: {err}"),
+                err,
                 "correct the file (every key is described in the installed etc/satellite.toml)",
-            )]
+            )];
         }
     };
     let mut findings = vec![ok(format!(
@@ -101,26 +101,14 @@ fn check_database(config: &Config) -> Finding {
             "satellite migrate (or satellite init)",
         );
     }
-    let conn =
-        match rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        {
-            Ok(conn) => conn,
-            Err(err) => {
-                return fail(
-                    format!("database {}: {err}", db.display()),
-                    "check its path and permissions",
-                )
-            }
-        };
-    let _ = conn.busy_timeout(Duration::from_secs(2));
-    match conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)) {
+    match satellite_core::Store::inspect(db).map(|found| found.version) {
         Ok(SCHEMA_VERSION) => ok(format!(
             "database {} has the current schema ({SCHEMA_VERSION})",
             db.display()
         )),
-        Ok(0) => warn(
+        Ok(v) if v < SCHEMA_VERSION => warn(
             format!(
-                "database {} has the legacy schema; the first request will migrate it",
+                "database {} has an older schema ({v}); the first request will migrate it",
                 db.display()
             ),
             format!(
@@ -137,7 +125,7 @@ fn check_database(config: &Config) -> Finding {
         ),
         Err(err) => fail(
             format!("database {}: {err}", db.display()),
-            "is it a SQLite file?",
+            "check its path and permissions; is it a SQLite file?",
         ),
     }
 }
@@ -173,6 +161,29 @@ fn mode_of(path: &Path) -> Option<u32> {
         .map(|m| m.permissions().mode() & 0o7777)
 }
 
+/// Apache reads the vhost include as configuration, as root: whoever can
+/// write it (or replace it in its directory) can run commands as root at
+/// the next reload.
+fn not_writable_by_others(path: &Path) -> Finding {
+    match mode_of(path) {
+        Some(mode) if mode & 0o022 != 0 => fail(
+            format!(
+                "{} is writable by its group or others ({mode:o}): Apache reads it as configuration",
+                path.display()
+            ),
+            format!("chmod go-w {} (only cron's user writes it)", path.display()),
+        ),
+        Some(mode) => ok(format!(
+            "{} is writable by its owner only ({mode:o})",
+            path.display()
+        )),
+        None => warn(
+            format!("{} does not exist yet", path.display()),
+            "satellite init, then satellite cron",
+        ),
+    }
+}
+
 fn check_files(config: &Config) -> Vec<Finding> {
     let mut findings = Vec::new();
     let writable_by_group = |dir: &Path, why: &str| -> Finding {
@@ -205,20 +216,19 @@ fn check_files(config: &Config) -> Vec<Finding> {
     }
     match config.routing {
         Routing::Map => {
-            if let Some(dynconf) = config.mapfile.parent() {
-                findings.push(writable_by_group(
-                    dynconf,
-                    "in map routing the endpoints rewrite the route map",
-                ));
-            }
-            if !config.mapfile.exists() {
+            findings.push(check_dbd_driver());
+            if config.obsolete_mapfile.is_some() || config.obsolete_map_format.is_some() {
                 findings.push(warn(
-                    format!("route map {} does not exist yet", config.mapfile.display()),
-                    "satellite cron (creates it)",
+                    "mapfile and map_format are obsolete: map routing reads routes from the database",
+                    "remove them from satellite.toml (they are ignored)",
                 ));
             }
         }
         Routing::Vhost => {
+            findings.push(not_writable_by_others(&config.httpdstubfile));
+            if let Some(dynconf) = config.httpdstubfile.parent() {
+                findings.push(not_writable_by_others(dynconf));
+            }
             if !config.httpdstubfile.exists() {
                 findings.push(warn(
                     format!("{} does not exist yet", config.httpdstubfile.display()),
@@ -402,5 +412,33 @@ fn check_certificate(config: &Config, cert: Option<&Path>) -> Finding {
             "{} covers *.{ext} and {ext}, valid until {end}",
             cert.display()
         ))
+    }
+}
+
+/// Map routing needs APR's SQLite driver for mod_dbd: without it Apache
+/// refuses the `DBDriver sqlite3` line and no route is ever found.
+fn check_dbd_driver() -> Finding {
+    let mut dirs = vec![
+        std::path::PathBuf::from("/usr/lib64/apr-util-1"),
+        std::path::PathBuf::from("/usr/lib/apr-util-1"),
+    ];
+    if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+        dirs.extend(entries.flatten().map(|e| e.path().join("apr-util-1")));
+    }
+    let found = dirs.iter().find_map(|dir| {
+        std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name.starts_with("apr_dbd_sqlite3") && name.ends_with(".so")).then(|| e.path())
+        })
+    });
+    match found {
+        Some(driver) => ok(format!(
+            "APR's SQLite driver for mod_dbd: {}",
+            driver.display()
+        )),
+        None => fail(
+            "APR's SQLite driver for mod_dbd is not installed: map routing cannot read routes",
+            "apt-get install libaprutil1-dbd-sqlite3 (Debian), dnf install apr-util-sqlite (RHEL)",
+        ),
     }
 }

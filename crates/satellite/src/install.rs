@@ -5,7 +5,7 @@
 //! <prefix>/bin/satellite, cron  the admin command and the cron program
 //! <prefix>/etc/satellite.toml   the configuration (never overwritten)
 //! <prefix>/var/                 database and word list; 2770, web server group
-//! <prefix>/dynconf/             routes.map / proxyconf.conf
+//! <prefix>/dynconf/             proxyconf.conf (vhost routing)
 //! <prefix>/html/                retry page and site assets
 //! ```
 
@@ -18,20 +18,17 @@ use nix::unistd::{chown, Gid, Group, Uid, User};
 use satellite_core::{Endpoint, Store};
 
 use crate::admin::set_mode;
+use crate::AboutPath;
 
 pub const WORDLIST: &str = include_str!("../../../wordlist/eff_large_wordlist.txt");
 pub const RETRY_PAGE: &str = include_str!("../../../html/satellite/retry.html");
 pub const WAITING_PAGE: &str = include_str!("../../../html/satellite/waiting.html");
+pub const DEFAULT_MESSAGE: &str = include_str!("../../../html/satellite/default.txt");
 pub const CONFIG_TEMPLATE: &str = include_str!("../assets/satellite.toml");
 
-/// Written by cron and, in map routing, by the endpoints (as the web
-/// server): created up front, group-writable, so neither locks the other out.
-const LOCK_AND_ROUTE_FILES: [&str; 4] = [
-    "dynconf/routes.map",
-    "dynconf/proxyconf.conf",
-    "dynconf/.routes.map.lock",
-    "dynconf/.satellite.lock",
-];
+/// Written by cron: created up front so that Apache's include and cron's
+/// lock exist before the first run.
+const LOCK_AND_ROUTE_FILES: [&str; 2] = ["dynconf/proxyconf.conf", "dynconf/.satellite.lock"];
 
 pub struct InitOptions {
     pub prefix: PathBuf,
@@ -50,119 +47,179 @@ fn default_apache_user() -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Makes (or completes) the install tree under `options.prefix` and says
+/// what it did, a line a step. Safe to run again: the configuration, the
+/// word list and the database are kept, the programs replaced.
+///
+/// # Errors
+/// When a program is missing beside this one, a file cannot be written, or
+/// (as root) the web server's user or the cron user does not exist.
 pub fn init(options: &InitOptions) -> Result<String> {
     let prefix = &options.prefix;
     let mut log = String::new();
-    let programs = match &options.programs_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()?
-            .canonicalize()?
-            .parent()
-            .context("locating the programs")?
-            .to_owned(),
-    };
     for dir in ["cgi", "bin", "etc", "var", "dynconf", "html/satellite"] {
         fs::create_dir_all(prefix.join(dir))
             .with_context(|| format!("creating {}", prefix.join(dir).display()))?;
     }
+    install_programs(&programs_dir(options)?, prefix)?;
+    log.push_str(&format!(
+        "installed the programs into {0}/cgi and {0}/bin\n",
+        prefix.display()
+    ));
+    log.push_str(&write_config(prefix, &options.extbasename)?);
+    write_data_files(prefix, &options.extbasename)?;
+    log.push_str(&create_database(prefix)?);
+    set_modes(prefix)?;
+    if Uid::effective().is_root() {
+        log.push_str(&give_to_web_server(prefix, options)?);
+    } else {
+        log.push_str(
+            "not root: ownership left as is (run as root to give var/ to the web server group)\n",
+        );
+    }
+    Ok(log)
+}
+
+fn programs_dir(options: &InitOptions) -> Result<PathBuf> {
+    match &options.programs_dir {
+        Some(dir) => Ok(dir.clone()),
+        None => Ok(std::env::current_exe()?
+            .canonicalize()?
+            .parent()
+            .context("locating the programs")?
+            .to_owned()),
+    }
+}
+
+fn install_programs(programs: &Path, prefix: &Path) -> Result<()> {
     for endpoint in Endpoint::ALL {
         install_program(
-            &programs,
+            programs,
             endpoint.name(),
             &prefix.join(format!("cgi/{}.cgi", endpoint.name())),
         )?;
     }
     for name in ["satellite", "cron"] {
-        install_program(&programs, name, &prefix.join("bin").join(name))?;
+        install_program(programs, name, &prefix.join("bin").join(name))?;
     }
-    log.push_str(&format!(
-        "installed the programs into {0}/cgi and {0}/bin\n",
-        prefix.display()
-    ));
+    Ok(())
+}
 
+/// A configuration for `extbasename` unless there is one: an admin's
+/// settings are never overwritten.
+fn write_config(prefix: &Path, extbasename: &str) -> Result<String> {
     let config = prefix.join("etc/satellite.toml");
     if config.exists() {
-        log.push_str(&format!("kept {}\n", config.display()));
-    } else {
-        fs::write(
-            &config,
-            CONFIG_TEMPLATE.replace("@EXTBASENAME@", &options.extbasename),
-        )?;
-        log.push_str(&format!("wrote {}\n", config.display()));
+        return Ok(format!("kept {}\n", config.display()));
     }
+    fs::write(
+        &config,
+        CONFIG_TEMPLATE.replace("@EXTBASENAME@", extbasename),
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    Ok(format!("wrote {}\n", config.display()))
+}
+
+fn write_data_files(prefix: &Path, extbasename: &str) -> Result<()> {
     write_if_missing(&prefix.join("var/eff_large_wordlist.txt"), WORDLIST)?;
-    fs::write(prefix.join("html/satellite/retry.html"), RETRY_PAGE)?;
-    fs::write(prefix.join("html/satellite/waiting.html"), WAITING_PAGE)?;
+    for (name, text) in [
+        ("retry.html", RETRY_PAGE),
+        ("waiting.html", WAITING_PAGE),
+        ("default.txt", DEFAULT_MESSAGE),
+    ] {
+        let path = prefix.join("html/satellite").join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     // What the waiting page shows as the site's name and help link; the
     // site edits it (a static file, so pages cost Apache no process).
     write_if_missing(
         &prefix.join("html/satellite/site.json"),
-        &site_json(&options.extbasename),
+        &site_json(extbasename),
     )?;
     for file in LOCK_AND_ROUTE_FILES {
         write_if_missing(&prefix.join(file), "")?;
     }
-    let db = prefix.join("var/state.sqlite");
-    let (_store, migration) = Store::open_or_create(&db, Duration::from_secs(10))
-        .with_context(|| format!("creating {}", db.display()))?;
-    if migration.created {
-        log.push_str(&format!("created {}\n", db.display()));
-    }
+    Ok(())
+}
 
-    // The web server runs the endpoints: it writes the database (and WAL
-    // files beside it) and, in map routing, the route map.
-    set_mode(&prefix.join("var"), 0o2770)?;
-    set_mode(&prefix.join("dynconf"), 0o2770)?;
-    set_mode(&db, 0o660)?;
-    for file in LOCK_AND_ROUTE_FILES {
-        set_mode(&prefix.join(file), 0o664)?;
-    }
-    set_mode(&config, 0o640)?;
-    if Uid::effective().is_root() {
-        let apache = options
-            .apache_user
-            .clone()
-            .or_else(default_apache_user)
-            .context("no web server user found (www-data, apache); give --apache-user")?;
-        let group = Group::from_name(&apache)?
-            .map(|g| g.gid)
-            .or_else(|| User::from_name(&apache).ok().flatten().map(|u| u.gid))
-            .with_context(|| format!("no group for web server user {apache}"))?;
-        let owner = match &options.cron_user {
-            Some(name) => {
-                User::from_name(name)?
-                    .with_context(|| format!("no user {name}"))?
-                    .uid
-            }
-            None => Uid::from_raw(0),
-        };
-        for path in [
-            "etc",
-            "etc/satellite.toml",
-            "var",
-            "var/state.sqlite",
-            "var/eff_large_wordlist.txt",
-            "dynconf",
-            "dynconf/routes.map",
-            "dynconf/proxyconf.conf",
-        ] {
-            chown(&prefix.join(path), Some(owner), Some(group))
-                .with_context(|| format!("chown {}", prefix.join(path).display()))?;
-        }
-        for wal in ["var/state.sqlite-wal", "var/state.sqlite-shm"] {
-            let _ = chown(
-                &prefix.join(wal),
-                Some(owner),
-                Some(Gid::from_raw(group.as_raw())),
-            );
-        }
-        log.push_str(&format!(
-            "var/ and dynconf/ belong to group {apache} (mode 2770)\n"
-        ));
+fn create_database(prefix: &Path) -> Result<String> {
+    let db = prefix.join("var/state.sqlite");
+    let (_store, migration) =
+        Store::open_or_create(&db, Duration::from_secs(10)).about_path("creating", &db)?;
+    Ok(if migration.created {
+        format!("created {}\n", db.display())
     } else {
-        log.push_str("not root: ownership left as is (run as root to give var/ and dynconf/ to the web server group)\n");
+        String::new()
+    })
+}
+
+/// The web server runs the endpoints: it writes the database (and WAL
+/// files beside it). Apache reads dynconf/ as configuration, so only
+/// cron's user may write there: never the web server user, whose code
+/// would otherwise run as root at the next reload.
+fn set_modes(prefix: &Path) -> Result<()> {
+    set_mode(&prefix.join("var"), 0o2770)?;
+    set_mode(&prefix.join("dynconf"), 0o755)?;
+    set_mode(&prefix.join("var/state.sqlite"), 0o660)?;
+    for file in LOCK_AND_ROUTE_FILES {
+        set_mode(&prefix.join(file), 0o644)?;
     }
-    Ok(log)
+    set_mode(&prefix.join("etc/satellite.toml"), 0o640)
+}
+
+/// As root: what the web server writes belongs to its group, and to the
+/// cron user (root unless named); what Apache reads as configuration to
+/// the cron user alone.
+fn give_to_web_server(prefix: &Path, options: &InitOptions) -> Result<String> {
+    let apache = options
+        .apache_user
+        .clone()
+        .or_else(default_apache_user)
+        .context("no web server user found (www-data, apache); give --apache-user")?;
+    let group = Group::from_name(&apache)?
+        .map(|g| g.gid)
+        .or_else(|| User::from_name(&apache).ok().flatten().map(|u| u.gid))
+        .with_context(|| format!("no group for web server user {apache}"))?;
+    let owner = match &options.cron_user {
+        Some(name) => {
+            User::from_name(name)?
+                .with_context(|| format!("no user {name}"))?
+                .uid
+        }
+        None => Uid::from_raw(0),
+    };
+    for path in [
+        "etc",
+        "etc/satellite.toml",
+        "var",
+        "var/state.sqlite",
+        "var/eff_large_wordlist.txt",
+    ] {
+        chown(&prefix.join(path), Some(owner), Some(group))
+            .with_context(|| format!("chown {}", prefix.join(path).display()))?;
+    }
+    let owner_group = User::from_uid(owner)?
+        .map(|u| u.gid)
+        .unwrap_or(Gid::from_raw(0));
+    for path in [
+        "dynconf",
+        "dynconf/proxyconf.conf",
+        "dynconf/.satellite.lock",
+    ] {
+        chown(&prefix.join(path), Some(owner), Some(owner_group))
+            .with_context(|| format!("chown {}", prefix.join(path).display()))?;
+    }
+    for wal in ["var/state.sqlite-wal", "var/state.sqlite-shm"] {
+        // They exist only while a connection is open; missing is fine.
+        let _ = chown(
+            &prefix.join(wal),
+            Some(owner),
+            Some(Gid::from_raw(group.as_raw())),
+        );
+    }
+    Ok(format!(
+        "var/ belongs to group {apache} (mode 2770); dynconf/ only to cron's user (mode 755)\n"
+    ))
 }
 
 fn install_program(from_dir: &Path, name: &str, to: &Path) -> Result<()> {

@@ -4,12 +4,12 @@
 
 pub mod admin;
 pub mod check;
-pub mod demo;
 pub mod install;
-pub mod private_apache;
+pub mod jobstates;
 
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
+use std::path::Path;
 use std::process::ExitCode;
 
 use http::StatusCode;
@@ -17,6 +17,32 @@ use satellite_cgi::CgiError;
 use satellite_core::endpoints::{bug_response, config_error_response, oops, Body};
 use satellite_core::syslog::Syslog;
 use satellite_core::{handle, ClientAddr, Config, Context, Endpoint};
+
+/// Context for an error about one file that names the file once: the
+/// configuration's and the store's errors name their path already, a bare
+/// SQLite or I/O error does not.
+pub trait AboutPath<T> {
+    /// Adds `<what> <path>` unless the error's message names `path`.
+    fn about_path(self, what: &str, path: &Path) -> anyhow::Result<T>;
+}
+
+impl<T, E> AboutPath<T> for Result<T, E>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn about_path(self, what: &str, path: &Path) -> anyhow::Result<T> {
+        self.map_err(|err| {
+            let path = path.display().to_string();
+            let names_path = err.to_string().contains(&path);
+            let err = anyhow::Error::new(err);
+            if names_path {
+                err
+            } else {
+                err.context(format!("{what} {path}"))
+            }
+        })
+    }
+}
 
 /// Answers the one request of this process for `endpoint`, as Apache's
 /// mod_cgi expects: meta-variables in, a `Status:` header and body out, and
@@ -44,6 +70,13 @@ pub fn run_cgi(endpoint: Endpoint) -> ExitCode {
 
 fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
     let name = endpoint.name();
+    if !satellite_cgi::started_by_web_server() {
+        eprintln!(
+            "{name}: this is a CGI program: install it as {name}.cgi and let the web server run it \
+             (GATEWAY_INTERFACE is not set)"
+        );
+        return None;
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(err) => {
@@ -51,32 +84,16 @@ fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
             return Some(config_error_response());
         }
     };
-    let cgi = match satellite_cgi::read_request(
+    let cgi = satellite_cgi::read_request(
         std::env::vars_os(),
         io::stdin().lock(),
         config.max_body_bytes,
-    ) {
+    );
+    let cgi = match cgi {
         Ok(cgi) => cgi,
-        Err(CgiError::NotCgi) => {
-            eprintln!(
-                "{name}: this is a CGI program: install it as {name}.cgi and let the web server run it \
-                 (REQUEST_METHOD is not set)"
-            );
-            return None;
-        }
         Err(err) => {
             eprintln!("satellite {name}: {err}");
-            let (status, message) = match err {
-                CgiError::BodyTooLarge { limit } => (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("Request body too large (at most {limit} bytes)"),
-                ),
-                CgiError::UriTooLong => {
-                    (StatusCode::URI_TOO_LONG, "Request URI too long".to_owned())
-                }
-                _ => (StatusCode::BAD_REQUEST, "Malformed request".to_owned()),
-            };
-            return Some(oops(&config, status, &message));
+            return Some(refusal(&config, &err));
         }
     };
     let mut request = cgi.request;
@@ -86,6 +103,19 @@ fn answer(endpoint: Endpoint) -> Option<http::Response<Body>> {
     let syslog = Syslog::new(&config.syslog_socket, "satellite");
     let mut ctx = Context::new(config, syslog);
     Some(handle(&mut ctx, endpoint, &request))
+}
+
+/// The answer to a request the CGI environment could not describe.
+fn refusal(config: &Config, err: &CgiError) -> http::Response<Body> {
+    let (status, message) = match err {
+        CgiError::BodyTooLarge { limit } => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Request body too large (at most {limit} bytes)"),
+        ),
+        CgiError::UriTooLong => (StatusCode::URI_TOO_LONG, "Request URI too long".to_owned()),
+        _ => (StatusCode::BAD_REQUEST, "Malformed request".to_owned()),
+    };
+    oops(config, status, &message)
 }
 
 /// The `cron` program: `cron [--watch] [--verbose]`. Exit status 0 when

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use satellite::{admin, install};
 use satellite_core::Config;
@@ -114,6 +114,21 @@ enum JobstatesCommand {
         #[arg(long)]
         url: Option<String>,
     },
+    /// On the broker host: query Slurm itself and end the sessions of jobs that are over
+    Poll {
+        /// One query, then exit (non-zero if the query failed)
+        #[arg(long)]
+        once: bool,
+        /// Seconds between queries (each with ±10% jitter)
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        every: u64,
+        /// Seconds a query may take before it is abandoned (and counts as no news)
+        #[arg(long, value_name = "SECS", default_value_t = 20)]
+        timeout: u64,
+        /// The squeue program [default: /usr/bin/squeue]
+        #[arg(long, value_name = "PATH")]
+        squeue: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -132,8 +147,8 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
         Some(path) => path.clone(),
         None => Config::locate()?,
     };
-    Config::load_file(&path)
-        .with_context(|| format!("loading the configuration {}", path.display()))
+    // The configuration's errors name the file already.
+    Ok(Config::load_file(&path)?)
 }
 
 fn print(text: String) -> Result<ExitCode> {
@@ -151,7 +166,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .unwrap_or_else(|| config.serve_listen.clone());
             let server = satellite_serve::Server::bind(config, &listen)?;
             server.stop_on_signals()?;
-            eprintln!("satellite serve: listening on http://{listen}/");
+            // The bound address, not the one asked for: with port 0 the
+            // caller learns the port the system chose.
+            eprintln!("{}{}/", satellite_serve::LISTENING, server.local_addr()?);
             server.run()?;
             Ok(ExitCode::SUCCESS)
         }
@@ -197,12 +214,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Demo { walkthrough, port } => {
-            satellite::demo::demo(&satellite::demo::DemoOptions {
+            let options = satellite_demo::demo::DemoOptions {
                 port: *port,
                 walkthrough: *walkthrough,
+            };
+            satellite_demo::demo::demo(&options, |prefix, domain| {
+                install::init(&install::InitOptions {
+                    prefix: prefix.to_owned(),
+                    apache_user: None,
+                    cron_user: None,
+                    extbasename: domain.to_owned(),
+                    programs_dir: None,
+                })
+                .map(drop)
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Jobstates {
+            command:
+                JobstatesCommand::Poll {
+                    once,
+                    every,
+                    timeout,
+                    squeue,
+                },
+        } => print(satellite::jobstates::poll(
+            &config()?,
+            &satellite::jobstates::PollOptions {
+                once: *once,
+                every: std::time::Duration::from_secs((*every).max(1)),
+                timeout: std::time::Duration::from_secs((*timeout).max(1)),
+                squeue: squeue.clone(),
+            },
+        )?),
         Command::Jobstates {
             command: JobstatesCommand::Push { from, db, url },
         } => {

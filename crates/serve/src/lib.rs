@@ -47,6 +47,11 @@ extern "C" fn request_shutdown(_: nix::libc::c_int) {
     SHUTDOWN.store(true, Ordering::SeqCst);
 }
 
+/// What `satellite serve` writes to stderr once it listens, followed by the
+/// bound address and `/`: a program that starts it on port 0 learns the
+/// port from this line.
+pub const LISTENING: &str = "satellite serve: listening on http://";
+
 /// A running server; `run` blocks until SIGTERM/SIGINT (or `stop`).
 pub struct Server {
     listener: std::net::TcpListener,
@@ -56,11 +61,25 @@ pub struct Server {
 }
 
 impl Server {
+    /// Listens on `listen` (`host:port`).
+    ///
+    /// # Errors
+    /// When the address cannot be bound or the server cannot start.
     pub fn bind(config: Config, listen: &str) -> Result<Self> {
-        raise_descriptor_limit();
-        watch_for_tiny_http_panics();
         let listener = std::net::TcpListener::bind(listen)
             .with_context(|| format!("listening on {listen}"))?;
+        Self::on_listener(config, listener)
+    }
+
+    /// Serves on a socket the caller has bound already: a caller that binds
+    /// port 0 knows the port it got and keeps it, where picking a free port
+    /// and binding it again later could lose it to another process.
+    ///
+    /// # Errors
+    /// When the server cannot start on the socket.
+    pub fn on_listener(config: Config, listener: std::net::TcpListener) -> Result<Self> {
+        raise_descriptor_limit();
+        watch_for_tiny_http_panics();
         let http = serve_on(&listener)?;
         Ok(Server {
             listener,
@@ -68,6 +87,15 @@ impl Server {
             config,
             stop: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The address it listens on: the port the system chose when asked to
+    /// listen on port 0.
+    ///
+    /// # Errors
+    /// When the socket cannot be asked (it is always bound by now).
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
     }
 
     /// Makes SIGTERM and SIGINT stop the server gracefully.

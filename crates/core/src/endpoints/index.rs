@@ -1,18 +1,21 @@
-//! `index.cgi`: what a host that is not (yet) proxied shows. A pending or
-//! mapped alias gets the waiting page on every path, so a deep link such as
-//! Jupyter's `/lab?token=…` waits instead of answering 404; everything else
-//! gets the original's plain default message.
+//! `index.cgi`: what a host that is not (yet) proxied shows. Every
+//! token-shaped host gets the waiting page on every path, so a deep link
+//! such as Jupyter's `/lab?token=…` waits instead of answering 404; the
+//! page asks tokenjobstate what to say. The answer is the same bytes
+//! whether the token is pending, unknown or gone, so it tells a guesser
+//! nothing, and no database is opened. Everything else gets the original's
+//! plain default message. Apache serves the same two answers as static
+//! files (`html/satellite/`); this program answers legacy callers.
 
 use http::{header, Method, Request, StatusCode};
 
 use super::{require_method, text_response, Body, Context, Outcome, ONLY_GET};
-use crate::store::ProxyState;
 
 pub const DEFAULT_MESSAGE: &str = "Please see documentation on how to use this service.\n";
 
 /// Shipped in the binary so that a missing html directory cannot take the
 /// waiting page down; `<htmldir>/waiting.html` replaces it when present.
-const WAITING_PAGE: &str = include_str!("../../assets/waiting.html");
+const WAITING_PAGE: &str = include_str!("../../../../html/satellite/waiting.html");
 
 /// Host headers longer than a DNS name cannot name an alias.
 const MAX_HOST_LEN: usize = 255;
@@ -23,16 +26,9 @@ pub(super) fn index(ctx: &mut Context, request: &Request<Body>) -> Outcome {
         .headers()
         .get(header::HOST)
         .and_then(|host| alias_of_host(host.as_bytes(), &ctx.config.extbasename));
-    let waiting = match alias {
-        Some(alias) => {
-            let (now, ttl) = (ctx.now(), ctx.config.ttl_secs);
-            matches!(
-                ctx.store()?.proxy_state(&alias, now, ttl)?,
-                Some(ProxyState::Pending | ProxyState::Mapped | ProxyState::Proxied)
-            )
-        }
-        None => false,
-    };
+    // A token has at least two words: `manage`, `www` and the like are not
+    // tokens.
+    let waiting = alias.is_some_and(|alias| alias.contains('-'));
     if !waiting {
         return Ok(text_response(
             StatusCode::OK,

@@ -50,20 +50,26 @@ pub(super) fn tokenjobstate(ctx: &mut Context, request: &Request<Body>) -> Outco
         );
         preflight
     } else {
-        let code = match &token {
-            Some(alias) => {
-                let (now, ttl) = (ctx.now(), ctx.config.ttl_secs);
-                let found = ctx.store()?.token_job(alias, now, ttl)?;
-                found.map(|job| ctx.classifier.display_code(&job, now.timestamp()))
-            }
+        let (now, ttl) = (ctx.now(), ctx.config.ttl_secs);
+        let found = match &token {
+            Some(alias) => ctx.store()?.token_job(alias, now, ttl)?,
             None => None,
         };
-        // Unknown tokens get 200 and an empty body: the page keeps polling.
-        text_response(
-            StatusCode::OK,
-            "text/plain",
-            code.unwrap_or("").as_bytes().to_vec(),
-        )
+        let code = found
+            .as_ref()
+            .map(|job| ctx.classifier.display_code(job, now.timestamp()));
+        if params.get("format").is_some_and(|f| f == b"json") {
+            let body = job_json(found.as_ref(), code);
+            text_response(StatusCode::OK, "application/json", body.into_bytes())
+        } else {
+            // Unknown tokens get 200 and an empty body: the page keeps
+            // polling (the legacy page knows no other answer).
+            text_response(
+                StatusCode::OK,
+                "text/plain",
+                code.unwrap_or("").as_bytes().to_vec(),
+            )
+        }
     };
     let headers = response.headers_mut();
     if let Some(origin) = allowed_origin {
@@ -81,16 +87,80 @@ pub(super) fn update_jobs(ctx: &mut Context, request: &Request<Body>) -> Outcome
         "Only POST method is supported",
     )?;
     let form = Params::parse(request.body());
-    let table = form.get("jobstates").ok_or_else(|| missing("jobstates"))?;
+    form.get("jobstates").ok_or_else(|| missing("jobstates"))?;
     allowed_client(request, &ctx.config.jobstateipmask, "")?;
-    let states = parse_job_table(table);
-    let now = ctx.now().timestamp();
-    ctx.store()?.update_jobstates(&states, now)?;
+    // Old pushes (`<jobid> <state>` lines) and new ones (more fields,
+    // `complete=1`, `taken=`) alike; see satellite_sched::wire.
+    let snapshot = crate::sessions::Snapshot::from_wire(&satellite_sched::wire::parse_form_body(
+        request.body(),
+    ));
+    let now = ctx.now();
+    ctx.store()?;
+    let applied = ctx.apply_snapshot(&snapshot, now)?;
+    for (alias, cause) in &applied.ended {
+        ctx.syslog.info(&format!(
+            "satellite session ended token-id: {} cause: {cause}",
+            super::short_id(alias)
+        ));
+    }
+    for (alias, mismatch) in &applied.warned {
+        ctx.syslog.info(&format!(
+            "satellite job binding warning token-id: {} {mismatch}",
+            super::short_id(alias)
+        ));
+    }
     Ok(text_response(
         StatusCode::OK,
         "text/html",
         b"Successfully updated jobs! \n".to_vec(),
     ))
+}
+
+/// Job states in which a job that never redeemed its token failed to start.
+const FAILED_TO_START: [&str; 8] = [
+    "FAILED",
+    "F",
+    "BOOT_FAIL",
+    "BF",
+    "NODE_FAIL",
+    "NF",
+    "OUT_OF_MEMORY",
+    "OOM",
+];
+
+/// tokenjobstate's `format=json` answer, for the waiting page: the legacy
+/// code plus `X` (unknown or expired token, final) and `E` (the job failed
+/// before it redeemed, final), and what is known of the job.
+fn job_json(found: Option<&crate::store::TokenJob>, code: Option<&str>) -> String {
+    let Some(token) = found else {
+        return serde_json::json!({ "state": "X", "job": null }).to_string();
+    };
+    let job_state = token.job_state.as_deref().unwrap_or("");
+    let failed_to_start = token.proxy_state == crate::store::ProxyState::Ended
+        && !token.redeemed
+        && FAILED_TO_START.contains(&job_state.to_ascii_uppercase().as_str());
+    let state = if failed_to_start {
+        "E"
+    } else {
+        code.unwrap_or("U")
+    };
+    let ended_at = token
+        .ended_at
+        .as_deref()
+        .and_then(crate::store::parse_sql_timestamp)
+        .map(|t| t.timestamp());
+    let job = token.jobid.as_ref().map(|id| {
+        let detail = token.job.as_ref();
+        serde_json::json!({
+            "id": id,
+            "state": token.job_state,
+            "reason": detail.and_then(|j| j.reason.clone()),
+            "start": detail.and_then(|j| j.start_time),
+            "time_limit_secs": detail.and_then(|j| j.time_limit_secs),
+            "ended_at": ended_at,
+        })
+    });
+    serde_json::json!({ "state": state, "job": job, "ended_at": ended_at }).to_string()
 }
 
 /// `<jobid> <state>` lines, extra fields ignored. Unlike the original,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
-use crate::config::{Config, Routing};
+use crate::config::Config;
 use crate::error::CoreError;
 use crate::ipmask::{canonical_ip, IpMaskList};
 use crate::jobstate::JobClassifier;
@@ -128,25 +128,61 @@ impl Context {
         Ok(self.store.as_mut().expect("opened above"))
     }
 
-    /// Map routing: a route change is published before the answer goes
-    /// out, so the route is live the moment the client reads `Success!`.
-    /// A failure leaves the row `mapped` for `cron` to repair; the client's
-    /// request itself did succeed.
-    fn publish_routes(&mut self) {
-        if self.config.routing != Routing::Map {
-            return;
+    /// Redeems `alias` through the route publisher: in map routing the
+    /// route is live when this returns `Redeemed`; a route that cannot be
+    /// published is an error and changes nothing.
+    fn redeem(
+        &mut self,
+        alias: &str,
+        host: IpAddr,
+        port: u16,
+    ) -> Result<crate::store::RedeemOutcome, CoreError> {
+        let now = self.now();
+        self.store()?;
+        let store = self.store.as_mut().expect("opened above");
+        crate::publish::Publisher::new(&self.config).redeem(store, alias, host, port, now)
+    }
+
+    /// Why a redeem of `alias` from `host` is not its linked job's, if the
+    /// last pushes say so for sure (a linked, running job with known nodes
+    /// or a denied user); `None` when nothing is known against it.
+    fn redeem_mismatch(&mut self, alias: &str, host: IpAddr) -> Result<Option<String>, CoreError> {
+        if self.config.job_binding == crate::config::JobBinding::Off {
+            return Ok(None);
         }
-        let Some(store) = self.store.as_mut() else {
-            return;
+        let (now, ttl) = (self.now(), self.config.ttl_secs);
+        let Some(token) = self.store()?.token_job(alias, now, ttl)? else {
+            return Ok(None);
         };
-        match crate::routes::publish_map(store, &self.config) {
-            Ok(published) => {
-                for line in published.refused {
-                    eprintln!("satellite: {line}");
-                }
-            }
-            Err(err) => eprintln!("satellite: publishing routes (cron will retry): {err}"),
-        }
+        let (Some(jobid), Some(job)) = (token.jobid, token.job) else {
+            return Ok(None);
+        };
+        let session = crate::store::LinkedSession {
+            alias: alias.to_owned(),
+            state: token.proxy_state,
+            jobid,
+            dsthost: Some(host.to_string()),
+            linked_at: None,
+            job: None,
+        };
+        let mut resolver = crate::sessions::NodeResolver::new(&self.config);
+        Ok(crate::sessions::binding_violation(
+            &self.config,
+            &mut resolver,
+            &session,
+            &job,
+        ))
+    }
+
+    /// Records a scheduler snapshot and ends the sessions it shows are over.
+    fn apply_snapshot(
+        &mut self,
+        snapshot: &crate::sessions::Snapshot,
+        now: DateTime<Utc>,
+    ) -> Result<crate::sessions::Applied, CoreError> {
+        self.store()?;
+        let store = self.store.as_mut().expect("opened above");
+        crate::sessions::apply_snapshot(store, &self.config, snapshot, now)
     }
 
     fn wordlist(&mut self) -> Result<&Wordlist, CoreError> {

@@ -7,6 +7,7 @@ use super::{
     allowed_client, missing, query_params, require_get, short_id, text_response, token_param, Body,
     Context, Failure, Outcome, FROM_CLUSTER, FROM_COMPUTE_NODE,
 };
+use crate::config::JobBinding;
 use crate::store::{DestroyOutcome, LinkOutcome, RedeemOutcome};
 
 const UNKNOWN_OR_USED: &str = "Unknown nonce or nonce already used";
@@ -28,11 +29,26 @@ pub(super) fn redeem(ctx: &mut Context, request: &Request<Body>) -> Outcome {
     })?;
     let client = allowed_client(request, &ctx.config.tgtipmask, FROM_COMPUTE_NODE)?;
     let token = token.ok_or_else(|| unknown(UNKNOWN_OR_USED))?;
-    let (now, ttl) = (ctx.now(), ctx.config.ttl_secs);
     let host = client.to_string();
-    match ctx.store()?.redeem(token, &host, port, now, ttl)? {
+    if let Some(mismatch) = ctx.redeem_mismatch(token, client)? {
+        ctx.syslog.info(&format!(
+            "satellite job binding {} token-id: {} {mismatch}",
+            if ctx.config.job_binding == JobBinding::Enforce {
+                "refused redeem"
+            } else {
+                "warning"
+            },
+            short_id(token)
+        ));
+        if ctx.config.job_binding == JobBinding::Enforce {
+            return Err(Failure::Oops(
+                StatusCode::FORBIDDEN,
+                "Nonce must be redeemed from a node of the job it is linked to".into(),
+            ));
+        }
+    }
+    match ctx.redeem(token, client, port)? {
         RedeemOutcome::Redeemed => {
-            ctx.publish_routes();
             ctx.syslog.info(&format!(
                 "satellite redeemed token-id: {} mapped-to: {host}:{port}",
                 short_id(token)
@@ -59,7 +75,6 @@ pub(super) fn destroy(ctx: &mut Context, request: &Request<Body>) -> Outcome {
     let requester = client.to_string();
     match ctx.store()?.destroy(token, &requester)? {
         DestroyOutcome::Destroyed => {
-            ctx.publish_routes();
             ctx.syslog.info(&format!(
                 "satellite destroy token-id: {} requested-from: {requester}",
                 short_id(token)

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use satellite_core::config::{MapFormat, Routing};
+use satellite_core::config::Routing;
 
 /// The site config shipped with the binary, so the demo runs from anywhere.
 pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.conf");
@@ -20,7 +20,7 @@ pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.con
 /// after SIGTERM.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-const MODULES: [(&str, &str); 13] = [
+const MODULES: [(&str, &str); 14] = [
     ("mpm_event_module", "mod_mpm_event.so"),
     ("authz_core_module", "mod_authz_core.so"),
     ("mime_module", "mod_mime.so"),
@@ -33,6 +33,7 @@ const MODULES: [(&str, &str); 13] = [
     ("proxy_http_module", "mod_proxy_http.so"),
     ("proxy_wstunnel_module", "mod_proxy_wstunnel.so"),
     ("cgid_module", "mod_cgid.so"),
+    ("dbd_module", "mod_dbd.so"),
     ("http2_module", "mod_http2.so"),
 ];
 
@@ -113,10 +114,9 @@ pub struct Site {
     pub key: PathBuf,
     /// `Some(url)`: endpoints go to `satellite serve` at that URL.
     pub serve_url: Option<String>,
-    /// Which routing Apache is set up for (the config's `routing` and
-    /// `map_format` must agree).
+    /// Which routing Apache is set up for (the config's `routing` must
+    /// agree).
     pub routing: Routing,
-    pub map_format: MapFormat,
     pub conf: SiteConf,
 }
 
@@ -293,10 +293,8 @@ impl PrivateApache {
         if let Some(url) = &site.serve_url {
             let _ = writeln!(conf, "Define SATELLITE_SERVE \"{url}\"");
         }
-        match (site.routing, site.map_format) {
-            (Routing::Vhost, _) => conf.push_str("Define SATELLITE_VHOST_ROUTING\n"),
-            (Routing::Map, MapFormat::Dbm) => conf.push_str("Define SATELLITE_MAP_DBM\n"),
-            (Routing::Map, MapFormat::Txt) => {}
+        if site.routing == Routing::Vhost {
+            conf.push_str("Define SATELLITE_VHOST_ROUTING\n");
         }
         let _ = writeln!(conf, "Include \"{}\"", satellite_conf.display());
         let path = Self::config_path(dir);
@@ -385,19 +383,9 @@ pub struct Certificate {
 /// configuration rather than a throwaway certificate.
 pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
     let run = |args: &[&str]| -> Result<()> {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .context("running openssl (install the openssl package)")?;
-        if !out.status.success() {
-            bail!(
-                "openssl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        let mut command = Command::new("openssl");
+        command.args(args).current_dir(dir);
+        output_of(&mut command, "(install the openssl package)").map(drop)
     };
     let new_key = [
         "-newkey",
@@ -470,4 +458,23 @@ pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
         cert: dir.join("site.pem"),
         key: dir.join("site.key"),
     })
+}
+
+/// What `command` printed, or an error naming the command line and saying
+/// what it printed on stderr. `hint` follows "running <program>" when the
+/// program cannot be started.
+pub(crate) fn output_of(command: &mut Command, hint: &str) -> Result<Vec<u8>> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let out = command
+        .output()
+        .with_context(|| format!("running {program} {hint}"))?;
+    if !out.status.success() {
+        let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy()).collect();
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
 }

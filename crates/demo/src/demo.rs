@@ -15,8 +15,9 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use satellite_core::Config;
 
-use crate::install::{init, InitOptions};
-use crate::private_apache::{make_certificate, ApacheInstall, PrivateApache, Site, SiteConf};
+use crate::private_apache::{
+    make_certificate, output_of, ApacheInstall, PrivateApache, Site, SiteConf,
+};
 
 pub const DOMAIN: &str = "demo.localhost";
 /// Where the sample backend ("the compute node") listens.
@@ -33,7 +34,10 @@ extern "C" fn on_interrupt(_: nix::libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-pub fn demo(options: &DemoOptions) -> Result<()> {
+/// Runs the demo until Ctrl-C (or through the walkthrough). `install`
+/// makes an install tree (`satellite init`) at the given prefix for the
+/// given domain.
+pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<()>) -> Result<()> {
     let apache = ApacheInstall::find()?;
     let work = tempfile::Builder::new()
         .prefix("satellite-demo-")
@@ -41,16 +45,15 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
     let dir = work.path();
     let root = dir.join("site");
     println!("satellite demo in {}", dir.display());
-    init(&InitOptions {
-        prefix: root.clone(),
-        apache_user: None,
-        cron_user: None,
-        extbasename: DOMAIN.into(),
-        programs_dir: None,
-    })?;
+    install(&root, DOMAIN)?;
     let certificate = make_certificate(dir, DOMAIN)?;
-    let serve_port = free_port()?;
-    let backend_port = free_port_on(BACKEND_IP)?;
+    // Bound now and handed over, so no other process can take the ports
+    // between choosing and using them.
+    let serve_listener = TcpListener::bind(("127.0.0.1", 0)).context("binding serve's socket")?;
+    let serve_port = serve_listener.local_addr()?.port();
+    let backend = TcpListener::bind((BACKEND_IP, 0))
+        .with_context(|| format!("starting the sample backend on {BACKEND_IP}"))?;
+    let backend_port = backend.local_addr()?.port();
     let config_path = root.join("etc/satellite.toml");
     std::fs::write(
         &config_path,
@@ -73,7 +76,7 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
     }
     let config = Config::load_file(&config_path)?;
 
-    let server = satellite_serve::Server::bind(config.clone(), &config.serve_listen)?;
+    let server = satellite_serve::Server::on_listener(config.clone(), serve_listener)?;
     let stop_serving = server.stopper();
     let serving = thread::spawn(move || server.run());
     let watch_config = config.clone();
@@ -84,8 +87,6 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
             }
         });
     });
-    let backend = TcpListener::bind((BACKEND_IP, backend_port))
-        .with_context(|| format!("starting the sample backend on {BACKEND_IP}:{backend_port}"))?;
     thread::spawn(move || sample_backend(backend));
 
     let apache_dir = dir.join("apache");
@@ -105,7 +106,6 @@ pub fn demo(options: &DemoOptions) -> Result<()> {
             key: certificate.key,
             serve_url: Some(format!("http://127.0.0.1:{serve_port}")),
             routing: satellite_core::config::Routing::Map,
-            map_format: satellite_core::config::MapFormat::Txt,
             conf: SiteConf::Embedded,
         },
     )?;
@@ -138,14 +138,6 @@ fn open_up(path: &Path) -> Result<()> {
         bail!("chmod -R a+rwX {} failed", path.display());
     }
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    free_port_on("127.0.0.1")
-}
-
-fn free_port_on(ip: &str) -> Result<u16> {
-    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
 fn wait_for_interrupt() -> Result<()> {
@@ -258,18 +250,8 @@ impl Steps {
         let mut args = self.curl_base(host);
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push(self.url(host, path));
-        let out = Command::new(&args[0])
-            .args(&args[1..])
-            .output()
-            .context("running curl")?;
-        if !out.status.success() {
-            bail!(
-                "{} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = output_of(Command::new(&args[0]).args(&args[1..]), "(install curl)")?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Performs the steps, checking each answer.
@@ -320,10 +302,10 @@ impl Steps {
             bail!("destroy answered {destroy:?}");
         }
         let after = self.curl(&host, "/", &[])?;
-        if after != "Please see documentation on how to use this service.\n" {
+        if !after.contains("tokenjobstate.cgi") {
             bail!("after destroy the URL answered {after:?}");
         }
-        println!("walkthrough: 5. destroyed; the URL is back to the default answer");
+        println!("walkthrough: 5. destroyed; the URL is back to the waiting page, which tells the session is over");
         println!("walkthrough: all steps passed");
         Ok(())
     }

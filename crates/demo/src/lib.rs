@@ -1,0 +1,17 @@
+//! Machinery for trying satellite out and for testing it, kept out of the
+//! product: a private Apache httpd that runs the shipped
+//! `httpd-conf/satellite.conf` on a loopback port ([`private_apache`]), the
+//! whole stack on loopback for a newcomer ([`demo`], behind `satellite
+//! demo`), and `satellite serve` started as a child on a port the system
+//! picks ([`serve_child`]).
+//!
+//! Only the `satellite` admin program, the integration tests' harness and
+//! the bench use this crate. The product library and the CGI programs never name it, so
+//! none of its code is linked into what Apache runs. It does not depend on
+//! the `satellite` library either (that would be a cycle with the admin
+//! program): the install tree the demo needs is made by a function its
+//! caller passes in (`satellite init`'s).
+
+pub mod demo;
+pub mod private_apache;
+pub mod serve_child;
