@@ -313,7 +313,7 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
         }
     });
     b.screenshot(&shots.join("02-queued-phone.png"));
-    b.resize(800, 700);
+    b.resize(800, 900);
 
     push_job(&apache, JOB_ID, "RUNNING", "None", -5);
     b.wait_for(

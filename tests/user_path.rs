@@ -322,51 +322,64 @@ fn testssl_finds_nothing_above_low_on_the_shipped_tls_configuration() {
     let ca = out_dir.path().join("ca.pem");
     std::fs::write(&ca, &apache.ca_pem).unwrap();
     let uri = format!("https://{}:{}/", apache.host("manage"), apache.port);
-    let run = std::process::Command::new("testssl")
-        .args([
-            "--quiet",
-            "--color",
-            "0",
-            "--warnings",
-            "batch",
-            "--ip",
-            "127.0.0.1",
-            "--sneaky",
-            "--add-ca",
-        ])
-        .arg(&ca)
-        .arg("--jsonfile")
-        .arg(&json)
-        .arg(&uri)
-        .env("TERM", "dumb")
-        .output()
-        .expect("running testssl (Debian package testssl.sh)");
-    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
-        panic!(
-            "testssl wrote no JSON ({e}): {}{}",
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr)
-        )
-    });
-    let findings: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let mut above_low = Vec::new();
-    let mut report = Vec::new();
-    for f in &findings {
-        let id = f["id"].as_str().unwrap_or_default();
-        let severity = f["severity"].as_str().unwrap_or_default();
-        let finding = f["finding"].as_str().unwrap_or_default();
-        let accepted = ACCEPTED_FINDINGS.iter().find(|(a, _)| *a == id);
-        if !matches!(severity, "OK" | "INFO") {
-            let why = accepted.map(|(_, why)| format!(" (accepted: {why})"));
-            report.push(format!(
-                "{severity:8} {id}: {finding}{}",
-                why.unwrap_or_default()
-            ));
+    // A check testssl could not complete (a connection refused or timed out
+    // on a loaded 2-core machine) says nothing about the server: run again,
+    // at most twice more, rather than pass or fail on it.
+    let mut attempts = 0;
+    let (above_low, report) = loop {
+        attempts += 1;
+        let _ = std::fs::remove_file(&json);
+        let run = std::process::Command::new("testssl")
+            .args([
+                "--quiet",
+                "--color",
+                "0",
+                "--warnings",
+                "batch",
+                "--ip",
+                "127.0.0.1",
+                "--sneaky",
+                "--add-ca",
+            ])
+            .arg(&ca)
+            .arg("--jsonfile")
+            .arg(&json)
+            .arg(&uri)
+            .env("TERM", "dumb")
+            .output()
+            .expect("running testssl (Debian package testssl.sh)");
+        let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
+            panic!(
+                "testssl wrote no JSON ({e}): {}{}",
+                String::from_utf8_lossy(&run.stdout),
+                String::from_utf8_lossy(&run.stderr)
+            )
+        });
+        let findings: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let mut above_low = Vec::new();
+        let mut report = Vec::new();
+        let mut inconclusive = false;
+        for f in &findings {
+            let id = f["id"].as_str().unwrap_or_default();
+            let severity = f["severity"].as_str().unwrap_or_default();
+            let finding = f["finding"].as_str().unwrap_or_default();
+            let accepted = ACCEPTED_FINDINGS.iter().find(|(a, _)| *a == id);
+            if !matches!(severity, "OK" | "INFO") {
+                let why = accepted.map(|(_, why)| format!(" (accepted: {why})"));
+                report.push(format!(
+                    "{severity:8} {id}: {finding}{}",
+                    why.unwrap_or_default()
+                ));
+            }
+            inconclusive |= severity == "WARN" && finding.contains("connect problem");
+            if matches!(severity, "MEDIUM" | "HIGH" | "CRITICAL" | "WARN") && accepted.is_none() {
+                above_low.push(format!("{severity} {id}: {finding}"));
+            }
         }
-        if matches!(severity, "MEDIUM" | "HIGH" | "CRITICAL" | "WARN") && accepted.is_none() {
-            above_low.push(format!("{severity} {id}: {finding}"));
+        if !inconclusive || attempts == 3 {
+            break (above_low, report);
         }
-    }
+    };
     // Kept for the CI log and the README's grade line.
     std::fs::create_dir_all(repo_root().join("target")).unwrap();
     std::fs::write(

@@ -175,7 +175,7 @@ impl Browser {
             "--ignore-certificate-errors".into(),
             format!("--user-data-dir={}", browser._profile.path().display()),
             format!("--host-resolver-rules=MAP {domain} 127.0.0.1, MAP *.{domain} 127.0.0.1"),
-            "--window-size=800,700".into(),
+            "--window-size=800,900".into(),
             "--lang=en-US".into(),
         ];
         let capabilities = json!({
