@@ -241,6 +241,46 @@ var headers = { "Content-Type": "application/json", "X-XSRFToken": decodeURIComp
 })().then(done, function (e) { done(["script failed: " + e]); });
 "#;
 
+/// Every visible text element whose contrast with the page's background is
+/// below WCAG 2.1 AA (4.5:1; 3:1 for large or bold-large text).
+const LOW_CONTRAST: &str = r#"
+function lum(c) {
+  var m = c.match(/[0-9.]+/g).slice(0, 3).map(Number).map(function (v) {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4);
+  });
+  return 0.2126 * m[0] + 0.7152 * m[1] + 0.0722 * m[2];
+}
+function background(e) {
+  for (; e; e = e.parentElement) {
+    var b = getComputedStyle(e).backgroundColor;
+    if (b && b !== "transparent" && !/rgba\(.*, 0\)$/.test(b)) { return b; }
+  }
+  return "rgb(255, 255, 255)";
+}
+var bad = [];
+document.querySelectorAll("body *").forEach(function (e) {
+  var own = Array.prototype.some.call(e.childNodes, function (n) { return n.nodeType === 3 && n.textContent.trim(); });
+  if (!own || !e.offsetParent && getComputedStyle(e).position !== "fixed") { return; }
+  var st = getComputedStyle(e);
+  var a = lum(st.color), b = lum(background(e));
+  var ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  var size = parseFloat(st.fontSize), bold = parseInt(st.fontWeight, 10) >= 700;
+  var need = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+  if (ratio < need) { bad.push(e.tagName + " '" + e.textContent.trim().slice(0, 30) + "' " + ratio.toFixed(2)); }
+});
+return bad;
+"#;
+
+/// `Ok` if no visible text on the page is below AA contrast.
+fn contrast_ok(b: &Browser) -> Result<(), String> {
+    let bad = b.eval(LOW_CONTRAST, json!([]))?;
+    if bad.as_array().is_some_and(Vec::is_empty) {
+        Ok(())
+    } else {
+        Err(format!("low contrast: {bad}"))
+    }
+}
+
 const SHUT_DOWN: &str = r#"
 var done = arguments[arguments.length - 1];
 var xsrf = (document.cookie.match(/(?:^|; )_xsrf=([^;]*)/) || [])[1] || "";
@@ -289,6 +329,10 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
         json!([false, "https://example.test/help", "User guide"])
     );
     b.screenshot(&shots.join("01-pending.png"));
+    // Keyboard: the first Tab reaches the help link.
+    b.keys("\u{E004}").unwrap();
+    let focused = b.eval("return document.activeElement.id;", json!([]));
+    assert_eq!(focused, Ok(json!("help")), "Tab should reach the help link");
 
     push_job(&apache, JOB_ID, "PENDING", "Priority", 600);
     b.wait_for("the queued state with the job's details", STATE_WAIT, |b| {
@@ -299,6 +343,20 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
         detail(b, "eta")
     });
     b.screenshot(&shots.join("02-queued.png"));
+    contrast_ok(&b).unwrap();
+    // The check itself notices light grey on white (2.3:1).
+    b.eval(
+        "var p = document.createElement('p'); p.id = 'probe'; p.textContent = 'probe';\
+         p.style.color = '#aaaaaa'; document.querySelector('main').appendChild(p);",
+        json!([]),
+    )
+    .unwrap();
+    assert!(
+        contrast_ok(&b).is_err(),
+        "the contrast check missed a probe"
+    );
+    b.eval("document.getElementById('probe').remove();", json!([]))
+        .unwrap();
     // A phone: nothing wider than the screen.
     b.resize(390, 800);
     b.wait_for("the page fitting a phone", STATE_WAIT, |b| {
@@ -347,6 +405,7 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
     });
     assert_eq!(b.url(), url, "the reload must keep the URL and its query");
     b.screenshot(&shots.join("04-retry.png"));
+    contrast_ok(&b).unwrap();
 
     // Jupyter binds the port itself: the reservation ends just before, and
     // with --port-retries=0 a port taken in between fails loudly.
@@ -404,7 +463,8 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
     b.wait_for("files round-tripping", STATE_WAIT, |b| {
         problems(b, ROUND_TRIP_FILES, json!([FILE_NAMES]))
     });
-    // Deep links open each file in the editor.
+    // Deep links open each file in the editor (JupyterLab keeps the tabs
+    // of earlier loads open, hidden: the visible editor is the one linked).
     for name in FILE_NAMES {
         let encoded: String = name
             .bytes()
@@ -421,7 +481,7 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
                 "var want = arguments[0];\
                  var tabs = document.querySelectorAll('#jp-main-dock-panel .lm-TabBar-tabLabel');\
                  var named = Array.prototype.some.call(tabs, function (t) { return t.textContent === want; });\
-                 var editor = document.querySelector('.jp-FileEditor .cm-content');\
+                 var editor = document.querySelector('#jp-main-dock-panel .jp-FileEditor:not(.lm-mod-hidden) .cm-content');\
                  return named && !!editor && editor.textContent;",
                 json!([name]),
             )?;
@@ -455,6 +515,7 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
         detail(b, "ended")
     });
     b.screenshot(&shots.join("08-ended.png"));
+    contrast_ok(&b).unwrap();
 
     // A link nobody issued, and a job that died before it redeemed.
     b.goto(&format!("{}/lab", apache.origin("no-such-token-here")));
