@@ -395,3 +395,70 @@ fn testssl_finds_nothing_above_low_on_the_shipped_tls_configuration() {
         report.join("\n")
     );
 }
+
+#[test]
+fn a_site_can_leave_hsts_off_the_applications_but_not_off_its_own_pages() {
+    let apache = Apache::start(Routing::Map);
+    // The site's Define, before satellite.conf is read; then a graceful
+    // restart, as an admin would do.
+    let conf = std::fs::read_to_string(apache.httpd_conf()).unwrap();
+    std::fs::write(
+        apache.httpd_conf(),
+        format!("Define SATELLITE_NO_APP_HSTS\n{conf}"),
+    )
+    .unwrap();
+    let generations = apache.generations();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(apache.parent_pid()),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    apache.eventually("the graceful restart", || {
+        if apache.generations() > generations {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+
+    let backend = Backend::start("no-hsts", BACKEND);
+    let token = apache.getlink();
+    let waiting = apache.get(&token, "/");
+    assert_eq!(
+        headers_named(&waiting, "Strict-Transport-Security"),
+        [HSTS],
+        "{waiting}"
+    );
+    apache.redeem_ok(&token, BACKEND, backend.port());
+    // satellite adds none; an application that sends its own keeps it.
+    let proxied = apache.eventually("the new generation proxying", || {
+        let r = apache
+            .client()
+            .get(&apache.host_port(&token), "/plain")
+            .map_err(|e| e.to_string())?;
+        if r.header("X-Backend") == Some("no-hsts")
+            && r.header("Strict-Transport-Security").is_none()
+        {
+            Ok(r)
+        } else {
+            Err(r.to_string())
+        }
+    });
+    assert_eq!(
+        headers_named(&proxied, "X-Content-Type-Options"),
+        ["nosniff"],
+        "{proxied}"
+    );
+    let own = apache.get(&token, "/set-cookie");
+    assert_eq!(
+        headers_named(&own, "Strict-Transport-Security"),
+        ["max-age=5"],
+        "{own}"
+    );
+    let endpoint = apache.get("manage", &format!("/tokenjobstate.cgi?token={token}"));
+    assert_eq!(
+        headers_named(&endpoint, "Strict-Transport-Security"),
+        [HSTS],
+        "{endpoint}"
+    );
+}
