@@ -98,7 +98,8 @@ pub fn run_once(config: &Config) -> Result<Report> {
 
 fn open_store(config: &Config) -> Result<Store> {
     let timeout = Duration::from_millis(config.busy_timeout_ms);
-    Store::open(&config.dbfile, timeout).context("opening the database")
+    // The store's errors name the database file already.
+    Ok(Store::open(&config.dbfile, timeout)?)
 }
 
 /// One run; the caller holds the run lock.

@@ -1,0 +1,224 @@
+//! Sessions bound to their Slurm job, end to end: a real single-node Slurm
+//! (tests/support/slurm.rs), the real CGI programs on a real database, and
+//! `satellite jobstates poll --once` asking Slurm on the broker host. Each
+//! scenario asserts the route, the token's state and the answers.
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::slurm::{Slurm, NODE};
+use support::*;
+
+const SOON: Duration = Duration::from_secs(30);
+
+/// A site whose job binding is enforced, the test node answering from
+/// COMPUTE_NODE (the CGI environment's REMOTE_ADDR).
+fn site() -> Site {
+    Site::with_config(&format!(
+        "job_binding = \"enforce\"\n[node_addresses]\n{NODE} = [\"{COMPUTE_NODE}\"]"
+    ))
+}
+
+fn poll(site: &Site, slurm: &Slurm) -> Output {
+    Command::new(program("satellite"))
+        .args(["jobstates", "poll", "--once", "--timeout", "15"])
+        .env("SATELLITE_CONFIG", &site.config)
+        .env("SLURM_CONF", slurm.conf())
+        .output()
+        .unwrap()
+}
+
+fn poll_ok(site: &Site, slurm: &Slurm) -> String {
+    let out = poll(site, slurm);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A submitted job, cancelled when the test ends however it ends, so no
+/// job outlives its test.
+struct Job<'a> {
+    slurm: &'a Slurm,
+    id: String,
+}
+
+impl std::ops::Deref for Job<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for Job<'_> {
+    fn drop(&mut self) {
+        let _ = self.slurm.command("scancel").arg(&self.id).output();
+    }
+}
+
+/// A job of an ordinary user (Slurm runs it as `nobody`).
+fn sbatch_as_user<'a>(slurm: &'a Slurm, args: &[&str]) -> Job<'a> {
+    let mut all = vec!["--uid=nobody", "--chdir=/tmp"];
+    all.extend_from_slice(args);
+    Job {
+        slurm,
+        id: slurm.sbatch(&all),
+    }
+}
+
+fn link(site: &Site, token: &str, job: &str) {
+    let answer = site
+        .cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={token}&jobid={job}"))
+        .run();
+    assert_eq!(
+        answer.status_and_text(),
+        (200, "Success! Token linked to jobid.\n".into()),
+        "{}",
+        answer.stderr
+    );
+}
+
+fn redeem(site: &Site, token: &str, from: &str) -> (u16, String) {
+    site.cgi("redeemtoken")
+        .remote(from)
+        .query(format!("token={token}&port=50123"))
+        .run()
+        .status_and_text()
+}
+
+fn route(site: &Site, token: &str) -> Option<String> {
+    site.db()
+        .query_row(
+            "SELECT target FROM routes WHERE alias = ?1 AND expires >= datetime('now')",
+            [token],
+            |r| r.get(0),
+        )
+        .ok()
+}
+
+fn page_state(site: &Site, token: &str) -> serde_json::Value {
+    let answer = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}.{EXT}&format=json"))
+        .run();
+    serde_json::from_str(&answer.text()).unwrap()
+}
+
+#[test]
+fn a_session_lives_with_its_running_job_and_ends_when_the_job_is_cancelled() {
+    let slurm = Slurm::shared();
+    let site = site();
+    let job = sbatch_as_user(&slurm, &["--time=10", "--wrap=sleep 120"]);
+    let token = site.new_token();
+    link(&site, &token, &job);
+    slurm.wait_for_state(&job, "RUNNING", SOON);
+    poll_ok(&site, &slurm);
+    assert_eq!(page_state(&site, &token)["state"], "R");
+
+    // Only the job's own node may redeem.
+    assert_eq!(
+        redeem(&site, &token, OTHER_COMPUTE_NODE),
+        (
+            403,
+            "Oops! Nonce must be redeemed from a node of the job it is linked to\n".into()
+        )
+    );
+    assert_eq!(redeem(&site, &token, COMPUTE_NODE), (200, "Success!\n".into()));
+    assert_eq!(route(&site, &token), Some(format!("{COMPUTE_NODE}:50123")));
+    poll_ok(&site, &slurm);
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+
+    slurm.scancel(&[&job]);
+    slurm.wait_for_state(&job, "CANCELLED", SOON);
+    let said = poll_ok(&site, &slurm);
+    assert!(said.contains(&format!("job {} ended (CANCELLED)", job.id)), "{said}");
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+    assert_eq!(route(&site, &token), None);
+    let poll = site.cgi("tokenjobstate").query(format!("token={token}")).run();
+    assert_eq!(poll.text(), "D");
+}
+
+#[test]
+fn a_job_cancelled_while_queued_ends_its_waiting_session() {
+    let slurm = Slurm::shared();
+    let site = site();
+    let job = sbatch_as_user(&slurm, &["--begin=now+1hour", "--wrap=true"]);
+    let token = site.new_token();
+    link(&site, &token, &job);
+    poll_ok(&site, &slurm);
+    let queued = page_state(&site, &token);
+    assert_eq!(queued["state"], "Q", "{queued}");
+    assert_eq!(queued["job"]["state"], "PENDING", "{queued}");
+    assert_eq!(queued["job"]["reason"], "BeginTime", "{queued}");
+
+    slurm.scancel(&[&job]);
+    slurm.wait_for_state(&job, "CANCELLED", SOON);
+    poll_ok(&site, &slurm);
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+    assert_eq!(page_state(&site, &token)["state"], "D");
+    // The tombstone cannot be redeemed by a job that starts anyway.
+    assert_eq!(redeem(&site, &token, COMPUTE_NODE).0, 409);
+}
+
+#[test]
+fn a_job_that_fails_at_start_tells_the_page_it_failed_to_start() {
+    let slurm = Slurm::shared();
+    let site = site();
+    let job = sbatch_as_user(&slurm, &["--wrap=exit 3"]);
+    let token = site.new_token();
+    link(&site, &token, &job);
+    slurm.wait_for_state(&job, "FAILED", SOON);
+    poll_ok(&site, &slurm);
+    let failed = page_state(&site, &token);
+    assert_eq!(failed["state"], "E", "{failed}");
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+}
+
+#[test]
+fn a_job_run_as_root_is_never_proxied_when_binding_is_enforced() {
+    let slurm = Slurm::shared();
+    let site = site();
+    let job = Job {
+        slurm: &slurm,
+        id: slurm.sbatch(&["--time=10", "--wrap=sleep 120"]),
+    };
+    let token = site.new_token();
+    link(&site, &token, &job);
+    slurm.wait_for_state(&job, "RUNNING", SOON);
+    poll_ok(&site, &slurm);
+    assert_eq!(redeem(&site, &token, COMPUTE_NODE).0, 403);
+    assert_eq!(route(&site, &token), None);
+}
+
+/// A scheduler error is no news: with slurmctld stopped, a poll fails
+/// loudly and changes nothing, even for a job that has in fact ended (it
+/// is cancelled just before the controller stops).
+#[test]
+fn a_stopped_controller_ends_no_session() {
+    let slurm = Slurm::exclusive();
+    let site = site();
+    let job = sbatch_as_user(&slurm, &["--time=10", "--wrap=sleep 120"]);
+    let token = site.new_token();
+    link(&site, &token, &job);
+    slurm.wait_for_state(&job, "RUNNING", SOON);
+    poll_ok(&site, &slurm);
+    assert_eq!(redeem(&site, &token, COMPUTE_NODE), (200, "Success!\n".into()));
+
+    slurm.scancel(&[&job]);
+    slurm.stop_controller();
+    let out = poll(&site, &slurm);
+    slurm.start_controller();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("querying the scheduler (no session was ended)"),
+        "{stderr}"
+    );
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+    assert!(route(&site, &token).is_some());
+    // Once the scheduler answers again, the session ends.
+    poll_ok(&site, &slurm);
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+}
