@@ -13,7 +13,11 @@ what="${1:-test}"
 demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3 iproute2)
 # A real single-node Slurm for tests/sched_slurm.rs (tests/support/slurm.rs);
 # binutils: nm, to check that the CGI programs link none of the demo crate.
-test_pkgs=(slurmctld slurmd slurm-client munge binutils)
+# The browser suite (Chromium over WebDriver, JupyterLab in a venv) and the
+# TLS grading (testssl.sh); on RHEL chromium, chromedriver and testssl come
+# from EPEL.
+test_pkgs=(slurmctld slurmd slurm-client munge binutils
+  chromium chromium-driver python3-venv python3-pip testssl.sh fonts-dejavu-core)
 # rpm: rpmbuild-free checks of the .rpm (rpm -qlp); the SELinux reference
 # policy headers build the module; systemd gives systemd-analyze.
 package_pkgs=(rpm rpmlint lintian checkpolicy semodule-utils selinux-policy-dev systemd binutils)
@@ -29,6 +33,10 @@ rhel_name() {
     semodule-utils) echo "policycoreutils" ;;
     selinux-policy-dev) echo "selinux-policy-devel" ;;
     lintian) echo "" ;; # Debian's package checker; package.sh skips it when absent
+    chromium-driver) echo "chromedriver" ;;
+    python3-venv) echo "python3" ;;
+    testssl.sh) echo "testssl" ;;
+    fonts-dejavu-core) echo "dejavu-sans-fonts" ;;
     *) echo "$1" ;;
   esac
 }

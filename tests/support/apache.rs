@@ -69,6 +69,8 @@ impl Routing {
 pub struct Apache {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The plain-HTTP port (its vhost redirects to https).
+    pub http_port: u16,
     pub routing: Routing,
     pub ca_pem: Vec<u8>,
     install: ApacheInstall,
@@ -157,6 +159,7 @@ impl Apache {
         let mut apache = Apache {
             dir,
             port: 0,
+            http_port: 0,
             routing,
             ca_pem,
             install,
@@ -170,6 +173,7 @@ impl Apache {
         let mut last_error = String::new();
         for _ in 0..5 {
             apache.port = pick_port();
+            apache.http_port = pick_port();
             apache.write_config(&[]);
             match apache.launch() {
                 Ok(httpd) => {
@@ -305,6 +309,7 @@ impl Apache {
             root: self.root(),
             domain: DOMAIN.into(),
             port: self.port,
+            http_port: Some(self.http_port),
             cert: self.certificate.cert.clone(),
             key: self.certificate.key.clone(),
             serve_url: None,

@@ -2,7 +2,8 @@
 //! address of its own (127.0.0.3, 127.0.0.4, ...), std threads only. It
 //! records every request it receives, answers with a body that names it and
 //! echoes the request target, redirects `/redirect` to its own
-//! `http://<ip>:<port>/lab` (what Jupyter does), and speaks RFC 6455
+//! `http://<ip>:<port>/lab` (what Jupyter does), sets cookies for the whole
+//! domain on `/set-cookie` (cookie tossing), and speaks RFC 6455
 //! websockets: it echoes the offered `Sec-WebSocket-Protocol` and every text
 //! frame.
 
@@ -326,6 +327,19 @@ fn serve(stream: TcpStream, me: SocketAddr, name: &str, seen: &Mutex<Vec<Seen>>)
                 "302 Found",
                 format!("Location: http://{me}/lab\r\n"),
                 format!("backend {name} redirects\n"),
+            )
+        } else if target.starts_with("/set-cookie") {
+            // Cookies for the whole domain (cookie tossing), and headers the
+            // proxy must not duplicate.
+            (
+                "200 OK",
+                "Set-Cookie: tossed=1; Domain=example.test; Path=/\r\n\
+                 Set-Cookie: dotted=2; Path=/; domain=.EXAMPLE.test; Secure; HttpOnly\r\n\
+                 Set-Cookie: plain=3; Path=/\r\n\
+                 X-Content-Type-Options: nosniff\r\n\
+                 Strict-Transport-Security: max-age=5\r\n"
+                    .to_owned(),
+                answer_body(name, &method, &target),
             )
         } else {
             ("200 OK", String::new(), answer_body(name, &method, &target))

@@ -363,3 +363,4 @@ pub mod apache;
 pub mod backend;
 pub mod client;
 pub mod slurm;
+pub mod webdriver;

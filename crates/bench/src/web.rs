@@ -12,10 +12,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
+use satellite_core::config::Routing;
 use satellite_demo::private_apache::{
     make_certificate, ApacheInstall, PrivateApache, Site as ApacheSite, SiteConf,
 };
-use satellite_core::config::Routing;
 
 use crate::load::Tls;
 
@@ -174,6 +174,7 @@ impl WebSite {
             cert: self.cert.cert.clone(),
             key: self.cert.key.clone(),
             serve_url: None,
+            http_port: None,
             routing: Routing::Map,
             conf: SiteConf::Directory(conf_dir),
         };

@@ -138,6 +138,10 @@ pub fn render_map(routes: &[Route]) -> String {
 /// faults fixed (websocket target without a double slash, the scheme the
 /// user sees forwarded, `ProxyPassReverse`, no short idle timeout), plus a
 /// retry page while the backend is not listening yet.
+/// Each route's vhost passes the request target through as the client sent
+/// it (`nocanon`, encoded slashes kept, `//` not merged) and tunnels
+/// websockets itself (`upgrade=websocket`, also over HTTP/2): see
+/// docs/paths.md for why that leaves the authority ours.
 pub fn render_vhosts(routes: &[Route], config: &Config) -> String {
     let mut out = String::new();
     for (i, route) in routes.iter().enumerate() {
@@ -158,11 +162,9 @@ pub fn render_vhosts(routes: &[Route], config: &Config) -> String {
              \x20   ProxyPass \"/.satellite/\" \"!\"\n\
              \x20   ErrorDocument 502 /.satellite/retry.html\n\
              \x20   ErrorDocument 503 /.satellite/retry.html\n\
-             \x20   RewriteEngine on\n\
-             \x20   RewriteCond \"%{{HTTP:Upgrade}}\" \"websocket\" [NC]\n\
-             \x20   RewriteCond \"%{{HTTP:Connection}}\" \"upgrade\" [NC]\n\
-             \x20   RewriteRule \"^/(.*)$\" \"ws://{target}/$1\" [P,L]\n\
-             \x20   ProxyPass \"/\" \"http://{target}/\"\n\
+             \x20   AllowEncodedSlashes NoDecode\n\
+             \x20   MergeSlashes Off\n\
+             \x20   ProxyPass \"/\" \"http://{target}/\" nocanon upgrade=websocket\n\
              \x20   ProxyPassReverse \"/\" \"http://{target}/\"\n\
              </VirtualHost>\n",
             listen = config.listenport,
@@ -385,11 +387,9 @@ mod tests {
     ProxyPass "/.satellite/" "!"
     ErrorDocument 502 /.satellite/retry.html
     ErrorDocument 503 /.satellite/retry.html
-    RewriteEngine on
-    RewriteCond "%{HTTP:Upgrade}" "websocket" [NC]
-    RewriteCond "%{HTTP:Connection}" "upgrade" [NC]
-    RewriteRule "^/(.*)$" "ws://10.21.3.4:8888/$1" [P,L]
-    ProxyPass "/" "http://10.21.3.4:8888/"
+    AllowEncodedSlashes NoDecode
+    MergeSlashes Off
+    ProxyPass "/" "http://10.21.3.4:8888/" nocanon upgrade=websocket
     ProxyPassReverse "/" "http://10.21.3.4:8888/"
 </VirtualHost>
 
@@ -403,11 +403,9 @@ mod tests {
     ProxyPass "/.satellite/" "!"
     ErrorDocument 502 /.satellite/retry.html
     ErrorDocument 503 /.satellite/retry.html
-    RewriteEngine on
-    RewriteCond "%{HTTP:Upgrade}" "websocket" [NC]
-    RewriteCond "%{HTTP:Connection}" "upgrade" [NC]
-    RewriteRule "^/(.*)$" "ws://[2001:db8::5]:50123/$1" [P,L]
-    ProxyPass "/" "http://[2001:db8::5]:50123/"
+    AllowEncodedSlashes NoDecode
+    MergeSlashes Off
+    ProxyPass "/" "http://[2001:db8::5]:50123/" nocanon upgrade=websocket
     ProxyPassReverse "/" "http://[2001:db8::5]:50123/"
 </VirtualHost>
 "#;

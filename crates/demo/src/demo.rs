@@ -110,6 +110,7 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
             root: root.clone(),
             domain: DOMAIN.into(),
             port: options.port,
+            http_port: None,
             cert: certificate.cert,
             key: certificate.key,
             serve_url: Some(format!("unix:{}|http://localhost", serve_socket.display())),

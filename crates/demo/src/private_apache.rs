@@ -22,7 +22,7 @@ pub const SATELLITE_CONF: &str = include_str!("../../../httpd-conf/satellite.con
 /// after SIGTERM.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-const MODULES: [(&str, &str); 13] = [
+const MODULES: [(&str, &str); 14] = [
     ("mpm_event_module", "mod_mpm_event.so"),
     ("authz_core_module", "mod_authz_core.so"),
     ("mime_module", "mod_mime.so"),
@@ -36,6 +36,7 @@ const MODULES: [(&str, &str); 13] = [
     ("proxy_wstunnel_module", "mod_proxy_wstunnel.so"),
     ("cgid_module", "mod_cgid.so"),
     ("dbd_module", "mod_dbd.so"),
+    ("http2_module", "mod_http2.so"),
 ];
 
 /// Where Apache is on this machine.
@@ -110,6 +111,8 @@ pub struct Site {
     pub root: PathBuf,
     pub domain: String,
     pub port: u16,
+    /// A plain-HTTP port to listen on as well (the redirect to https).
+    pub http_port: Option<u16>,
     pub cert: PathBuf,
     pub key: PathBuf,
     /// `Some(url)`: endpoints go to `satellite serve` at that URL.
@@ -261,6 +264,9 @@ impl PrivateApache {
         conf.push_str("TypesConfig /etc/mime.types\n");
         let _ = writeln!(conf, "ScriptSock \"{}\"", dir.join("cgisock").display());
         let _ = writeln!(conf, "Listen 127.0.0.1:{} https", site.port);
+        if let Some(http_port) = site.http_port {
+            let _ = writeln!(conf, "Listen 127.0.0.1:{http_port} http");
+        }
         conf.push_str("ServerName localhost\n");
         let _ = writeln!(
             conf,
@@ -283,6 +289,9 @@ impl PrivateApache {
         ];
         for (name, value) in defines {
             let _ = writeln!(conf, "Define {name} \"{value}\"");
+        }
+        if let Some(http_port) = site.http_port {
+            let _ = writeln!(conf, "Define SATELLITE_HTTP_PORT \"{http_port}\"");
         }
         if let Some(url) = &site.serve_url {
             let _ = writeln!(conf, "Define SATELLITE_SERVE \"{url}\"");
@@ -372,6 +381,9 @@ pub struct Certificate {
 /// Makes a [`Certificate`] for `*.<domain>` and `<domain>` in `dir` with the
 /// openssl command. Both carry the extensions strict verifiers (rustls)
 /// insist on: a CA with keyUsage, a leaf that is no CA and is for serverAuth.
+/// The leaf looks like a public CA's to a TLS grader (a year's validity, a
+/// CRL distribution point), so that grading the test server grades the
+/// configuration rather than a throwaway certificate.
 pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
     let run = |args: &[&str]| -> Result<()> {
         let mut command = Command::new("openssl");
@@ -394,7 +406,7 @@ pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
             "-out",
             "ca.pem",
             "-days",
-            "2",
+            "365",
             "-subj",
             "/CN=satellite throwaway CA",
             "-addext",
@@ -423,7 +435,8 @@ pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
             "subjectAltName=DNS:{domain},DNS:*.{domain}\n\
              basicConstraints=critical,CA:FALSE\n\
              keyUsage=critical,digitalSignature,keyEncipherment\n\
-             extendedKeyUsage=serverAuth\n"
+             extendedKeyUsage=serverAuth\n\
+             crlDistributionPoints=URI:http://ca.{domain}/satellite-test-ca.crl\n"
         ),
     )?;
     run(&[
@@ -439,7 +452,7 @@ pub fn make_certificate(dir: &Path, domain: &str) -> Result<Certificate> {
         "-out",
         "site.pem",
         "-days",
-        "2",
+        "365",
         "-extfile",
         "site.ext",
     ])?;

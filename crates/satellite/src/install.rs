@@ -71,7 +71,7 @@ pub fn init(options: &InitOptions) -> Result<String> {
         prefix.display()
     ));
     log.push_str(&write_config(prefix, &options.extbasename)?);
-    write_data_files(prefix)?;
+    write_data_files(prefix, &options.extbasename)?;
     if write_log_key(&prefix.join(LOG_KEY))? {
         log.push_str(&format!("wrote {}\n", prefix.join(LOG_KEY).display()));
     }
@@ -127,7 +127,7 @@ fn write_config(prefix: &Path, extbasename: &str) -> Result<String> {
     Ok(format!("wrote {}\n", config.display()))
 }
 
-fn write_data_files(prefix: &Path) -> Result<()> {
+fn write_data_files(prefix: &Path, extbasename: &str) -> Result<()> {
     write_if_missing(&prefix.join("var/eff_large_wordlist.txt"), WORDLIST)?;
     for (name, text) in [
         ("retry.html", RETRY_PAGE),
@@ -137,6 +137,12 @@ fn write_data_files(prefix: &Path) -> Result<()> {
         let path = prefix.join("html/satellite").join(name);
         fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
+    // What the waiting page shows as the site's name and help link; the
+    // site edits it (a static file, so pages cost Apache no process).
+    write_if_missing(
+        &prefix.join("html/satellite/site.json"),
+        &site_json(extbasename),
+    )?;
     for file in LOCK_AND_ROUTE_FILES {
         write_if_missing(&prefix.join(file), "")?;
     }
@@ -262,6 +268,13 @@ fn write_log_key(path: &Path) -> Result<bool> {
     // The umask may have taken group read away.
     set_mode(path, 0o640)?;
     Ok(true)
+}
+
+/// The initial `html/satellite/site.json`: the domain as the site's name,
+/// no help link until the site names one.
+pub fn site_json(extbasename: &str) -> String {
+    let site = serde_json::json!({ "name": extbasename, "help": "", "help_text": "Help" });
+    format!("{site:#}\n")
 }
 
 fn write_if_missing(path: &Path, text: &str) -> Result<()> {
