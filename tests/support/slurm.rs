@@ -221,6 +221,28 @@ impl Drop for Slurm {
     fn drop(&mut self) {
         // A test's jobs must not outlive its turn: cancel what is left of
         // an exclusive test (shared tests cancel their own).
+        // A test that failed half-way must not leave the cluster broken
+        // for the next: thaw or restart the controller.
+        if self.exclusive {
+            let pid = self
+                .cluster
+                .slurmctld
+                .lock()
+                .ok()
+                .and_then(|c| c.as_ref().map(Child::id));
+            match pid {
+                Some(pid) => {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+                }
+                None => {
+                    let child = self.cluster.spawn_slurmctld();
+                    if let Ok(mut slot) = self.cluster.slurmctld.lock() {
+                        *slot = Some(child);
+                    }
+                    self.cluster.wait_until_idle();
+                }
+            }
+        }
         if self.exclusive && self.cluster.ctld_running() {
             self.cluster.cancel_all();
             // A test that set the node DOWN and failed before resuming it
