@@ -235,10 +235,14 @@ impl Drop for Slurm {
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
                 }
                 None => {
-                    let child = self.cluster.spawn_slurmctld();
-                    if let Ok(mut slot) = self.cluster.slurmctld.lock() {
-                        *slot = Some(child);
-                    }
+                    // Kept in the cluster, which stops and reaps it.
+                    let mut slot = self
+                        .cluster
+                        .slurmctld
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    *slot = Some(self.cluster.spawn_slurmctld());
+                    drop(slot);
                     self.cluster.wait_until_idle();
                 }
             }
@@ -362,7 +366,8 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let state = node_state(&self.conf);
-            if state == "idle" || state == "mix" || state == "alloc" {
+            // A restarted controller finds the jobs still running.
+            if matches!(state.as_str(), "idle" | "mixed" | "allocated") {
                 return;
             }
             if Instant::now() > deadline {
