@@ -221,6 +221,32 @@ impl Drop for Slurm {
     fn drop(&mut self) {
         // A test's jobs must not outlive its turn: cancel what is left of
         // an exclusive test (shared tests cancel their own).
+        // A test that failed half-way must not leave the cluster broken
+        // for the next: thaw or restart the controller.
+        if self.exclusive {
+            let pid = self
+                .cluster
+                .slurmctld
+                .lock()
+                .ok()
+                .and_then(|c| c.as_ref().map(Child::id));
+            match pid {
+                Some(pid) => {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+                }
+                None => {
+                    // Kept in the cluster, which stops and reaps it.
+                    let mut slot = self
+                        .cluster
+                        .slurmctld
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    *slot = Some(self.cluster.spawn_slurmctld());
+                    drop(slot);
+                    self.cluster.wait_until_idle();
+                }
+            }
+        }
         if self.exclusive && self.cluster.ctld_running() {
             self.cluster.cancel_all();
             // A test that set the node DOWN and failed before resuming it
@@ -340,7 +366,8 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let state = node_state(&self.conf);
-            if state == "idle" || state == "mix" || state == "alloc" {
+            // A restarted controller finds the jobs still running.
+            if matches!(state.as_str(), "idle" | "mixed" | "allocated") {
                 return;
             }
             if Instant::now() > deadline {

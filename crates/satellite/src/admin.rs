@@ -14,8 +14,8 @@ use satellite_core::config::Routing;
 use satellite_core::routes::{self, RouteSet};
 use satellite_core::store::{TokenRow, SCHEMA_VERSION};
 use satellite_core::{Config, Store};
+use satellite_sched::Scheduler;
 
-use crate::subprocess::OutputWithin;
 use crate::AboutPath;
 
 pub fn open_store(config: &Config) -> Result<Store> {
@@ -261,81 +261,140 @@ pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
 
 /// Job states from `squeue` (or its saved output), pushed to update-jobs or
 /// written straight into the database.
-pub fn read_squeue(from: Option<&Path>) -> Result<String> {
-    match from {
-        Some(path) if path == Path::new("-") => {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
-            Ok(text)
-        }
-        Some(path) => {
-            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-        }
-        None => {
-            // %i and %T with no width: job ids without the leading blanks
-            // of the default format.
-            let out = std::process::Command::new("squeue")
-                .args(["--noheader", "--all", "--format=%i %T"])
-                .output_within(Duration::from_secs(60))
-                .context(
-                    "running squeue (is this a Slurm controller? use --from FILE otherwise)",
-                )?;
-            if !out.status.success() {
-                bail!(
-                    "squeue failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        }
-    }
+/// Where `jobstates push` gets its job states.
+pub enum JobSource<'a> {
+    /// One complete snapshot: every job the scheduler knows now.
+    Scheduler(&'a dyn Scheduler),
+    /// `<jobid> <state>` lines from a file, or stdin for `-`: an old-style
+    /// table, which says nothing about the jobs it does not list.
+    Table(&'a Path),
 }
 
-pub fn push_jobstates(
-    config: Option<&Config>,
-    table: &str,
-    db: Option<&Path>,
-    url: Option<&str>,
-) -> Result<String> {
-    let states = satellite_core::endpoints::parse_job_table(table.as_bytes());
-    if let Some(db) = db {
+pub struct PushOptions<'a> {
+    pub source: JobSource<'a>,
+    /// Write into this database instead of POSTing.
+    pub db: Option<&'a Path>,
+    /// The update-jobs URL (when not writing a database).
+    pub url: Option<String>,
+    /// For the scheduler query and, separately, for the POST.
+    pub timeout: Duration,
+}
+
+/// One push: the scheduler queried once (or the table read), then the
+/// states POSTed to update-jobs or written to the database.
+///
+/// # Errors
+/// A failed scheduler query (nothing is sent: a scheduler error is no
+/// news), an unreadable table, a database error, or a POST that does not
+/// answer `Success…` within the timeout.
+pub fn push_jobstates(options: &PushOptions) -> Result<String> {
+    let (states, body, complete) = match options.source {
+        JobSource::Table(path) => {
+            let table = read_table(path)?;
+            let states = satellite_core::endpoints::parse_job_table(table.as_bytes());
+            // The body old pushes sent, unchanged: no `complete`, no `taken`.
+            let mut body = String::from("jobstates=\n");
+            for (jobid, state) in &states {
+                let _ = writeln!(body, "{jobid} {state}");
+            }
+            (states, body, false)
+        }
+        JobSource::Scheduler(scheduler) => {
+            let snapshot = scheduler
+                .snapshot(options.timeout)
+                .context("the scheduler query failed; nothing was sent")?;
+            let states = snapshot
+                .jobs
+                .iter()
+                .map(|job| (job.id.clone(), job.state.base().to_owned()))
+                .collect();
+            (states, snapshot.to_form_body(), snapshot.complete)
+        }
+    };
+    if let Some(db) = options.db {
+        // States only, for the waiting page: ending the sessions of jobs
+        // that are over needs the broker's configuration (`jobstates poll`
+        // on the broker host, or a POST to update-jobs).
         let mut store = Store::open(db, Duration::from_secs(10)).about_path("opening", db)?;
         let n = store.update_jobstates(&states, Utc::now().timestamp())?;
         return Ok(format!("wrote {n} job state(s) to {}\n", db.display()));
     }
-    let url = match (url, config) {
-        (Some(url), _) => url.to_owned(),
-        (None, Some(config)) => format!("https://{}/update-jobs.cgi", config.extbasename),
-        (None, None) => bail!("give --url or --db"),
-    };
-    let mut body = String::from("jobstates=\n");
-    for (jobid, state) in &states {
-        let _ = writeln!(body, "{jobid} {state}");
+    let url = options.url.as_deref().context("give --url or --db")?;
+    post_form(url, &body, options.timeout)?;
+    Ok(if complete {
+        format!(
+            "pushed a complete snapshot of {} job(s) to {url}\n",
+            states.len()
+        )
+    } else {
+        format!("pushed {} job state(s) to {url}\n", states.len())
+    })
+}
+
+/// `push_jobstates` every `every` (±10 %, so that many pushers do not
+/// hit the broker in step), forever. A failed cycle is logged to stderr
+/// and the next one tried: it sent nothing, so the broker keeps what it
+/// knew.
+pub fn push_jobstates_every(options: &PushOptions, every: Duration) -> ! {
+    use rand::RngExt;
+    let mut rng = rand::rng();
+    loop {
+        match push_jobstates(options) {
+            Ok(text) => print!("{text}"),
+            Err(err) => eprintln!("satellite: jobstates push: {err:#}"),
+        }
+        let factor: f64 = rng.random_range(0.9..=1.1);
+        std::thread::sleep(every.mul_f64(factor));
     }
+}
+
+fn read_table(path: &Path) -> Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading job states from stdin")?;
+        Ok(text)
+    } else {
+        fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+/// POSTs a form body with curl, which speaks the TLS the broker's Apache
+/// does without adding an HTTP client to the workspace.
+fn post_form(url: &str, body: &str, timeout: Duration) -> Result<()> {
     let mut child = std::process::Command::new("curl")
         .args([
             "--silent",
             "--show-error",
+            "--max-time",
+            &format!("{:.3}", timeout.as_secs_f64()),
             "--data-binary",
             "@-",
             "-X",
             "POST",
-            &url,
+            url,
         ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .context("running curl")?;
     std::io::Write::write_all(
         child.stdin.as_mut().context("curl's stdin")?,
         body.as_bytes(),
     )?;
+    drop(child.stdin.take());
     let out = child.wait_with_output()?;
     let answer = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !answer.starts_with("Success") {
-        bail!("pushing to {url} failed: {}", answer.trim());
+        let why = if answer.trim().is_empty() {
+            String::from_utf8_lossy(&out.stderr).trim().to_owned()
+        } else {
+            answer.trim().to_owned()
+        };
+        bail!("pushing to {url} failed: {why}");
     }
-    Ok(format!("pushed {} job state(s) to {url}\n", states.len()))
+    Ok(())
 }
 
 pub fn set_mode(path: &Path, mode: u32) -> Result<()> {

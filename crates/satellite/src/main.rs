@@ -3,6 +3,7 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -112,10 +113,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum JobstatesCommand {
-    /// Run squeue (or read its output) and push the states to update-jobs
+    /// Query Slurm once (squeue, every job in every state) and push the
+    /// complete snapshot to update-jobs; or push a `<jobid> <state>` table
     Push {
-        /// Read `<jobid> <state>` lines from this file (- for stdin) instead of running squeue
-        #[arg(long, value_name = "FILE")]
+        /// Read `<jobid> <state>` lines from this file (- for stdin) instead of
+        /// querying Slurm; sent as an old-style, incomplete table
+        #[arg(long, visible_alias = "file", value_name = "FILE")]
         from: Option<PathBuf>,
         /// Write into this database directly instead of POSTing
         #[arg(long, value_name = "FILE")]
@@ -123,6 +126,16 @@ enum JobstatesCommand {
         /// The update-jobs URL [default: https://<extbasename>/update-jobs.cgi]
         #[arg(long)]
         url: Option<String>,
+        /// Seconds allowed for the squeue query, and for the POST
+        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+        timeout: f64,
+        /// Push every SECS seconds (±10 % jitter) until stopped; a failed
+        /// cycle is logged and sends nothing
+        #[arg(long, value_name = "SECS", conflicts_with = "from")]
+        every: Option<f64>,
+        /// The squeue program (not looked up in PATH)
+        #[arg(long, value_name = "PATH", default_value = satellite_sched::slurm::DEFAULT_SQUEUE)]
+        squeue: PathBuf,
     },
     /// On the broker host: query Slurm itself and end the sessions of jobs that are over
     Poll {
@@ -274,20 +287,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
         )?),
         Command::Jobstates {
-            command: JobstatesCommand::Push { from, db, url },
+            command:
+                JobstatesCommand::Push {
+                    from,
+                    db,
+                    url,
+                    timeout,
+                    every,
+                    squeue,
+                },
         } => {
-            let table = admin::read_squeue(from.as_deref())?;
-            let config = if db.is_some() || url.is_some() {
-                None
-            } else {
-                Some(config()?)
+            let url = match (db, url) {
+                (Some(_), _) => None,
+                (None, Some(url)) => Some(url.clone()),
+                (None, None) => Some(format!("https://{}/update-jobs.cgi", config()?.extbasename)),
             };
-            print(admin::push_jobstates(
-                config.as_ref(),
-                &table,
-                db.as_deref(),
-                url.as_deref(),
-            )?)
+            let secs = |what: &str, value: f64| {
+                Duration::try_from_secs_f64(value)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .with_context(|| format!("--{what} wants a positive number of seconds"))
+            };
+            let slurm = satellite_sched::SlurmScheduler::new().with_squeue(squeue);
+            let options = admin::PushOptions {
+                source: match from {
+                    Some(path) => admin::JobSource::Table(path),
+                    None => admin::JobSource::Scheduler(&slurm),
+                },
+                db: db.as_deref(),
+                url,
+                timeout: secs("timeout", *timeout)?,
+            };
+            match every {
+                Some(every) => admin::push_jobstates_every(&options, secs("every", *every)?),
+                None => print(admin::push_jobstates(&options)?),
+            }
         }
     }
 }

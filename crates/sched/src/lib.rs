@@ -101,7 +101,7 @@ impl JobSnapshot {
 /// Why a scheduler query gave no snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedError {
-    #[error("cannot run {program}: {source}")]
+    #[error("cannot run {program}")]
     Spawn {
         program: String,
         source: std::io::Error,
@@ -116,7 +116,7 @@ pub enum SchedError {
     },
     #[error("{program} printed more than {limit} bytes")]
     TooLarge { program: String, limit: usize },
-    #[error("reading the output of {program}: {source}")]
+    #[error("reading the output of {program}")]
     Io {
         program: String,
         source: std::io::Error,

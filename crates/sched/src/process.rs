@@ -80,7 +80,13 @@ pub fn run_with_timeout(mut command: Command, timeout: Duration) -> Result<Outpu
         return Err(SchedError::Failed {
             program,
             status: status.to_string(),
-            stderr: String::from_utf8_lossy(&err).trim().to_owned(),
+            // One log line per failure, however many lines squeue printed.
+            stderr: String::from_utf8_lossy(&err)
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
         });
     }
     if out_cut {

@@ -45,6 +45,11 @@ pub fn to_form_body(snapshot: &JobSnapshot) -> String {
         table.push_str(&line.join(" "));
         table.push('\n');
     }
+    // Brokers refuse an empty `jobstates` as missing; a lone newline is
+    // an empty table to every reader (old pushes always began with one).
+    if table.is_empty() {
+        table.push('\n');
+    }
     let mut body = format!("jobstates={}", form_encode(&table));
     if snapshot.complete {
         body.push_str("&complete=1");

@@ -143,6 +143,10 @@ fn an_empty_complete_snapshot_says_there_are_no_jobs() {
         taken_at: 3,
         jobs: vec![],
     };
-    assert_eq!(snapshot.to_form_body(), "jobstates=&complete=1&taken=3");
+    assert_eq!(snapshot.to_form_body(), "jobstates=%0A&complete=1&taken=3");
+    assert_eq!(
+        parse_form_body(b"jobstates=%0A&complete=1&taken=3"),
+        snapshot
+    );
     assert_eq!(parse_form_body(b"jobstates=&complete=1&taken=3"), snapshot);
 }
