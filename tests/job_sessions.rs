@@ -238,3 +238,53 @@ fn a_stopped_controller_ends_no_session() {
     poll_ok(&site, &slurm);
     assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
 }
+
+/// galyleo may redeem before it links (a fast job starts first): the
+/// redeem is taken, and the first poll after the link checks it against
+/// the job. Here it came from another host than the job's node: ended.
+#[test]
+fn a_redeem_made_before_the_link_from_elsewhere_does_not_outlive_the_next_poll() {
+    let slurm = Slurm::shared();
+    let site = site();
+    let job = sbatch_as_user(&slurm, &["--time=10", "--wrap=sleep 120"]);
+    let token = site.new_token();
+    assert_eq!(
+        redeem(&site, &token, OTHER_COMPUTE_NODE),
+        (200, "Success!\n".into())
+    );
+    link(&site, &token, &job);
+    slurm.wait_for_state(&job, "RUNNING", SOON);
+    let said = poll_ok(&site, &slurm);
+    assert!(said.contains("which is not a node of job"), "{said}");
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+    assert_eq!(route(&site, &token), None);
+}
+
+/// A hundred sessions whose jobs end at once end in one poll (one squeue).
+#[test]
+fn a_hundred_jobs_ending_at_once_end_their_sessions_in_one_poll() {
+    let slurm = Slurm::shared();
+    let site = site();
+    let jobs: Vec<Job> = (0..100)
+        .map(|_| sbatch_as_user(&slurm, &["--hold", "--wrap=true"]))
+        .collect();
+    let tokens: Vec<String> = jobs
+        .iter()
+        .map(|job| {
+            let token = site.new_token();
+            link(&site, &token, job);
+            token
+        })
+        .collect();
+    poll_ok(&site, &slurm);
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    slurm.scancel(&ids);
+    for id in &ids {
+        slurm.wait_for_state(id, "CANCELLED", SOON);
+    }
+    let said = poll_ok(&site, &slurm);
+    assert_eq!(said.matches("ended the session").count(), 100, "{said}");
+    for token in &tokens {
+        assert_eq!(site.state_of(token).as_deref(), Some("ended"), "{token}");
+    }
+}

@@ -291,7 +291,11 @@ pub fn push_jobstates(options: &PushOptions) -> Result<String> {
     let (states, body, complete) = match options.source {
         JobSource::Table(path) => {
             let table = read_table(path)?;
-            let states = satellite_core::endpoints::parse_job_table(table.as_bytes());
+            let states: Vec<(String, String)> =
+                satellite_sched::wire::parse_legacy_table(table.as_bytes())
+                    .into_iter()
+                    .map(|job| (job.id, job.state.base().to_owned()))
+                    .collect();
             // The body old pushes sent, unchanged: no `complete`, no `taken`.
             let mut body = String::from("jobstates=\n");
             for (jobid, state) in &states {

@@ -110,6 +110,21 @@ pub fn parse_form_body(body: &[u8]) -> JobSnapshot {
     snapshot
 }
 
+/// An old-style table (`<jobid> <state>` lines, extra fields ignored, as
+/// `squeue --format='%i %T'` prints it): the jobs it names.
+pub fn parse_legacy_table(table: &[u8]) -> Vec<JobInfo> {
+    table
+        .split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let fields: Vec<&[u8]> = line
+                .split(|b| b.is_ascii_whitespace())
+                .filter(|f| !f.is_empty())
+                .collect();
+            parse_legacy(&fields)
+        })
+        .collect()
+}
+
 /// `<jobid> <state>` as old brokers read it: the id keeps letters, digits
 /// and `-._`, the state letters, digits and `_`.
 fn parse_legacy(fields: &[&[u8]]) -> Option<JobInfo> {

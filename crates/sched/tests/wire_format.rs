@@ -150,3 +150,22 @@ fn an_empty_complete_snapshot_says_there_are_no_jobs() {
     );
     assert_eq!(parse_form_body(b"jobstates=&complete=1&taken=3"), snapshot);
 }
+
+#[test]
+fn legacy_tables_keep_underscores_and_skip_unusable_lines() {
+    let jobs = satellite_sched::wire::parse_legacy_table(
+        b"\n  12345 PENDING\n12346 OUT_OF_MEMORY extra\n0 R\n12347\n12348.tscc-mgr.local R\r\n",
+    );
+    let pairs: Vec<(&str, &str)> = jobs
+        .iter()
+        .map(|j| (j.id.as_str(), j.state.raw()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("12345", "PENDING"),
+            ("12346", "OUT_OF_MEMORY"),
+            ("12348.tscc-mgr.local", "R")
+        ]
+    );
+}

@@ -12,7 +12,6 @@ mod index;
 mod jobs;
 mod tokens;
 
-pub use jobs::parse_job_table;
 pub use tokens::{parse_port, sanitize_jobid};
 
 use std::net::IpAddr;
