@@ -105,6 +105,9 @@ pub struct Config {
     /// `job_uid_min`).
     pub job_user_deny: Vec<String>,
     pub job_uid_min: u32,
+    /// Apache's mod_status page (`?auto`) that `satellite check` reads for
+    /// idle workers; empty: not checked.
+    pub apache_status_url: String,
 }
 
 pub const DEFAULT_TTL_SECS: i64 = 176_400;
@@ -247,6 +250,7 @@ impl Config {
             node_addresses: std::collections::BTreeMap::new(),
             job_user_deny: vec!["root".into()],
             job_uid_min: 1000,
+            apache_status_url: "http://127.0.0.1/server-status?auto".into(),
         }
     }
 

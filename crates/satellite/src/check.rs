@@ -101,6 +101,9 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     findings.push(check_serve_listen(&config));
     findings.push(check_log_key(&config));
     findings.push(check_syslog(&config));
+    if let Some(finding) = check_apache_workers(&config.apache_status_url) {
+        findings.push(finding);
+    }
     findings
 }
 
@@ -497,4 +500,29 @@ fn check_dbd_driver() -> Finding {
             "apt-get install libaprutil1-dbd-sqlite3 (Debian), dnf install apr-util-sqlite (RHEL)",
         ),
     }
+}
+
+/// No finding when nothing answers at `apache_status_url` (mod_status off,
+/// or not on loopback) or when it is empty.
+fn check_apache_workers(url: &str) -> Option<Finding> {
+    if url.is_empty() {
+        return None;
+    }
+    let body = crate::apache_status::fetch(url, Duration::from_secs(3)).ok()?;
+    let workers = crate::apache_status::parse_auto(&body)?;
+    Some(if workers.short() {
+        warn(
+            format!(
+                "Apache has {} idle of {} workers and no room to start more: every open notebook websocket holds one",
+                workers.idle,
+                workers.busy + workers.idle
+            ),
+            "raise MaxRequestWorkers (and ServerLimit/ThreadsPerChild) in Apache's MPM configuration",
+        )
+    } else {
+        ok(format!(
+            "Apache has {} idle workers ({} busy)",
+            workers.idle, workers.busy
+        ))
+    })
 }

@@ -3,6 +3,7 @@
 //! binaries in `src/bin/` are one line each.
 
 pub mod admin;
+pub mod apache_status;
 pub mod check;
 pub mod install;
 pub mod jobstates;
