@@ -96,6 +96,10 @@ pub struct Config {
     /// The secret that keys log ids (HMAC); missing file: no ids logged.
     pub logkey: PathBuf,
     pub trusted_proxies: IpMaskList,
+    /// Clients that serve answers `GET /metrics` (empty: nobody). Judged
+    /// on the client address, so Apache passing a browser through does
+    /// not make it a loopback peer.
+    pub metrics_allow: IpMaskList,
     pub client_addr_header: String,
     pub job_binding: JobBinding,
     /// Compute node name → addresses, for sites whose node names do not
@@ -242,6 +246,7 @@ impl Config {
             serve_read_timeout_ms: 10_000,
             logkey: "../etc/logkey".into(),
             trusted_proxies: IpMaskList::parse::<&str>(&[]).expect("an empty list parses"),
+            metrics_allow: IpMaskList::parse::<&str>(&[]).expect("an empty list parses"),
             client_addr_header: "X-Satellite-Client-Addr".into(),
             job_binding: JobBinding::Warn,
             node_addresses: std::collections::BTreeMap::new(),
