@@ -440,3 +440,102 @@ fn satellite_check_text(config: &Path) -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Waits until `path` holds text that `done` likes; returns it.
+fn wait_for_file(path: &Path, child: &mut Child, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the process exited before writing {}",
+            path.display()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never became what was expected: {text:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cron_watch_writes_its_expiries_and_publication_latency_for_the_textfile_collector() {
+    let site = Site::with_config("metrics_textfile_dir = \"../metrics\"");
+    std::fs::create_dir(site.path("metrics")).unwrap();
+    insert(&site, "old-owl-pea", "pending", None, None);
+    site.db()
+        .execute("UPDATE proxy SET modified = '2001-01-01 00:00:00'", [])
+        .unwrap();
+    let mut watcher = Command::new(program("cron"))
+        .arg("--watch")
+        .env("SATELLITE_CONFIG", &site.config)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = site.path("metrics/satellite-cron.prom");
+
+    // Expiry is cumulative: once counted, it stays 1 whatever runs follow.
+    let text = wait_for_file(&file, &mut watcher, |t| {
+        t.contains("\nsatellite_tokens_expired_total 1\n")
+    });
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+
+    promtool_accepts(&text);
+    let runs = lines_of(&text, "satellite_route_publication_duration_seconds_count ");
+    let runs: u64 = runs[0].rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(runs >= 1, "{text}");
+    assert_eq!(
+        lines_of(
+            &text,
+            "satellite_route_publication_duration_seconds_bucket{le=\"+Inf\"} "
+        ),
+        [format!(
+            "satellite_route_publication_duration_seconds_bucket{{le=\"+Inf\"}} {runs}"
+        )]
+    );
+    assert_eq!(
+        lines_of(&text, "satellite_cron_failures_total "),
+        ["satellite_cron_failures_total 0"]
+    );
+    // Only the collector's *.prom files, no temporary file left behind.
+    let names: Vec<String> = std::fs::read_dir(site.path("metrics"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["satellite-cron.prom"]);
+}
+
+#[test]
+fn jobstates_poll_counts_failed_scheduler_queries_for_the_textfile_collector() {
+    let site = Site::with_config("metrics_textfile_dir = \"../metrics\"");
+    std::fs::create_dir(site.path("metrics")).unwrap();
+    // A broker without a working Slurm client: every query fails.
+    let mut poller = Command::new(program("satellite"))
+        .args(["jobstates", "poll", "--every", "1", "--squeue"])
+        .arg(site.path("no-such-squeue"))
+        .env("SATELLITE_CONFIG", &site.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = site.path("metrics/satellite-poll.prom");
+
+    let text = wait_for_file(&file, &mut poller, |t| !t.is_empty());
+    poller.kill().unwrap();
+    poller.wait().unwrap();
+
+    promtool_accepts(&text);
+    assert_eq!(
+        lines_of(&text, "satellite_scheduler_"),
+        [
+            "satellite_scheduler_queries_total 1",
+            "satellite_scheduler_query_errors_total 1",
+        ]
+    );
+}

@@ -100,6 +100,10 @@ pub struct Config {
     /// on the client address, so Apache passing a browser through does
     /// not make it a loopback peer.
     pub metrics_allow: IpMaskList,
+    /// Where `cron --watch` and `jobstates poll` write their counters for
+    /// node_exporter's textfile collector (unset: they keep them to
+    /// themselves).
+    pub metrics_textfile_dir: Option<PathBuf>,
     pub client_addr_header: String,
     pub job_binding: JobBinding,
     /// Compute node name → addresses, for sites whose node names do not
@@ -247,6 +251,7 @@ impl Config {
             logkey: "../etc/logkey".into(),
             trusted_proxies: IpMaskList::parse::<&str>(&[]).expect("an empty list parses"),
             metrics_allow: IpMaskList::parse::<&str>(&[]).expect("an empty list parses"),
+            metrics_textfile_dir: None,
             client_addr_header: "X-Satellite-Client-Addr".into(),
             job_binding: JobBinding::Warn,
             node_addresses: std::collections::BTreeMap::new(),
@@ -277,6 +282,9 @@ impl Config {
             resolve(path);
         }
         self.serve_listen = self.serve_listen.take().filter(|l| !l.is_empty());
+        if let Some(dir) = self.metrics_textfile_dir.as_mut() {
+            resolve(dir);
+        }
         self.serve_read_timeout_ms = self.serve_read_timeout_ms.max(1);
         let dynconf = self
             .httpdstubfile

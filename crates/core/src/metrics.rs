@@ -181,7 +181,11 @@ pub struct Counter(AtomicU64);
 
 impl Counter {
     pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> u64 {
@@ -256,6 +260,69 @@ fn endpoint_index(endpoint: Endpoint) -> usize {
         .iter()
         .position(|&e| e == endpoint)
         .expect("ALL lists every endpoint")
+}
+
+/// What `cron --watch` keeps: how long route publication takes (expiry
+/// and the publisher's pass, including a config test and reload in vhost
+/// routing), tokens it expired, and runs that failed.
+#[derive(Default)]
+pub struct CronMetrics {
+    pub publication: Histogram,
+    pub expired: Counter,
+    pub failures: Counter,
+}
+
+impl CronMetrics {
+    pub fn render(&self, out: &mut String) {
+        self.publication.render(
+            out,
+            "satellite_route_publication_duration_seconds",
+            "Time a cron run took to expire tokens and publish routes.",
+        );
+        self.expired.render(
+            out,
+            "satellite_tokens_expired_total",
+            "Tokens cron deleted because their TTL was over.",
+        );
+        self.failures.render(
+            out,
+            "satellite_cron_failures_total",
+            "Cron runs that failed (see its log).",
+        );
+    }
+}
+
+/// What `jobstates poll` keeps: scheduler queries, and those that failed
+/// (a failed query ends nothing, so a silent scheduler shows only here).
+#[derive(Default)]
+pub struct PollMetrics {
+    pub queries: Counter,
+    pub errors: Counter,
+}
+
+impl PollMetrics {
+    pub fn render(&self, out: &mut String) {
+        self.queries.render(
+            out,
+            "satellite_scheduler_queries_total",
+            "Scheduler queries made by jobstates poll.",
+        );
+        self.errors.render(
+            out,
+            "satellite_scheduler_query_errors_total",
+            "Scheduler queries that failed or timed out (no session was ended).",
+        );
+    }
+}
+
+/// Replaces `dir/name` with `text` at once, so the textfile collector
+/// never reads half a file (it reads only `*.prom`, and the temporary
+/// file is not one).
+///
+/// # Errors
+/// When the directory cannot be written.
+pub fn write_textfile(dir: &std::path::Path, name: &str, text: &str) -> crate::Result<()> {
+    crate::routes::write_atomically(&dir.join(name), text.as_bytes())
 }
 
 /// The states every exposition lists, even at zero, so that a query for
