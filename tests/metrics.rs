@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use support::apache;
 use support::*;
 
 /// A `satellite serve` child, killed when dropped.
@@ -30,10 +31,14 @@ impl Drop for Serve {
 /// Starts serve with `args` and waits for its "listening on" line; returns
 /// what follows it (`http://127.0.0.1:PORT/` or `unix:PATH`).
 fn start_serve(site: &Site, args: &[&str]) -> (Serve, String) {
+    start_serve_with(&site.config, args)
+}
+
+fn start_serve_with(config: &Path, args: &[&str]) -> (Serve, String) {
     let mut child = Command::new(program("satellite"))
         .arg("serve")
         .args(args)
-        .env("SATELLITE_CONFIG", &site.config)
+        .env("SATELLITE_CONFIG", config)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -537,5 +542,57 @@ fn jobstates_poll_counts_failed_scheduler_queries_for_the_textfile_collector() {
             "satellite_scheduler_queries_total 1",
             "satellite_scheduler_query_errors_total 1",
         ]
+    );
+}
+
+#[test]
+fn through_apache_metrics_reach_serve_only_from_allowed_addresses_and_never_on_token_hosts() {
+    let apache = apache::Apache::start_serving(apache::Routing::Map);
+    let mut overrides = vec![("metrics_allow", "[\"127.0.0.2/32\"]".to_owned())];
+    if nix::unistd::geteuid().is_root() {
+        // Apache's children run as nobody:nogroup: the socket's group.
+        overrides.push(("serve_socket_group", "\"nogroup\"".to_owned()));
+    }
+    apache.write_config(&overrides);
+    let socket = apache.serve_socket();
+    let (_serve, _) = start_serve_with(
+        &apache.config_file(),
+        &["--socket", socket.to_str().unwrap()],
+    );
+    apache.getlink();
+    let manage = apache.host_port("manage");
+    let client = apache.client();
+
+    let refused = client.bind("127.0.0.1").get(&manage, "/metrics").unwrap();
+    let allowed = client.bind("127.0.0.2").get(&manage, "/metrics").unwrap();
+    let on_token_host = client
+        .bind("127.0.0.2")
+        .get(&apache.host_port("calm-dew-fig"), "/metrics")
+        .unwrap();
+
+    assert_eq!(
+        (refused.status, refused.text().as_str()),
+        (404, "Oops! Not found\n"),
+        "{}",
+        apache.error_log()
+    );
+    assert_eq!(allowed.status, 200, "{allowed}\n{}", apache.error_log());
+    let text = allowed.text();
+    promtool_accepts(&text);
+    // serve counted the getlink Apache sent it, and refused scrapes are
+    // not endpoint requests.
+    assert!(
+        text.contains("\nsatellite_requests_total{endpoint=\"getlink\",result=\"ok\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nsatellite_tokens{state=\"pending\"} 1\n"),
+        "{text}"
+    );
+    // A token's host keeps every path for its notebook (or the waiting
+    // page): /metrics there is not serve's.
+    assert!(
+        !on_token_host.text().contains("satellite_"),
+        "{on_token_host}"
     );
 }
