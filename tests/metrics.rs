@@ -337,11 +337,18 @@ fn serve_refuses_metrics_with_404_to_clients_outside_metrics_allow_also_through_
 }
 
 #[test]
-fn serve_answers_metrics_to_nobody_by_default() {
-    let site = Site::with_config("tgtipmask = [\"127.0.0.0/8\"]");
+fn serve_answers_metrics_to_nobody_by_default_with_a_real_404_even_under_legacy_statuses() {
+    let site = Site::with_config("tgtipmask = [\"127.0.0.0/8\"]\nlegacy_status_200 = true");
     let (_serve, listening) = start_serve(&site, &["--listen", "127.0.0.1:0"]);
-    let (status, body) = request(tcp(port_of(&listening)), "/metrics", &[]);
+    let port = port_of(&listening);
+    let (status, body) = request(tcp(port), "/metrics", &[]);
     assert_eq!((status, body.as_str()), (404, "Oops! Not found\n"));
+    // The endpoints keep the original's 200 for their refusals.
+    let (status, body) = request(tcp(port), "/redeemtoken.cgi?token=no-such-token", &[]);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "Oops! Missing 'port' parameter\n")
+    );
 }
 
 #[test]

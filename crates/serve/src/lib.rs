@@ -352,7 +352,13 @@ fn scrape(
         .get::<ClientAddr>()
         .is_some_and(|c| ctx.config.metrics_allow.contains(canonical_ip(c.0)));
     if !allowed {
-        return oops(&ctx.config, StatusCode::NOT_FOUND, "Not found");
+        // A real 404 even under legacy_status_200: no legacy client reads
+        // this path, and a scraper must not take the refusal for metrics.
+        return text_response(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            b"Oops! Not found\n".to_vec(),
+        );
     }
     if request.method() != http::Method::GET && request.method() != http::Method::HEAD {
         let mut refusal = oops(
