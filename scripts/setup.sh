@@ -16,8 +16,10 @@ demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sq
 # The browser suite (Chromium over WebDriver, JupyterLab in a venv) and the
 # TLS grading (testssl.sh); on RHEL chromium, chromedriver and testssl come
 # from EPEL.
+# prometheus: promtool checks the metrics' exposition (tests/metrics.rs).
 test_pkgs=(slurmctld slurmd slurm-client munge binutils
-  chromium chromium-driver python3-venv python3-pip testssl.sh fonts-dejavu-core)
+  chromium chromium-driver python3-venv python3-pip testssl.sh fonts-dejavu-core
+  prometheus)
 # rpm: rpmbuild-free checks of the .rpm (rpm -qlp); the SELinux reference
 # policy headers build the module; systemd gives systemd-analyze.
 package_pkgs=(rpm rpmlint lintian checkpolicy semodule-utils selinux-policy-dev systemd binutils)
@@ -37,6 +39,7 @@ rhel_name() {
     python3-venv) echo "python3" ;;
     testssl.sh) echo "testssl" ;;
     fonts-dejavu-core) echo "dejavu-sans-fonts" ;;
+    prometheus) echo "golang-github-prometheus" ;; # EPEL; ships promtool
     *) echo "$1" ;;
   esac
 }

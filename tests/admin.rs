@@ -689,6 +689,7 @@ fn generate_writes_a_man_page_per_visible_command_and_three_completions() {
             "satellite-jobstates-push.1",
             "satellite-jobstates.1",
             "satellite-list.1",
+            "satellite-metrics.1",
             "satellite-migrate.1",
             "satellite-render.1",
             "satellite-revoke.1",

@@ -78,6 +78,8 @@ pub struct Apache {
     certificate: Certificate,
     httpd: Option<PrivateApache>,
     as_root: bool,
+    /// Endpoints go to `satellite serve` on [`Apache::serve_socket`].
+    serving: bool,
 }
 
 fn is_root() -> bool {
@@ -147,6 +149,22 @@ impl Apache {
     /// answers. Panics (failing the test) if Apache is missing or does not
     /// come up.
     pub fn start(routing: Routing) -> Apache {
+        Self::start_with(routing, false)
+    }
+
+    /// [`start`](Self::start) with Apache sending the endpoints to
+    /// `satellite serve` on [`serve_socket`](Self::serve_socket), which the
+    /// test starts (Apache connects only when a request comes).
+    pub fn start_serving(routing: Routing) -> Apache {
+        Self::start_with(routing, true)
+    }
+
+    /// Where serve listens when Apache is [`start_serving`](Self::start_serving).
+    pub fn serve_socket(&self) -> PathBuf {
+        self.dir.path().join("serve.sock")
+    }
+
+    fn start_with(routing: Routing, serving: bool) -> Apache {
         let install = ApacheInstall::find()
             .unwrap_or_else(|e| panic!("{e:#}\n(the Apache tests need a real httpd)"));
         let dir = tempfile::Builder::new()
@@ -166,6 +184,7 @@ impl Apache {
             certificate,
             httpd: None,
             as_root: is_root(),
+            serving,
         };
         apache.install();
         // The port was free when picked, but another test may take it
@@ -312,7 +331,9 @@ impl Apache {
             http_port: Some(self.http_port),
             cert: self.certificate.cert.clone(),
             key: self.certificate.key.clone(),
-            serve_url: None,
+            serve_url: self
+                .serving
+                .then(|| format!("unix:{}|http://localhost", self.serve_socket().display())),
             routing: if self.routing.is_map() {
                 satellite_core::config::Routing::Map
             } else {

@@ -96,6 +96,14 @@ pub struct Config {
     /// The secret that keys log ids (HMAC); missing file: no ids logged.
     pub logkey: PathBuf,
     pub trusted_proxies: IpMaskList,
+    /// Clients that serve answers `GET /metrics` (empty: nobody). Judged
+    /// on the client address, so Apache passing a browser through does
+    /// not make it a loopback peer.
+    pub metrics_allow: IpMaskList,
+    /// Where `cron --watch` and `jobstates poll` write their counters for
+    /// node_exporter's textfile collector (unset: they keep them to
+    /// themselves).
+    pub metrics_textfile_dir: Option<PathBuf>,
     pub client_addr_header: String,
     pub job_binding: JobBinding,
     /// Compute node name → addresses, for sites whose node names do not
@@ -245,6 +253,8 @@ impl Config {
             serve_read_timeout_ms: 10_000,
             logkey: "../etc/logkey".into(),
             trusted_proxies: IpMaskList::parse::<&str>(&[]).expect("an empty list parses"),
+            metrics_allow: IpMaskList::parse::<&str>(&[]).expect("an empty list parses"),
+            metrics_textfile_dir: None,
             client_addr_header: "X-Satellite-Client-Addr".into(),
             job_binding: JobBinding::Warn,
             node_addresses: std::collections::BTreeMap::new(),
@@ -276,6 +286,9 @@ impl Config {
             resolve(path);
         }
         self.serve_listen = self.serve_listen.take().filter(|l| !l.is_empty());
+        if let Some(dir) = self.metrics_textfile_dir.as_mut() {
+            resolve(dir);
+        }
         self.serve_read_timeout_ms = self.serve_read_timeout_ms.max(1);
         let dynconf = self
             .httpdstubfile

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ipmask;
 pub mod jobstate;
 pub mod logid;
+pub mod metrics;
 pub mod publish;
 pub mod query;
 pub mod routes;

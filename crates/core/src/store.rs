@@ -980,6 +980,73 @@ impl Store {
     }
 }
 
+/// What the store can say about the service at one instant, for metrics.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Rows by state, expired ones cron has not deleted yet included.
+    pub by_state: Vec<(String, i64)>,
+    /// Routes the data plane serves now (map routing's `routes` table).
+    pub live_routes: i64,
+    /// Live rows (not `ended`, not past the TTL) never linked to a job.
+    pub unbound: i64,
+    /// `ended` rows by cause class: see [`Store::gauges`].
+    pub ended_job_end: i64,
+    pub ended_binding_mismatch: i64,
+    /// `max(jobstates.lastseen)` as an epoch; `None` when nothing was pushed.
+    pub newest_jobstate: Option<i64>,
+}
+
+impl Store {
+    /// Counts for the metrics, read in one transaction so they agree.
+    ///
+    /// Ended sessions are classed by the text `sessions` writes to
+    /// `end_cause`: `job … ended (…)` and `job … is no longer known to the
+    /// scheduler` are the job's end; every other cause (a foreign node, a
+    /// denied user) is a binding mismatch.
+    pub fn gauges(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Gauges> {
+        let tx = self.conn.unchecked_transaction()?;
+        let mut stmt =
+            tx.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
+        let by_state = stmt
+            .query_map([], |r| {
+                Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        drop(stmt);
+        let live_routes = tx.query_row(
+            "SELECT count(*) FROM routes WHERE expires >= ?1",
+            [sql_timestamp(now)],
+            |r| r.get(0),
+        )?;
+        let unbound = tx.query_row(
+            "SELECT count(*) FROM proxy WHERE state <> 'ended' AND modified >= ?1 \
+             AND (jobid IS NULL OR jobid = '')",
+            [expiry_cutoff(now, ttl_secs)],
+            |r| r.get(0),
+        )?;
+        let (ended_job_end, ended_binding_mismatch) = tx.query_row(
+            "SELECT \
+               coalesce(sum(end_cause LIKE 'job % ended (%' \
+                   OR end_cause LIKE 'job % is no longer known to the scheduler'), 0), \
+               coalesce(sum(NOT (coalesce(end_cause, '') LIKE 'job % ended (%' \
+                   OR coalesce(end_cause, '') LIKE 'job % is no longer known to the scheduler')), 0) \
+             FROM proxy WHERE state = 'ended'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let newest: Value =
+            tx.query_row("SELECT max(lastseen) FROM jobstates", [], |r| r.get(0))?;
+        Ok(Gauges {
+            by_state,
+            live_routes,
+            unbound,
+            ended_job_end,
+            ended_binding_mismatch,
+            newest_jobstate: value_integer(newest),
+        })
+    }
+}
+
 /// The longest pause between two tries for a lock.
 const BUSY_PAUSE_MAX: Duration = Duration::from_millis(2);
 

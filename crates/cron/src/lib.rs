@@ -35,6 +35,8 @@ pub struct Report {
     pub cut_failures: Vec<String>,
     /// `--watch`'s first run: it now watches, with this many live backends.
     pub watching: Option<usize>,
+    /// How long expiry and publication took (for the metrics).
+    pub took: Duration,
 }
 
 impl Report {
@@ -104,6 +106,7 @@ fn open_store(config: &Config) -> Result<Store> {
 
 /// One run; the caller holds the run lock.
 pub fn run_locked(config: &Config) -> Result<Report> {
+    let started = Instant::now();
     let mut store = open_store(config)?;
     let now = Utc::now();
     let expired = store
@@ -116,6 +119,7 @@ pub fn run_locked(config: &Config) -> Result<Report> {
         skipped: false,
         expired,
         published,
+        took: started.elapsed(),
         ..Report::default()
     })
 }

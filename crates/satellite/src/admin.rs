@@ -26,11 +26,15 @@ pub fn open_store(config: &Config) -> Result<Store> {
     .about_path("opening", &config.dbfile)
 }
 
+fn age_seconds(modified: &str) -> Option<i64> {
+    let then = chrono::NaiveDateTime::parse_from_str(modified, "%Y-%m-%d %H:%M:%S").ok()?;
+    Some((Utc::now().naive_utc() - then).num_seconds().max(0))
+}
+
 fn age(modified: &str) -> String {
-    let Ok(then) = chrono::NaiveDateTime::parse_from_str(modified, "%Y-%m-%d %H:%M:%S") else {
+    let Some(secs) = age_seconds(modified) else {
         return "?".into();
     };
-    let secs = (Utc::now().naive_utc() - then).num_seconds().max(0);
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -83,10 +87,25 @@ pub fn list(config: &Config, json: bool) -> Result<String> {
     Ok(out)
 }
 
-pub fn show(config: &Config, token: &str) -> Result<String> {
+/// One token; `json`: an object with alias, url, state, dsthost, dstport,
+/// jobid, modified (UTC text as stored) and age_seconds (null if unreadable).
+pub fn show(config: &Config, token: &str, json: bool) -> Result<String> {
     let row = open_store(config)?
         .find_token(token)?
         .with_context(|| format!("no token {token}"))?;
+    if json {
+        let object = serde_json::json!({
+            "alias": row.alias,
+            "url": format!("{}/", config.alias_origin(&row.alias)),
+            "state": row.state,
+            "dsthost": row.dsthost,
+            "dstport": row.dstport,
+            "jobid": row.jobid,
+            "modified": row.modified,
+            "age_seconds": age_seconds(&row.modified),
+        });
+        return Ok(serde_json::to_string_pretty(&object)? + "\n");
+    }
     Ok(format!(
         "token:    {}\nurl:      {}/\nstate:    {}\ntarget:   {}\njob:      {}\nmodified: {} UTC ({} ago)\n",
         row.alias,
@@ -150,8 +169,26 @@ pub fn render(config: &Config) -> Result<String> {
     })
 }
 
-pub fn stats(config: &Config) -> Result<String> {
+/// Counts; `json`: an object with tokens_by_state (state → count),
+/// oldest_modified (UTC text or null), jobstates, and sessions_per_host
+/// (host → count).
+pub fn stats(config: &Config, json: bool) -> Result<String> {
     let stats = open_store(config)?.stats()?;
+    if json {
+        let counts = |pairs: &[(String, i64)]| -> serde_json::Map<String, serde_json::Value> {
+            pairs
+                .iter()
+                .map(|(key, n)| (key.clone(), serde_json::Value::from(*n)))
+                .collect()
+        };
+        let object = serde_json::json!({
+            "tokens_by_state": counts(&stats.by_state),
+            "oldest_modified": stats.oldest_modified,
+            "jobstates": stats.jobstates,
+            "sessions_per_host": counts(&stats.sessions_per_host),
+        });
+        return Ok(serde_json::to_string_pretty(&object)? + "\n");
+    }
     let mut out = String::from("tokens by state:\n");
     if stats.by_state.is_empty() {
         out.push_str("  (none)\n");
@@ -170,6 +207,18 @@ pub fn stats(config: &Config) -> Result<String> {
     for (host, n) in &stats.sessions_per_host {
         let _ = writeln!(out, "  {host:<24} {n}");
     }
+    Ok(out)
+}
+
+/// The store's gauges in Prometheus text format, for node_exporter's
+/// textfile collector (CGI sites have no process to scrape).
+pub fn metrics(config: &Config) -> Result<String> {
+    let now = Utc::now();
+    let gauges = open_store(config)?
+        .gauges(now, config.ttl_secs)
+        .about_path("reading metrics from", &config.dbfile)?;
+    let mut out = String::new();
+    satellite_core::metrics::render_gauges(&mut out, &gauges, now);
     Ok(out)
 }
 

@@ -48,6 +48,37 @@ impl fmt::Display for Finding {
     }
 }
 
+impl Level {
+    /// The name `--json` gives the level: "ok", "warn" or "fail".
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Warn => "warn",
+            Level::Fail => "fail",
+        }
+    }
+}
+
+/// `check --json`: an object with `ok` (false when anything failed) and
+/// `findings`, each with `level`, `what` and `fix` (null when none).
+pub fn to_json(findings: &[Finding]) -> String {
+    let list: Vec<serde_json::Value> = findings
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "level": f.level.name(),
+                "what": f.what,
+                "fix": f.fix,
+            })
+        })
+        .collect();
+    let object = serde_json::json!({
+        "ok": !findings.iter().any(|f| f.level == Level::Fail),
+        "findings": list,
+    });
+    serde_json::to_string_pretty(&object).unwrap_or_default() + "\n"
+}
+
 fn ok(what: impl Into<String>) -> Finding {
     Finding {
         level: Level::Ok,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use chrono::Utc;
+use satellite_core::metrics::{write_textfile, PollMetrics};
 use satellite_core::sessions::{self, Snapshot};
 use satellite_core::Config;
 use satellite_sched::{Scheduler, SlurmScheduler};
@@ -19,12 +20,18 @@ pub struct PollOptions {
     pub squeue: Option<PathBuf>,
 }
 
+/// Whether a cycle failed at the scheduler (not at the store): the
+/// context `poll_once` gives a failed query.
+fn is_query_error(err: &anyhow::Error) -> bool {
+    err.to_string() == QUERY_FAILED
+}
+
+const QUERY_FAILED: &str = "querying the scheduler (no session was ended)";
+
 /// One cycle: one scheduler query, applied. A failed query is an error and
 /// changes nothing ("a scheduler error is no news").
 pub fn poll_once(config: &Config, scheduler: &dyn Scheduler, timeout: Duration) -> Result<String> {
-    let snapshot = scheduler
-        .snapshot(timeout)
-        .context("querying the scheduler (no session was ended)")?;
+    let snapshot = scheduler.snapshot(timeout).context(QUERY_FAILED)?;
     let mut store = crate::admin::open_store(config)?;
     let applied = sessions::apply_snapshot(
         &mut store,
@@ -74,10 +81,24 @@ pub fn poll(config: &Config, options: &PollOptions) -> Result<String> {
     if options.once {
         return poll_once(config, &scheduler, options.timeout);
     }
+    let metrics = PollMetrics::default();
     loop {
+        metrics.queries.inc();
         match poll_once(config, &scheduler, options.timeout) {
             Ok(report) => print!("{report}"),
-            Err(err) => eprintln!("satellite jobstates poll: {err:#}"),
+            Err(err) => {
+                if is_query_error(&err) {
+                    metrics.errors.inc();
+                }
+                eprintln!("satellite jobstates poll: {err:#}");
+            }
+        }
+        if let Some(dir) = &config.metrics_textfile_dir {
+            let mut text = String::new();
+            metrics.render(&mut text);
+            if let Err(err) = write_textfile(dir, "satellite-poll.prom", &text) {
+                eprintln!("satellite jobstates poll: metrics: {err}");
+            }
         }
         let jitter = rand::random_range(0.9..1.1);
         std::thread::sleep(options.every.mul_f64(jitter));

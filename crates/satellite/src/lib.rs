@@ -195,8 +195,26 @@ pub fn cron_main(config: &Config, watch: bool, verbose: bool) -> ExitCode {
         }
     };
     if watch {
+        let metrics = satellite_core::metrics::CronMetrics::default();
         let result = satellite_cron::watch(config, |report| {
+            match &report {
+                Ok(report) if !report.skipped => {
+                    metrics.publication.observe(report.took);
+                    metrics.expired.add(report.expired as u64);
+                }
+                Ok(_) => {}
+                Err(_) => metrics.failures.inc(),
+            }
             print(report);
+            if let Some(dir) = &config.metrics_textfile_dir {
+                let mut text = String::new();
+                metrics.render(&mut text);
+                let written =
+                    satellite_core::metrics::write_textfile(dir, "satellite-cron.prom", &text);
+                if let Err(err) = written {
+                    eprintln!("satellite cron: metrics: {err}");
+                }
+            }
         });
         if let Err(err) = result {
             eprintln!("satellite cron --watch: {err:#}");

@@ -65,7 +65,12 @@ enum Command {
         json: bool,
     },
     /// Show one token
-    Show { token: String },
+    Show {
+        token: String,
+        /// An object: alias, url, state, dsthost, dstport, jobid, modified, age_seconds
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a token now, whatever its state, and drop its route
     Revoke { token: String },
     /// Expire tokens past their TTL now
@@ -73,7 +78,19 @@ enum Command {
     /// Print what cron would write (the route map or the vhosts)
     Render,
     /// Counts by state, the oldest token, sessions per compute node
-    Stats,
+    Stats {
+        /// An object: tokens_by_state, oldest_modified, jobstates, sessions_per_host
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the store's gauges in Prometheus text format
+    ///
+    /// For node_exporter's textfile collector, e.g. every minute from cron:
+    /// `satellite metrics > DIR/satellite.prom.$$ && mv DIR/satellite.prom.$$ DIR/satellite.prom`.
+    /// CGI programs run one process per request and keep no counters, so
+    /// only the gauges exist here; `satellite serve` adds request counts and
+    /// redeem latency at GET /metrics (for addresses in metrics_allow).
+    Metrics,
     /// Create the database, or take a Perl SRPS database in place (backup first)
     Migrate {
         /// The database [default: dbfile from the config]
@@ -88,6 +105,9 @@ enum Command {
         /// The certificate Apache serves (SSLCertificateFile)
         #[arg(long, value_name = "FILE")]
         cert: Option<PathBuf>,
+        /// An object: ok (false if anything failed) and findings [{level, what, fix}]
+        #[arg(long)]
+        json: bool,
     },
     /// Bring the whole stack up on loopback: Apache, serve, cron --watch, a sample notebook
     Demo {
@@ -225,11 +245,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             programs_dir: None,
         })?),
         Command::List { json } => print(admin::list(&config()?, *json)?),
-        Command::Show { token } => print(admin::show(&config()?, token)?),
+        Command::Show { token, json } => print(admin::show(&config()?, token, *json)?),
         Command::Revoke { token } => print(admin::revoke(&config()?, token)?),
         Command::Gc => print(admin::gc(&config()?)?),
         Command::Render => print(admin::render(&config()?)?),
-        Command::Stats => print(admin::stats(&config()?)?),
+        Command::Stats { json } => print(admin::stats(&config()?, *json)?),
+        Command::Metrics => print(admin::metrics(&config()?)?),
         Command::Migrate { db, dry_run } => {
             let db = match db {
                 Some(db) => db.clone(),
@@ -237,10 +258,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             print(admin::migrate(&db, *dry_run)?)
         }
-        Command::Check { cert } => {
+        Command::Check { cert, json } => {
             let findings =
                 satellite::check::check(config().map_err(|e| format!("{e:#}")), cert.as_deref());
-            let report: String = findings.iter().map(|f| format!("{f}\n")).collect();
+            let report: String = if *json {
+                satellite::check::to_json(&findings)
+            } else {
+                findings.iter().map(|f| format!("{f}\n")).collect()
+            };
             print(report)?;
             let failed = findings
                 .iter()

@@ -30,12 +30,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use http::StatusCode;
-use satellite_core::endpoints::{bug_response, oops, Body};
+use satellite_core::endpoints::{bug_response, internal_error, oops, text_response, Body};
 use satellite_core::ipmask::canonical_ip;
+use satellite_core::metrics::{render_gauges, Registry, CONTENT_TYPE};
 use satellite_core::syslog::Syslog;
 use satellite_core::{handle, ClientAddr, Config, Context, Endpoint};
 
@@ -129,15 +130,17 @@ impl Server {
 
     pub fn run(self) -> Result<()> {
         let workers = self.config.serve_workers;
+        let metrics = Arc::new(Registry::default());
         let (queue, jobs) = mpsc::sync_channel::<Job>(workers * QUEUE_PER_WORKER);
         let jobs = Arc::new(Mutex::new(jobs));
         let pool: Vec<_> = (0..workers)
             .map(|i| {
                 let jobs = jobs.clone();
                 let config = self.config.clone();
+                let metrics = metrics.clone();
                 thread::Builder::new()
                     .name(format!("satellite-worker-{i}"))
-                    .spawn(move || work(config, jobs))
+                    .spawn(move || work(config, jobs, &metrics))
                     .context("starting a worker thread")
             })
             .collect::<Result<_>>()?;
@@ -282,7 +285,7 @@ fn raise_descriptor_limit() {
     }
 }
 
-fn work(config: Config, jobs: Arc<Mutex<Receiver<Job>>>) {
+fn work(config: Config, jobs: Arc<Mutex<Receiver<Job>>>, metrics: &Registry) {
     let new_context = || {
         let syslog = Syslog::new(&config.syslog_socket, "satellite");
         Context::new(config.clone(), syslog)
@@ -291,13 +294,21 @@ fn work(config: Config, jobs: Arc<Mutex<Receiver<Job>>>) {
     loop {
         let next = jobs.lock().map(|r| r.recv());
         let Ok(Ok(mut job)) = next else { return };
-        let answered = panic::catch_unwind(AssertUnwindSafe(|| answer(&mut ctx, &job.request)));
-        let response = answered.unwrap_or_else(|_| {
+        let started = Instant::now();
+        let answered =
+            panic::catch_unwind(AssertUnwindSafe(|| answer(&mut ctx, &job.request, metrics)));
+        let (endpoint, response) = answered.unwrap_or_else(|_| {
             // Whatever the handler was doing (a transaction, say) is not
             // to be trusted: start over with a fresh connection.
             ctx = new_context();
-            bug_response()
+            (
+                Some(Endpoint::for_path(job.request.uri().path())),
+                bug_response(),
+            )
         });
+        if let Some(endpoint) = endpoint {
+            metrics.record(endpoint, &response, started.elapsed());
+        }
         let head_only = job.request.method() == http::Method::HEAD;
         if let Err(err) = http1::write_response(&mut job.stream, &response, head_only) {
             // A client that went away mid-answer costs nothing but this line.
@@ -308,11 +319,71 @@ fn work(config: Config, jobs: Arc<Mutex<Receiver<Job>>>) {
     }
 }
 
-fn answer(ctx: &mut Context, request: &http::Request<Body>) -> http::Response<Body> {
+/// The answer, and the endpoint it counts for (`None`: a metrics scrape,
+/// which is not one of the endpoints' requests).
+fn answer(
+    ctx: &mut Context,
+    request: &http::Request<Body>,
+    metrics: &Registry,
+) -> (Option<Endpoint>, http::Response<Body>) {
     #[cfg(debug_assertions)]
     panic_on_request_in_tests(request);
+    if request.uri().path() == METRICS_PATH {
+        return (None, scrape(ctx, request, metrics));
+    }
     let endpoint = Endpoint::for_path(request.uri().path());
-    handle(ctx, endpoint, request)
+    (Some(endpoint), handle(ctx, endpoint, request))
+}
+
+/// Where serve answers Prometheus. No endpoint of the original lives there,
+/// and on a token's host it would otherwise be the waiting page's.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// `GET /metrics`: the store's gauges and this process's counters, for
+/// clients in `metrics_allow` only. Anyone else gets a 404, not a 403: a
+/// refusal would tell a prober there is something here to be let into.
+fn scrape(
+    ctx: &mut Context,
+    request: &http::Request<Body>,
+    metrics: &Registry,
+) -> http::Response<Body> {
+    let allowed = request
+        .extensions()
+        .get::<ClientAddr>()
+        .is_some_and(|c| ctx.config.metrics_allow.contains(canonical_ip(c.0)));
+    if !allowed {
+        // A real 404 even under legacy_status_200: no legacy client reads
+        // this path, and a scraper must not take the refusal for metrics.
+        return text_response(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            b"Oops! Not found\n".to_vec(),
+        );
+    }
+    if request.method() != http::Method::GET && request.method() != http::Method::HEAD {
+        let mut refusal = oops(
+            &ctx.config,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Only GET method is supported",
+        );
+        refusal.headers_mut().insert(
+            http::header::ALLOW,
+            http::HeaderValue::from_static("GET, HEAD"),
+        );
+        return refusal;
+    }
+    let mut out = String::new();
+    let (now, ttl) = (ctx.now(), ctx.config.ttl_secs);
+    let gauges = ctx.store().and_then(|store| store.gauges(now, ttl));
+    match gauges {
+        Ok(gauges) => render_gauges(&mut out, &gauges, now),
+        Err(err) => {
+            eprintln!("satellite serve: metrics: {err}");
+            return internal_error(&ctx.config, &err);
+        }
+    }
+    metrics.render(&mut out);
+    text_response(StatusCode::OK, CONTENT_TYPE, out.into_bytes())
 }
 
 /// Debug builds only: with `SATELLITE_SERVE_TEST_PANIC=1`, a request for
