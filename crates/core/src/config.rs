@@ -105,6 +105,13 @@ pub struct Config {
     /// `job_uid_min`).
     pub job_user_deny: Vec<String>,
     pub job_uid_min: u32,
+    /// Limit unknown-token answers per client address (see
+    /// [`crate::ratelimit`]); false turns the limit off.
+    pub unknown_token_limit: bool,
+    /// Unknown-token answers an address may get at once.
+    pub unknown_token_burst: u32,
+    /// Unknown-token answers per second an address gets back after that.
+    pub unknown_token_rate: f64,
 }
 
 pub const DEFAULT_TTL_SECS: i64 = 176_400;
@@ -247,6 +254,9 @@ impl Config {
             node_addresses: std::collections::BTreeMap::new(),
             job_user_deny: vec!["root".into()],
             job_uid_min: 1000,
+            unknown_token_limit: true,
+            unknown_token_burst: 20,
+            unknown_token_rate: 2.0,
         }
     }
 
@@ -315,6 +325,17 @@ impl Config {
             return Err(refused(format!(
                 "words_per_token must be 2 to 6 (a token must fit a {MAX_LABEL_LEN}-character DNS label), not {}",
                 self.words_per_token
+            )));
+        }
+        if self.unknown_token_burst == 0 {
+            return Err(refused(
+                "unknown_token_burst must be at least 1 (turn the limit off with unknown_token_limit = false)".into(),
+            ));
+        }
+        if !(self.unknown_token_rate.is_finite() && self.unknown_token_rate >= 0.0) {
+            return Err(refused(format!(
+                "unknown_token_rate must be a number of answers per second, 0 or more, not {}",
+                self.unknown_token_rate
             )));
         }
         if !(1..=1024).contains(&self.serve_workers) {

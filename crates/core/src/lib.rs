@@ -14,6 +14,7 @@ pub mod jobstate;
 pub mod logid;
 pub mod publish;
 pub mod query;
+pub mod ratelimit;
 pub mod routes;
 pub mod sessions;
 pub mod store;
