@@ -1159,6 +1159,78 @@ mod tests {
         (dir, store)
     }
 
+    const LIMITS: Limits = Limits {
+        burst: 3.0,
+        per_sec: 0.5,
+    };
+
+    #[test]
+    fn unknown_answers_are_counted_per_client_and_pay_back_over_time() {
+        let (_dir, mut store) = new_store();
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 100.0).unwrap(),
+            0.0
+        );
+        for _ in 0..3 {
+            store.charge_unknown("192.0.2.1", &LIMITS, 100.0).unwrap();
+        }
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 100.0).unwrap(),
+            3.0
+        );
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 102.0).unwrap(),
+            2.0
+        );
+        assert_eq!(
+            store.unknown_debt("192.0.2.2", &LIMITS, 100.0).unwrap(),
+            0.0
+        );
+        store.charge_unknown("192.0.2.1", &LIMITS, 102.0).unwrap();
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 102.0).unwrap(),
+            3.0
+        );
+        // A clock that went back neither pays back nor moves `at` back.
+        store.charge_unknown("192.0.2.1", &LIMITS, 90.0).unwrap();
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 102.0).unwrap(),
+            4.0
+        );
+    }
+
+    #[test]
+    fn drained_rows_go_at_the_next_charge() {
+        let (_dir, mut store) = new_store();
+        store.charge_unknown("192.0.2.1", &LIMITS, 100.0).unwrap();
+        store.charge_unknown("192.0.2.2", &LIMITS, 101.0).unwrap();
+        // 192.0.2.1 has paid its 1 back at 102; 192.0.2.2 still owes.
+        store.charge_unknown("192.0.2.3", &LIMITS, 102.5).unwrap();
+        let clients: Vec<String> = {
+            let mut stmt = store
+                .conn
+                .prepare("SELECT client FROM unknown_answers ORDER BY client")
+                .unwrap();
+            let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+            rows.collect::<rusqlite::Result<_>>().unwrap()
+        };
+        assert_eq!(clients, ["192.0.2.2", "192.0.2.3"]);
+    }
+
+    #[test]
+    fn a_schema_2_database_gets_the_unknown_answers_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        drop(Store::open_or_create(&path, Duration::from_secs(1)).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE unknown_answers; PRAGMA user_version = 2;")
+            .unwrap();
+        let mut store = Store::open(&path, Duration::from_secs(1)).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        store.charge_unknown("192.0.2.1", &LIMITS, 1.0).unwrap();
+    }
+
     /// Another connection's write transaction on `path`, held until the
     /// returned sender is dropped or sent to.
     fn hold_write_lock(path: &Path) -> std::sync::mpsc::Sender<()> {
