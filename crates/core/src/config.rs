@@ -545,6 +545,48 @@ mod tests {
     }
 
     #[test]
+    fn the_unknown_token_limit_is_on_by_default_and_checked() {
+        let config = load("").unwrap();
+        assert_eq!(
+            (
+                config.words_per_token,
+                config.unknown_token_limit,
+                config.unknown_token_burst,
+                config.unknown_token_rate
+            ),
+            (3, true, 20, 2.0)
+        );
+        assert_eq!(
+            load("unknown_token_rate = 1").unwrap().unknown_token_rate,
+            1.0
+        );
+        assert_eq!(
+            load("unknown_token_rate = 0").unwrap().unknown_token_rate,
+            0.0
+        );
+        for (text, message) in [
+            (
+                "unknown_token_burst = 0",
+                "configuration: unknown_token_burst must be at least 1 (turn the limit off with unknown_token_limit = false)",
+            ),
+            (
+                "unknown_token_rate = -1.5",
+                "configuration: unknown_token_rate must be a number of answers per second, 0 or more, not -1.5",
+            ),
+            (
+                "unknown_token_rate = nan",
+                "configuration: unknown_token_rate must be a number of answers per second, 0 or more, not NaN",
+            ),
+            (
+                "unknown_token_rate = inf",
+                "configuration: unknown_token_rate must be a number of answers per second, 0 or more, not inf",
+            ),
+        ] {
+            assert_eq!(load(text).unwrap_err().to_string(), message, "{text}");
+        }
+    }
+
+    #[test]
     fn cidr_with_host_bits_is_a_clear_error() {
         let err = load(r#"tgtipmask = ["10.1.1.1/24"]"#)
             .unwrap_err()
