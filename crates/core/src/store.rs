@@ -463,7 +463,21 @@ impl Store {
     /// answers to one client each count. The sweep reads every row; there
     /// are only as many as clients that got an unknown answer within the
     /// last `burst / rate` seconds.
+    ///
+    /// The count is not worth an fsync: the commit runs with `synchronous
+    /// = NORMAL` (in WAL mode a power cut may forget it, and never corrupts
+    /// anything).
     pub fn charge_unknown(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()> {
+        let synchronous: i64 = self
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let charged = self.charge_unknown_tx(client, limits, now);
+        self.conn.pragma_update(None, "synchronous", synchronous)?;
+        charged
+    }
+
+    fn charge_unknown_tx(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()> {
         let tx = self.write_tx()?;
         tx.execute(
             "INSERT INTO unknown_answers (client, debt, at) VALUES (?1, 1.0, ?2) \
