@@ -138,7 +138,7 @@ fn admin_commands_refuse_a_bad_config_a_missing_database_and_one_from_the_future
     site.db().execute_batch("PRAGMA user_version = 99").unwrap();
     let out = satellite(&site, &["stats"]);
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("written by a newer satellite (schema version 99, this build knows 2)"));
+        .contains("written by a newer satellite (schema version 99, this build knows 3)"));
     let out = satellite(&site, &["migrate", "--dry-run"]);
     assert!(!out.status.success());
 
@@ -179,7 +179,7 @@ fn migrate_takes_a_perl_database_in_place_with_a_backup() {
     assert_eq!(
         dry,
         format!(
-            "{db}:\n  schema version 0 (this build writes 2)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  will add the routes table that Apache reads (map routing) and its triggers\n  no colliding aliases\n"
+            "{db}:\n  schema version 0 (this build writes 3)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  will add the routes table that Apache reads (map routing) and its triggers\n  will add the table that counts unknown-token answers per client (rate limit)\n  no colliding aliases\n"
         )
     );
     assert_eq!(
@@ -331,6 +331,18 @@ fn init_makes_the_install_tree_and_is_idempotent() {
     );
     web_server_user_cannot_write_apache_configuration(dir.path(), &prefix);
     let first_key = std::fs::read(prefix.join("etc/logkey")).unwrap();
+    let written = std::fs::read_to_string(prefix.join("etc/satellite.toml")).unwrap();
+    assert!(written.contains("\nwords_per_token = 4\n"), "{written}");
+    let installed = satellite_core::Config::load_file(&prefix.join("etc/satellite.toml")).unwrap();
+    assert_eq!(installed.words_per_token, 4);
+    assert_eq!(
+        (
+            installed.unknown_token_limit,
+            installed.unknown_token_burst,
+            installed.unknown_token_rate
+        ),
+        (true, 20, 2.0)
+    );
     std::fs::write(
         prefix.join("etc/satellite.toml"),
         "extbasename = \"hpc.example.edu\"\ntgtipmask = [\"10.21.0.0/16\"]\nsyslog_socket = \"\"\n",
@@ -444,8 +456,9 @@ fn the_cgi_programs_carry_none_of_the_demo_machinery() {
 
 #[test]
 fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_domain() {
-    let site =
-        Site::with_config("apache_configtest = [\"/bin/true\"]\napache_reload = [\"/bin/true\"]");
+    let site = Site::with_config(
+        "apache_configtest = [\"/bin/true\"]\napache_reload = [\"/bin/true\"]\nwords_per_token = 4",
+    );
     std::fs::create_dir_all(site.path("html/satellite")).unwrap();
     std::fs::write(site.path("html/satellite/retry.html"), "retry").unwrap();
     for dir in ["var", "dynconf"] {
@@ -484,7 +497,7 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
         "{report}"
     );
     assert!(
-        report.contains("7772 words, 38.8 bits per 3-word token"),
+        report.contains("7772 words, 51.7 bits per 4-word token"),
         "{report}"
     );
 
@@ -512,6 +525,26 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
         )),
         "{report}"
     );
+}
+
+#[test]
+fn check_warns_about_three_word_tokens_with_their_entropy_and_the_fix() {
+    for (config, warned) in [
+        ("", true),
+        ("words_per_token = 3", true),
+        ("words_per_token = 4", false),
+        ("words_per_token = 5", false),
+    ] {
+        let site = Site::with_config(config);
+        let report = stdout(&satellite(&site, &["check"]));
+        let warning = "WARN words_per_token = 3: tokens carry 38.8 bits, which guessing from many addresses can find\n     fix: set words_per_token = 4 (51.7 bits) in the configuration; tokens already issued keep working\n";
+        assert_eq!(report.contains(warning), warned, "{config:?}: {report}");
+        assert_eq!(
+            report.contains("WARN words_per_token"),
+            warned,
+            "{config:?}: {report}"
+        );
+    }
 }
 
 #[test]

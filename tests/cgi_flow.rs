@@ -397,7 +397,7 @@ fn legacy_databases_are_migrated_in_place_and_keep_working() {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!((version, mode.as_str(), unique), (2, "wal", 1), "{variant}");
+        assert_eq!((version, mode.as_str(), unique), (3, "wal", 1), "{variant}");
 
         // The Perl scripts' own statements still work on the migrated file.
         conn.execute(
@@ -872,4 +872,199 @@ fn a_missing_syslog_socket_costs_cgi_no_line_in_apaches_log() {
         assert_eq!(answer.status, 200);
         assert_eq!(answer.stderr, "");
     }
+}
+
+/// A site whose clients may get three unknown-token answers and never get
+/// any back (a refill rate of 0: nothing in the test depends on the clock).
+fn limited_site(extra: &str) -> Site {
+    let site = Site::with_config(&format!(
+        "unknown_token_burst = 3\nunknown_token_rate = 0.0\n{extra}"
+    ));
+    site.db()
+        .execute(
+            "INSERT INTO proxy (alias, alias_compare_hash, state) VALUES ('able-acorn-zoo', ?1, 'pending')",
+            [legacy_hash("able-acorn-zoo")],
+        )
+        .unwrap();
+    site
+}
+
+const TOO_MANY: &str =
+    "Oops! Too many requests for unknown tokens from your address, please try again later.\n";
+
+fn jobstate(site: &Site, from: &str, token: &str) -> Answer {
+    site.cgi("tokenjobstate")
+        .remote(from)
+        .query(format!("token={token}"))
+        .run()
+}
+
+#[test]
+fn a_burst_of_unknown_tokenjobstate_guesses_gets_429_after_the_burst_and_only_for_that_address() {
+    let site = limited_site("");
+    let guesser = "203.0.113.9";
+    for guess in ["wrong-guess-one", "wrong-guess-two", "not!a!token"] {
+        assert_eq!(
+            jobstate(&site, guesser, guess).status_and_text(),
+            (200, String::new()),
+            "{guess}"
+        );
+    }
+    let refused = jobstate(&site, guesser, "wrong-guess-four");
+    assert_eq!(refused.status_and_text(), (429, TOO_MANY.to_owned()));
+    assert_eq!(refused.header("Retry-After"), Some("3600"));
+    assert_eq!(refused.header("Content-Type"), Some("text/plain"));
+    // Over the limit, a live token gets the same refusal: the answer
+    // says nothing about which guesses exist.
+    let known = jobstate(&site, guesser, "able-acorn-zoo");
+    assert_eq!(known.status_and_text(), (429, TOO_MANY.to_owned()));
+    let known_json = site
+        .cgi("tokenjobstate")
+        .remote(guesser)
+        .query("token=able-acorn-zoo&format=json")
+        .run();
+    assert_eq!(known_json.status_and_text(), (429, TOO_MANY.to_owned()));
+
+    // Another address, and a user's own token from a fresh one, are
+    // untouched; IPv6 neighbours in the guesser's /64 share its count.
+    assert_eq!(
+        jobstate(&site, "203.0.113.10", "wrong-guess-one").status_and_text(),
+        (200, String::new())
+    );
+    assert_eq!(
+        jobstate(&site, "198.51.100.7", "able-acorn-zoo").status_and_text(),
+        (200, "PE".to_owned())
+    );
+    for host in ["2001:db8:9:9::1", "2001:db8:9:9::2", "2001:db8:9:9:ffff::3"] {
+        assert_eq!(
+            jobstate(&site, host, "wrong-guess-one").status,
+            200,
+            "{host}"
+        );
+    }
+    assert_eq!(
+        jobstate(&site, "2001:db8:9:9::4", "able-acorn-zoo").status,
+        429
+    );
+    assert_eq!(
+        jobstate(&site, "2001:db8:9:a::1", "able-acorn-zoo").status_and_text(),
+        (200, "PE".to_owned())
+    );
+}
+
+#[test]
+fn known_tokens_cost_nothing_and_write_nothing() {
+    let site = limited_site("");
+    for _ in 0..10 {
+        assert_eq!(
+            jobstate(&site, "198.51.100.7", "able-acorn-zoo").status_and_text(),
+            (200, "PE".to_owned())
+        );
+    }
+    let rows: i64 = site
+        .db()
+        .query_row("SELECT count(*) FROM unknown_answers", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
+    jobstate(&site, "198.51.100.7", "wrong-guess-one");
+    let debt: f64 = site
+        .db()
+        .query_row(
+            "SELECT debt FROM unknown_answers WHERE client = '198.51.100.7'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(debt, 1.0);
+}
+
+#[test]
+fn unknown_nonces_at_redeem_destroy_and_link_share_one_limit_and_a_known_one_over_it_is_refused_untouched(
+) {
+    let site = limited_site("");
+    let unknown_redeem = site
+        .cgi("redeemtoken")
+        .remote(COMPUTE_NODE)
+        .query("token=wrong-guess-one&port=8888")
+        .run();
+    assert_eq!(
+        unknown_redeem.status_and_text(),
+        (
+            404,
+            "Oops! Unknown nonce or nonce already used\n".to_owned()
+        )
+    );
+    let unknown_destroy = site
+        .cgi("destroytoken")
+        .remote(COMPUTE_NODE)
+        .query("token=wrong-guess-two")
+        .run();
+    assert_eq!(
+        unknown_destroy.status_and_text(),
+        (
+            404,
+            "Oops! Unknown nonce or nonce already destroyed\n".to_owned()
+        )
+    );
+    let unknown_link = site
+        .cgi("linktoken")
+        .remote(COMPUTE_NODE)
+        .query("token=wrong-guess-three&jobid=77")
+        .run();
+    assert_eq!(
+        unknown_link.status_and_text(),
+        (
+            404,
+            "Oops! Unknown nonce or nonce already destroyed\n".to_owned()
+        )
+    );
+    for (program, query) in [
+        ("redeemtoken", "token=able-acorn-zoo&port=8888"),
+        ("destroytoken", "token=able-acorn-zoo"),
+        ("linktoken", "token=able-acorn-zoo&jobid=77"),
+    ] {
+        let refused = site.cgi(program).remote(COMPUTE_NODE).query(query).run();
+        assert_eq!(
+            refused.status_and_text(),
+            (429, TOO_MANY.to_owned()),
+            "{program}"
+        );
+        assert_eq!(refused.header("Retry-After"), Some("3600"), "{program}");
+    }
+    assert_eq!(site.state_of("able-acorn-zoo").as_deref(), Some("pending"));
+
+    // The job's other node has its own count.
+    let redeemed = site
+        .cgi("redeemtoken")
+        .remote(OTHER_COMPUTE_NODE)
+        .query("token=able-acorn-zoo&port=8888")
+        .run();
+    assert_eq!(redeemed.status_and_text(), (200, "Success!\n".to_owned()));
+}
+
+#[test]
+fn legacy_status_200_keeps_200_for_the_rate_limit_oops() {
+    let site = limited_site("legacy_status_200 = true");
+    for guess in ["wrong-guess-one", "wrong-guess-two", "wrong-guess-three"] {
+        jobstate(&site, OUTSIDER, guess);
+    }
+    let refused = jobstate(&site, OUTSIDER, "able-acorn-zoo");
+    assert_eq!(refused.status_and_text(), (200, TOO_MANY.to_owned()));
+    assert_eq!(refused.header("Retry-After"), Some("3600"));
+}
+
+#[test]
+fn unknown_token_limit_false_turns_the_limit_off() {
+    let site = limited_site("unknown_token_limit = false");
+    for _ in 0..6 {
+        assert_eq!(
+            jobstate(&site, OUTSIDER, "wrong-guess-one").status_and_text(),
+            (200, String::new())
+        );
+    }
+    let rows: i64 = site
+        .db()
+        .query_row("SELECT count(*) FROM unknown_answers", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
 }

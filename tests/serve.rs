@@ -1186,3 +1186,79 @@ fn serve_socket_group_gives_the_socket_to_apaches_group() {
     let meta = std::fs::metadata(&serve.socket).unwrap();
     assert_eq!((meta.gid(), meta.mode() & 0o777), (65534, 0o660));
 }
+
+/// serve keeps its counts in memory, one table for every worker: a burst of
+/// guesses spread over the workers is still one burst.
+#[test]
+fn serve_answers_429_after_a_burst_of_unknown_guesses_from_one_address_only() {
+    let site = fixture_site("unknown_token_burst = 4\nunknown_token_rate = 0.0\nserve_workers = 3");
+    let serve = Serve::start(&site);
+    let from = |addr: &str| vec![("X-Satellite-Client-Addr", addr.to_owned())];
+    let too_many =
+        b"Oops! Too many requests for unknown tokens from your address, please try again later.\n"
+            .to_vec();
+    // A compute node, so that redeem's unknown answers count too.
+    let guesser = COMPUTE_NODE;
+    for guess in ["wrong-guess-one", "wrong-guess-two"] {
+        let (status, _, body) = serve.request(
+            "GET",
+            &format!("/tokenjobstate.cgi?token={guess}"),
+            &from(guesser),
+            b"",
+        );
+        assert_eq!((status, body), (200, Vec::new()), "{guess}");
+    }
+    let (status, _, body) = serve.request(
+        "GET",
+        "/tokenjobstate.cgi?token=wrong-guess-three&format=json",
+        &from(guesser),
+        b"",
+    );
+    assert_eq!(
+        (status, String::from_utf8(body).unwrap()),
+        (200, r#"{"job":null,"state":"X"}"#.to_owned())
+    );
+    // Redeem's unknown answers fill the same count.
+    let (status, _, body) = serve.request(
+        "GET",
+        "/redeemtoken.cgi?token=wrong-guess-four&port=8888",
+        &from(guesser),
+        b"",
+    );
+    assert_eq!(
+        (status, body),
+        (404, b"Oops! Unknown nonce or nonce already used\n".to_vec())
+    );
+    for target in [
+        "/tokenjobstate.cgi?token=wrong-guess-six",
+        "/tokenjobstate.cgi?token=able-acorn-zoo",
+        "/tokenjobstate.cgi?token=zen-yak-bat&format=json",
+        "/redeemtoken.cgi?token=able-acorn-zoo&port=8888",
+    ] {
+        let (status, headers, body) = serve.request("GET", target, &from(guesser), b"");
+        assert_eq!((status, &body), (429, &too_many), "{target}");
+        assert_eq!(header(&headers, "Retry-After"), Some("3600"), "{target}");
+    }
+
+    let (status, _, body) = serve.request(
+        "GET",
+        "/tokenjobstate.cgi?token=able-acorn-zoo",
+        &from("198.51.100.7"),
+        b"",
+    );
+    assert_eq!((status, body), (200, b"PE".to_vec()));
+    let (status, _, body) = serve.request(
+        "GET",
+        "/tokenjobstate.cgi?token=wrong-guess-one",
+        &from("203.0.113.10"),
+        b"",
+    );
+    assert_eq!((status, body), (200, Vec::new()));
+    let (status, _, body) = serve.request(
+        "GET",
+        "/redeemtoken.cgi?token=able-acorn-zoo&port=8888",
+        &from(OTHER_COMPUTE_NODE),
+        b"",
+    );
+    assert_eq!((status, body), (200, b"Success!\n".to_vec()));
+}

@@ -116,6 +116,13 @@ pub struct Config {
     /// Apache's mod_status page (`?auto`) that `satellite check` reads for
     /// idle workers; empty: not checked.
     pub apache_status_url: String,
+    /// Limit unknown-token answers per client address (see
+    /// [`crate::ratelimit`]); false turns the limit off.
+    pub unknown_token_limit: bool,
+    /// Unknown-token answers an address may get at once.
+    pub unknown_token_burst: u32,
+    /// Unknown-token answers per second an address gets back after that.
+    pub unknown_token_rate: f64,
 }
 
 pub const DEFAULT_TTL_SECS: i64 = 176_400;
@@ -261,6 +268,9 @@ impl Config {
             job_user_deny: vec!["root".into()],
             job_uid_min: 1000,
             apache_status_url: "http://127.0.0.1/server-status?auto".into(),
+            unknown_token_limit: true,
+            unknown_token_burst: 20,
+            unknown_token_rate: 2.0,
         }
     }
 
@@ -332,6 +342,17 @@ impl Config {
             return Err(refused(format!(
                 "words_per_token must be 2 to 6 (a token must fit a {MAX_LABEL_LEN}-character DNS label), not {}",
                 self.words_per_token
+            )));
+        }
+        if self.unknown_token_burst == 0 {
+            return Err(refused(
+                "unknown_token_burst must be at least 1 (turn the limit off with unknown_token_limit = false)".into(),
+            ));
+        }
+        if !(self.unknown_token_rate.is_finite() && self.unknown_token_rate >= 0.0) {
+            return Err(refused(format!(
+                "unknown_token_rate must be a number of answers per second, 0 or more, not {}",
+                self.unknown_token_rate
             )));
         }
         if !(1..=1024).contains(&self.serve_workers) {
@@ -538,6 +559,48 @@ mod tests {
         assert!(config
             .job_gone_state_codes
             .contains(&"OUT_OF_MEMORY".to_string()));
+    }
+
+    #[test]
+    fn the_unknown_token_limit_is_on_by_default_and_checked() {
+        let config = load("").unwrap();
+        assert_eq!(
+            (
+                config.words_per_token,
+                config.unknown_token_limit,
+                config.unknown_token_burst,
+                config.unknown_token_rate
+            ),
+            (3, true, 20, 2.0)
+        );
+        assert_eq!(
+            load("unknown_token_rate = 1").unwrap().unknown_token_rate,
+            1.0
+        );
+        assert_eq!(
+            load("unknown_token_rate = 0").unwrap().unknown_token_rate,
+            0.0
+        );
+        for (text, message) in [
+            (
+                "unknown_token_burst = 0",
+                "configuration: unknown_token_burst must be at least 1 (turn the limit off with unknown_token_limit = false)",
+            ),
+            (
+                "unknown_token_rate = -1.5",
+                "configuration: unknown_token_rate must be a number of answers per second, 0 or more, not -1.5",
+            ),
+            (
+                "unknown_token_rate = nan",
+                "configuration: unknown_token_rate must be a number of answers per second, 0 or more, not NaN",
+            ),
+            (
+                "unknown_token_rate = inf",
+                "configuration: unknown_token_rate must be a number of answers per second, 0 or more, not inf",
+            ),
+        ] {
+            assert_eq!(load(text).unwrap_err().to_string(), message, "{text}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod logid;
 pub mod metrics;
 pub mod publish;
 pub mod query;
+pub mod ratelimit;
 pub mod routes;
 pub mod sessions;
 pub mod store;

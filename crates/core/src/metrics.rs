@@ -34,18 +34,21 @@ pub enum RequestResult {
     Unknown,
     Conflict,
     JobMismatch,
+    /// Refused: the client's address is over its unknown-token limit.
+    RateLimited,
     Busy,
     Internal,
 }
 
 impl RequestResult {
-    pub const ALL: [RequestResult; 8] = [
+    pub const ALL: [RequestResult; 9] = [
         RequestResult::Ok,
         RequestResult::BadInput,
         RequestResult::NotAllowed,
         RequestResult::Unknown,
         RequestResult::Conflict,
         RequestResult::JobMismatch,
+        RequestResult::RateLimited,
         RequestResult::Busy,
         RequestResult::Internal,
     ];
@@ -58,6 +61,7 @@ impl RequestResult {
             RequestResult::Unknown => "unknown",
             RequestResult::Conflict => "conflict",
             RequestResult::JobMismatch => "job_mismatch",
+            RequestResult::RateLimited => "rate_limited",
             RequestResult::Busy => "busy",
             RequestResult::Internal => "internal",
         }
@@ -88,6 +92,7 @@ pub fn classify(endpoint: Endpoint, response: &Response<Body>) -> RequestResult 
         StatusCode::NOT_FOUND if endpoint == Endpoint::Index => RequestResult::BadInput,
         StatusCode::NOT_FOUND => RequestResult::Unknown,
         StatusCode::CONFLICT => RequestResult::Conflict,
+        StatusCode::TOO_MANY_REQUESTS => RequestResult::RateLimited,
         StatusCode::SERVICE_UNAVAILABLE => RequestResult::Busy,
         s if s.is_client_error() => RequestResult::BadInput,
         _ => RequestResult::Internal,
@@ -107,6 +112,8 @@ fn classify_message(body: &[u8]) -> RequestResult {
         // "already used" is a 409 with real statuses; the message cannot
         // tell the two apart.
         RequestResult::Unknown
+    } else if has("Too many requests") {
+        RequestResult::RateLimited
     } else if has("already linked") {
         RequestResult::Conflict
     } else if has("busy") || has("Problem generating") {

@@ -17,11 +17,13 @@ use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::error::{CoreError, Result};
+use crate::ratelimit::Limits;
 use crate::token::alias_compare_hash;
 
 /// Written to `PRAGMA user_version` once a database has satellite's indexes
-/// and route table. Legacy databases have 0; 1 had the indexes only.
-pub const SCHEMA_VERSION: i64 = 2;
+/// and route table. Legacy databases have 0; 1 had the indexes only; 2 had
+/// no `unknown_answers`.
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Job states older than this are purged whenever new ones arrive.
 pub const JOBSTATE_RETENTION_SECS: i64 = 3 * 24 * 3600;
@@ -45,6 +47,7 @@ const CREATE_INDEXES: &str = "
 /// route.
 const CREATE_ROUTES: &str = "
     CREATE TABLE IF NOT EXISTS routes ( alias text primary key not null, target text not null, expires text not null ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS unknown_answers ( client text primary key not null, debt real not null, at real not null ) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS jobdetails ( jobid text primary key not null, reason text, start_time integer, time_limit integer, job_user text, job_uid integer, nodes text ) WITHOUT ROWID;
     CREATE TRIGGER IF NOT EXISTS proxy_delete_drops_route AFTER DELETE ON proxy
         BEGIN DELETE FROM routes WHERE alias = old.alias; END;
@@ -54,6 +57,11 @@ const CREATE_ROUTES: &str = "
           OR new.dsthost IS NOT old.dsthost OR new.dstport IS NOT old.dstport
         BEGIN DELETE FROM routes WHERE alias = old.alias; END;
 ";
+// `unknown_answers` is the rate limit's memory for the CGI programs, which
+// live for one request: per client address (see `ratelimit::client_key`),
+// the unknown-token answers not yet paid back (`debt`) as of `at` (epoch
+// seconds). A row whose debt has drained says nothing and is deleted.
+
 /// Columns satellite adds to the legacy tables, all nullable, so the Perl
 /// scripts' inserts (which name their columns) keep working.
 /// `jobid` is the master branch's; the rest are satellite's: when a token
@@ -433,6 +441,58 @@ impl Store {
         Ok(self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+
+    /// The unknown-token debt of `client` as of now (`now` and the result
+    /// in the terms of [`Limits`]); a read only, so that a client under its
+    /// limit costs no write.
+    pub fn unknown_debt(&self, client: &str, limits: &Limits, now: f64) -> Result<f64> {
+        let row: Option<(f64, f64)> = self
+            .conn
+            .query_row(
+                "SELECT debt, at FROM unknown_answers WHERE client = ?1",
+                [client],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map_or(0.0, |(debt, at)| limits.debt_at(debt, at, now)))
+    }
+
+    /// Counts one unknown-token answer to `client`, and drops the rows of
+    /// clients whose debt has drained. One transaction, so concurrent
+    /// answers to one client each count. The sweep reads every row; there
+    /// are only as many as clients that got an unknown answer within the
+    /// last `burst / rate` seconds.
+    ///
+    /// The count is not worth an fsync: the commit runs with `synchronous
+    /// = NORMAL` (in WAL mode a power cut may forget it, and never corrupts
+    /// anything).
+    pub fn charge_unknown(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()> {
+        let synchronous: i64 = self
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let charged = self.charge_unknown_tx(client, limits, now);
+        self.conn.pragma_update(None, "synchronous", synchronous)?;
+        charged
+    }
+
+    fn charge_unknown_tx(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "INSERT INTO unknown_answers (client, debt, at) VALUES (?1, 1.0, ?2) \
+             ON CONFLICT (client) DO UPDATE SET \
+               debt = max(0.0, debt - max(0.0, ?2 - at) * ?3) + 1.0, at = max(at, ?2)",
+            params![client, now, limits.per_sec],
+        )?;
+        if limits.per_sec > 0.0 {
+            tx.execute(
+                "DELETE FROM unknown_answers WHERE debt <= (?1 - at) * ?2",
+                params![now, limits.per_sec],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Inserts a new pending token. Returns false, writing nothing, when a
@@ -1178,6 +1238,78 @@ mod tests {
                 .unwrap();
         assert!(migration.created);
         (dir, store)
+    }
+
+    const LIMITS: Limits = Limits {
+        burst: 3.0,
+        per_sec: 0.5,
+    };
+
+    #[test]
+    fn unknown_answers_are_counted_per_client_and_pay_back_over_time() {
+        let (_dir, mut store) = new_store();
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 100.0).unwrap(),
+            0.0
+        );
+        for _ in 0..3 {
+            store.charge_unknown("192.0.2.1", &LIMITS, 100.0).unwrap();
+        }
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 100.0).unwrap(),
+            3.0
+        );
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 102.0).unwrap(),
+            2.0
+        );
+        assert_eq!(
+            store.unknown_debt("192.0.2.2", &LIMITS, 100.0).unwrap(),
+            0.0
+        );
+        store.charge_unknown("192.0.2.1", &LIMITS, 102.0).unwrap();
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 102.0).unwrap(),
+            3.0
+        );
+        // A clock that went back neither pays back nor moves `at` back.
+        store.charge_unknown("192.0.2.1", &LIMITS, 90.0).unwrap();
+        assert_eq!(
+            store.unknown_debt("192.0.2.1", &LIMITS, 102.0).unwrap(),
+            4.0
+        );
+    }
+
+    #[test]
+    fn drained_rows_go_at_the_next_charge() {
+        let (_dir, mut store) = new_store();
+        store.charge_unknown("192.0.2.1", &LIMITS, 100.0).unwrap();
+        store.charge_unknown("192.0.2.2", &LIMITS, 101.0).unwrap();
+        // 192.0.2.1 has paid its 1 back at 102; 192.0.2.2 still owes.
+        store.charge_unknown("192.0.2.3", &LIMITS, 102.5).unwrap();
+        let clients: Vec<String> = {
+            let mut stmt = store
+                .conn
+                .prepare("SELECT client FROM unknown_answers ORDER BY client")
+                .unwrap();
+            let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+            rows.collect::<rusqlite::Result<_>>().unwrap()
+        };
+        assert_eq!(clients, ["192.0.2.2", "192.0.2.3"]);
+    }
+
+    #[test]
+    fn a_schema_2_database_gets_the_unknown_answers_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        drop(Store::open_or_create(&path, Duration::from_secs(1)).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE unknown_answers; PRAGMA user_version = 2;")
+            .unwrap();
+        let mut store = Store::open(&path, Duration::from_secs(1)).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        store.charge_unknown("192.0.2.1", &LIMITS, 1.0).unwrap();
     }
 
     /// Another connection's write transaction on `path`, held until the

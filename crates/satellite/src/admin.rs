@@ -260,8 +260,13 @@ pub fn inspect(db: &Path) -> Result<String> {
         if version < 1 {
             out.push_str("  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n");
         }
+        if version < 2 {
+            out.push_str(
+                "  will add the routes table that Apache reads (map routing) and its triggers\n",
+            );
+        }
         out.push_str(
-            "  will add the routes table that Apache reads (map routing) and its triggers\n",
+            "  will add the table that counts unknown-token answers per client (rate limit)\n",
         );
     }
     if found.colliding_aliases.is_empty() {

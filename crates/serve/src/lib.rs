@@ -37,6 +37,7 @@ use http::StatusCode;
 use satellite_core::endpoints::{bug_response, internal_error, oops, text_response, Body};
 use satellite_core::ipmask::canonical_ip;
 use satellite_core::metrics::{render_gauges, Registry, CONTENT_TYPE};
+use satellite_core::ratelimit::MemoryLimiter;
 use satellite_core::syslog::Syslog;
 use satellite_core::{handle, ClientAddr, Config, Context, Endpoint};
 
@@ -133,14 +134,18 @@ impl Server {
         let metrics = Arc::new(Registry::default());
         let (queue, jobs) = mpsc::sync_channel::<Job>(workers * QUEUE_PER_WORKER);
         let jobs = Arc::new(Mutex::new(jobs));
+        // One count of unknown-token answers per client for the whole
+        // process, whichever worker answers.
+        let limiter = Context::memory_limiter(&self.config);
         let pool: Vec<_> = (0..workers)
             .map(|i| {
                 let jobs = jobs.clone();
                 let config = self.config.clone();
                 let metrics = metrics.clone();
+                let limiter = limiter.clone();
                 thread::Builder::new()
                     .name(format!("satellite-worker-{i}"))
-                    .spawn(move || work(config, jobs, &metrics))
+                    .spawn(move || work(config, limiter, jobs, &metrics))
                     .context("starting a worker thread")
             })
             .collect::<Result<_>>()?;
@@ -285,10 +290,17 @@ fn raise_descriptor_limit() {
     }
 }
 
-fn work(config: Config, jobs: Arc<Mutex<Receiver<Job>>>, metrics: &Registry) {
+fn work(
+    config: Config,
+    limiter: Option<Arc<MemoryLimiter>>,
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    metrics: &Registry,
+) {
     let new_context = || {
         let syslog = Syslog::new(&config.syslog_socket, "satellite");
-        Context::new(config.clone(), syslog)
+        let mut ctx = Context::new(config.clone(), syslog);
+        ctx.share_limiter(limiter.clone());
+        ctx
     };
     let mut ctx = new_context();
     loop {

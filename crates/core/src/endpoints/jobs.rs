@@ -50,11 +50,15 @@ pub(super) fn tokenjobstate(ctx: &mut Context, request: &Request<Body>) -> Outco
         );
         preflight
     } else {
+        ctx.check_unknown_limit(request)?;
         let (now, ttl) = (ctx.now(), ctx.config.ttl_secs);
         let found = match &token {
             Some(alias) => ctx.store()?.token_job(alias, now, ttl)?,
             None => None,
         };
+        if found.is_none() {
+            ctx.charge_unknown(request)?;
+        }
         let code = found
             .as_ref()
             .map(|job| ctx.classifier.display_code(job, now.timestamp()));

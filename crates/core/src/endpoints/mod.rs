@@ -4,8 +4,9 @@
 //!
 //! Answers keep the original's bytes: success bodies exactly, and every error
 //! body is `Oops! <the original's message>\n`. Statuses are proper ones
-//! (400, 403, 404, 405, 409, 413, 500, 503) unless `legacy_status_200` asks
-//! for the original's 200 everywhere.
+//! (400, 403, 404, 405, 409, 413, 429, 500, 503) unless `legacy_status_200`
+//! asks for the original's 200 everywhere. 429 is satellite's own: a client
+//! that got too many unknown-token answers (see [`crate::ratelimit`]).
 
 mod getlink;
 mod index;
@@ -15,6 +16,7 @@ mod tokens;
 pub use tokens::{parse_port, sanitize_jobid};
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -25,6 +27,7 @@ use crate::error::CoreError;
 use crate::ipmask::{canonical_ip, IpMaskList};
 use crate::jobstate::JobClassifier;
 use crate::query::Params;
+use crate::ratelimit::{Limited, Limits, MemoryLimiter};
 use crate::store::Store;
 use crate::syslog::Syslog;
 use crate::token::Wordlist;
@@ -94,6 +97,15 @@ pub struct Context {
     wordlist: Option<Wordlist>,
     classifier: JobClassifier,
     clock: fn() -> DateTime<Utc>,
+    limiter: Limiter,
+}
+
+/// Where the unknown-token counts live: in the database for a CGI program
+/// (it lives for one request), in memory shared by serve's workers.
+enum Limiter {
+    Off,
+    Store(Limits),
+    Memory(Arc<MemoryLimiter>),
 }
 
 impl Context {
@@ -104,6 +116,7 @@ impl Context {
             &config.job_gone_state_codes,
         );
         crate::logid::use_key(&config.logkey);
+        let limiter = Limits::from_config(&config).map_or(Limiter::Off, Limiter::Store);
         Context {
             config,
             syslog,
@@ -111,6 +124,63 @@ impl Context {
             wordlist: None,
             classifier,
             clock: Utc::now,
+            limiter,
+        }
+    }
+
+    /// A limiter kept in memory, for a server whose contexts (one per
+    /// worker) live as long as the process: give them all the same one.
+    /// `None` when the configuration turns the limit off.
+    pub fn memory_limiter(config: &Config) -> Option<Arc<MemoryLimiter>> {
+        Limits::from_config(config).map(|limits| Arc::new(MemoryLimiter::new(limits)))
+    }
+
+    /// Counts unknown-token answers in `limiter` instead of the database.
+    pub fn share_limiter(&mut self, limiter: Option<Arc<MemoryLimiter>>) {
+        self.limiter = limiter.map_or(Limiter::Off, Limiter::Memory);
+    }
+
+    /// Refuses a client that has had its share of unknown-token answers,
+    /// before the token is looked up: the refusal is the same whether the
+    /// token exists or not.
+    fn check_unknown_limit(&mut self, request: &Request<Body>) -> Result<(), Failure> {
+        let Some(key) = rate_key(request) else {
+            return Ok(());
+        };
+        let now = crate::ratelimit::epoch_secs(self.now());
+        let limited = match &self.limiter {
+            Limiter::Off => None,
+            Limiter::Memory(limiter) => limiter.check(&key, now),
+            Limiter::Store(limits) => {
+                let limits = *limits;
+                let debt = self.store()?.unknown_debt(&key, &limits, now)?;
+                limits.verdict(debt)
+            }
+        };
+        match limited {
+            Some(limited) => Err(Failure::RateLimited(limited)),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts one unknown-token answer to the request's client. A count
+    /// that cannot be written is an error: an unknown answer is given only
+    /// when it was counted.
+    fn charge_unknown(&mut self, request: &Request<Body>) -> Result<(), CoreError> {
+        let Some(key) = rate_key(request) else {
+            return Ok(());
+        };
+        let now = crate::ratelimit::epoch_secs(self.now());
+        match &self.limiter {
+            Limiter::Off => Ok(()),
+            Limiter::Memory(limiter) => {
+                limiter.charge(&key, now);
+                Ok(())
+            }
+            Limiter::Store(limits) => {
+                let limits = *limits;
+                self.store()?.charge_unknown(&key, &limits, now)
+            }
         }
     }
 
@@ -215,6 +285,7 @@ pub fn handle(ctx: &mut Context, endpoint: Endpoint, request: &Request<Body>) ->
 /// or an internal failure whose details go to the error log only.
 pub(crate) enum Failure {
     Oops(StatusCode, String),
+    RateLimited(Limited),
     MethodNotAllowed(&'static str, &'static str),
     Internal(CoreError),
 }
@@ -231,6 +302,13 @@ impl Failure {
     fn into_response(self, ctx: &Context, endpoint: Endpoint) -> Response<Body> {
         match self {
             Failure::Oops(status, message) => oops(&ctx.config, status, &message),
+            Failure::RateLimited(limited) => {
+                let mut response = oops(&ctx.config, StatusCode::TOO_MANY_REQUESTS, TOO_MANY);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, limited.retry_after_secs.into());
+                response
+            }
             Failure::MethodNotAllowed(allow, message) => {
                 let mut response = oops(&ctx.config, StatusCode::METHOD_NOT_ALLOWED, message);
                 response
@@ -244,6 +322,16 @@ impl Failure {
             }
         }
     }
+}
+
+const TOO_MANY: &str =
+    "Too many requests for unknown tokens from your address, please try again later.";
+
+/// The bucket the request's client is counted in; none when the transport
+/// did not say who the client is.
+fn rate_key(request: &Request<Body>) -> Option<String> {
+    let client = request.extensions().get::<ClientAddr>()?;
+    Some(crate::ratelimit::client_key(client.0))
 }
 
 /// `Oops! <message>\n` as `text/plain`.

@@ -28,7 +28,10 @@ pub(super) fn redeem(ctx: &mut Context, request: &Request<Body>) -> Outcome {
         )
     })?;
     let client = allowed_client(request, &ctx.config.tgtipmask, FROM_COMPUTE_NODE)?;
-    let token = token.ok_or_else(|| unknown(UNKNOWN_OR_USED))?;
+    ctx.check_unknown_limit(request)?;
+    let Some(token) = token else {
+        return Err(unknown(ctx, request, UNKNOWN_OR_USED));
+    };
     let host = client.to_string();
     if let Some(mismatch) = ctx.redeem_mismatch(token, client)? {
         ctx.syslog.info(&format!(
@@ -62,7 +65,7 @@ pub(super) fn redeem(ctx: &mut Context, request: &Request<Body>) -> Outcome {
         RedeemOutcome::AlreadyRedeemed => {
             Err(Failure::Oops(StatusCode::CONFLICT, UNKNOWN_OR_USED.into()))
         }
-        RedeemOutcome::Unknown => Err(unknown(UNKNOWN_OR_USED)),
+        RedeemOutcome::Unknown => Err(unknown(ctx, request, UNKNOWN_OR_USED)),
     }
 }
 
@@ -71,7 +74,10 @@ pub(super) fn destroy(ctx: &mut Context, request: &Request<Body>) -> Outcome {
     let params = query_params(request);
     let token = token_param(&params)?;
     let client = allowed_client(request, &ctx.config.tgtipmask, FROM_COMPUTE_NODE)?;
-    let token = token.ok_or_else(|| unknown(UNKNOWN_OR_DESTROYED))?;
+    ctx.check_unknown_limit(request)?;
+    let Some(token) = token else {
+        return Err(unknown(ctx, request, UNKNOWN_OR_DESTROYED));
+    };
     let requester = client.to_string();
     match ctx.store()?.destroy(token, &requester)? {
         DestroyOutcome::Destroyed => {
@@ -89,7 +95,7 @@ pub(super) fn destroy(ctx: &mut Context, request: &Request<Body>) -> Outcome {
             StatusCode::FORBIDDEN,
             "Nonce must be destroyed from host it was redeemed on".into(),
         )),
-        DestroyOutcome::Unknown => Err(unknown(UNKNOWN_OR_DESTROYED)),
+        DestroyOutcome::Unknown => Err(unknown(ctx, request, UNKNOWN_OR_DESTROYED)),
     }
 }
 
@@ -103,7 +109,10 @@ pub(super) fn link(ctx: &mut Context, request: &Request<Body>) -> Outcome {
         .filter(|j| !j.is_empty() && j.len() < JOBID_LIMIT)
         .ok_or_else(|| missing("jobid"))?;
     let client = allowed_client(request, &ctx.config.tgtipmask, FROM_CLUSTER)?;
-    let token = token.ok_or_else(|| unknown(UNKNOWN_OR_DESTROYED))?;
+    ctx.check_unknown_limit(request)?;
+    let Some(token) = token else {
+        return Err(unknown(ctx, request, UNKNOWN_OR_DESTROYED));
+    };
     let (now, ttl) = (ctx.now(), ctx.config.ttl_secs);
     match ctx.store()?.link(token, &jobid, now, ttl)? {
         LinkOutcome::Linked => {
@@ -121,12 +130,17 @@ pub(super) fn link(ctx: &mut Context, request: &Request<Body>) -> Outcome {
             StatusCode::CONFLICT,
             "Nonce already linked to a jobid, you can do this only once!".into(),
         )),
-        LinkOutcome::Unknown => Err(unknown(UNKNOWN_OR_DESTROYED)),
+        LinkOutcome::Unknown => Err(unknown(ctx, request, UNKNOWN_OR_DESTROYED)),
     }
 }
 
-fn unknown(message: &str) -> Failure {
-    Failure::Oops(StatusCode::NOT_FOUND, message.into())
+/// The answer for a token that names no live row, counted against the
+/// client's limit of such answers.
+fn unknown(ctx: &mut Context, request: &Request<Body>, message: &str) -> Failure {
+    match ctx.charge_unknown(request) {
+        Ok(()) => Failure::Oops(StatusCode::NOT_FOUND, message.into()),
+        Err(err) => Failure::Internal(err),
+    }
 }
 
 /// Four or five ASCII digits, 1024 to 65535; nothing else, not even the
