@@ -80,6 +80,45 @@ struct Sample {
 }
 
 impl Sample {
+    /// `clients` threads each timing `per_client` calls of `request`; the
+    /// first failure ends the run.
+    fn from_clients(
+        clients: usize,
+        per_client: usize,
+        request: impl Fn() -> Result<()> + Sync,
+    ) -> Result<Sample> {
+        let start = Instant::now();
+        let request = &request;
+        let latencies = std::thread::scope(|scope| -> Result<Vec<Duration>> {
+            let workers: Vec<_> = (0..clients)
+                .map(|_| {
+                    scope.spawn(move || -> Result<Vec<Duration>> {
+                        let mut out = Vec::with_capacity(per_client);
+                        for _ in 0..per_client {
+                            let t = Instant::now();
+                            request()?;
+                            out.push(t.elapsed());
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for worker in workers {
+                all.extend(
+                    worker
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
+                );
+            }
+            Ok(all)
+        })?;
+        Ok(Sample {
+            latencies,
+            wall: start.elapsed(),
+        })
+    }
+
     fn percentile(&mut self, p: f64) -> Duration {
         self.latencies.sort();
         let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
@@ -136,31 +175,8 @@ fn http_get(port: u16, target: &str, host: &str) -> Result<()> {
 }
 
 fn native(port: u16, target: &str, host: &str, clients: usize) -> Result<Sample> {
-    let per_client = REQUESTS / clients;
-    let start = Instant::now();
-    let latencies = std::thread::scope(|scope| -> Result<Vec<Duration>> {
-        let workers: Vec<_> = (0..clients)
-            .map(|_| {
-                scope.spawn(move || -> Result<Vec<Duration>> {
-                    let mut out = Vec::with_capacity(per_client);
-                    for _ in 0..per_client {
-                        let t = Instant::now();
-                        http_get(port, target, host)?;
-                        out.push(t.elapsed());
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for worker in workers {
-            all.extend(worker.join().expect("client thread")?);
-        }
-        Ok(all)
-    })?;
-    Ok(Sample {
-        latencies,
-        wall: start.elapsed(),
+    Sample::from_clients(clients, REQUESTS / clients, || {
+        http_get(port, target, host).map(drop)
     })
 }
 

@@ -23,16 +23,6 @@ pub const DOMAIN: &str = "example.test";
 /// The host of the vhost with a static ProxyPass.
 pub const STATIC_HOST: &str = "static.example.test";
 
-const PROGRAMS: [&str; 7] = [
-    "getlink",
-    "redeemtoken",
-    "destroytoken",
-    "linktoken",
-    "tokenjobstate",
-    "update-jobs",
-    "index",
-];
-
 pub struct WebSite {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -98,7 +88,7 @@ impl WebSite {
         ] {
             fs::create_dir_all(root.join(sub))?;
         }
-        for name in PROGRAMS {
+        for name in satellite_core::Endpoint::ALL.map(satellite_core::Endpoint::name) {
             // Copies, not links: the tree is given to nobody below.
             fs::copy(programs.join(name), root.join(format!("cgi/{name}.cgi")))
                 .with_context(|| format!("installing {name}"))?;

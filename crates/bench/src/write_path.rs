@@ -202,42 +202,15 @@ fn getlink_load(
     per_client: usize,
 ) -> Result<(Sample, String)> {
     let before = Usage::now();
-    let start = Instant::now();
-    let latencies = std::thread::scope(|scope| -> Result<Vec<Duration>> {
-        let workers: Vec<_> = (0..clients)
-            .map(|_| {
-                scope.spawn(move || -> Result<Vec<Duration>> {
-                    let mut out = Vec::with_capacity(per_client);
-                    for _ in 0..per_client {
-                        let t = Instant::now();
-                        let answer = cgi(programs, config, "getlink", "")?;
-                        out.push(t.elapsed());
-                        if !answer.starts_with(b"Status: 200") {
-                            bail!("getlink: {}", String::from_utf8_lossy(&answer));
-                        }
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for worker in workers {
-            all.extend(
-                worker
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
-            );
+    let sample = Sample::from_clients(clients, per_client, || {
+        let answer = cgi(programs, config, "getlink", "")?;
+        if !answer.starts_with(b"Status: 200") {
+            bail!("getlink: {}", String::from_utf8_lossy(&answer));
         }
-        Ok(all)
+        Ok(())
     })?;
-    let cpu = Usage::now().per_request_since(before, latencies.len());
-    Ok((
-        Sample {
-            latencies,
-            wall: start.elapsed(),
-        },
-        cpu,
-    ))
+    let cpu = Usage::now().per_request_since(before, sample.latencies.len());
+    Ok((sample, cpu))
 }
 
 pub struct Parts {

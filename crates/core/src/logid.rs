@@ -69,27 +69,40 @@ pub fn new_key() -> [u8; KEY_LEN] {
     key
 }
 
-/// The key this process signs ids with, and the file it came from.
-static KEY: Mutex<Option<(PathBuf, Option<[u8; KEY_LEN]>)>> = Mutex::new(None);
+/// Where this process's key is, and the key once a line has needed it.
+struct KeySource {
+    path: PathBuf,
+    /// `None` until the first id; then the key, or `None` if unusable.
+    key: Option<Option<[u8; KEY_LEN]>>,
+}
 
-/// Makes `log_id` use the key in `path` (read once per process and path).
-/// A missing or unusable file means ids are left out of log lines.
+static KEY: Mutex<Option<KeySource>> = Mutex::new(None);
+
+/// Makes `log_id` use the key in `path`. The file is read when the first
+/// id is needed (once per process and path), so a request that logs
+/// nothing (a waiting page's poll) costs no file access. A missing or
+/// unusable file means ids are left out of log lines.
 pub fn use_key(path: &Path) {
     let Ok(mut current) = KEY.lock() else { return };
-    if current.as_ref().is_some_and(|(p, _)| p == path) {
+    if current.as_ref().is_some_and(|source| source.path == path) {
         return;
     }
-    *current = Some((path.to_owned(), read_key(path).ok()));
+    *current = Some(KeySource {
+        path: path.to_owned(),
+        key: None,
+    });
 }
 
 /// The log id of the token whose stored hash is `alias_hash`: the HMAC of
 /// that hash (itself the SHA-256 of the token) under the key, or `-` when
 /// there is no key.
 pub fn log_id(alias_hash: &str) -> String {
-    let key = KEY
-        .lock()
-        .ok()
-        .and_then(|k| k.as_ref().and_then(|(_, k)| *k));
+    let key = KEY.lock().ok().and_then(|mut current| {
+        let source = current.as_mut()?;
+        *source
+            .key
+            .get_or_insert_with(|| read_key(&source.path).ok())
+    });
     match key {
         Some(key) => id_under(&key, alias_hash),
         None => NO_ID.to_owned(),

@@ -23,8 +23,8 @@ use std::fs;
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -34,6 +34,7 @@ use crate::routes::{self, RouteSet};
 use crate::store::{
     route_expiry, PublishedRoute, RedeemOutcome, RoutePublication, RouteRow, Store,
 };
+use crate::subprocess::OutputWithin;
 
 /// How long Apache's config test or reload command may run.
 pub const APACHE_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -231,47 +232,24 @@ pub fn run_command(argv: &[String], what: &str) -> Result<()> {
         .split_first()
         .ok_or_else(|| CoreError::Publication(format!("{what}: empty command")))?;
     let shown = argv.join(" ");
-    let mut child = Command::new(program)
+    let output = Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| CoreError::Publication(format!("running {what} `{shown}`: {e}")))?;
-    let started = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if started.elapsed() > APACHE_COMMAND_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(CoreError::Publication(format!(
-                    "{what} `{shown}` did not finish within {}s",
-                    APACHE_COMMAND_TIMEOUT.as_secs()
-                )));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => {
-                return Err(CoreError::Publication(format!(
-                    "waiting for {what} `{shown}`: {e}"
-                )))
-            }
-        }
-    };
-    if status.success() {
+        .output_within(APACHE_COMMAND_TIMEOUT)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut => CoreError::Publication(format!(
+                "{what} `{shown}` did not finish within {}s",
+                APACHE_COMMAND_TIMEOUT.as_secs()
+            )),
+            _ => CoreError::Publication(format!("running {what} `{shown}`: {e}")),
+        })?;
+    if output.status.success() {
         return Ok(());
     }
-    let read_all = |pipe: Option<&mut dyn io::Read>| {
-        let mut text = String::new();
-        if let Some(pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    };
-    let stderr = read_all(child.stderr.as_mut().map(|p| p as &mut dyn io::Read));
-    let stdout = read_all(child.stdout.as_mut().map(|p| p as &mut dyn io::Read));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
     Err(CoreError::Publication(format!(
-        "{what} `{shown}` failed ({status}): {}",
+        "{what} `{shown}` failed ({}): {}",
+        output.status,
         format!("{} {}", stderr.trim(), stdout.trim()).trim()
     )))
 }
