@@ -102,6 +102,15 @@ fn route(site: &Site, token: &str) -> Option<String> {
         .ok()
 }
 
+/// A new token linked to `job`, once the job runs and a poll has seen it.
+fn linked_to_running(site: &Site, slurm: &Slurm, job: &str) -> String {
+    let token = site.new_token();
+    link(site, &token, job);
+    slurm.wait_for_state(job, "RUNNING", SOON);
+    poll_ok(site, slurm);
+    token
+}
+
 fn page_state(site: &Site, token: &str) -> serde_json::Value {
     let answer = site
         .cgi("tokenjobstate")
@@ -115,10 +124,7 @@ fn a_session_lives_with_its_running_job_and_ends_when_the_job_is_cancelled() {
     let slurm = Slurm::shared();
     let site = site();
     let job = sbatch_as_user(&slurm, &["--time=10", "--wrap=sleep 120"]);
-    let token = site.new_token();
-    link(&site, &token, &job);
-    slurm.wait_for_state(&job, "RUNNING", SOON);
-    poll_ok(&site, &slurm);
+    let token = linked_to_running(&site, &slurm, &job);
     assert_eq!(page_state(&site, &token)["state"], "R");
 
     // Only the job's own node may redeem.
@@ -197,10 +203,7 @@ fn a_job_run_as_root_is_never_proxied_when_binding_is_enforced() {
         slurm: &slurm,
         id: slurm.sbatch(&["--time=10", "--wrap=sleep 120"]),
     };
-    let token = site.new_token();
-    link(&site, &token, &job);
-    slurm.wait_for_state(&job, "RUNNING", SOON);
-    poll_ok(&site, &slurm);
+    let token = linked_to_running(&site, &slurm, &job);
     assert_eq!(redeem(&site, &token, COMPUTE_NODE).0, 403);
     assert_eq!(route(&site, &token), None);
 }
@@ -213,10 +216,7 @@ fn a_stopped_controller_ends_no_session() {
     let slurm = Slurm::exclusive();
     let site = site();
     let job = sbatch_as_user(&slurm, &["--time=10", "--wrap=sleep 120"]);
-    let token = site.new_token();
-    link(&site, &token, &job);
-    slurm.wait_for_state(&job, "RUNNING", SOON);
-    poll_ok(&site, &slurm);
+    let token = linked_to_running(&site, &slurm, &job);
     assert_eq!(
         redeem(&site, &token, COMPUTE_NODE),
         (200, "Success!\n".into())
