@@ -79,10 +79,10 @@ fn bad(msg: &str) -> io::Error {
 
 impl Conn {
     pub fn get(&mut self, host: &str, target: &str) -> io::Result<Answer> {
-        write!(
-            self.stream,
-            "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: satellite-bench\r\n\r\n"
-        )?;
+        // One write, so the request leaves in one TLS record and segment.
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: satellite-bench\r\n\r\n");
+        self.stream.write_all(request.as_bytes())?;
         self.stream.flush()?;
         self.read_answer()
     }

@@ -162,10 +162,8 @@ fn cgi(programs: &Path, site: &Site, program: &str, query: &str, host: &str) -> 
 
 fn http_get(port: u16, target: &str, host: &str) -> Result<()> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    write!(
-        stream,
-        "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
+    let request = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer)?;
     if !answer.starts_with(b"HTTP/1.1 200") {

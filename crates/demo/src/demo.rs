@@ -190,11 +190,11 @@ fn answer_backend(mut stream: TcpStream) -> std::io::Result<()> {
     }
     let target = request_line.split_whitespace().nth(1).unwrap_or("/");
     let body = format!("Hello from the demo notebook! You asked for {target}\n");
-    write!(
-        stream,
+    let answer = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
+    );
+    stream.write_all(answer.as_bytes())
 }
 
 struct Steps {

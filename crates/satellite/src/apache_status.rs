@@ -67,11 +67,14 @@ pub fn fetch(url: &str, timeout: Duration) -> Result<String, String> {
         TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{url}: {e}"))?;
     let _ = stream.set_read_timeout(Some(timeout));
     let _ = stream.set_write_timeout(Some(timeout));
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: satellite-check\r\n\r\n"
-    )
-    .map_err(|e| format!("{url}: {e}"))?;
+    // One write: `write!` on an unbuffered stream sends each piece as its own
+    // segment, and a server that answers after its first read then closes
+    // with request bytes unread, which resets the connection under our read.
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: satellite-check\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("{url}: {e}"))?;
     let mut answer = Vec::new();
     stream
         .take(1 << 20)
@@ -118,8 +121,13 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
-            let mut request = [0u8; 512];
-            let _ = conn.read(&mut request).unwrap();
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 512];
+            while !request.ends_with(b"\r\n\r\n") {
+                let read = conn.read(&mut chunk).unwrap();
+                assert!(read > 0, "the request ended before its blank line");
+                request.extend_from_slice(&chunk[..read]);
+            }
             conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nBusyWorkers: 1\nIdleWorkers: 24\n")
                 .unwrap();
         });
