@@ -31,7 +31,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use satellite_core::Store;
+use satellite_core::SqliteStore;
 
 mod backend;
 mod load;
@@ -70,7 +70,7 @@ fn new_site(extra: &str) -> Result<Site> {
         &config,
         format!("extbasename = \"example.org\"\ntgtipmask = [\"10.0.0.0/8\", \"127.0.0.0/8\"]\nsyslog_socket = \"\"\n{extra}"),
     )?;
-    Store::open_or_create(&dir.path().join("var/state.sqlite"), Duration::from_secs(5))?;
+    SqliteStore::open_or_create(&dir.path().join("var/state.sqlite"), Duration::from_secs(5))?;
     Ok(Site { dir, config })
 }
 

@@ -108,7 +108,7 @@ impl WebSite {
                  extport = {port}\nlistenport = {port}\nsyslog_socket = \"\"\nrouting = \"map\"\n"
             ),
         )?;
-        satellite_core::Store::open_or_create(
+        satellite_core::SqliteStore::open_or_create(
             &root.join("var/state.sqlite"),
             std::time::Duration::from_secs(5),
         )?;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use satellite_core::publish::Publisher;
-use satellite_core::{Config, Store};
+use satellite_core::{Config, SqliteStore, Store};
 
 use crate::{ms, new_site, Report, Sample};
 
@@ -25,7 +25,7 @@ pub fn populate(
 ) -> Result<Duration> {
     let started = Instant::now();
     let publisher = Publisher::new(config);
-    let mut store = Store::open(&config.dbfile, Duration::from_secs(5))?;
+    let mut store = SqliteStore::open(&config.dbfile, Duration::from_secs(5))?;
     store
         .connection()
         .execute_batch("PRAGMA synchronous = OFF")?;
@@ -41,7 +41,7 @@ pub fn populate(
 
 /// Pending tokens `<prefix>-<i>-x` for the requests to redeem.
 pub fn pending(config: &Config, count: usize, prefix: &str) -> Result<Vec<String>> {
-    let mut store = Store::open(&config.dbfile, Duration::from_secs(5))?;
+    let mut store = SqliteStore::open(&config.dbfile, Duration::from_secs(5))?;
     let now = chrono::Utc::now();
     (0..count)
         .map(|i| {
@@ -244,7 +244,7 @@ pub fn run(programs: &Path, parts: &Parts, sizes: &[usize], report: &mut Report)
         // site in use.
         for held in [false, true] {
             let reader = if held {
-                Some(Store::open(&config.dbfile, Duration::from_secs(5))?)
+                Some(SqliteStore::open(&config.dbfile, Duration::from_secs(5))?)
             } else {
                 None
             };

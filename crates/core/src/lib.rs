@@ -26,4 +26,4 @@ pub mod token;
 pub use config::Config;
 pub use endpoints::{handle, ClientAddr, Context, Endpoint};
 pub use error::{CoreError, Result};
-pub use store::Store;
+pub use store::{SqliteStore, Store};

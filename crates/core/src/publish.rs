@@ -74,7 +74,7 @@ impl<'a> Publisher<'a> {
     /// in both cases the token is left as it was.
     pub fn redeem(
         &self,
-        store: &mut Store,
+        store: &mut dyn Store,
         alias: &str,
         host: IpAddr,
         port: u16,
@@ -122,7 +122,7 @@ impl<'a> Publisher<'a> {
 
     /// Makes the data plane equal to the database: every live, valid
     /// `mapped` or `proxied` row routed, nothing else.
-    pub fn reconcile(&self, store: &mut Store, now: DateTime<Utc>) -> Result<Report> {
+    pub fn reconcile(&self, store: &mut dyn Store, now: DateTime<Utc>) -> Result<Report> {
         let set = RouteSet::from_rows(&store.route_rows(now, self.config.ttl_secs)?, self.config);
         match self.config.routing {
             Routing::Map => self.reconcile_map(store, &set),
@@ -134,7 +134,7 @@ impl<'a> Publisher<'a> {
     /// first of those routes expires: what [`cut_tunnels`] compares.
     pub fn live_targets(
         &self,
-        store: &Store,
+        store: &dyn Store,
         now: DateTime<Utc>,
     ) -> Result<(HashSet<String>, Option<DateTime<Utc>>)> {
         match self.config.routing {
@@ -155,7 +155,7 @@ impl<'a> Publisher<'a> {
         }
     }
 
-    fn reconcile_map(&self, store: &mut Store, set: &RouteSet) -> Result<Report> {
+    fn reconcile_map(&self, store: &mut dyn Store, set: &RouteSet) -> Result<Report> {
         let wanted: Vec<PublishedRoute> = set
             .routes
             .iter()
@@ -176,7 +176,7 @@ impl<'a> Publisher<'a> {
         })
     }
 
-    fn reconcile_vhosts(&self, store: &mut Store, set: &RouteSet) -> Result<Report> {
+    fn reconcile_vhosts(&self, store: &mut dyn Store, set: &RouteSet) -> Result<Report> {
         let config = self.config;
         let text = routes::render_vhosts(&set.routes, config);
         let path = &config.httpdstubfile;

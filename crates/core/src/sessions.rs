@@ -91,7 +91,7 @@ impl Snapshot {
 /// Records a snapshot and ends the sessions whose job is over or does not
 /// match them.
 pub fn apply_snapshot(
-    store: &mut Store,
+    store: &mut dyn Store,
     config: &Config,
     snapshot: &Snapshot,
     now: DateTime<Utc>,
@@ -242,7 +242,7 @@ mod tests {
 
     use super::*;
     use crate::config::EnvOverrides;
-    use crate::store::{ProxyState, RoutePublication};
+    use crate::store::{ProxyState, RoutePublication, SqliteStore};
 
     fn config(binding: &str) -> Config {
         Config::from_toml(
@@ -279,10 +279,10 @@ mod tests {
     fn sessions(
         linked: DateTime<Utc>,
         rows: &[(&str, &str, Option<&str>)],
-    ) -> (tempfile::TempDir, Store) {
+    ) -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, _) =
-            Store::open_or_create(&dir.path().join("state.sqlite"), Duration::from_secs(1))
+            SqliteStore::open_or_create(&dir.path().join("state.sqlite"), Duration::from_secs(1))
                 .unwrap();
         for (alias, jobid, host) in rows {
             store.insert_pending(alias, linked).unwrap();

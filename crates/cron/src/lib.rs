@@ -98,10 +98,10 @@ pub fn run_once(config: &Config) -> Result<Report> {
     run_locked(config)
 }
 
-fn open_store(config: &Config) -> Result<Store> {
+fn open_store(config: &Config) -> Result<Box<dyn Store>> {
     let timeout = Duration::from_millis(config.busy_timeout_ms);
     // The store's errors name the database file already.
-    Ok(Store::open(&config.dbfile, timeout)?)
+    Ok(satellite_core::store::open(&config.dbfile, timeout)?)
 }
 
 /// One run; the caller holds the run lock.
@@ -113,7 +113,7 @@ pub fn run_locked(config: &Config) -> Result<Report> {
         .expire(now, config.ttl_secs)
         .context("expiring old tokens")?;
     let published = Publisher::new(config)
-        .reconcile(&mut store, now)
+        .reconcile(store.as_mut(), now)
         .context("publishing routes")?;
     Ok(Report {
         skipped: false,
@@ -139,7 +139,7 @@ pub fn watch(config: &Config, mut on_report: impl FnMut(Result<Report>)) -> Resu
     let data_version = || -> Result<i64> { Ok(watcher.data_version()?) };
     let mut seen = data_version()?;
     let mut first = run_locked(config);
-    let (mut live, mut first_expiry) = publisher.live_targets(&watcher, Utc::now())?;
+    let (mut live, mut first_expiry) = publisher.live_targets(watcher.as_ref(), Utc::now())?;
     if let Ok(report) = first.as_mut() {
         report.watching = Some(live.len());
     }
@@ -161,7 +161,7 @@ pub fn watch(config: &Config, mut on_report: impl FnMut(Result<Report>)) -> Resu
             let mut report = run_locked(config);
             // Open tunnels (websockets) to a backend whose route is gone
             // would outlive the route: cut them.
-            let (still_live, next_expiry) = publisher.live_targets(&watcher, Utc::now())?;
+            let (still_live, next_expiry) = publisher.live_targets(watcher.as_ref(), Utc::now())?;
             let mut gone: Vec<String> = live.difference(&still_live).cloned().collect();
             gone.sort();
             if let Ok(report) = report.as_mut() {

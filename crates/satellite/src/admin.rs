@@ -13,13 +13,13 @@ use chrono::Utc;
 use satellite_core::config::Routing;
 use satellite_core::routes::{self, RouteSet};
 use satellite_core::store::{TokenRow, SCHEMA_VERSION};
-use satellite_core::{Config, Store};
+use satellite_core::{Config, SqliteStore, Store};
 use satellite_sched::Scheduler;
 
 use crate::AboutPath;
 
-pub fn open_store(config: &Config) -> Result<Store> {
-    Store::open(
+pub fn open_store(config: &Config) -> Result<Box<dyn Store>> {
+    satellite_core::store::open(
         &config.dbfile,
         Duration::from_millis(config.busy_timeout_ms),
     )
@@ -121,7 +121,7 @@ pub fn show(config: &Config, token: &str, json: bool) -> Result<String> {
 /// After rows were deleted: in map routing their routes went with them (the
 /// store's triggers, same transaction); in vhost routing run cron (config
 /// test and reload).
-fn republish(config: &Config, store: &mut Store) -> Result<String> {
+fn republish(config: &Config, store: &mut dyn Store) -> Result<String> {
     match config.routing {
         Routing::Map => Ok(format!(
             "routes table updated ({} live)",
@@ -143,14 +143,14 @@ pub fn revoke(config: &Config, token: &str) -> Result<String> {
     if !store.revoke(token)? {
         bail!("no token {token}");
     }
-    let routes = republish(config, &mut store)?;
+    let routes = republish(config, store.as_mut())?;
     Ok(format!("revoked {token}; {routes}\n"))
 }
 
 pub fn gc(config: &Config) -> Result<String> {
     let mut store = open_store(config)?;
     let expired = store.expire(Utc::now(), config.ttl_secs)?;
-    let routes = republish(config, &mut store)?;
+    let routes = republish(config, store.as_mut())?;
     Ok(format!("expired {expired} token(s); {routes}\n"))
 }
 
@@ -225,7 +225,7 @@ pub fn metrics(config: &Config) -> Result<String> {
 /// What a database holds and what migrating it will change, read without
 /// writing anything.
 pub fn inspect(db: &Path) -> Result<String> {
-    let found = Store::inspect(db).about_path("reading read-only", db)?;
+    let found = SqliteStore::inspect(db).about_path("reading read-only", db)?;
     let version = found.version;
     let mut out = format!(
         "{}:\n  schema version {version} (this build writes {SCHEMA_VERSION})\n",
@@ -290,14 +290,14 @@ pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
             ));
         }
         let (_store, _) =
-            Store::open_or_create(db, Duration::from_secs(10)).about_path("creating", db)?;
+            SqliteStore::open_or_create(db, Duration::from_secs(10)).about_path("creating", db)?;
         return Ok(format!("{}: created\n", db.display()));
     }
     let mut out = inspect(db)?;
     if dry_run {
         return Ok(out);
     }
-    if Store::inspect(db)?.version == SCHEMA_VERSION {
+    if SqliteStore::inspect(db)?.version == SCHEMA_VERSION {
         out.push_str("  already current; nothing to do\n");
         return Ok(out);
     }
@@ -306,9 +306,10 @@ pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
         db.display(),
         Utc::now().format("%Y%m%dT%H%M%SZ")
     ));
-    Store::backup_to(db, &backup).with_context(|| format!("backing up to {}", backup.display()))?;
+    SqliteStore::backup_to(db, &backup)
+        .with_context(|| format!("backing up to {}", backup.display()))?;
     let _ = writeln!(out, "  backup written to {}", backup.display());
-    Store::open(db, Duration::from_secs(10)).about_path("migrating", db)?;
+    SqliteStore::open(db, Duration::from_secs(10)).about_path("migrating", db)?;
     out.push_str("  migrated; in map routing run `satellite cron` once to fill the routes table\n");
     Ok(out)
 }
@@ -373,7 +374,7 @@ pub fn push_jobstates(options: &PushOptions) -> Result<String> {
         // States only, for the waiting page: ending the sessions of jobs
         // that are over needs the broker's configuration (`jobstates poll`
         // on the broker host, or a POST to update-jobs).
-        let mut store = Store::open(db, Duration::from_secs(10)).about_path("opening", db)?;
+        let mut store = SqliteStore::open(db, Duration::from_secs(10)).about_path("opening", db)?;
         let n = store.update_jobstates(&states, Utc::now().timestamp())?;
         return Ok(format!("wrote {n} job state(s) to {}\n", db.display()));
     }

@@ -185,7 +185,7 @@ fn check_database(config: &Config) -> Finding {
             "satellite migrate (or satellite init)",
         );
     }
-    match satellite_core::Store::inspect(db).map(|found| found.version) {
+    match satellite_core::SqliteStore::inspect(db).map(|found| found.version) {
         Ok(SCHEMA_VERSION) => ok(format!(
             "database {} has the current schema ({SCHEMA_VERSION})",
             db.display()

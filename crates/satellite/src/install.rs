@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use nix::unistd::{chown, Gid, Group, Uid, User};
-use satellite_core::{Endpoint, Store};
+use satellite_core::{Endpoint, SqliteStore};
 
 use crate::admin::set_mode;
 use crate::AboutPath;
@@ -152,7 +152,7 @@ fn write_data_files(prefix: &Path, extbasename: &str) -> Result<()> {
 fn create_database(prefix: &Path) -> Result<String> {
     let db = prefix.join("var/state.sqlite");
     let (_store, migration) =
-        Store::open_or_create(&db, Duration::from_secs(10)).about_path("creating", &db)?;
+        SqliteStore::open_or_create(&db, Duration::from_secs(10)).about_path("creating", &db)?;
     Ok(if migration.created {
         format!("created {}\n", db.display())
     } else {

@@ -34,7 +34,7 @@ pub fn poll_once(config: &Config, scheduler: &dyn Scheduler, timeout: Duration) 
     let snapshot = scheduler.snapshot(timeout).context(QUERY_FAILED)?;
     let mut store = crate::admin::open_store(config)?;
     let applied = sessions::apply_snapshot(
-        &mut store,
+        store.as_mut(),
         config,
         &Snapshot::from_wire(&snapshot),
         Utc::now(),

@@ -93,7 +93,7 @@ pub struct ClientAddr(pub IpAddr);
 pub struct Context {
     pub config: Config,
     pub syslog: Syslog,
-    store: Option<Store>,
+    store: Option<Box<dyn Store>>,
     wordlist: Option<Wordlist>,
     classifier: JobClassifier,
     clock: fn() -> DateTime<Utc>,
@@ -190,12 +190,12 @@ impl Context {
 
     /// The database, opened (and a legacy schema migrated) on first use;
     /// requests that never reach the database never open it.
-    pub fn store(&mut self) -> Result<&mut Store, CoreError> {
+    pub fn store(&mut self) -> Result<&mut dyn Store, CoreError> {
         if self.store.is_none() {
             let timeout = Duration::from_millis(self.config.busy_timeout_ms);
-            self.store = Some(Store::open(&self.config.dbfile, timeout)?);
+            self.store = Some(crate::store::open(&self.config.dbfile, timeout)?);
         }
-        Ok(self.store.as_mut().expect("opened above"))
+        Ok(self.store.as_deref_mut().expect("opened above"))
     }
 
     /// Redeems `alias` through the route publisher: in map routing the
@@ -209,7 +209,7 @@ impl Context {
     ) -> Result<crate::store::RedeemOutcome, CoreError> {
         let now = self.now();
         self.store()?;
-        let store = self.store.as_mut().expect("opened above");
+        let store = self.store.as_deref_mut().expect("opened above");
         crate::publish::Publisher::new(&self.config).redeem(store, alias, host, port, now)
     }
 
@@ -251,7 +251,7 @@ impl Context {
         now: DateTime<Utc>,
     ) -> Result<crate::sessions::Applied, CoreError> {
         self.store()?;
-        let store = self.store.as_mut().expect("opened above");
+        let store = self.store.as_deref_mut().expect("opened above");
         crate::sessions::apply_snapshot(store, &self.config, snapshot, now)
     }
 

@@ -1,6 +1,4 @@
-//! The SQLite store: the `proxy` table of alias → host:port mappings and the
-//! `jobstates` feed, in the original's formats so that the Perl scripts can
-//! still run on a database satellite has written.
+//! [`Store`] on SQLite: the legacy `state.sqlite`.
 //!
 //! Formats kept from the original: `alias_compare_hash` is unpadded base64
 //! SHA-256 (43 characters); `modified` is UTC `YYYY-MM-DD HH:MM:SS` text
@@ -16,225 +14,26 @@ use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use super::sqlite_schema::{self, table_exists};
+use super::{
+    expiry_cutoff, parse_sql_timestamp, route_expiry, sql_timestamp, DestroyOutcome, Gauges,
+    JobRecord, LinkOutcome, LinkedSession, Migration, ProxyState, PublishedRoute, RedeemOutcome,
+    RoutePublication, RouteRow, RouteSync, Stats, Store, TokenJob, TokenRow,
+    JOBSTATE_RETENTION_SECS,
+};
 use crate::error::{CoreError, Result};
 use crate::ratelimit::Limits;
 use crate::token::alias_compare_hash;
 
-/// Written to `PRAGMA user_version` once a database has satellite's indexes
-/// and route table. Legacy databases have 0; 1 had the indexes only; 2 had
-/// no `unknown_answers`.
-pub const SCHEMA_VERSION: i64 = 3;
-
-/// Job states older than this are purged whenever new ones arrive.
-pub const JOBSTATE_RETENTION_SECS: i64 = 3 * 24 * 3600;
-
-const CREATE_PROXY: &str = "CREATE TABLE proxy ( alias text not null, alias_compare_hash text not null, modified timestamp default current_timestamp, dsthost text, dstport integer, dstpath text, state text not null, jobid text default null)";
-const CREATE_JOBSTATES: &str = "CREATE TABLE jobstates ( jobid text primary key, state text not null, lastseen timestamp default current_timestamp)";
-const CREATE_INDEXES: &str = "
-    CREATE UNIQUE INDEX IF NOT EXISTS proxy_alias_compare_hash ON proxy (alias_compare_hash);
-    CREATE INDEX IF NOT EXISTS proxy_state_alias ON proxy (state, alias);
-    CREATE INDEX IF NOT EXISTS proxy_modified ON proxy (modified);
-    CREATE INDEX IF NOT EXISTS jobstates_lastseen ON jobstates (lastseen);
-";
-/// The data plane of map routing: Apache's `dbd:` RewriteMap reads this
-/// table on every request for a token's host, so a row written here is live
-/// at the commit that writes it, and gone at the commit that deletes it.
-/// Only validated routes are written (`target` is a rendered `ip:port`), and
-/// `expires` is the row's TTL end, compared by Apache with SQLite's own
-/// clock, so a route dies on time even if nothing runs. The triggers keep it
-/// equal to the `proxy` table whoever writes there (the Perl scripts
-/// included): a deleted token, or one that is no longer `proxied`, has no
-/// route.
-const CREATE_ROUTES: &str = "
-    CREATE TABLE IF NOT EXISTS routes ( alias text primary key not null, target text not null, expires text not null ) WITHOUT ROWID;
-    CREATE TABLE IF NOT EXISTS unknown_answers ( client text primary key not null, debt real not null, at real not null ) WITHOUT ROWID;
-    CREATE TABLE IF NOT EXISTS jobdetails ( jobid text primary key not null, reason text, start_time integer, time_limit integer, job_user text, job_uid integer, nodes text ) WITHOUT ROWID;
-    CREATE TRIGGER IF NOT EXISTS proxy_delete_drops_route AFTER DELETE ON proxy
-        BEGIN DELETE FROM routes WHERE alias = old.alias; END;
-    CREATE TRIGGER IF NOT EXISTS proxy_update_drops_route
-        AFTER UPDATE OF alias, state, dsthost, dstport ON proxy
-        WHEN new.state IS NOT 'proxied' OR new.alias IS NOT old.alias
-          OR new.dsthost IS NOT old.dsthost OR new.dstport IS NOT old.dstport
-        BEGIN DELETE FROM routes WHERE alias = old.alias; END;
-";
-// `unknown_answers` is the rate limit's memory for the CGI programs, which
-// live for one request: per client address (see `ratelimit::client_key`),
-// the unknown-token answers not yet paid back (`debt`) as of `at` (epoch
-// seconds). A row whose debt has drained says nothing and is deleted.
-
-/// Columns satellite adds to the legacy tables, all nullable, so the Perl
-/// scripts' inserts (which name their columns) keep working.
-/// `jobid` is the master branch's; the rest are satellite's: when a token
-/// was linked and when and why its session ended (state `ended`, a
-/// tombstone kept until the TTL so the alias is never issued again), and
-/// why.
-/// `jobstates` itself is left as the original made it (a site's own
-/// scripts may insert into it without naming columns): the rest of what the
-/// scheduler says of a job lives in satellite's `jobdetails`.
-const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
-    ("proxy", "jobid", "text default null"),
-    ("proxy", "linked_at", "text default null"),
-    ("proxy", "ended_at", "text default null"),
-    ("proxy", "end_cause", "text default null"),
-];
-const PROXY_COLUMNS: [&str; 7] = [
-    "alias",
-    "alias_compare_hash",
-    "modified",
-    "dsthost",
-    "dstport",
-    "dstpath",
-    "state",
-];
-
-/// The states a `proxy` row can be in.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProxyState {
-    Pending,
-    Mapped,
-    Proxied,
-    /// The session is over (its job ended, or its redeem did not match its
-    /// job): no route, and the alias stays taken until the TTL.
-    Ended,
-    /// Anything else a hand-edited database may hold.
-    Other(String),
-}
-
-impl ProxyState {
-    pub fn parse(text: &str) -> Self {
-        match text {
-            "pending" => ProxyState::Pending,
-            "mapped" => ProxyState::Mapped,
-            "proxied" => ProxyState::Proxied,
-            "ended" => ProxyState::Ended,
-            other => ProxyState::Other(other.to_owned()),
-        }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum RedeemOutcome {
-    Redeemed,
-    Unknown,
-    AlreadyRedeemed,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum DestroyOutcome {
-    Destroyed,
-    Unknown,
-    WrongHost,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum LinkOutcome {
-    Linked,
-    Unknown,
-    AlreadyLinked,
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
 }
 
 enum Written {
     Applied,
     Refused,
     NoSuchRow,
-}
-
-/// What tokenjobstate needs of a token.
-#[derive(Debug, PartialEq, Eq)]
-pub struct TokenJob {
-    pub proxy_state: ProxyState,
-    pub jobid: Option<String>,
-    pub job_state: Option<String>,
-    pub job_lastseen: Option<i64>,
-    /// The rest of what the scheduler said, when a push carried it.
-    pub job: Option<JobRecord>,
-    /// The token was redeemed (it has a host), whatever its state now.
-    pub redeemed: bool,
-    /// When the session ended (`ended` rows), and why.
-    pub ended_at: Option<String>,
-    pub end_cause: Option<String>,
-}
-
-/// What the scheduler said of one job, as stored in `jobstates`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct JobRecord {
-    pub jobid: String,
-    /// The scheduler's own state text (`RUNNING`, `CA`...).
-    pub state: String,
-    pub reason: Option<String>,
-    /// Epoch seconds: the start, or the scheduler's estimate while pending.
-    pub start_time: Option<i64>,
-    pub time_limit_secs: Option<i64>,
-    pub user: Option<String>,
-    pub uid: Option<i64>,
-    /// Node names, expanded.
-    pub nodes: Vec<String>,
-}
-
-/// A live token linked to a job, with what is known of the job.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LinkedSession {
-    pub alias: String,
-    pub state: ProxyState,
-    pub jobid: String,
-    pub dsthost: Option<String>,
-    pub linked_at: Option<DateTime<Utc>>,
-    /// `None` when no push has mentioned the job.
-    pub job: Option<JobRecord>,
-}
-
-/// A row of `proxy` as a route candidate; values are raw, to be validated
-/// before anything is written into Apache's configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteRow {
-    pub alias: String,
-    /// `modified` as stored; a route lives until it plus the TTL.
-    pub modified: Option<String>,
-    pub dsthost: Option<String>,
-    pub dstport: Option<String>,
-    pub state: ProxyState,
-}
-
-/// What opening a database did to it.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Migration {
-    pub created: bool,
-    pub added_columns: Vec<&'static str>,
-    pub from_version: i64,
-}
-
-pub struct Store {
-    conn: Connection,
-    path: PathBuf,
-}
-
-/// How a redeem publishes its route.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RoutePublication<'a> {
-    /// Map routing: the validated `ip:port` goes into `routes` with the
-    /// redeem, and the row is `proxied` at once.
-    Live { target: &'a str },
-    /// Vhost routing: the row stays `mapped` until cron has reloaded Apache.
-    Deferred,
-}
-
-/// A route as map routing publishes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PublishedRoute {
-    pub alias: String,
-    /// A rendered, validated `ip:port` (`[v6]:port`).
-    pub target: String,
-    /// `modified` + TTL, in `modified`'s text format.
-    pub expires: String,
-}
-
-/// What [`Store::sync_routes`] changed.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct RouteSync {
-    pub written: usize,
-    pub removed: usize,
-    pub flipped: usize,
-    pub unrouted: usize,
 }
 
 /// What a database file holds, read without writing anything.
@@ -248,29 +47,7 @@ pub struct Inspection {
     pub colliding_aliases: Vec<String>,
 }
 
-/// The instant a row modified at `modified` stops being live, as text.
-pub fn route_expiry(modified: DateTime<Utc>, ttl_secs: i64) -> String {
-    sql_timestamp(modified + chrono::Duration::seconds(ttl_secs))
-}
-
-/// The instant a `modified` text names, if it is one.
-pub fn parse_sql_timestamp(text: &str) -> Option<DateTime<Utc>> {
-    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
-        .ok()
-        .map(|naive| naive.and_utc())
-}
-
-/// `modified` text for an instant: what SQLite's `current_timestamp` writes.
-pub fn sql_timestamp(at: DateTime<Utc>) -> String {
-    at.format("%Y-%m-%d %H:%M:%S").to_string()
-}
-
-/// The `modified` value below which a row has outlived `ttl_secs`.
-pub fn expiry_cutoff(now: DateTime<Utc>, ttl_secs: i64) -> String {
-    sql_timestamp(now - chrono::Duration::seconds(ttl_secs))
-}
-
-impl Store {
+impl SqliteStore {
     /// Opens an existing database, bringing a legacy schema forward.
     /// A missing file or one without the tables is an error: programs that
     /// answer requests never create a database in a place nobody chose.
@@ -295,11 +72,11 @@ impl Store {
         }
         let mut conn = Connection::open_with_flags(path, flags)?;
         conn.busy_handler(Some(busy_handler(busy_timeout)))?;
-        let mut store = Store {
+        let mut store = SqliteStore {
             conn,
             path: path.to_owned(),
         };
-        let migration = store.migrate(create)?;
+        let migration = sqlite_schema::migrate(&mut store.conn, path, create)?;
         Ok((store, migration))
     }
 
@@ -312,105 +89,7 @@ impl Store {
     }
 
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self
-            .conn
-            .query_row("PRAGMA user_version", [], |row| row.get(0))?)
-    }
-
-    fn migrate(&mut self, create: bool) -> Result<Migration> {
-        let from_version = self.schema_version()?;
-        if from_version == SCHEMA_VERSION {
-            return Ok(Migration {
-                from_version,
-                ..Migration::default()
-            });
-        }
-        if from_version > SCHEMA_VERSION {
-            return Err(CoreError::DatabaseFromFuture {
-                path: self.path.clone(),
-                found: from_version,
-                known: SCHEMA_VERSION,
-            });
-        }
-        // Look before taking the write lock, so a database we refuse is left
-        // exactly as it was.
-        if !create && !self.has_table("proxy")? {
-            return Err(CoreError::DatabaseEmpty {
-                path: self.path.clone(),
-            });
-        }
-        let path = self.path.clone();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut migration = Migration {
-            from_version,
-            ..Migration::default()
-        };
-        let has_table = |name: &str| table_exists(&tx, name);
-        if !has_table("proxy")? {
-            tx.execute_batch(CREATE_PROXY)?;
-            migration.created = true;
-        }
-        if !has_table("jobstates")? {
-            tx.execute_batch(CREATE_JOBSTATES)?;
-        }
-        let columns: Vec<String> = {
-            let mut stmt = tx.prepare("SELECT name FROM pragma_table_info('proxy')")?;
-            let names = stmt.query_map([], |row| row.get(0))?;
-            names.collect::<rusqlite::Result<_>>()?
-        };
-        if let Some(missing) = PROXY_COLUMNS
-            .iter()
-            .find(|c| !columns.iter().any(|have| have == *c))
-        {
-            return Err(CoreError::NotSatelliteDatabase {
-                path,
-                why: format!("table proxy has no column {missing}"),
-            });
-        }
-        for (table, column, declaration) in ADDED_COLUMNS {
-            let present: Vec<String> = {
-                let mut stmt =
-                    tx.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
-                let names = stmt.query_map([], |row| row.get(0))?;
-                names.collect::<rusqlite::Result<_>>()?
-            };
-            if !present.iter().any(|c| c == column) {
-                tx.execute_batch(&format!(
-                    "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
-                ))?;
-                migration.added_columns.push(column);
-            }
-        }
-        let duplicates: Vec<String> = {
-            let mut stmt = tx.prepare(
-                "SELECT group_concat(alias, ' = ') FROM proxy \
-                 GROUP BY alias_compare_hash HAVING count(*) > 1 LIMIT 20",
-            )?;
-            let rows = stmt.query_map([], |row| row.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        if !duplicates.is_empty() {
-            return Err(CoreError::DuplicateAliases {
-                path,
-                aliases: duplicates.join("; "),
-            });
-        }
-        tx.execute_batch(CREATE_INDEXES)?;
-        tx.execute_batch(CREATE_ROUTES)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        tx.commit()?;
-        // WAL lets readers (tokenjobstate polls, index) run beside a writer.
-        // It is a property of the file, so it is set once, here.
-        let _mode: String = self
-            .conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
-        Ok(migration)
-    }
-
-    fn has_table(&self, name: &str) -> Result<bool> {
-        table_exists(&self.conn, name)
+        sqlite_schema::schema_version(&self.conn)
     }
 
     /// Runs one conditional statement on the row of `alias` (given its
@@ -443,40 +122,6 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Immediate)?)
     }
 
-    /// The unknown-token debt of `client` as of now (`now` and the result
-    /// in the terms of [`Limits`]); a read only, so that a client under its
-    /// limit costs no write.
-    pub fn unknown_debt(&self, client: &str, limits: &Limits, now: f64) -> Result<f64> {
-        let row: Option<(f64, f64)> = self
-            .conn
-            .query_row(
-                "SELECT debt, at FROM unknown_answers WHERE client = ?1",
-                [client],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        Ok(row.map_or(0.0, |(debt, at)| limits.debt_at(debt, at, now)))
-    }
-
-    /// Counts one unknown-token answer to `client`, and drops the rows of
-    /// clients whose debt has drained. One transaction, so concurrent
-    /// answers to one client each count. The sweep reads every row; there
-    /// are only as many as clients that got an unknown answer within the
-    /// last `burst / rate` seconds.
-    ///
-    /// The count is not worth an fsync: the commit runs with `synchronous
-    /// = NORMAL` (in WAL mode a power cut may forget it, and never corrupts
-    /// anything).
-    pub fn charge_unknown(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()> {
-        let synchronous: i64 = self
-            .conn
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let charged = self.charge_unknown_tx(client, limits, now);
-        self.conn.pragma_update(None, "synchronous", synchronous)?;
-        charged
-    }
-
     fn charge_unknown_tx(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()> {
         let tx = self.write_tx()?;
         tx.execute(
@@ -495,9 +140,92 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts a new pending token. Returns false, writing nothing, when a
-    /// row with the same alias already exists (the caller draws again).
-    pub fn insert_pending(&mut self, alias: &str, now: DateTime<Utc>) -> Result<bool> {
+    fn query_tokens<P: rusqlite::Params>(&self, tail: &str, params: P) -> Result<Vec<TokenRow>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT alias, state, dsthost, dstport, jobid, modified FROM proxy {tail}"
+        ))?;
+        let rows = stmt.query_map(params, |row| {
+            Ok(TokenRow {
+                alias: value_text(row.get(0)?).unwrap_or_default(),
+                state: value_text(row.get(1)?).unwrap_or_default(),
+                dsthost: value_text(row.get(2)?),
+                dstport: value_integer(row.get(3)?),
+                jobid: value_text(row.get(4)?),
+                modified: value_text(row.get(5)?).unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Reads a database without writing to it (no migration, no WAL switch):
+    /// for `migrate --dry-run` and `check`.
+    pub fn inspect(path: &Path) -> Result<Inspection> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(2))?;
+        let mut inspection = Inspection {
+            version: conn.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+            has_proxy: table_exists(&conn, "proxy")?,
+            ..Inspection::default()
+        };
+        if !inspection.has_proxy {
+            return Ok(inspection);
+        }
+        let strings = |sql: &str| -> Result<Vec<String>> {
+            let mut stmt = conn.prepare(sql)?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        };
+        inspection.proxy_columns = strings("SELECT name FROM pragma_table_info('proxy')")?;
+        inspection.colliding_aliases = strings(
+            "SELECT group_concat(alias, ' = ') FROM proxy \
+             GROUP BY alias_compare_hash HAVING count(*) > 1",
+        )?;
+        let mut stmt =
+            conn.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
+        let counts = stmt.query_map([], |r| {
+            Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
+        })?;
+        inspection.tokens_by_state = counts.collect::<rusqlite::Result<_>>()?;
+        Ok(inspection)
+    }
+
+    /// A consistent copy of the database at `backup` (`VACUUM INTO`), safe
+    /// while other processes write.
+    pub fn backup_to(path: &Path, backup: &Path) -> Result<()> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute("VACUUM INTO ?1", [backup.to_string_lossy()])?;
+        Ok(())
+    }
+}
+
+impl Store for SqliteStore {
+    fn unknown_debt(&self, client: &str, limits: &Limits, now: f64) -> Result<f64> {
+        let row: Option<(f64, f64)> = self
+            .conn
+            .query_row(
+                "SELECT debt, at FROM unknown_answers WHERE client = ?1",
+                [client],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map_or(0.0, |(debt, at)| limits.debt_at(debt, at, now)))
+    }
+
+    // The count is not worth an fsync: the commit runs with `synchronous =
+    // NORMAL` (in WAL mode a power cut may forget it, and never corrupts
+    // anything).
+    fn charge_unknown(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()> {
+        let synchronous: i64 = self
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let charged = self.charge_unknown_tx(client, limits, now);
+        self.conn.pragma_update(None, "synchronous", synchronous)?;
+        charged
+    }
+
+    fn insert_pending(&mut self, alias: &str, now: DateTime<Utc>) -> Result<bool> {
         let hash = alias_compare_hash(alias.as_bytes());
         let tx = self.write_tx()?;
         let inserted = tx.execute(
@@ -509,11 +237,7 @@ impl Store {
         Ok(inserted == 1)
     }
 
-    /// Binds a live pending token to `host:port`. With
-    /// [`RoutePublication::Live`] the route is written to `routes` in the
-    /// same transaction and the row becomes `proxied`: the route is live
-    /// when this returns `Redeemed`, and a failure leaves nothing behind.
-    pub fn redeem(
+    fn redeem(
         &mut self,
         alias: &str,
         host: &str,
@@ -549,11 +273,7 @@ impl Store {
         })
     }
 
-    /// Deletes a token. A redeemed one may only be destroyed from the host
-    /// it was redeemed on; a pending one from anywhere allowed (galyleo
-    /// destroys from the login node when `sbatch` fails). Expired rows may
-    /// be destroyed too: it only hastens the inevitable.
-    pub fn destroy(&mut self, alias: &str, requester: &str) -> Result<DestroyOutcome> {
+    fn destroy(&mut self, alias: &str, requester: &str) -> Result<DestroyOutcome> {
         let written = self.conditional_write(alias, "", |tx, hash| {
             tx.execute(
                 "DELETE FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2 \
@@ -568,8 +288,7 @@ impl Store {
         })
     }
 
-    /// Records the batch job id of a live token, once.
-    pub fn link(
+    fn link(
         &mut self,
         alias: &str,
         jobid: &str,
@@ -591,8 +310,7 @@ impl Store {
         })
     }
 
-    /// The state of a live token, for the waiting page.
-    pub fn proxy_state(
+    fn proxy_state(
         &self,
         alias: &str,
         now: DateTime<Utc>,
@@ -611,8 +329,7 @@ impl Store {
         Ok(state.map(|s| ProxyState::parse(&s)))
     }
 
-    /// A live token with its job's last pushed state.
-    pub fn token_job(
+    fn token_job(
         &self,
         alias: &str,
         now: DateTime<Utc>,
@@ -651,27 +368,7 @@ impl Store {
         Ok(row)
     }
 
-    /// Replaces job states with a fresh batch and purges those not seen for
-    /// three days, in one transaction. Returns how many were written.
-    pub fn update_jobstates(
-        &mut self,
-        states: &[(String, String)],
-        now_epoch: i64,
-    ) -> Result<usize> {
-        let records: Vec<JobRecord> = states
-            .iter()
-            .map(|(jobid, state)| JobRecord {
-                jobid: jobid.clone(),
-                state: state.clone(),
-                ..JobRecord::default()
-            })
-            .collect();
-        self.record_jobs(&records, now_epoch)
-    }
-
-    /// Writes what the scheduler said of these jobs (seen now) and purges
-    /// jobs not seen for three days, in one transaction.
-    pub fn record_jobs(&mut self, jobs: &[JobRecord], now_epoch: i64) -> Result<usize> {
+    fn record_jobs(&mut self, jobs: &[JobRecord], now_epoch: i64) -> Result<usize> {
         let tx = self.write_tx()?;
         tx.execute(
             "DELETE FROM jobstates WHERE lastseen < ?1 OR typeof(lastseen) <> 'integer'",
@@ -707,9 +404,7 @@ impl Store {
         Ok(jobs.len())
     }
 
-    /// Live tokens that are linked to a job and not ended, with what the
-    /// last pushes said of their job.
-    pub fn linked_sessions(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<LinkedSession>> {
+    fn linked_sessions(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<LinkedSession>> {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT ps.alias, ps.state, ps.jobid, ps.dsthost, ps.linked_at, js.state, \
              {JOB_DETAIL_COLUMNS} FROM proxy ps LEFT JOIN jobstates js ON js.jobid = ps.jobid \
@@ -733,11 +428,7 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Ends these sessions (state `ended`, when and why): their routes go in
-    /// the same transaction (the triggers), the rows stay as tombstones
-    /// until the TTL so their aliases are never issued again. Rows already
-    /// ended or gone are left alone. Returns how many ended now.
-    pub fn end_sessions(&mut self, ends: &[(String, String)], now: DateTime<Utc>) -> Result<usize> {
+    fn end_sessions(&mut self, ends: &[(String, String)], now: DateTime<Utc>) -> Result<usize> {
         let tx = self.write_tx()?;
         let mut ended = 0;
         {
@@ -753,8 +444,7 @@ impl Store {
         Ok(ended)
     }
 
-    /// Deletes rows of every state whose `modified` is older than the TTL.
-    pub fn expire(&mut self, now: DateTime<Utc>, ttl_secs: i64) -> Result<usize> {
+    fn expire(&mut self, now: DateTime<Utc>, ttl_secs: i64) -> Result<usize> {
         let tx = self.write_tx()?;
         let deleted = tx.execute(
             "DELETE FROM proxy WHERE modified < ?1",
@@ -764,10 +454,7 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Rows that should have a route: live `mapped` and `proxied` ones, by
-    /// alias. An expired row loses its route at the next publication, even
-    /// before cron deletes it.
-    pub fn route_rows(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<RouteRow>> {
+    fn route_rows(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<RouteRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT alias, dsthost, dstport, state, modified FROM proxy \
              WHERE state IN ('mapped', 'proxied') AND modified >= ?1 ORDER BY alias ASC",
@@ -784,8 +471,7 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Flips `mapped` rows to `proxied` once their route is live.
-    pub fn mark_proxied(&mut self, aliases: &[String]) -> Result<usize> {
+    fn mark_proxied(&mut self, aliases: &[String]) -> Result<usize> {
         let tx = self.write_tx()?;
         let mut flipped = 0;
         {
@@ -800,13 +486,7 @@ impl Store {
         Ok(flipped)
     }
 
-    /// Map routing's repair pass (cron): makes `routes` hold exactly
-    /// `wanted`, flips their rows to `proxied`, and turns rows that are
-    /// `proxied` without a wanted route back to `mapped` (their route was
-    /// refused), so the state always says what is routed. One transaction;
-    /// only differences are written, so a run with nothing to do writes
-    /// nothing and Apache's readers never see a half-done set.
-    pub fn sync_routes(&mut self, wanted: &[PublishedRoute]) -> Result<RouteSync> {
+    fn sync_routes(&mut self, wanted: &[PublishedRoute]) -> Result<RouteSync> {
         let tx = self.write_tx()?;
         let mut sync = RouteSync::default();
         let current: std::collections::HashMap<String, (String, String)> = {
@@ -860,9 +540,7 @@ impl Store {
         Ok(sync)
     }
 
-    /// The target Apache's `dbd:` map answers for `alias` at `now` (the same
-    /// query, with `now` for SQLite's clock): what the data plane sees.
-    pub fn live_route(&self, alias: &str, now: DateTime<Utc>) -> Result<Option<String>> {
+    fn live_route(&self, alias: &str, now: DateTime<Utc>) -> Result<Option<String>> {
         Ok(self
             .conn
             .query_row(
@@ -873,9 +551,7 @@ impl Store {
             .optional()?)
     }
 
-    /// The targets of the routes live at `now`, and when the first of them
-    /// expires.
-    pub fn live_targets(&self, now: DateTime<Utc>) -> Result<(Vec<String>, Option<DateTime<Utc>>)> {
+    fn live_targets(&self, now: DateTime<Utc>) -> Result<(Vec<String>, Option<DateTime<Utc>>)> {
         let now_text = sql_timestamp(now);
         let mut stmt = self
             .conn
@@ -891,8 +567,7 @@ impl Store {
         Ok((targets, first_expiry.and_then(|t| parse_sql_timestamp(&t))))
     }
 
-    /// How many routes the data plane holds that are live at `now`.
-    pub fn live_route_count(&self, now: DateTime<Utc>) -> Result<i64> {
+    fn live_route_count(&self, now: DateTime<Utc>) -> Result<i64> {
         Ok(self.conn.query_row(
             "SELECT count(*) FROM routes WHERE expires >= ?1",
             [sql_timestamp(now)],
@@ -900,83 +575,18 @@ impl Store {
         )?)
     }
 
-    /// SQLite's `PRAGMA data_version`: changes whenever another connection
-    /// commits, so a watcher can poll it cheaply.
-    pub fn data_version(&self) -> Result<i64> {
+    // SQLite's own change counter for this connection's view of the file.
+    fn data_version(&self) -> Result<i64> {
         Ok(self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
-    /// Reads a database without writing to it (no migration, no WAL switch):
-    /// for `migrate --dry-run` and `check`.
-    pub fn inspect(path: &Path) -> Result<Inspection> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        conn.busy_timeout(Duration::from_secs(2))?;
-        let mut inspection = Inspection {
-            version: conn.query_row("PRAGMA user_version", [], |r| r.get(0))?,
-            has_proxy: table_exists(&conn, "proxy")?,
-            ..Inspection::default()
-        };
-        if !inspection.has_proxy {
-            return Ok(inspection);
-        }
-        let strings = |sql: &str| -> Result<Vec<String>> {
-            let mut stmt = conn.prepare(sql)?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
-        };
-        inspection.proxy_columns = strings("SELECT name FROM pragma_table_info('proxy')")?;
-        inspection.colliding_aliases = strings(
-            "SELECT group_concat(alias, ' = ') FROM proxy \
-             GROUP BY alias_compare_hash HAVING count(*) > 1",
-        )?;
-        let mut stmt =
-            conn.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
-        let counts = stmt.query_map([], |r| {
-            Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
-        })?;
-        inspection.tokens_by_state = counts.collect::<rusqlite::Result<_>>()?;
-        Ok(inspection)
-    }
-
-    /// A consistent copy of the database at `backup` (`VACUUM INTO`), safe
-    /// while other processes write.
-    pub fn backup_to(path: &Path, backup: &Path) -> Result<()> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.execute("VACUUM INTO ?1", [backup.to_string_lossy()])?;
-        Ok(())
-    }
-}
-
-/// A `proxy` row as admins see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenRow {
-    pub alias: String,
-    pub state: String,
-    pub dsthost: Option<String>,
-    pub dstport: Option<i64>,
-    pub jobid: Option<String>,
-    pub modified: String,
-}
-
-/// Counts for `satellite stats`.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub by_state: Vec<(String, i64)>,
-    pub oldest_modified: Option<String>,
-    pub sessions_per_host: Vec<(String, i64)>,
-    pub jobstates: i64,
-}
-
-impl Store {
-    /// Every token, oldest first.
-    pub fn list_tokens(&self) -> Result<Vec<TokenRow>> {
+    fn list_tokens(&self) -> Result<Vec<TokenRow>> {
         self.query_tokens("ORDER BY modified ASC, alias ASC", [])
     }
 
-    pub fn find_token(&self, alias: &str) -> Result<Option<TokenRow>> {
+    fn find_token(&self, alias: &str) -> Result<Option<TokenRow>> {
         let hash = alias_compare_hash(alias.as_bytes());
         Ok(self
             .query_tokens(
@@ -987,25 +597,7 @@ impl Store {
             .next())
     }
 
-    fn query_tokens<P: rusqlite::Params>(&self, tail: &str, params: P) -> Result<Vec<TokenRow>> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT alias, state, dsthost, dstport, jobid, modified FROM proxy {tail}"
-        ))?;
-        let rows = stmt.query_map(params, |row| {
-            Ok(TokenRow {
-                alias: value_text(row.get(0)?).unwrap_or_default(),
-                state: value_text(row.get(1)?).unwrap_or_default(),
-                dsthost: value_text(row.get(2)?),
-                dstport: value_integer(row.get(3)?),
-                jobid: value_text(row.get(4)?),
-                modified: value_text(row.get(5)?).unwrap_or_default(),
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    /// Deletes a token whatever its state or host (an admin's revoke).
-    pub fn revoke(&mut self, alias: &str) -> Result<bool> {
+    fn revoke(&mut self, alias: &str) -> Result<bool> {
         let hash = alias_compare_hash(alias.as_bytes());
         let tx = self.write_tx()?;
         let deleted = tx.execute(
@@ -1016,7 +608,7 @@ impl Store {
         Ok(deleted == 1)
     }
 
-    pub fn stats(&self) -> Result<Stats> {
+    fn stats(&self) -> Result<Stats> {
         let pairs = |sql: &str| -> Result<Vec<(String, i64)>> {
             let mut stmt = self.conn.prepare(sql)?;
             let rows = stmt.query_map([], |r| {
@@ -1038,32 +630,8 @@ impl Store {
                 .query_row("SELECT count(*) FROM jobstates", [], |r| r.get(0))?,
         })
     }
-}
 
-/// What the store can say about the service at one instant, for metrics.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Gauges {
-    /// Rows by state, expired ones cron has not deleted yet included.
-    pub by_state: Vec<(String, i64)>,
-    /// Routes the data plane serves now (map routing's `routes` table).
-    pub live_routes: i64,
-    /// Live rows (not `ended`, not past the TTL) never linked to a job.
-    pub unbound: i64,
-    /// `ended` rows by cause class: see [`Store::gauges`].
-    pub ended_job_end: i64,
-    pub ended_binding_mismatch: i64,
-    /// `max(jobstates.lastseen)` as an epoch; `None` when nothing was pushed.
-    pub newest_jobstate: Option<i64>,
-}
-
-impl Store {
-    /// Counts for the metrics, read in one transaction so they agree.
-    ///
-    /// Ended sessions are classed by the text `sessions` writes to
-    /// `end_cause`: `job … ended (…)` and `job … is no longer known to the
-    /// scheduler` are the job's end; every other cause (a foreign node, a
-    /// denied user) is a binding mismatch.
-    pub fn gauges(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Gauges> {
+    fn gauges(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Gauges> {
         let tx = self.conn.unchecked_transaction()?;
         let mut stmt =
             tx.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
@@ -1142,17 +710,6 @@ fn busy_handler(timeout: Duration) -> impl FnMut(i32) -> bool + Send + 'static {
     }
 }
 
-fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
-    Ok(conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [name],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some())
-}
-
 /// Whether a row for this alias exists and is younger than `cutoff`
 /// (an empty cutoff matches every row).
 fn live_row_exists(conn: &Connection, hash: &str, alias: &str, cutoff: &str) -> Result<bool> {
@@ -1220,9 +777,10 @@ fn value_integer(value: Value) -> Option<i64> {
         _ => None,
     }
 }
-
 #[cfg(test)]
 mod tests {
+    use super::super::sqlite_schema::{CREATE_INDEXES, CREATE_JOBSTATES, CREATE_PROXY};
+    use super::super::SCHEMA_VERSION;
     use super::*;
 
     fn at(text: &str) -> DateTime<Utc> {
@@ -1231,10 +789,10 @@ mod tests {
             .with_timezone(&Utc)
     }
 
-    fn new_store() -> (tempfile::TempDir, Store) {
+    fn new_store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let (store, migration) =
-            Store::open_or_create(&dir.path().join("state.sqlite"), Duration::from_secs(1))
+            SqliteStore::open_or_create(&dir.path().join("state.sqlite"), Duration::from_secs(1))
                 .unwrap();
         assert!(migration.created);
         (dir, store)
@@ -1302,12 +860,12 @@ mod tests {
     fn a_schema_2_database_gets_the_unknown_answers_table() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.sqlite");
-        drop(Store::open_or_create(&path, Duration::from_secs(1)).unwrap());
+        drop(SqliteStore::open_or_create(&path, Duration::from_secs(1)).unwrap());
         Connection::open(&path)
             .unwrap()
             .execute_batch("DROP TABLE unknown_answers; PRAGMA user_version = 2;")
             .unwrap();
-        let mut store = Store::open(&path, Duration::from_secs(1)).unwrap();
+        let mut store = SqliteStore::open(&path, Duration::from_secs(1)).unwrap();
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         store.charge_unknown("192.0.2.1", &LIMITS, 1.0).unwrap();
     }
@@ -1335,7 +893,7 @@ mod tests {
         let path = dir.path().join("state.sqlite");
         let release = hold_write_lock(&path);
         let waiter = std::thread::spawn(move || {
-            let mut store = Store::open(&path, Duration::from_secs(30)).unwrap();
+            let mut store = SqliteStore::open(&path, Duration::from_secs(30)).unwrap();
             store.insert_pending("able-acorn-zoo", at("2026-01-01T12:00:00Z"))
         });
         std::thread::sleep(Duration::from_millis(50));
@@ -1348,7 +906,7 @@ mod tests {
         let (dir, _) = new_store();
         let path = dir.path().join("state.sqlite");
         let _release = hold_write_lock(&path);
-        let mut store = Store::open(&path, Duration::from_millis(100)).unwrap();
+        let mut store = SqliteStore::open(&path, Duration::from_millis(100)).unwrap();
         let err = store
             .insert_pending("able-acorn-zoo", at("2026-01-01T12:00:00Z"))
             .unwrap_err();
@@ -1594,10 +1152,10 @@ mod tests {
             )
             .unwrap();
         }
-        let store = Store::open(&path, Duration::from_secs(1)).unwrap();
+        let store = SqliteStore::open(&path, Duration::from_secs(1)).unwrap();
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         assert!(table_exists(store.connection(), "routes").unwrap());
-        let found = Store::inspect(&path).unwrap();
+        let found = SqliteStore::inspect(&path).unwrap();
         assert_eq!(found.tokens_by_state, vec![("pending".to_owned(), 1)]);
     }
 }

@@ -1,0 +1,372 @@
+//! The store: what satellite keeps of its tokens, their jobs and their
+//! routes, behind the [`Store`] trait, so that the endpoints, the route
+//! publisher, the session logic, cron and the admin commands never name a
+//! database. [`SqliteStore`] is the one backend: the legacy `state.sqlite`,
+//! kept in the original's formats so that the Perl scripts still run on it,
+//! and read by Apache's `dbd:` RewriteMap for map routing.
+//!
+//! Every write a trait method makes is atomic and conditional: two racing
+//! requests can never both succeed, and a failure leaves nothing half
+//! written. A second backend (PostgreSQL, for several frontends sharing one
+//! database) implements [`Store`] with the same guarantees, keeps a
+//! `routes` relation that Apache's `dbd:` map can read with the same query,
+//! and gets an arm in [`open`].
+
+mod sqlite;
+mod sqlite_schema;
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::error::Result;
+use crate::ratelimit::Limits;
+
+pub use sqlite::{Inspection, SqliteStore};
+pub use sqlite_schema::{Migration, SCHEMA_VERSION};
+
+/// Opens the configured store for a program that answers requests: the
+/// database must exist (nothing is created in a place nobody chose) and is
+/// brought forward if it has an older schema.
+pub fn open(dbfile: &Path, busy_timeout: Duration) -> Result<Box<dyn Store>> {
+    Ok(Box::new(SqliteStore::open(dbfile, busy_timeout)?))
+}
+
+/// The operations satellite needs of a database. Times come from the
+/// caller (`now`), so that a request, a cron run or a test decides what
+/// "now" is, and `ttl_secs` is the configured lifetime of a token.
+pub trait Store {
+    /// The unknown-token debt of `client` as of now (`now` and the result
+    /// in the terms of [`Limits`]); a read only, so that a client under its
+    /// limit costs no write.
+    fn unknown_debt(&self, client: &str, limits: &Limits, now: f64) -> Result<f64>;
+
+    /// Counts one unknown-token answer to `client`, and drops the rows of
+    /// clients whose debt has drained. One transaction, so concurrent
+    /// answers to one client each count. The sweep reads every row; there
+    /// are only as many as clients that got an unknown answer within the
+    /// last `burst / rate` seconds.
+    /// The count need not be durable: a crash may forget it.
+    fn charge_unknown(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()>;
+
+    /// Inserts a new pending token. Returns false, writing nothing, when a
+    /// row with the same alias already exists (the caller draws again).
+    fn insert_pending(&mut self, alias: &str, now: DateTime<Utc>) -> Result<bool>;
+
+    /// Binds a live pending token to `host:port`. With
+    /// [`RoutePublication::Live`] the route is written to `routes` in the
+    /// same transaction and the row becomes `proxied`: the route is live
+    /// when this returns `Redeemed`, and a failure leaves nothing behind.
+    fn redeem(
+        &mut self,
+        alias: &str,
+        host: &str,
+        port: u16,
+        now: DateTime<Utc>,
+        ttl_secs: i64,
+        publication: RoutePublication<'_>,
+    ) -> Result<RedeemOutcome>;
+
+    /// Deletes a token. A redeemed one may only be destroyed from the host
+    /// it was redeemed on; a pending one from anywhere allowed (galyleo
+    /// destroys from the login node when `sbatch` fails). Expired rows may
+    /// be destroyed too: it only hastens the inevitable.
+    fn destroy(&mut self, alias: &str, requester: &str) -> Result<DestroyOutcome>;
+
+    /// Records the batch job id of a live token, once.
+    fn link(
+        &mut self,
+        alias: &str,
+        jobid: &str,
+        now: DateTime<Utc>,
+        ttl_secs: i64,
+    ) -> Result<LinkOutcome>;
+
+    /// The state of a live token, for the waiting page.
+    fn proxy_state(
+        &self,
+        alias: &str,
+        now: DateTime<Utc>,
+        ttl_secs: i64,
+    ) -> Result<Option<ProxyState>>;
+
+    /// A live token with its job's last pushed state.
+    fn token_job(&self, alias: &str, now: DateTime<Utc>, ttl_secs: i64)
+        -> Result<Option<TokenJob>>;
+
+    /// Replaces job states with a fresh batch and purges those not seen for
+    /// three days, in one transaction. Returns how many were written.
+    fn update_jobstates(&mut self, states: &[(String, String)], now_epoch: i64) -> Result<usize> {
+        let records: Vec<JobRecord> = states
+            .iter()
+            .map(|(jobid, state)| JobRecord {
+                jobid: jobid.clone(),
+                state: state.clone(),
+                ..JobRecord::default()
+            })
+            .collect();
+        self.record_jobs(&records, now_epoch)
+    }
+
+    /// Writes what the scheduler said of these jobs (seen now) and purges
+    /// jobs not seen for three days, in one transaction.
+    fn record_jobs(&mut self, jobs: &[JobRecord], now_epoch: i64) -> Result<usize>;
+
+    /// Live tokens that are linked to a job and not ended, with what the
+    /// last pushes said of their job.
+    fn linked_sessions(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<LinkedSession>>;
+
+    /// Ends these sessions (state `ended`, when and why): their routes go in
+    /// the same transaction (the triggers), the rows stay as tombstones
+    /// until the TTL so their aliases are never issued again. Rows already
+    /// ended or gone are left alone. Returns how many ended now.
+    fn end_sessions(&mut self, ends: &[(String, String)], now: DateTime<Utc>) -> Result<usize>;
+
+    /// Deletes rows of every state whose `modified` is older than the TTL.
+    fn expire(&mut self, now: DateTime<Utc>, ttl_secs: i64) -> Result<usize>;
+
+    /// Rows that should have a route: live `mapped` and `proxied` ones, by
+    /// alias. An expired row loses its route at the next publication, even
+    /// before cron deletes it.
+    fn route_rows(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<RouteRow>>;
+
+    /// Flips `mapped` rows to `proxied` once their route is live.
+    fn mark_proxied(&mut self, aliases: &[String]) -> Result<usize>;
+
+    /// Map routing's repair pass (cron): makes `routes` hold exactly
+    /// `wanted`, flips their rows to `proxied`, and turns rows that are
+    /// `proxied` without a wanted route back to `mapped` (their route was
+    /// refused), so the state always says what is routed. One transaction;
+    /// only differences are written, so a run with nothing to do writes
+    /// nothing and Apache's readers never see a half-done set.
+    fn sync_routes(&mut self, wanted: &[PublishedRoute]) -> Result<RouteSync>;
+
+    /// The target Apache's `dbd:` map answers for `alias` at `now` (the same
+    /// query, with `now` for the database's clock): what the data plane
+    /// sees.
+    fn live_route(&self, alias: &str, now: DateTime<Utc>) -> Result<Option<String>>;
+
+    /// The targets of the routes live at `now`, and when the first of them
+    /// expires.
+    fn live_targets(&self, now: DateTime<Utc>) -> Result<(Vec<String>, Option<DateTime<Utc>>)>;
+
+    /// How many routes the data plane holds that are live at `now`.
+    fn live_route_count(&self, now: DateTime<Utc>) -> Result<i64>;
+
+    /// A number that changes whenever another connection commits, so a
+    /// watcher (`cron --watch`) can poll it cheaply.
+    fn data_version(&self) -> Result<i64>;
+
+    /// Every token, oldest first.
+    fn list_tokens(&self) -> Result<Vec<TokenRow>>;
+
+    /// One token, by alias, whatever its state or age.
+    fn find_token(&self, alias: &str) -> Result<Option<TokenRow>>;
+
+    /// Deletes a token whatever its state or host (an admin's revoke).
+    fn revoke(&mut self, alias: &str) -> Result<bool>;
+
+    /// Counts for `satellite stats`.
+    fn stats(&self) -> Result<Stats>;
+
+    /// Counts for the metrics, read in one transaction so they agree.
+    ///
+    /// Ended sessions are classed by the text `sessions` writes to
+    /// `end_cause`: `job … ended (…)` and `job … is no longer known to the
+    /// scheduler` are the job's end; every other cause (a foreign node, a
+    /// denied user) is a binding mismatch.
+    fn gauges(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Gauges>;
+}
+
+/// Job states older than this are purged whenever new ones arrive.
+pub const JOBSTATE_RETENTION_SECS: i64 = 3 * 24 * 3600;
+
+/// The states a `proxy` row can be in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyState {
+    Pending,
+    Mapped,
+    Proxied,
+    /// The session is over (its job ended, or its redeem did not match its
+    /// job): no route, and the alias stays taken until the TTL.
+    Ended,
+    /// Anything else a hand-edited database may hold.
+    Other(String),
+}
+
+impl ProxyState {
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "pending" => ProxyState::Pending,
+            "mapped" => ProxyState::Mapped,
+            "proxied" => ProxyState::Proxied,
+            "ended" => ProxyState::Ended,
+            other => ProxyState::Other(other.to_owned()),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RedeemOutcome {
+    Redeemed,
+    Unknown,
+    AlreadyRedeemed,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DestroyOutcome {
+    Destroyed,
+    Unknown,
+    WrongHost,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkOutcome {
+    Linked,
+    Unknown,
+    AlreadyLinked,
+}
+
+/// What tokenjobstate needs of a token.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TokenJob {
+    pub proxy_state: ProxyState,
+    pub jobid: Option<String>,
+    pub job_state: Option<String>,
+    pub job_lastseen: Option<i64>,
+    /// The rest of what the scheduler said, when a push carried it.
+    pub job: Option<JobRecord>,
+    /// The token was redeemed (it has a host), whatever its state now.
+    pub redeemed: bool,
+    /// When the session ended (`ended` rows), and why.
+    pub ended_at: Option<String>,
+    pub end_cause: Option<String>,
+}
+
+/// What the scheduler said of one job, as stored in `jobstates`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobRecord {
+    pub jobid: String,
+    /// The scheduler's own state text (`RUNNING`, `CA`...).
+    pub state: String,
+    pub reason: Option<String>,
+    /// Epoch seconds: the start, or the scheduler's estimate while pending.
+    pub start_time: Option<i64>,
+    pub time_limit_secs: Option<i64>,
+    pub user: Option<String>,
+    pub uid: Option<i64>,
+    /// Node names, expanded.
+    pub nodes: Vec<String>,
+}
+
+/// A live token linked to a job, with what is known of the job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkedSession {
+    pub alias: String,
+    pub state: ProxyState,
+    pub jobid: String,
+    pub dsthost: Option<String>,
+    pub linked_at: Option<DateTime<Utc>>,
+    /// `None` when no push has mentioned the job.
+    pub job: Option<JobRecord>,
+}
+
+/// A row of `proxy` as a route candidate; values are raw, to be validated
+/// before anything is written into Apache's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteRow {
+    pub alias: String,
+    /// `modified` as stored; a route lives until it plus the TTL.
+    pub modified: Option<String>,
+    pub dsthost: Option<String>,
+    pub dstport: Option<String>,
+    pub state: ProxyState,
+}
+
+/// How a redeem publishes its route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoutePublication<'a> {
+    /// Map routing: the validated `ip:port` goes into `routes` with the
+    /// redeem, and the row is `proxied` at once.
+    Live { target: &'a str },
+    /// Vhost routing: the row stays `mapped` until cron has reloaded Apache.
+    Deferred,
+}
+
+/// A route as map routing publishes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedRoute {
+    pub alias: String,
+    /// A rendered, validated `ip:port` (`[v6]:port`).
+    pub target: String,
+    /// `modified` + TTL, in `modified`'s text format.
+    pub expires: String,
+}
+
+/// What [`Store::sync_routes`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RouteSync {
+    pub written: usize,
+    pub removed: usize,
+    pub flipped: usize,
+    pub unrouted: usize,
+}
+
+/// A `proxy` row as admins see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRow {
+    pub alias: String,
+    pub state: String,
+    pub dsthost: Option<String>,
+    pub dstport: Option<i64>,
+    pub jobid: Option<String>,
+    pub modified: String,
+}
+
+/// Counts for `satellite stats`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub by_state: Vec<(String, i64)>,
+    pub oldest_modified: Option<String>,
+    pub sessions_per_host: Vec<(String, i64)>,
+    pub jobstates: i64,
+}
+
+/// What the store can say about the service at one instant, for metrics.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Rows by state, expired ones cron has not deleted yet included.
+    pub by_state: Vec<(String, i64)>,
+    /// Routes the data plane serves now (map routing's `routes` table).
+    pub live_routes: i64,
+    /// Live rows (not `ended`, not past the TTL) never linked to a job.
+    pub unbound: i64,
+    /// `ended` rows by cause class: see [`Store::gauges`].
+    pub ended_job_end: i64,
+    pub ended_binding_mismatch: i64,
+    /// `max(jobstates.lastseen)` as an epoch; `None` when nothing was pushed.
+    pub newest_jobstate: Option<i64>,
+}
+
+/// The instant a row modified at `modified` stops being live, as text.
+pub fn route_expiry(modified: DateTime<Utc>, ttl_secs: i64) -> String {
+    sql_timestamp(modified + chrono::Duration::seconds(ttl_secs))
+}
+
+/// The instant a `modified` text names, if it is one.
+pub fn parse_sql_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+        .ok()
+        .map(|naive| naive.and_utc())
+}
+
+/// `modified` text for an instant: what SQLite's `current_timestamp` writes.
+pub fn sql_timestamp(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// The `modified` value below which a row has outlived `ttl_secs`.
+pub fn expiry_cutoff(now: DateTime<Utc>, ttl_secs: i64) -> String {
+    sql_timestamp(now - chrono::Duration::seconds(ttl_secs))
+}
