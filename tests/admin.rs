@@ -138,7 +138,7 @@ fn admin_commands_refuse_a_bad_config_a_missing_database_and_one_from_the_future
     site.db().execute_batch("PRAGMA user_version = 99").unwrap();
     let out = satellite(&site, &["stats"]);
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("written by a newer satellite (schema version 99, this build knows 3)"));
+        .contains("written by a newer satellite (schema version 99, this build knows 4)"));
     let out = satellite(&site, &["migrate", "--dry-run"]);
     assert!(!out.status.success());
 
@@ -179,7 +179,7 @@ fn migrate_takes_a_perl_database_in_place_with_a_backup() {
     assert_eq!(
         dry,
         format!(
-            "{db}:\n  schema version 0 (this build writes 3)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  will add the routes table that Apache reads (map routing) and its triggers\n  will add the table that counts unknown-token answers per client (rate limit)\n  no colliding aliases\n"
+            "{db}:\n  schema version 0 (this build writes 4)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  will add the routes table that Apache reads (map routing) and its triggers\n  will add the table that counts unknown-token answers per client (rate limit)\n  will add the table that counts ended sessions by cause (metrics)\n  no colliding aliases\n"
         )
     );
     assert_eq!(

@@ -397,7 +397,7 @@ fn legacy_databases_are_migrated_in_place_and_keep_working() {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!((version, mode.as_str(), unique), (3, "wal", 1), "{variant}");
+        assert_eq!((version, mode.as_str(), unique), (4, "wal", 1), "{variant}");
 
         // The Perl scripts' own statements still work on the migrated file.
         conn.execute(

@@ -223,6 +223,75 @@ fn satellite_metrics_prints_the_stores_gauges_in_a_format_promtool_accepts() {
     assert_eq!(site.state_of(&routed).as_deref(), Some("proxied"));
 }
 
+/// Each way a session ends, taken through the real programs (the CGI
+/// destroy, `satellite revoke`, cron at the TTL, a job end pushed to
+/// update-jobs), is counted once under its cause, and the counter is in
+/// the database, so a CGI site reports it too.
+#[test]
+fn session_ends_are_counted_by_cause_through_the_real_programs() {
+    let site = Site::new();
+    let destroyed = site.redeemed_token(COMPUTE_NODE, 8888);
+    let answer = site
+        .cgi("destroytoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={destroyed}"))
+        .run();
+    assert_eq!(
+        answer.status_and_text(),
+        (200, "Success! Token destroyed.\n".into())
+    );
+
+    let revoked = site.redeemed_token(COMPUTE_NODE, 8889);
+    satellite(&site, &["revoke", &revoked]);
+
+    let outlived = site.new_token();
+    site.db()
+        .execute(
+            "UPDATE proxy SET modified = datetime('now', '-3 days') WHERE alias = ?1",
+            [&outlived],
+        )
+        .unwrap();
+    let cron = Command::new(program("cron"))
+        .env("SATELLITE_CONFIG", &site.config)
+        .output()
+        .unwrap();
+    assert!(
+        cron.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cron.stderr)
+    );
+
+    let job_over = site.new_token();
+    let linked = site
+        .cgi("linktoken")
+        .remote(LOGIN_NODE)
+        .query(format!("token={job_over}&jobid=5151"))
+        .run();
+    assert_eq!(linked.status, 200, "{}", linked.stderr);
+    let pushed = site
+        .cgi("update-jobs")
+        .remote(SLURM_CONTROLLER)
+        .post("jobstates=5151 CANCELLED\n")
+        .run();
+    assert_eq!(pushed.status, 200, "{}", pushed.stderr);
+    assert_eq!(site.state_of(&job_over).as_deref(), Some("ended"));
+
+    let text = satellite(&site, &["metrics"]);
+    promtool_accepts(&text);
+    assert!(text.contains("# TYPE satellite_session_ends_total counter\n"));
+    assert_eq!(
+        lines_of(&text, "satellite_session_ends_total{"),
+        [
+            "satellite_session_ends_total{cause=\"destroy\"} 1",
+            "satellite_session_ends_total{cause=\"revoke\"} 1",
+            "satellite_session_ends_total{cause=\"ttl\"} 1",
+            "satellite_session_ends_total{cause=\"job_end\"} 1",
+            "satellite_session_ends_total{cause=\"binding_mismatch\"} 0",
+        ],
+        "{text}"
+    );
+}
+
 #[test]
 fn satellite_metrics_without_any_job_state_omits_the_age_sample() {
     let site = Site::new();

@@ -388,6 +388,19 @@ pub fn render_gauges(out: &mut String, gauges: &Gauges, now: DateTime<Utc>) {
     );
     header(
         out,
+        "satellite_session_ends_total",
+        "counter",
+        "Sessions ended since the database was made, by cause (destroy, revoke, ttl, job_end, binding_mismatch).",
+    );
+    for (cause, count) in &gauges.ends_total {
+        let _ = writeln!(
+            out,
+            "satellite_session_ends_total{{cause=\"{}\"}} {count}",
+            cause.label()
+        );
+    }
+    header(
+        out,
         "satellite_jobstate_push_age_seconds",
         "gauge",
         "Seconds since the newest job state arrived (absent: none ever did).",

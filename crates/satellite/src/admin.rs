@@ -265,9 +265,12 @@ pub fn inspect(db: &Path) -> Result<String> {
                 "  will add the routes table that Apache reads (map routing) and its triggers\n",
             );
         }
-        out.push_str(
-            "  will add the table that counts unknown-token answers per client (rate limit)\n",
-        );
+        if version < 3 {
+            out.push_str(
+                "  will add the table that counts unknown-token answers per client (rate limit)\n",
+            );
+        }
+        out.push_str("  will add the table that counts ended sessions by cause (metrics)\n");
     }
     if found.colliding_aliases.is_empty() {
         out.push_str("  no colliding aliases\n");

@@ -345,8 +345,67 @@ pub struct Gauges {
     /// `ended` rows by cause class: see [`Store::gauges`].
     pub ended_job_end: i64,
     pub ended_binding_mismatch: i64,
+    /// Sessions ended since the database was made, by cause, every cause
+    /// listed (a counter: it only grows).
+    pub ends_total: Vec<(EndCause, i64)>,
     /// `max(jobstates.lastseen)` as an epoch; `None` when nothing was pushed.
     pub newest_jobstate: Option<i64>,
+}
+
+/// Why a token's session ended, as the `satellite_session_ends_total` counter
+/// classes it. A token ends once: deleting an `ended` tombstone (by TTL,
+/// destroy or revoke) counts nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndCause {
+    /// `destroytoken` from the job's host (or anywhere, while pending).
+    Destroy,
+    /// An admin's `satellite revoke`.
+    Revoke,
+    /// Deleted by cron at the end of its TTL.
+    Ttl,
+    /// The scheduler said the job ended, or no longer knows it.
+    JobEnd,
+    /// Redeemed from outside its job, or the job's user is denied.
+    BindingMismatch,
+}
+
+impl EndCause {
+    pub const ALL: [EndCause; 5] = [
+        EndCause::Destroy,
+        EndCause::Revoke,
+        EndCause::Ttl,
+        EndCause::JobEnd,
+        EndCause::BindingMismatch,
+    ];
+
+    /// The label value, also the key stored in the database.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndCause::Destroy => "destroy",
+            EndCause::Revoke => "revoke",
+            EndCause::Ttl => "ttl",
+            EndCause::JobEnd => "job_end",
+            EndCause::BindingMismatch => "binding_mismatch",
+        }
+    }
+
+    pub fn from_label(label: &str) -> Option<EndCause> {
+        EndCause::ALL.into_iter().find(|c| c.label() == label)
+    }
+
+    /// The class of an `end_cause` text as `sessions` writes it:
+    /// `job … ended (…)` and `job … is no longer known to the scheduler`
+    /// are the job's end; every other cause is a binding mismatch.
+    pub fn of_session_end(text: &str) -> EndCause {
+        let job_end = text.strip_prefix("job ").is_some_and(|rest| {
+            rest.contains(" ended (") || rest.ends_with(" is no longer known to the scheduler")
+        });
+        if job_end {
+            EndCause::JobEnd
+        } else {
+            EndCause::BindingMismatch
+        }
+    }
 }
 
 /// The instant a row modified at `modified` stops being live, as text.

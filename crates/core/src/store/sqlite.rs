@@ -16,9 +16,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 
 use super::sqlite_schema::{self, table_exists};
 use super::{
-    expiry_cutoff, parse_sql_timestamp, route_expiry, sql_timestamp, DestroyOutcome, Gauges,
-    JobRecord, LinkOutcome, LinkedSession, Migration, ProxyState, PublishedRoute, RedeemOutcome,
-    RoutePublication, RouteRow, RouteSync, Stats, Store, TokenJob, TokenRow,
+    expiry_cutoff, parse_sql_timestamp, route_expiry, sql_timestamp, DestroyOutcome, EndCause,
+    Gauges, JobRecord, LinkOutcome, LinkedSession, Migration, ProxyState, PublishedRoute,
+    RedeemOutcome, RoutePublication, RouteRow, RouteSync, Stats, Store, TokenJob, TokenRow,
     JOBSTATE_RETENTION_SECS,
 };
 use crate::error::{CoreError, Result};
@@ -275,10 +275,12 @@ impl Store for SqliteStore {
 
     fn destroy(&mut self, alias: &str, requester: &str) -> Result<DestroyOutcome> {
         let written = self.conditional_write(alias, "", |tx, hash| {
-            tx.execute(
-                "DELETE FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2 \
+            delete_counting(
+                tx,
+                "alias_compare_hash = ?1 AND alias = ?2 \
                  AND (dsthost IS NULL OR dsthost = '' OR dsthost = ?3)",
                 params![hash, alias, requester],
+                EndCause::Destroy,
             )
         })?;
         Ok(match written {
@@ -437,7 +439,9 @@ impl Store for SqliteStore {
                  WHERE alias = ?3 AND state IN ('pending', 'mapped', 'proxied')",
             )?;
             for (alias, cause) in ends {
-                ended += end.execute(params![sql_timestamp(now), cause, alias])?;
+                let now_ended = end.execute(params![sql_timestamp(now), cause, alias])?;
+                count_ends(&tx, EndCause::of_session_end(cause), now_ended)?;
+                ended += now_ended;
             }
         }
         tx.commit()?;
@@ -446,9 +450,11 @@ impl Store for SqliteStore {
 
     fn expire(&mut self, now: DateTime<Utc>, ttl_secs: i64) -> Result<usize> {
         let tx = self.write_tx()?;
-        let deleted = tx.execute(
-            "DELETE FROM proxy WHERE modified < ?1",
+        let deleted = delete_counting(
+            &tx,
+            "modified < ?1",
             [expiry_cutoff(now, ttl_secs)],
+            EndCause::Ttl,
         )?;
         tx.commit()?;
         Ok(deleted)
@@ -600,9 +606,11 @@ impl Store for SqliteStore {
     fn revoke(&mut self, alias: &str) -> Result<bool> {
         let hash = alias_compare_hash(alias.as_bytes());
         let tx = self.write_tx()?;
-        let deleted = tx.execute(
-            "DELETE FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2",
+        let deleted = delete_counting(
+            &tx,
+            "alias_compare_hash = ?1 AND alias = ?2",
             params![hash, alias],
+            EndCause::Revoke,
         )?;
         tx.commit()?;
         Ok(deleted == 1)
@@ -664,7 +672,21 @@ impl Store for SqliteStore {
         )?;
         let newest: Value =
             tx.query_row("SELECT max(lastseen) FROM jobstates", [], |r| r.get(0))?;
+        let mut ends_total: Vec<(EndCause, i64)> =
+            EndCause::ALL.into_iter().map(|cause| (cause, 0)).collect();
+        let mut stmt = tx.prepare("SELECT cause, count FROM session_ends")?;
+        let stored = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in stored {
+            let (label, count) = row?;
+            // A label this build does not know (a newer one wrote it) is
+            // left out rather than misfiled.
+            if let Some(slot) = ends_total.iter_mut().find(|(c, _)| c.label() == label) {
+                slot.1 = count;
+            }
+        }
+        drop(stmt);
         Ok(Gauges {
+            ends_total,
             by_state,
             live_routes,
             unbound,
@@ -673,6 +695,42 @@ impl Store for SqliteStore {
             newest_jobstate: value_integer(newest),
         })
     }
+}
+
+/// Deletes the `proxy` rows `condition` selects and counts the sessions
+/// among them (rows not already `ended`: a tombstone's end was counted when
+/// it was made) as ended by `cause`, in the caller's transaction. Returns
+/// how many rows went.
+fn delete_counting(
+    tx: &Connection,
+    condition: &str,
+    params: impl rusqlite::Params,
+    cause: EndCause,
+) -> rusqlite::Result<usize> {
+    let mut delete = tx.prepare(&format!(
+        "DELETE FROM proxy WHERE {condition} RETURNING state"
+    ))?;
+    let states = delete
+        .query_map(params, |r| Ok(value_text(r.get(0)?)))?
+        .collect::<rusqlite::Result<Vec<Option<String>>>>()?;
+    let sessions = states
+        .iter()
+        .filter(|state| state.as_deref() != Some("ended"))
+        .count();
+    count_ends(tx, cause, sessions)?;
+    Ok(states.len())
+}
+
+/// Adds `ended` sessions to the `session_ends` counter of `cause`.
+fn count_ends(tx: &Connection, cause: EndCause, ended: usize) -> rusqlite::Result<()> {
+    if ended > 0 {
+        tx.execute(
+            "INSERT INTO session_ends (cause, count) VALUES (?1, ?2) \
+             ON CONFLICT (cause) DO UPDATE SET count = count + excluded.count",
+            params![cause.label(), ended as i64],
+        )?;
+    }
+    Ok(())
 }
 
 /// The longest pause between two tries for a lock.
@@ -1135,6 +1193,74 @@ mod tests {
             Some("10.0.0.6:8888")
         );
         assert_eq!(store.sync_routes(&wanted).unwrap(), RouteSync::default());
+    }
+
+    #[test]
+    fn every_way_a_session_ends_is_counted_once_by_its_cause() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        for alias in [
+            "by-destroy-a",
+            "by-revoke-a",
+            "by-ttl-a",
+            "job-over-a",
+            "intruder-a",
+            "twice-a",
+        ] {
+            store.insert_pending(alias, now).unwrap();
+        }
+        store
+            .redeem(
+                "by-destroy-a",
+                "10.0.0.5",
+                8888,
+                now,
+                100,
+                live("10.0.0.5:8888"),
+            )
+            .unwrap();
+        // A refused destroy ends nothing.
+        assert_eq!(
+            store.destroy("by-destroy-a", "10.0.0.9").unwrap(),
+            DestroyOutcome::WrongHost
+        );
+        store.destroy("by-destroy-a", "10.0.0.5").unwrap();
+        assert!(store.revoke("by-revoke-a").unwrap());
+        let ends = |text: &str, alias: &str| (alias.to_owned(), text.to_owned());
+        let ended = store
+            .end_sessions(
+                &[
+                    ends("job 7 ended (TIMEOUT)", "job-over-a"),
+                    ends(
+                        "redeemed from 10.9.9.9, which is not a node of job 8 (c1)",
+                        "intruder-a",
+                    ),
+                    ends("job 9 is no longer known to the scheduler", "twice-a"),
+                ],
+                now,
+            )
+            .unwrap();
+        assert_eq!(ended, 3);
+        // Ending a tombstone again, revoking it, or its TTL counts nothing more.
+        let again = store
+            .end_sessions(&[ends("job 9 ended (CANCELLED)", "twice-a")], now)
+            .unwrap();
+        assert_eq!(again, 0);
+        assert!(store.revoke("twice-a").unwrap());
+        let later = at("2026-01-01T12:05:00Z");
+        assert_eq!(store.expire(later, 100).unwrap(), 3);
+
+        let counted = store.gauges(later, 100).unwrap().ends_total;
+        assert_eq!(
+            counted,
+            [
+                (EndCause::Destroy, 1),
+                (EndCause::Revoke, 1),
+                (EndCause::Ttl, 1),
+                (EndCause::JobEnd, 2),
+                (EndCause::BindingMismatch, 1),
+            ]
+        );
     }
 
     #[test]

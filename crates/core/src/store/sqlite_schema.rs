@@ -15,8 +15,8 @@ use crate::error::{CoreError, Result};
 
 /// Written to `PRAGMA user_version` once a database has satellite's indexes
 /// and route table. Legacy databases have 0; 1 had the indexes only; 2 had
-/// no `unknown_answers`.
-pub const SCHEMA_VERSION: i64 = 3;
+/// no `unknown_answers`; 3 had no `session_ends`.
+pub const SCHEMA_VERSION: i64 = 4;
 
 pub(super) const CREATE_PROXY: &str = "CREATE TABLE proxy ( alias text not null, alias_compare_hash text not null, modified timestamp default current_timestamp, dsthost text, dstport integer, dstpath text, state text not null, jobid text default null)";
 pub(super) const CREATE_JOBSTATES: &str = "CREATE TABLE jobstates ( jobid text primary key, state text not null, lastseen timestamp default current_timestamp)";
@@ -37,6 +37,7 @@ pub(super) const CREATE_INDEXES: &str = "
 /// route.
 const CREATE_ROUTES: &str = "
     CREATE TABLE IF NOT EXISTS routes ( alias text primary key not null, target text not null, expires text not null ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS session_ends ( cause text primary key not null, count integer not null ) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS unknown_answers ( client text primary key not null, debt real not null, at real not null ) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS jobdetails ( jobid text primary key not null, reason text, start_time integer, time_limit integer, job_user text, job_uid integer, nodes text ) WITHOUT ROWID;
     CREATE TRIGGER IF NOT EXISTS proxy_delete_drops_route AFTER DELETE ON proxy
@@ -51,6 +52,8 @@ const CREATE_ROUTES: &str = "
 // live for one request: per client address (see `ratelimit::client_key`),
 // the unknown-token answers not yet paid back (`debt`) as of `at` (epoch
 // seconds). A row whose debt has drained says nothing and is deleted.
+// `session_ends` counts ended sessions by cause (`EndCause::label`) for the
+// metrics, written in the transaction that ends them.
 
 /// Columns satellite adds to the legacy tables, all nullable, so the Perl
 /// scripts' inserts (which name their columns) keep working.
