@@ -159,6 +159,92 @@ fn a_session_lives_with_its_running_job_and_ends_when_the_job_is_cancelled() {
     assert_eq!(poll.text(), "D");
 }
 
+/// Walltime, end to end: the job's route is live until Slurm kills the job
+/// at its limit, and the next poll takes it away. The slowest test: Slurm's
+/// smallest time limit is one minute, and slurmctld looks at limits every
+/// 30 s.
+#[test]
+fn a_session_past_its_walltime_ends_with_its_job_and_loses_its_route() {
+    let slurm = Slurm::shared();
+    let site = site();
+    let job = sbatch_as_user(&slurm, &["--time=1", "--wrap=sleep 600"]);
+    let token = linked_to_running(&site, &slurm, &job);
+    assert_eq!(
+        redeem(&site, &token, COMPUTE_NODE),
+        (200, "Success!\n".into())
+    );
+    assert_eq!(route(&site, &token), Some(format!("{COMPUTE_NODE}:50123")));
+
+    slurm.wait_for_state(&job, "TIMEOUT", Duration::from_secs(150));
+    let said = poll_ok(&site, &slurm);
+    assert!(
+        said.contains(&format!("job {} ended (TIMEOUT)", job.id)),
+        "{said}"
+    );
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+    assert_eq!(route(&site, &token), None);
+    let (reason, limit): (String, i64) = site
+        .db()
+        .query_row(
+            "SELECT reason, time_limit FROM jobdetails WHERE jobid = ?1",
+            [&job.id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((reason.as_str(), limit), ("TimeLimit", 60));
+    let poll = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}"))
+        .run();
+    assert_eq!(poll.text(), "D");
+}
+
+/// Sets the test node back to service however the test ends.
+struct NodeResumed<'a>(&'a Slurm);
+
+impl Drop for NodeResumed<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .command("scontrol")
+            .args(["update", &format!("nodename={NODE}"), "state=resume"])
+            .output();
+    }
+}
+
+/// A node failure, end to end: the node goes down under a running job
+/// with a live route; Slurm ends the job as NODE_FAIL and the next poll
+/// ends the session and its route.
+#[test]
+fn a_session_whose_node_goes_down_ends_and_loses_its_route() {
+    let slurm = Slurm::exclusive();
+    let site = site();
+    // Without --no-requeue Slurm would queue the job again (PENDING).
+    let job = sbatch_as_user(&slurm, &["--no-requeue", "--time=10", "--wrap=sleep 120"]);
+    let token = linked_to_running(&site, &slurm, &job);
+    assert_eq!(
+        redeem(&site, &token, COMPUTE_NODE),
+        (200, "Success!\n".into())
+    );
+    assert!(route(&site, &token).is_some());
+
+    let _resumed = NodeResumed(&slurm);
+    slurm.scontrol(&[
+        "update",
+        &format!("nodename={NODE}"),
+        "state=down",
+        "reason=test",
+    ]);
+    slurm.wait_for_state(&job, "NODE_FAIL", SOON);
+    let said = poll_ok(&site, &slurm);
+    assert!(
+        said.contains(&format!("job {} ended (NODE_FAIL)", job.id)),
+        "{said}"
+    );
+    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
+    assert_eq!(route(&site, &token), None);
+}
+
 #[test]
 fn a_job_cancelled_while_queued_ends_its_waiting_session() {
     let slurm = Slurm::shared();

@@ -123,19 +123,6 @@ fn a_job_that_fails_at_start_is_failed_with_its_reason() {
     }
 }
 
-/// The slowest test: Slurm's smallest time limit is one minute, and
-/// slurmctld looks at limits every 30 s.
-#[test]
-fn a_job_past_its_walltime_ends_as_timeout() {
-    let slurm = Slurm::shared();
-    let id = slurm.sbatch(&["--time=1", "--wrap=sleep 600"]);
-    wait_for_job(&slurm, &id, "RUNNING", SOON);
-    let job = wait_for_job(&slurm, &id, "TIMEOUT", Duration::from_secs(150));
-    assert!(job.state.is_ended());
-    assert_eq!(job.reason.as_deref(), Some("TimeLimit"));
-    assert_eq!(job.time_limit_secs, Some(60));
-}
-
 #[test]
 fn a_node_set_down_ends_its_job_as_node_fail() {
     let slurm = Slurm::exclusive();
