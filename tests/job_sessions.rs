@@ -199,19 +199,6 @@ fn a_session_past_its_walltime_ends_with_its_job_and_loses_its_route() {
     assert_eq!(poll.text(), "D");
 }
 
-/// Sets the test node back to service however the test ends.
-struct NodeResumed<'a>(&'a Slurm);
-
-impl Drop for NodeResumed<'_> {
-    fn drop(&mut self) {
-        let _ = self
-            .0
-            .command("scontrol")
-            .args(["update", &format!("nodename={NODE}"), "state=resume"])
-            .output();
-    }
-}
-
 /// A node failure, end to end: the node goes down under a running job
 /// with a live route; Slurm ends the job as NODE_FAIL and the next poll
 /// ends the session and its route.
@@ -228,13 +215,7 @@ fn a_session_whose_node_goes_down_ends_and_loses_its_route() {
     );
     assert!(route(&site, &token).is_some());
 
-    let _resumed = NodeResumed(&slurm);
-    slurm.scontrol(&[
-        "update",
-        &format!("nodename={NODE}"),
-        "state=down",
-        "reason=test",
-    ]);
+    let _down = slurm.node_down();
     slurm.wait_for_state(&job, "NODE_FAIL", SOON);
     let said = poll_ok(&site, &slurm);
     assert!(
@@ -365,9 +346,7 @@ fn a_hundred_jobs_ending_at_once_end_their_sessions_in_one_poll() {
     poll_ok(&site, &slurm);
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     slurm.scancel(&ids);
-    for id in &ids {
-        slurm.wait_for_state(id, "CANCELLED", SOON);
-    }
+    slurm.wait_for_states(&ids, "CANCELLED", SOON);
     let said = poll_ok(&site, &slurm);
     assert_eq!(said.matches("ended the session").count(), 100, "{said}");
     for token in &tokens {

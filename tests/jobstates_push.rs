@@ -5,7 +5,6 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -18,21 +17,24 @@ struct Serve {
 }
 
 impl Serve {
+    /// Serve on port 0, its port learnt from what it says once it listens:
+    /// no port is picked first and bound later, so none can be lost to
+    /// another process (munge, a Slurm client) in between.
     fn start(site: &Site) -> Serve {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(program("satellite"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        let mut child = Command::new(program("satellite"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .env("SATELLITE_CONFIG", &site.config)
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        wait_until("serve listening", Duration::from_secs(30), || {
-            TcpStream::connect(("127.0.0.1", port)).map(drop)
-        });
+        let port = match satellite_demo::serve_child::listening_addr(&mut child) {
+            Ok(addr) => addr.port(),
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{err:#}");
+            }
+        };
         Serve {
             child,
             url: format!("http://127.0.0.1:{port}/update-jobs.cgi"),

@@ -90,6 +90,19 @@ impl Turns {
 
 static CURRENT: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
 
+/// The node set DOWN by [`Slurm::node_down`]; resumed when dropped.
+pub struct NodeDown<'a>(&'a Slurm);
+
+impl Drop for NodeDown<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .command("scontrol")
+            .args(["update", &format!("nodename={NODE}"), "state=resume"])
+            .output();
+    }
+}
+
 impl Slurm {
     /// The cluster, shared with the other tests of this binary that run
     /// at the same time.
@@ -180,6 +193,47 @@ impl Slurm {
             let now = self.job_state(id);
             (now == state).then_some(()).ok_or(now)
         });
+    }
+
+    /// Waits until every job of `ids` is in `state`, asking squeue once per
+    /// look for all of them (ended jobs stay visible only for `MinJobAge`).
+    pub fn wait_for_states(&self, ids: &[&str], state: &str, within: Duration) {
+        let list = ids.join(",");
+        wait_until(&format!("{} jobs {state}", ids.len()), within, || {
+            let out = self
+                .command("squeue")
+                .args([
+                    "--noheader",
+                    "--states=all",
+                    "--format=%i %T",
+                    "--jobs",
+                    &list,
+                ])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let done = text
+                .lines()
+                .filter(|line| line.split_whitespace().nth(1) == Some(state))
+                .count();
+            (done == ids.len())
+                .then_some(())
+                .ok_or(format!("{done} of {} {state}", ids.len()))
+        });
+    }
+
+    /// Sets the node DOWN (as an admin would, with a reason) until the
+    /// returned guard is dropped, however the test ends: a node left down
+    /// would hold every later test's jobs. Only with [`Slurm::exclusive`].
+    pub fn node_down(&self) -> NodeDown<'_> {
+        assert!(self.exclusive, "only with Slurm::exclusive()");
+        self.scontrol(&[
+            "update",
+            &format!("nodename={NODE}"),
+            "state=down",
+            "reason=test",
+        ]);
+        NodeDown(self)
     }
 
     /// The node's state as sinfo prints it (`idle`, `mix`, `down`…).

@@ -38,6 +38,39 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Starts chromedriver on a free port and waits until it is ready. The
+/// port is picked before chromedriver binds it, so another process may take
+/// it in between: a chromedriver that exits is started again on another.
+fn start_driver() -> (Child, SocketAddr) {
+    for _attempt in 0..5 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut driver = Command::new("chromedriver")
+            .arg(format!("--port={}", addr.port()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting chromedriver (Debian package chromium-driver)");
+        let started = Instant::now();
+        loop {
+            let ready = call(addr, "GET", "/status", None)
+                .ok()
+                .and_then(|v| v.get("ready").and_then(Value::as_bool));
+            if ready == Some(true) {
+                return (driver, addr);
+            }
+            if driver.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "chromedriver did not get ready"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("chromedriver exited at start five times");
+}
+
 /// One request to chromedriver on a fresh connection; the JSON answer's
 /// `value`, or its error as text.
 fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
@@ -46,13 +79,12 @@ fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Res
     tcp.set_read_timeout(Some(Duration::from_secs(300)))
         .map_err(io)?;
     let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        tcp,
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json; charset=utf-8\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .map_err(io)?;
+    );
+    tcp.write_all(request.as_bytes()).map_err(io)?;
     // chromedriver keeps the connection open: read the head, then exactly
     // the body it announces.
     let mut raw = Vec::new();
@@ -132,14 +164,7 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium for which `domain` and
     /// its subdomains are 127.0.0.1.
     pub fn start(domain: &str) -> Browser {
-        let port = free_port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting chromedriver (Debian package chromium-driver)");
+        let (driver, addr) = start_driver();
         let profile = tempfile::Builder::new()
             .prefix("satellite-chromium-")
             .tempdir()
@@ -150,18 +175,6 @@ impl Browser {
             session: String::new(),
             _profile: profile,
         };
-        let started = Instant::now();
-        while call(addr, "GET", "/status", None)
-            .ok()
-            .and_then(|v| v.get("ready").and_then(Value::as_bool))
-            != Some(true)
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "chromedriver did not get ready"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
         let args = vec![
             "--headless".to_owned(),
             "--no-sandbox".into(),
