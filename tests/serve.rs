@@ -7,6 +7,8 @@ mod support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -515,8 +517,10 @@ fn sigterm_under_load_finishes_what_it_started() {
     let site = Site::with_config("trusted_proxies = [\"127.0.0.1/32\"]");
     let mut serve = Serve::start(&site);
     let port = serve.port;
+    let answered = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..8)
         .map(|_| {
+            let answered = answered.clone();
             std::thread::spawn(move || {
                 let mut complete = 0;
                 for _ in 0..200 {
@@ -538,12 +542,18 @@ fn sigterm_under_load_finishes_what_it_started() {
                     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
                     assert!(text.contains("Content-Length: 0\r\n"), "{text}");
                     complete += 1;
+                    answered.fetch_add(1, Ordering::SeqCst);
                 }
                 complete
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Under load means answering: stop serve once it has answered one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "serve answered nobody");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     nix_kill(serve.child.id());
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -561,39 +571,44 @@ fn sigterm_under_load_finishes_what_it_started() {
 #[test]
 fn a_flood_beyond_the_queue_gets_quick_503s_and_nobody_hangs() {
     // One worker, stuck behind a database lock: the bounded queue fills and
-    // the acceptor answers the rest itself.
+    // the readers answer the rest themselves. The lock is released within
+    // `deadline`, well inside the busy timeout, so however slow the run the
+    // stuck request waits for the lock instead of timing out into a 503.
     let site = Site::with_config(
-        "serve_workers = 1\nbusy_timeout_ms = 20000\ntrusted_proxies = [\"127.0.0.1/32\"]",
+        "serve_workers = 1\nbusy_timeout_ms = 60000\ntrusted_proxies = [\"127.0.0.1/32\"]",
     );
     let token = site.new_token();
     let serve = Serve::start(&site);
     let writer = site.db();
     writer.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answered = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..120)
         .map(|_| {
             let (port, token, answered) = (serve.port, token.clone(), answered.clone());
             std::thread::spawn(move || {
                 let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                write!(
-                    stream,
+                // A hang is a failure, not a stuck test run.
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(120)))
+                    .unwrap();
+                let request = format!(
                     "GET /redeemtoken.cgi?token={token}&port=8888 HTTP/1.1\r\nX-Satellite-Client-Addr: {COMPUTE_NODE}\r\nConnection: close\r\n\r\n"
-                )
-                .unwrap();
+                );
+                stream.write_all(request.as_bytes()).unwrap();
                 let mut answer = Vec::new();
                 stream.read_to_end(&mut answer).unwrap();
-                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                answered.fetch_add(1, Ordering::SeqCst);
                 String::from_utf8_lossy(&answer).into_owned()
             })
         })
         .collect();
-    // While the lock is held only the acceptor can answer: wait for it to
-    // refuse what the queue cannot hold.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while answered.load(std::sync::atomic::Ordering::SeqCst) < 40 {
+    // While the lock is held only the readers can answer: wait for them to
+    // refuse what the queue cannot hold (at least 120 - 1 - 64 = 55).
+    while answered.load(Ordering::SeqCst) < 40 {
         assert!(
             Instant::now() < deadline,
-            "the acceptor did not refuse the overflow"
+            "the readers did not refuse the overflow"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -1026,35 +1041,85 @@ fn a_slow_sender_gets_408_when_its_time_is_up_even_while_trickling() {
     );
 }
 
+/// Bytes `stream` has sent that its peer has not read yet (SIOCOUTQ; on a
+/// Unix stream socket what was sent stays charged to the sender until the
+/// receiver has read it).
+fn unread_by_peer(stream: &std::os::unix::net::UnixStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut unread: nix::libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (which Linux numbers as TIOCOUTQ) writes one int.
+    let done = unsafe { nix::libc::ioctl(stream.as_raw_fd(), nix::libc::TIOCOUTQ, &mut unread) };
+    assert_eq!(done, 0, "{}", std::io::Error::last_os_error());
+    usize::try_from(unread).unwrap()
+}
+
+/// How many of serve's reader threads (named `satellite-reader`, which
+/// the kernel keeps as its first 15 bytes) are alive.
+fn reader_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == "satellite-reade")
+        .count()
+}
+
 #[test]
 fn sigterm_answers_the_requests_already_queued_and_takes_no_new_ones() {
     // One worker stuck behind a database lock; requests queue up behind it.
-    let site = Site::with_config("serve_workers = 1\nbusy_timeout_ms = 20000");
+    // Every wait below shares one deadline, well inside the busy timeout:
+    // however slow the run, the stuck request waits for the lock instead of
+    // timing out into a 503.
+    let site = Site::with_config("serve_workers = 1\nbusy_timeout_ms = 60000");
     let token = site.new_token();
     let mut serve = SocketServe::start(&site, &[]);
     let writer = site.db();
     writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (read, was_read) = std::sync::mpsc::channel();
     let clients: Vec<_> = (0..5)
         .map(|_| {
-            let socket = serve.socket.clone();
-            let token = token.clone();
+            let (socket, token, read) = (serve.socket.clone(), token.clone(), read.clone());
             std::thread::spawn(move || {
                 let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-                write!(
-                    stream,
+                // A hang is a failure, not a stuck test run.
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(120)))
+                    .unwrap();
+                let request = format!(
                     "GET /redeemtoken.cgi?token={token}&port=8888 HTTP/1.1\r\nHost: x\r\nX-Satellite-Client-Addr: {COMPUTE_NODE}\r\n\r\n"
-                )
-                .unwrap();
+                );
+                stream.write_all(request.as_bytes()).unwrap();
+                // Tell the test once serve has read the whole request.
+                while unread_by_peer(&stream) > 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if unread_by_peer(&stream) == 0 {
+                    read.send(()).unwrap();
+                }
                 let mut answer = Vec::new();
                 stream.read_to_end(&mut answer).unwrap();
                 String::from_utf8_lossy(&answer).into_owned()
             })
         })
         .collect();
-    // Let all five be read and queued, then ask serve to stop.
-    std::thread::sleep(Duration::from_millis(500));
+    drop(read);
+    // All five accepted and read by serve...
+    for _ in 0..5 {
+        was_read
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("serve did not read all five requests");
+    }
+    // ...and queued: a reader thread ends once it has queued its request.
+    while reader_threads(serve.child.id()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not queue the requests"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     nix_kill(serve.child.id());
-    let deadline = Instant::now() + Duration::from_secs(30);
     while serve.socket.exists() {
         assert!(Instant::now() < deadline, "serve kept listening");
         std::thread::sleep(Duration::from_millis(20));
