@@ -66,15 +66,9 @@ fn assert_live(apache: &Apache, alias: &str, backend: &Backend) -> Response {
                 apache.error_log()
             )
         }),
-        // Three fresh connections in a row, so that no child of the
-        // previous generation is still taking connections.
-        Routing::Vhost => apache.eventually(
+        Routing::Vhost => apache.eventually_in_a_row(
             &format!("{alias} reaching backend {}", backend.name),
-            || {
-                from_backend(apache, alias, backend, path)?;
-                from_backend(apache, alias, backend, path)?;
-                from_backend(apache, alias, backend, path)
-            },
+            || from_backend(apache, alias, backend, path),
         ),
     }
 }
@@ -102,11 +96,10 @@ fn assert_gone(apache: &Apache, alias: &str) {
                 apache.error_log()
             )
         }),
-        Routing::Vhost => apache.eventually(&format!("{alias} back to the waiting page"), || {
-            waiting_answer(apache, alias)?;
-            waiting_answer(apache, alias)?;
-            waiting_answer(apache, alias)
-        }),
+        Routing::Vhost => apache
+            .eventually_in_a_row(&format!("{alias} back to the waiting page"), || {
+                waiting_answer(apache, alias)
+            }),
     }
 }
 
@@ -357,7 +350,9 @@ fn retry_page(routing: Routing) {
     };
     let r = match routing {
         Routing::Map => retry().unwrap_or_else(|e| panic!("no retry page: {e}")),
-        Routing::Vhost => apache.eventually("the retry page", retry),
+        // In a row: the second ask below must not meet a child of the
+        // generation before the route.
+        Routing::Vhost => apache.eventually_in_a_row("the retry page", retry),
     };
     assert!(
         r.header("Content-Type")
