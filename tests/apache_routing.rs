@@ -764,14 +764,16 @@ fn map_mode_revoke_closes_open_websockets_of_the_route() {
     apache.redeem_ok(&revoked, BACKEND_A, a.port());
     let kept = apache.getlink();
     apache.redeem_ok(&kept, BACKEND_B, b.port());
-    let mut watcher = apache
-        .cron_command()
-        .arg("--watch")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watcher = Running(
+        apache
+            .cron_command()
+            .arg("--watch")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // The watcher knows both routes once it says it is watching.
-    let mut said = std::io::BufReader::new(watcher.stdout.take().unwrap());
+    let mut said = std::io::BufReader::new(watcher.0.stdout.take().unwrap());
     let mut line = String::new();
     while !line.contains("watching the database; routes lead to 2 backend(s)") {
         line.clear();
@@ -817,6 +819,5 @@ fn map_mode_revoke_closes_open_websockets_of_the_route() {
     }
     ws_kept.send_text("after").unwrap();
     assert_eq!(ws_kept.recv_text().unwrap(), "after");
-    watcher.kill().unwrap();
-    watcher.wait().unwrap();
+    drop(watcher);
 }

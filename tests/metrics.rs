@@ -552,20 +552,21 @@ fn cron_watch_writes_its_expiries_and_publication_latency_for_the_textfile_colle
     site.db()
         .execute("UPDATE proxy SET modified = '2001-01-01 00:00:00'", [])
         .unwrap();
-    let mut watcher = Command::new(program("cron"))
-        .arg("--watch")
-        .env("SATELLITE_CONFIG", &site.config)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut watcher = apache::Running(
+        Command::new(program("cron"))
+            .arg("--watch")
+            .env("SATELLITE_CONFIG", &site.config)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let file = site.path("metrics/satellite-cron.prom");
 
     // Expiry is cumulative: once counted, it stays 1 whatever runs follow.
-    let text = wait_for_file(&file, &mut watcher, |t| {
+    let text = wait_for_file(&file, &mut watcher.0, |t| {
         t.contains("\nsatellite_tokens_expired_total 1\n")
     });
-    watcher.kill().unwrap();
-    watcher.wait().unwrap();
+    drop(watcher);
 
     promtool_accepts(&text);
     let runs = lines_of(&text, "satellite_route_publication_duration_seconds_count ");
@@ -597,19 +598,20 @@ fn jobstates_poll_counts_failed_scheduler_queries_for_the_textfile_collector() {
     let site = Site::with_config("metrics_textfile_dir = \"../metrics\"");
     std::fs::create_dir(site.path("metrics")).unwrap();
     // A broker without a working Slurm client: every query fails.
-    let mut poller = Command::new(program("satellite"))
-        .args(["jobstates", "poll", "--every", "1", "--squeue"])
-        .arg(site.path("no-such-squeue"))
-        .env("SATELLITE_CONFIG", &site.config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut poller = apache::Running(
+        Command::new(program("satellite"))
+            .args(["jobstates", "poll", "--every", "1", "--squeue"])
+            .arg(site.path("no-such-squeue"))
+            .env("SATELLITE_CONFIG", &site.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let file = site.path("metrics/satellite-poll.prom");
 
-    let text = wait_for_file(&file, &mut poller, |t| !t.is_empty());
-    poller.kill().unwrap();
-    poller.wait().unwrap();
+    let text = wait_for_file(&file, &mut poller.0, |t| !t.is_empty());
+    drop(poller);
 
     promtool_accepts(&text);
     assert_eq!(

@@ -571,11 +571,17 @@ impl Drop for Apache {
     }
 }
 
-/// A process stopped (SIGTERM, then SIGKILL) when dropped, e.g. `cron --watch`.
+/// A process stopped (SIGTERM, then SIGKILL) when dropped, e.g. `cron --watch`,
+/// also when the test fails before it would have stopped it.
 pub struct Running(pub Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // Already reaped (the test waited for it): its pid may be another
+        // process's by now.
+        if self.0.try_wait().ok().flatten().is_some() {
+            return;
+        }
         let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let start = Instant::now();
