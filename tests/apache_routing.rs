@@ -66,15 +66,9 @@ fn assert_live(apache: &Apache, alias: &str, backend: &Backend) -> Response {
                 apache.error_log()
             )
         }),
-        // Three fresh connections in a row, so that no child of the
-        // previous generation is still taking connections.
-        Routing::Vhost => apache.eventually(
+        Routing::Vhost => apache.eventually_in_a_row(
             &format!("{alias} reaching backend {}", backend.name),
-            || {
-                from_backend(apache, alias, backend, path)?;
-                from_backend(apache, alias, backend, path)?;
-                from_backend(apache, alias, backend, path)
-            },
+            || from_backend(apache, alias, backend, path),
         ),
     }
 }
@@ -102,11 +96,10 @@ fn assert_gone(apache: &Apache, alias: &str) {
                 apache.error_log()
             )
         }),
-        Routing::Vhost => apache.eventually(&format!("{alias} back to the waiting page"), || {
-            waiting_answer(apache, alias)?;
-            waiting_answer(apache, alias)?;
-            waiting_answer(apache, alias)
-        }),
+        Routing::Vhost => apache
+            .eventually_in_a_row(&format!("{alias} back to the waiting page"), || {
+                waiting_answer(apache, alias)
+            }),
     }
 }
 
@@ -357,7 +350,9 @@ fn retry_page(routing: Routing) {
     };
     let r = match routing {
         Routing::Map => retry().unwrap_or_else(|e| panic!("no retry page: {e}")),
-        Routing::Vhost => apache.eventually("the retry page", retry),
+        // In a row: the second ask below must not meet a child of the
+        // generation before the route.
+        Routing::Vhost => apache.eventually_in_a_row("the retry page", retry),
     };
     assert!(
         r.header("Content-Type")
@@ -769,14 +764,16 @@ fn map_mode_revoke_closes_open_websockets_of_the_route() {
     apache.redeem_ok(&revoked, BACKEND_A, a.port());
     let kept = apache.getlink();
     apache.redeem_ok(&kept, BACKEND_B, b.port());
-    let mut watcher = apache
-        .cron_command()
-        .arg("--watch")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watcher = Running(
+        apache
+            .cron_command()
+            .arg("--watch")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // The watcher knows both routes once it says it is watching.
-    let mut said = std::io::BufReader::new(watcher.stdout.take().unwrap());
+    let mut said = std::io::BufReader::new(watcher.0.stdout.take().unwrap());
     let mut line = String::new();
     while !line.contains("watching the database; routes lead to 2 backend(s)") {
         line.clear();
@@ -822,6 +819,5 @@ fn map_mode_revoke_closes_open_websockets_of_the_route() {
     }
     ws_kept.send_text("after").unwrap();
     assert_eq!(ws_kept.recv_text().unwrap(), "after");
-    watcher.kill().unwrap();
-    watcher.wait().unwrap();
+    drop(watcher);
 }

@@ -6,6 +6,7 @@ mod support;
 
 use std::process::Command;
 
+use support::apache::Running;
 use support::*;
 
 /// `cron --verbose`, so that the output tells what a run did.
@@ -110,21 +111,23 @@ fn a_failed_reload_leaves_rows_mapped_and_the_next_run_reloads_again() {
 #[test]
 fn the_default_reload_signals_the_pid_in_the_pidfile() {
     // A real process stands in for Apache's parent: it must get SIGUSR1.
-    let mut apache = Command::new("sh")
-        .args([
-            "-c",
-            "trap 'echo got-usr1; exit 0' USR1; echo ready; while :; do sleep 0.05; done",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut apache = Running(
+        Command::new("sh")
+            .args([
+                "-c",
+                "trap 'echo got-usr1; exit 0' USR1; echo ready; while :; do sleep 0.05; done",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Only once the trap is set may the signal come.
-    let mut said = std::io::BufReader::new(apache.stdout.take().unwrap());
+    let mut said = std::io::BufReader::new(apache.0.stdout.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut said, &mut line).unwrap();
     assert_eq!(line, "ready\n");
     let site = Site::with_config("routing = \"vhost\"\napache_configtest = [\"/bin/true\"]\napache_pidfile = \"../apache.pid\"");
-    std::fs::write(site.path("apache.pid"), format!("{}\n", apache.id())).unwrap();
+    std::fs::write(site.path("apache.pid"), format!("{}\n", apache.0.id())).unwrap();
     let token = site.redeemed_token(COMPUTE_NODE, 8888);
     let out = cron(&site, &[]);
     assert!(
@@ -132,7 +135,17 @@ fn the_default_reload_signals_the_pid_in_the_pidfile() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let status = apache.wait().unwrap();
+    let deadline = std::time::Instant::now() + support::apache::DEADLINE;
+    let status = loop {
+        if let Some(status) = apache.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stand-in for Apache got no SIGUSR1"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert!(status.success());
     line.clear();
     std::io::Read::read_to_string(&mut said, &mut line).unwrap();
@@ -268,12 +281,14 @@ fn a_second_cron_while_one_runs_exits_zero_at_once() {
 #[test]
 fn watch_publishes_a_redeem_without_a_manual_run() {
     let site = vhost_site("/bin/true", "/bin/true");
-    let mut watcher = Command::new(program("cron"))
-        .arg("--watch")
-        .env("SATELLITE_CONFIG", &site.config)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let watcher = Running(
+        Command::new(program("cron"))
+            .arg("--watch")
+            .env("SATELLITE_CONFIG", &site.config)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let token = site.redeemed_token(COMPUTE_NODE, 8888);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while site.state_of(&token).as_deref() != Some("proxied") {
@@ -285,8 +300,7 @@ fn watch_publishes_a_redeem_without_a_manual_run() {
     }
     // While the watcher runs, a crontab cron exits at once.
     assert!(cron(&site, &[]).status.success());
-    watcher.kill().unwrap();
-    watcher.wait().unwrap();
+    drop(watcher);
 }
 
 /// A redeem committed while a watcher's run is in progress (here: held in
@@ -310,12 +324,17 @@ fn watch_publishes_a_redeem_committed_during_a_run_without_waiting() {
         ),
     )
     .unwrap();
-    let mut watcher = Command::new(program("cron"))
-        .arg("--watch")
-        .env("SATELLITE_CONFIG", &site.config)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // On a failure below, the held config test must still end: the gate
+    // opens (before the site's directory goes) and the watcher is stopped.
+    let _open_gate_at_end = OpenGate(gate.clone());
+    let watcher = Running(
+        Command::new(program("cron"))
+            .arg("--watch")
+            .env("SATELLITE_CONFIG", &site.config)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let first = site.redeemed_token(COMPUTE_NODE, 8888);
     let wait_for = |what: &str, done: &dyn Fn() -> bool| {
         // Half the idle run: a lost wake-up would wait for the idle run.
@@ -335,8 +354,17 @@ fn watch_publishes_a_redeem_committed_during_a_run_without_waiting() {
         &|| site.state_of(&second).as_deref() == Some("proxied"),
     );
     assert_eq!(site.state_of(&first).as_deref(), Some("proxied"));
-    watcher.kill().unwrap();
-    watcher.wait().unwrap();
+    drop(watcher);
+}
+
+/// Creates the gate file when dropped, so that a config test held until
+/// it exists does not outlive a failed test.
+struct OpenGate(std::path::PathBuf);
+
+impl Drop for OpenGate {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, "");
+    }
 }
 
 /// A writer killed mid-write leaves a temporary file; one with the same pid

@@ -276,7 +276,8 @@ fn every_request_target_reaches_the_application_exactly_as_sent_in_both_routing_
         apache.redeem_ok(&token, BACKEND, backend.port());
         if routing == Routing::Vhost {
             apache.cron_ok();
-            apache.eventually("the route", || {
+            // Every row below assumes the new generation answers.
+            apache.eventually_in_a_row("the route", || {
                 let r = apache
                     .client()
                     .get(&apache.host_port(&token), "/probe")
@@ -431,25 +432,34 @@ fn a_site_can_leave_hsts_off_the_applications_but_not_off_its_own_pages() {
     );
     apache.redeem_ok(&token, BACKEND, backend.port());
     // satellite adds none; an application that sends its own keeps it.
-    let proxied = apache.eventually("the new generation proxying", || {
-        let r = apache
-            .client()
-            .get(&apache.host_port(&token), "/plain")
-            .map_err(|e| e.to_string())?;
-        if r.header("X-Backend") == Some("no-hsts")
-            && r.header("Strict-Transport-Security").is_none()
+    // Both checked on each probe: a child of the previous generation (HSTS
+    // on everything) may still answer either request.
+    let (proxied, own) = apache.eventually_in_a_row("the new generation proxying", || {
+        let get = |path: &str| {
+            apache
+                .client()
+                .get(&apache.host_port(&token), path)
+                .map_err(|e| format!("{path}: {e}"))
+        };
+        let proxied = get("/plain")?;
+        if proxied.header("X-Backend") != Some("no-hsts")
+            || proxied.header("Strict-Transport-Security").is_some()
         {
-            Ok(r)
-        } else {
-            Err(r.to_string())
+            return Err(format!("/plain: {proxied}"));
         }
+        let own = get("/set-cookie")?;
+        if own.header("X-Backend") != Some("no-hsts")
+            || headers_named(&own, "Strict-Transport-Security") != ["max-age=5"]
+        {
+            return Err(format!("/set-cookie: {own}"));
+        }
+        Ok((proxied, own))
     });
     assert_eq!(
         headers_named(&proxied, "X-Content-Type-Options"),
         ["nosniff"],
         "{proxied}"
     );
-    let own = apache.get(&token, "/set-cookie");
     assert_eq!(
         headers_named(&own, "Strict-Transport-Security"),
         ["max-age=5"],

@@ -31,6 +31,9 @@ pub const DOMAIN: &str = "example.test";
 pub const DEFAULT_ANSWER: &str = "Please see documentation on how to use this service.\n";
 /// How long anything that becomes true eventually may take.
 pub const DEADLINE: Duration = Duration::from_secs(30);
+/// How many fresh answers in a row [`Apache::eventually_in_a_row`] wants
+/// before it trusts that the previous generation's children are gone.
+pub const IN_A_ROW: usize = 3;
 
 /// The endpoint programs, installed as `cgi/<name>.cgi`.
 const CGI_PROGRAMS: [(&str, &str); 7] = [
@@ -540,6 +543,26 @@ impl Apache {
             }
         }
     }
+
+    /// [`eventually`](Self::eventually) for what a graceful restart
+    /// changes: `probe` (a request on a fresh connection) must give `Ok`
+    /// [`IN_A_ROW`] times in a row, because a child of the previous
+    /// generation may still take a connection and answer with the old
+    /// configuration after a new child has answered with the new one.
+    /// Returns the last probe's value.
+    #[track_caller]
+    pub fn eventually_in_a_row<T>(
+        &self,
+        what: &str,
+        mut probe: impl FnMut() -> Result<T, String>,
+    ) -> T {
+        self.eventually(&format!("{what} ({IN_A_ROW} times in a row)"), || {
+            for _ in 1..IN_A_ROW {
+                probe()?;
+            }
+            probe()
+        })
+    }
 }
 
 impl Drop for Apache {
@@ -548,11 +571,17 @@ impl Drop for Apache {
     }
 }
 
-/// A process stopped (SIGTERM, then SIGKILL) when dropped, e.g. `cron --watch`.
+/// A process stopped (SIGTERM, then SIGKILL) when dropped, e.g. `cron --watch`,
+/// also when the test fails before it would have stopped it.
 pub struct Running(pub Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // Already reaped (the test waited for it): its pid may be another
+        // process's by now.
+        if self.0.try_wait().ok().flatten().is_some() {
+            return;
+        }
         let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let start = Instant::now();
