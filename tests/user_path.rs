@@ -164,11 +164,8 @@ fn a_backends_cookies_lose_their_domain_so_they_stay_on_its_own_host() {
 fn plain_http(apache: &Apache, host: &str, target: &str) -> String {
     let mut tcp = TcpStream::connect(("127.0.0.1", apache.http_port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        tcp,
-        "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let request = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).unwrap();
     let mut answer = Vec::new();
     tcp.read_to_end(&mut answer).unwrap();
     let answer = String::from_utf8_lossy(&answer).into_owned();
@@ -207,6 +204,16 @@ fn plain_http_redirects_to_the_same_host_and_target_on_https() {
     let elsewhere = plain_http(&apache, "evil.example.org", "/");
     assert!(elsewhere.starts_with("HTTP/1.1 400 "), "{elsewhere}");
     assert_eq!(location(&elsewhere), None, "{elsewhere}");
+
+    // Behind a port forward from 443, the URL names no port at all.
+    apache.graceful_with("Define SATELLITE_PUBLIC_PORT \"443\"");
+    let expected = format!("https://{token}.{}{target}", support::apache::DOMAIN);
+    apache.eventually_in_a_row("the redirect to the public port", || {
+        let head = plain_http(&apache, &host, target);
+        (location(&head) == Some(expected.as_str()))
+            .then_some(())
+            .ok_or(head)
+    });
 }
 
 /// Request targets a browser sends for files and API calls whose names
@@ -400,27 +407,7 @@ fn testssl_finds_nothing_above_low_on_the_shipped_tls_configuration() {
 #[test]
 fn a_site_can_leave_hsts_off_the_applications_but_not_off_its_own_pages() {
     let apache = Apache::start(Routing::Map);
-    // The site's Define, before satellite.conf is read; then a graceful
-    // restart, as an admin would do.
-    let conf = std::fs::read_to_string(apache.httpd_conf()).unwrap();
-    std::fs::write(
-        apache.httpd_conf(),
-        format!("Define SATELLITE_NO_APP_HSTS\n{conf}"),
-    )
-    .unwrap();
-    let generations = apache.generations();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(apache.parent_pid()),
-        nix::sys::signal::Signal::SIGUSR1,
-    )
-    .unwrap();
-    apache.eventually("the graceful restart", || {
-        if apache.generations() > generations {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    });
+    apache.graceful_with("Define SATELLITE_NO_APP_HSTS");
 
     let backend = Backend::start("no-hsts", BACKEND);
     let token = apache.getlink();

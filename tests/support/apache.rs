@@ -550,6 +550,29 @@ impl Apache {
     /// generation may still take a connection and answer with the old
     /// configuration after a new child has answered with the new one.
     /// Returns the last probe's value.
+    /// Puts `defines` (lines such as `Define SATELLITE_NO_APP_HSTS`) before
+    /// satellite.conf is read, as a site does, and restarts Apache
+    /// gracefully, as an admin would; returns once the new generation
+    /// runs (children of the old one may still answer for a while: see
+    /// [`eventually_in_a_row`](Self::eventually_in_a_row)).
+    pub fn graceful_with(&self, defines: &str) {
+        let conf = fs::read_to_string(self.httpd_conf()).unwrap();
+        fs::write(self.httpd_conf(), format!("{defines}\n{conf}")).unwrap();
+        let generations = self.generations();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.parent_pid()),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap();
+        self.eventually("the graceful restart", || {
+            if self.generations() > generations {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        });
+    }
+
     #[track_caller]
     pub fn eventually_in_a_row<T>(
         &self,
