@@ -751,19 +751,43 @@ fn map_mode_routes_come_and_go_under_load_and_survive_kill_9_of_writers() {
     assert_eq!(apache.generations(), generations, "{}", apache.error_log());
 }
 
+/// How a session ends in [`an_ended_session_loses_its_open_websockets`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    Revoke,
+    Destroy,
+    JobEnd,
+    Ttl,
+}
+
+/// The TTL of the [`Ending::Ttl`] case: long enough to open a websocket
+/// on a loaded machine, short enough for a test.
+const SHORT_TTL_SECS: i64 = 15;
+
 /// A websocket outlives the route that opened it unless something cuts it:
-/// with `cron --watch` running, revoking a token closes its open tunnels
-/// (here long before the client's 30 s read timeout), and a session on
-/// another backend keeps its own.
-#[test]
-fn map_mode_revoke_closes_open_websockets_of_the_route() {
+/// with `cron --watch` running, however a session ends (`satellite revoke`,
+/// destroytoken from its node, the scheduler reporting its job over, its
+/// TTL), its open tunnels close, long before the client's 30 s read
+/// timeout, and a session on another backend keeps its own (not checked
+/// for the TTL, which would end both).
+fn an_ended_session_loses_its_open_websockets(ending: Ending) {
     let apache = Apache::start(Routing::Map);
+    if ending == Ending::Ttl {
+        apache.write_config(&[("ttl_secs", SHORT_TTL_SECS.to_string())]);
+    }
     let a = Backend::start("alpha", BACKEND_A);
     let b = Backend::start("bravo", BACKEND_B);
-    let revoked = apache.getlink();
-    apache.redeem_ok(&revoked, BACKEND_A, a.port());
-    let kept = apache.getlink();
-    apache.redeem_ok(&kept, BACKEND_B, b.port());
+    let ended = apache.getlink();
+    if ending == Ending::JobEnd {
+        apache.link_ok(&ended, "4711");
+    }
+    apache.redeem_ok(&ended, BACKEND_A, a.port());
+    let kept = (ending != Ending::Ttl).then(|| {
+        let kept = apache.getlink();
+        apache.redeem_ok(&kept, BACKEND_B, b.port());
+        kept
+    });
+    let backends = if kept.is_some() { 2 } else { 1 };
     let mut watcher = Running(
         apache
             .cron_command()
@@ -772,10 +796,12 @@ fn map_mode_revoke_closes_open_websockets_of_the_route() {
             .spawn()
             .unwrap(),
     );
-    // The watcher knows both routes once it says it is watching.
+    // The watcher knows the routes once it says it is watching.
     let mut said = std::io::BufReader::new(watcher.0.stdout.take().unwrap());
     let mut line = String::new();
-    while !line.contains("watching the database; routes lead to 2 backend(s)") {
+    while !line.contains(&format!(
+        "watching the database; routes lead to {backends} backend(s)"
+    )) {
         line.clear();
         let read = std::io::BufRead::read_line(&mut said, &mut line).unwrap();
         assert!(read > 0, "the watcher stopped before watching");
@@ -794,30 +820,64 @@ fn map_mode_revoke_closes_open_websockets_of_the_route() {
         assert_eq!(ws.recv_text().unwrap(), "before");
         ws
     };
-    let mut ws_revoked = open(&revoked);
-    let mut ws_kept = open(&kept);
+    let mut ws_ended = open(&ended);
+    let mut ws_kept = kept.as_deref().map(open);
 
-    let out = Command::new(support::apache::SATELLITE)
-        .args(["revoke", &revoked, "--config"])
-        .arg(apache.config_file())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match ws_revoked.recv_text() {
-        Ok(text) => panic!("the revoked websocket still carried {text:?}"),
+    match ending {
+        Ending::Revoke => {
+            let out = Command::new(support::apache::SATELLITE)
+                .args(["revoke", &ended, "--config"])
+                .arg(apache.config_file())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ending::Destroy => apache.destroy_ok(&ended, BACKEND_A),
+        Ending::JobEnd => apache.push_jobs_ok("4711 TIMEOUT\n"),
+        Ending::Ttl => {}
+    }
+    match ws_ended.recv_text() {
+        Ok(text) => panic!("the websocket of the ended session still carried {text:?}"),
         Err(e) => assert!(
             !matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ),
-            "the revoked websocket stayed open until the read timeout: {e}"
+            "the websocket of the ended session stayed open until the read timeout: {e}"
         ),
     }
-    ws_kept.send_text("after").unwrap();
-    assert_eq!(ws_kept.recv_text().unwrap(), "after");
+    if let Some(ws_kept) = ws_kept.as_mut() {
+        ws_kept.send_text("after").unwrap();
+        assert_eq!(ws_kept.recv_text().unwrap(), "after");
+    }
+    if ending == Ending::JobEnd {
+        assert_eq!(apache.state_of(&ended).as_deref(), Some("ended"));
+    } else {
+        assert_eq!(apache.state_of(&ended), None);
+    }
     drop(watcher);
+}
+
+#[test]
+fn map_mode_revoke_closes_open_websockets_of_the_route() {
+    an_ended_session_loses_its_open_websockets(Ending::Revoke);
+}
+
+#[test]
+fn map_mode_destroy_closes_open_websockets_of_the_route() {
+    an_ended_session_loses_its_open_websockets(Ending::Destroy);
+}
+
+#[test]
+fn map_mode_job_end_closes_open_websockets_of_the_route() {
+    an_ended_session_loses_its_open_websockets(Ending::JobEnd);
+}
+
+#[test]
+fn map_mode_ttl_end_closes_open_websockets_of_the_route() {
+    an_ended_session_loses_its_open_websockets(Ending::Ttl);
 }

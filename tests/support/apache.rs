@@ -438,6 +438,45 @@ impl Apache {
         );
     }
 
+    /// linktoken.cgi from the login node (loopback here), which must succeed.
+    pub fn link_ok(&self, token: &str, jobid: &str) {
+        let r = self.manage(
+            "127.0.0.1",
+            &format!("/linktoken.cgi?token={token}&jobid={jobid}"),
+        );
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "Success! Token linked to jobid.\n".to_owned()),
+            "link: {r}\n{}",
+            self.error_log()
+        );
+    }
+
+    /// update-jobs.cgi with a legacy job table (`<jobid> <state>` lines), as
+    /// the scheduler host pushes it; must succeed.
+    pub fn push_jobs_ok(&self, table: &str) {
+        let mut request = super::client::Request::post(
+            &self.host_port("manage"),
+            "/update-jobs.cgi",
+            format!("jobstates={table}").into_bytes(),
+        );
+        request.headers = vec![(
+            "Content-Type".into(),
+            "application/x-www-form-urlencoded".into(),
+        )];
+        let r = self
+            .client()
+            .bind("127.0.0.1")
+            .request(&request)
+            .unwrap_or_else(|e| panic!("update-jobs: {e}\n{}", self.error_log()));
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "Successfully updated jobs! \n".to_owned()),
+            "update-jobs: {r}\n{}",
+            self.error_log()
+        );
+    }
+
     /// A `cron` command for this install (not started).
     pub fn cron_command(&self) -> Command {
         let mut cmd = Command::new(CRON);
