@@ -760,9 +760,13 @@ enum Ending {
     Ttl,
 }
 
-/// The TTL of the [`Ending::Ttl`] case: long enough to open a websocket
-/// on a loaded machine, short enough for a test.
-const SHORT_TTL_SECS: i64 = 15;
+/// The TTL of the [`Ending::Ttl`] case: the test opens its websockets
+/// within it, however loaded the machine, then moves the token's age to
+/// a few seconds before its end.
+const TTL_SECS: i64 = 3600;
+
+/// Seconds left of the TTL once the websockets are open.
+const TTL_LEFT_SECS: i64 = 3;
 
 /// A websocket outlives the route that opened it unless something cuts it:
 /// with `cron --watch` running, however a session ends (`satellite revoke`,
@@ -773,7 +777,7 @@ const SHORT_TTL_SECS: i64 = 15;
 fn an_ended_session_loses_its_open_websockets(ending: Ending) {
     let apache = Apache::start(Routing::Map);
     if ending == Ending::Ttl {
-        apache.write_config(&[("ttl_secs", SHORT_TTL_SECS.to_string())]);
+        apache.write_config(&[("ttl_secs", TTL_SECS.to_string())]);
     }
     let a = Backend::start("alpha", BACKEND_A);
     let b = Backend::start("bravo", BACKEND_B);
@@ -797,14 +801,28 @@ fn an_ended_session_loses_its_open_websockets(ending: Ending) {
             .unwrap(),
     );
     // The watcher knows the routes once it says it is watching.
-    let mut said = std::io::BufReader::new(watcher.0.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains(&format!(
-        "watching the database; routes lead to {backends} backend(s)"
-    )) {
-        line.clear();
-        let read = std::io::BufRead::read_line(&mut said, &mut line).unwrap();
-        assert!(read > 0, "the watcher stopped before watching");
+    let said = std::io::BufReader::new(watcher.0.stdout.take().unwrap());
+    let (lines, watching) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(said).map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = watching
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the watcher said it is watching");
+        const WATCHING: &str = "watching the database; routes lead to ";
+        if let Some(at) = line.find(WATCHING) {
+            let count = &line[at + WATCHING.len()..];
+            assert!(
+                count.starts_with(&format!("{backends} backend(s)")),
+                "{line}"
+            );
+            break;
+        }
     }
     let open = |alias: &str| {
         let mut ws = apache.client().connect(&apache.host(alias)).unwrap();
@@ -838,7 +856,25 @@ fn an_ended_session_loses_its_open_websockets(ending: Ending) {
         }
         Ending::Destroy => apache.destroy_ok(&ended, BACKEND_A),
         Ending::JobEnd => apache.push_jobs_ok("4711 TIMEOUT\n"),
-        Ending::Ttl => {}
+        Ending::Ttl => {
+            // As if the token had been redeemed TTL_SECS - TTL_LEFT_SECS
+            // ago: the row and its route end TTL_LEFT_SECS from now, and
+            // the watcher must wake for it with nothing else happening.
+            let mut db = rusqlite::Connection::open(apache.db_file()).unwrap();
+            db.busy_timeout(Duration::from_secs(10)).unwrap();
+            let tx = db.transaction().unwrap();
+            tx.execute(
+                "UPDATE proxy SET modified = datetime('now', ?1) WHERE alias = ?2",
+                rusqlite::params![format!("-{} seconds", TTL_SECS - TTL_LEFT_SECS), ended],
+            )
+            .unwrap();
+            tx.execute(
+                "UPDATE routes SET expires = datetime('now', ?1) WHERE alias = ?2",
+                rusqlite::params![format!("+{TTL_LEFT_SECS} seconds"), ended],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
     }
     match ws_ended.recv_text() {
         Ok(text) => panic!("the websocket of the ended session still carried {text:?}"),

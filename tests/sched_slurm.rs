@@ -59,9 +59,23 @@ fn a_job_that_begins_later_is_pending_with_its_reason_and_estimated_start() {
     let before = chrono::Utc::now().timestamp();
     let id = slurm.sbatch(&["--begin=now+1hour", "--wrap=true"]);
     let after = chrono::Utc::now().timestamp();
-    let job = wait_for_job(&slurm, &id, "PENDING", SOON);
+    // The reason and the estimate may come only once the scheduler has
+    // looked at the job.
+    let job = wait_until(
+        &format!("job {id} pending with its estimate"),
+        SOON,
+        || match snapshot(&slurm).job(&id) {
+            Some(job)
+                if job.state.raw() == "PENDING"
+                    && job.reason.as_deref() == Some("BeginTime")
+                    && job.start.is_some() =>
+            {
+                Ok(job.clone())
+            }
+            other => Err(other.map(|j| (j.state.raw().to_owned(), j.reason.clone(), j.start))),
+        },
+    );
     assert_eq!(job.state.class(), StateClass::Pending);
-    assert_eq!(job.reason.as_deref(), Some("BeginTime"));
     let start = job.start.unwrap();
     assert!(
         (before + 3600 - 1..=after + 3600 + 1).contains(&start),

@@ -507,10 +507,12 @@ impl Apache {
     pub fn state_of(&self, alias: &str) -> Option<String> {
         let conn = rusqlite::Connection::open(self.db_file()).unwrap();
         conn.busy_timeout(Duration::from_secs(10)).unwrap();
-        conn.query_row("SELECT state FROM proxy WHERE alias = ?1", [alias], |r| {
-            r.get(0)
-        })
-        .ok()
+        rusqlite::OptionalExtension::optional(conn.query_row(
+            "SELECT state FROM proxy WHERE alias = ?1",
+            [alias],
+            |r| r.get(0),
+        ))
+        .unwrap()
     }
 
     pub fn error_log_path(&self) -> PathBuf {
@@ -583,12 +585,6 @@ impl Apache {
         }
     }
 
-    /// [`eventually`](Self::eventually) for what a graceful restart
-    /// changes: `probe` (a request on a fresh connection) must give `Ok`
-    /// [`IN_A_ROW`] times in a row, because a child of the previous
-    /// generation may still take a connection and answer with the old
-    /// configuration after a new child has answered with the new one.
-    /// Returns the last probe's value.
     /// Puts `defines` (lines such as `Define SATELLITE_NO_APP_HSTS`) before
     /// satellite.conf is read, as a site does, and restarts Apache
     /// gracefully, as an admin would; returns once the new generation
@@ -612,6 +608,12 @@ impl Apache {
         });
     }
 
+    /// [`eventually`](Self::eventually) for what a graceful restart
+    /// changes: `probe` (a request on a fresh connection) must give `Ok`
+    /// [`IN_A_ROW`] times in a row, because a child of the previous
+    /// generation may still take a connection and answer with the old
+    /// configuration after a new child has answered with the new one.
+    /// Returns the last probe's value.
     #[track_caller]
     pub fn eventually_in_a_row<T>(
         &self,

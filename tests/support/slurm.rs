@@ -95,11 +95,21 @@ pub struct NodeDown<'a>(&'a Slurm);
 
 impl Drop for NodeDown<'_> {
     fn drop(&mut self) {
-        let _ = self
+        // No panic here (the test may be failing already): say it loudly,
+        // since every later test's jobs would wait for the node.
+        let resumed = self
             .0
             .command("scontrol")
             .args(["update", &format!("nodename={NODE}"), "state=resume"])
             .output();
+        match resumed {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "could not resume {NODE}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("could not resume {NODE}: {e}"),
+        }
     }
 }
 

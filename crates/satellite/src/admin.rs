@@ -377,7 +377,8 @@ pub fn push_jobstates(options: &PushOptions) -> Result<String> {
         // States only, for the waiting page: ending the sessions of jobs
         // that are over needs the broker's configuration (`jobstates poll`
         // on the broker host, or a POST to update-jobs).
-        let mut store = SqliteStore::open(db, Duration::from_secs(10)).about_path("opening", db)?;
+        let mut store =
+            satellite_core::store::open(db, Duration::from_secs(10)).about_path("opening", db)?;
         let n = store.update_jobstates(&states, Utc::now().timestamp())?;
         return Ok(format!("wrote {n} job state(s) to {}\n", db.display()));
     }

@@ -7,10 +7,12 @@
 //!
 //! Every write a trait method makes is atomic and conditional: two racing
 //! requests can never both succeed, and a failure leaves nothing half
-//! written. A second backend (PostgreSQL, for several frontends sharing one
-//! database) implements [`Store`] with the same guarantees, keeps a
-//! `routes` relation that Apache's `dbd:` map can read with the same query,
-//! and gets an arm in [`open`].
+//! written; a method that ends sessions counts them by [`EndCause`] in the
+//! same transaction. A second backend (PostgreSQL, for several frontends
+//! sharing one database) implements [`Store`] with the same guarantees,
+//! keeps a `routes` relation equal to its live routed tokens for Apache's
+//! `dbd:` map (with its own query: the shipped one uses SQLite's
+//! `datetime('now')`), and gets an arm in [`open`].
 
 mod sqlite;
 mod sqlite_schema;
@@ -71,7 +73,8 @@ pub trait Store {
     /// Deletes a token. A redeemed one may only be destroyed from the host
     /// it was redeemed on; a pending one from anywhere allowed (galyleo
     /// destroys from the login node when `sbatch` fails). Expired rows may
-    /// be destroyed too: it only hastens the inevitable.
+    /// be destroyed too: it only hastens the inevitable. A destroyed token
+    /// that was not already ended counts as [`EndCause::Destroy`].
     fn destroy(&mut self, alias: &str, requester: &str) -> Result<DestroyOutcome>;
 
     /// Records the batch job id of a live token, once.
@@ -95,7 +98,8 @@ pub trait Store {
     fn token_job(&self, alias: &str, now: DateTime<Utc>, ttl_secs: i64)
         -> Result<Option<TokenJob>>;
 
-    /// Replaces job states with a fresh batch and purges those not seen for
+    /// Writes a batch of job states (a job's earlier state and details are
+    /// overwritten, other jobs are kept) and purges those not seen for
     /// three days, in one transaction. Returns how many were written.
     fn update_jobstates(&mut self, states: &[(String, String)], now_epoch: i64) -> Result<usize> {
         let records: Vec<JobRecord> = states
@@ -117,13 +121,15 @@ pub trait Store {
     /// last pushes said of their job.
     fn linked_sessions(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<LinkedSession>>;
 
-    /// Ends these sessions (state `ended`, when and why): their routes go in
-    /// the same transaction (the triggers), the rows stay as tombstones
+    /// Ends these sessions (state `ended`, when and why; each counted by
+    /// [`EndCause::of_session_end`] of its cause): their routes go in the
+    /// same transaction, the rows stay as tombstones
     /// until the TTL so their aliases are never issued again. Rows already
     /// ended or gone are left alone. Returns how many ended now.
     fn end_sessions(&mut self, ends: &[(String, String)], now: DateTime<Utc>) -> Result<usize>;
 
-    /// Deletes rows of every state whose `modified` is older than the TTL.
+    /// Deletes rows of every state whose `modified` is older than the TTL;
+    /// those not already ended count as [`EndCause::Ttl`].
     fn expire(&mut self, now: DateTime<Utc>, ttl_secs: i64) -> Result<usize>;
 
     /// Rows that should have a route: live `mapped` and `proxied` ones, by
@@ -164,7 +170,8 @@ pub trait Store {
     /// One token, by alias, whatever its state or age.
     fn find_token(&self, alias: &str) -> Result<Option<TokenRow>>;
 
-    /// Deletes a token whatever its state or host (an admin's revoke).
+    /// Deletes a token whatever its state or host (an admin's revoke); if
+    /// it was not already ended it counts as [`EndCause::Revoke`].
     fn revoke(&mut self, alias: &str) -> Result<bool>;
 
     /// Counts for `satellite stats`.

@@ -928,6 +928,35 @@ mod tests {
         store.charge_unknown("192.0.2.1", &LIMITS, 1.0).unwrap();
     }
 
+    #[test]
+    fn a_schema_3_database_gets_the_session_ends_table_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let now = at("2026-01-01T12:00:00Z");
+        {
+            let (mut store, _) =
+                SqliteStore::open_or_create(&path, Duration::from_secs(1)).unwrap();
+            store.insert_pending("kept-row-here", now).unwrap();
+        }
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE session_ends; PRAGMA user_version = 3;")
+            .unwrap();
+        let (mut store, migration) =
+            SqliteStore::open_or_create(&path, Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            migration,
+            Migration {
+                from_version: 3,
+                ..Migration::default()
+            }
+        );
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert!(store.revoke("kept-row-here").unwrap());
+        let counted = store.gauges(now, 100).unwrap().ends_total;
+        assert!(counted.contains(&(EndCause::Revoke, 1)), "{counted:?}");
+    }
+
     /// Another connection's write transaction on `path`, held until the
     /// returned sender is dropped or sent to.
     fn hold_write_lock(path: &Path) -> std::sync::mpsc::Sender<()> {
