@@ -10,7 +10,9 @@ set -euo pipefail
 what="${1:-test}"
 
 # Debian package names; rhel_name maps the few that differ.
-demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3 iproute2)
+# libapache2-mod-qos: the waiting-page limit (httpd-conf/satellite.conf).
+demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sqlite3 sqlite3 iproute2
+  libapache2-mod-qos)
 # A real single-node Slurm for tests/sched_slurm.rs (tests/support/slurm.rs);
 # binutils: nm, to check that the CGI programs link none of the demo crate.
 # The browser suite (Chromium over WebDriver, JupyterLab in a venv) and the
@@ -29,6 +31,7 @@ rhel_name() {
     apache2) echo "httpd mod_ssl" ;;
     apache2-utils) echo "httpd-tools" ;;
     libaprutil1-dbd-sqlite3) echo "apr-util-sqlite" ;;
+    libapache2-mod-qos) echo "mod_qos" ;; # EPEL
     slurmctld) echo "slurm-slurmctld" ;;
     slurmd) echo "slurm-slurmd" ;;
     slurm-client) echo "slurm" ;;
@@ -64,6 +67,20 @@ if command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     "${sudo_cmd[@]}" apt-get update -qq
     "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # Debian 12's mod_qos enables itself in the system's Apache but cannot
+  # load there (it wants the PCRE 1 that httpd 2.4.62 no longer links:
+  # "undefined symbol: pcre_free"), which breaks that Apache's config test.
+  # satellite's httpd-conf/modules-debian.conf loads libpcre first; the
+  # system's own Apache is put back as it was.
+  if [ -e /etc/apache2/mods-enabled/qos.load ]; then
+    configtest=$(apache2ctl -t 2>&1 || true)
+    case "$configtest" in
+      *"undefined symbol: pcre_free"*)
+        echo "setup: disabling the system Apache's mod_qos, which cannot load there" >&2
+        "${sudo_cmd[@]}" a2dismod -q -f qos >/dev/null
+        ;;
+    esac
   fi
 elif command -v dnf >/dev/null 2>&1; then
   names=()

@@ -917,3 +917,51 @@ fn map_mode_job_end_closes_open_websockets_of_the_route() {
 fn map_mode_ttl_end_closes_open_websockets_of_the_route() {
     an_ended_session_loses_its_open_websockets(Ending::Ttl);
 }
+
+/// No enumeration through Apache: a routed host answers with its
+/// application and an unrouted one with the waiting page, so each waiting
+/// page answers a guess. With mod_qos, an address that gets more than
+/// SATELLITE_WAITING_LIMIT of them within the period is answered 429 on
+/// everything, the routed host included, while other addresses are served.
+#[test]
+fn map_mode_an_address_guessing_hosts_gets_429_after_the_waiting_page_limit() {
+    const GUESSER: &str = "127.0.0.6";
+    let apache = Apache::start_defining(
+        Routing::Map,
+        &[
+            ("SATELLITE_WAITING_LIMIT", "10"),
+            ("SATELLITE_WAITING_PERIOD", "600"),
+        ],
+    );
+    let backend = Backend::start("alpha", BACKEND_A);
+    let routed = apache.getlink();
+    apache.redeem_ok(&routed, BACKEND_A, backend.port());
+    let guesser = apache.client().bind(GUESSER);
+    let get = |alias: &str| {
+        guesser
+            .get(&apache.host_port(alias), "/")
+            .unwrap_or_else(|e| panic!("{alias}: {e}"))
+    };
+    assert_eq!(get(&routed).header("X-Backend"), Some("alpha"));
+
+    let statuses: Vec<u16> = (0..15)
+        .map(|i| get(&format!("guess-number-{i}-here")).status)
+        .collect();
+    // mod_qos refuses the request that reaches the limit.
+    assert_eq!(statuses[..9], [200; 9], "{statuses:?}");
+    assert_eq!(statuses[9..], [429; 6], "{statuses:?}");
+    assert_eq!(get(&routed).status, 429);
+    let endpoint = guesser
+        .get(&apache.host_port("manage"), "/getlink.cgi")
+        .unwrap();
+    assert_eq!(endpoint.status, 429, "{endpoint}");
+
+    // Everyone else is served as before.
+    from_backend(&apache, &routed, &backend, "/still-here").unwrap();
+    assert_eq!(
+        apache.get("another-guess-here", "/").status,
+        200,
+        "{}",
+        apache.error_log()
+    );
+}

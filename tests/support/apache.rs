@@ -83,7 +83,14 @@ pub struct Apache {
     as_root: bool,
     /// Endpoints go to `satellite serve` on [`Apache::serve_socket`].
     serving: bool,
+    /// `Define`s written before satellite.conf.
+    defines: Vec<(String, String)>,
 }
+
+/// The harness' own `Define`s. Tests send many requests to unrouted hosts
+/// from one address (routes coming and going under load, path tables): the
+/// waiting-page limit (mod_qos) is out of their way unless a test sets it.
+pub const HARNESS_DEFINES: [(&str, &str); 1] = [("SATELLITE_WAITING_LIMIT", "1000000")];
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -152,14 +159,20 @@ impl Apache {
     /// answers. Panics (failing the test) if Apache is missing or does not
     /// come up.
     pub fn start(routing: Routing) -> Apache {
-        Self::start_with(routing, false)
+        Self::start_with(routing, false, &[])
+    }
+
+    /// [`start`](Self::start) with more `Define`s before satellite.conf
+    /// (they replace the harness' own, see [`HARNESS_DEFINES`]).
+    pub fn start_defining(routing: Routing, defines: &[(&str, &str)]) -> Apache {
+        Self::start_with(routing, false, defines)
     }
 
     /// [`start`](Self::start) with Apache sending the endpoints to
     /// `satellite serve` on [`serve_socket`](Self::serve_socket), which the
     /// test starts (Apache connects only when a request comes).
     pub fn start_serving(routing: Routing) -> Apache {
-        Self::start_with(routing, true)
+        Self::start_with(routing, true, &[])
     }
 
     /// Where serve listens when Apache is [`start_serving`](Self::start_serving).
@@ -167,7 +180,14 @@ impl Apache {
         self.dir.path().join("serve.sock")
     }
 
-    fn start_with(routing: Routing, serving: bool) -> Apache {
+    fn start_with(routing: Routing, serving: bool, defines: &[(&str, &str)]) -> Apache {
+        let mut all_defines: Vec<(String, String)> = HARNESS_DEFINES
+            .iter()
+            .filter(|(name, _)| !defines.iter().any(|(n, _)| n == name))
+            .chain(defines)
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        all_defines.sort();
         let install = ApacheInstall::find()
             .unwrap_or_else(|e| panic!("{e:#}\n(the Apache tests need a real httpd)"));
         let dir = tempfile::Builder::new()
@@ -188,6 +208,7 @@ impl Apache {
             httpd: None,
             as_root: is_root(),
             serving,
+            defines: all_defines,
         };
         apache.install();
         // The port was free when picked, but another test may take it
@@ -343,6 +364,7 @@ impl Apache {
                 satellite_core::config::Routing::Vhost
             },
             conf: SiteConf::Directory(repo_root().join("httpd-conf")),
+            defines: self.defines.clone(),
         };
         let client = self.client();
         let host = self.host("nothing-here");

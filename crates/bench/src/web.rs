@@ -167,6 +167,10 @@ impl WebSite {
             http_port: None,
             routing: Routing::Map,
             conf: SiteConf::Directory(conf_dir),
+            // The floods come from one address: measured here is what a
+            // junk host costs Apache, not mod_qos' 429 once the address is
+            // over the waiting-page limit.
+            defines: vec![("SATELLITE_WAITING_LIMIT".into(), "1000000".into())],
         };
         let tls = self.tls.clone();
         let apache_dir = self.root().join("apache");

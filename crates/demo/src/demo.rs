@@ -116,6 +116,7 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
             serve_url: Some(format!("unix:{}|http://localhost", serve_socket.display())),
             routing: satellite_core::config::Routing::Map,
             conf: SiteConf::Embedded,
+            defines: Vec::new(),
         },
     )?;
 

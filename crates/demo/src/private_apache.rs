@@ -121,6 +121,9 @@ pub struct Site {
     /// agree).
     pub routing: Routing,
     pub conf: SiteConf,
+    /// More `Define name "value"` lines, before satellite.conf is read
+    /// (a site's settings, such as SATELLITE_WAITING_LIMIT).
+    pub defines: Vec<(String, String)>,
 }
 
 /// A running Apache, stopped when dropped. Its ServerRoot `dir` holds
@@ -257,6 +260,16 @@ impl PrivateApache {
                 install.modules_dir.join(file).display()
             );
         }
+        // Optional: the waiting-page limit (see satellite.conf), when
+        // mod_qos is installed.
+        let qos = install.modules_dir.join("mod_qos.so");
+        if qos.exists() {
+            let _ = writeln!(
+                conf,
+                "<IfModule !qos_module>\n    LoadModule qos_module \"{}\"\n</IfModule>",
+                qos.display()
+            );
+        }
         let log_config = install.modules_dir.join("mod_log_config.so");
         if log_config.exists() {
             let _ = writeln!(conf, "<IfModule !log_config_module>\n    LoadModule log_config_module \"{}\"\n</IfModule>", log_config.display());
@@ -298,6 +311,9 @@ impl PrivateApache {
         }
         if site.routing == Routing::Vhost {
             conf.push_str("Define SATELLITE_VHOST_ROUTING\n");
+        }
+        for (name, value) in &site.defines {
+            let _ = writeln!(conf, "Define {name} \"{value}\"");
         }
         let _ = writeln!(conf, "Include \"{}\"", satellite_conf.display());
         let path = Self::config_path(dir);
