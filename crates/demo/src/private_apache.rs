@@ -39,6 +39,13 @@ const MODULES: [(&str, &str); 14] = [
     ("http2_module", "mod_http2.so"),
 ];
 
+/// Where PCRE 1 may be, for a mod_qos built against it (Debian 12).
+const PCRE1_PATHS: [&str; 3] = [
+    "/usr/lib/x86_64-linux-gnu/libpcre.so.3",
+    "/usr/lib/aarch64-linux-gnu/libpcre.so.3",
+    "/usr/lib64/libpcre.so.1",
+];
+
 /// Where Apache is on this machine.
 #[derive(Clone, Debug)]
 pub struct ApacheInstall {
@@ -262,11 +269,17 @@ impl PrivateApache {
         }
         // Optional: the waiting-page limit (see satellite.conf), when
         // mod_qos is installed.
+        // mod_qos is installed. Debian 12's build wants the PCRE 1 that
+        // httpd 2.4.62 no longer links: load it first where it is.
         let qos = install.modules_dir.join("mod_qos.so");
         if qos.exists() {
+            conf.push_str("<IfModule !qos_module>\n");
+            if let Some(pcre) = PCRE1_PATHS.iter().map(Path::new).find(|p| p.exists()) {
+                let _ = writeln!(conf, "    LoadFile \"{}\"", pcre.display());
+            }
             let _ = writeln!(
                 conf,
-                "<IfModule !qos_module>\n    LoadModule qos_module \"{}\"\n</IfModule>",
+                "    LoadModule qos_module \"{}\"\n</IfModule>",
                 qos.display()
             );
         }
