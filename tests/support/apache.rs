@@ -90,7 +90,12 @@ pub struct Apache {
 /// The harness' own `Define`s. Tests send many requests to unrouted hosts
 /// from one address (routes coming and going under load, path tables): the
 /// waiting-page limit (mod_qos) is out of their way unless a test sets it.
-pub const HARNESS_DEFINES: [(&str, &str); 1] = [("SATELLITE_WAITING_LIMIT", "1000000")];
+/// mod_qos keeps the limit in a signed 16-bit number: 32767 a second is
+/// its most.
+pub const HARNESS_DEFINES: [(&str, &str); 2] = [
+    ("SATELLITE_WAITING_LIMIT", "32767"),
+    ("SATELLITE_WAITING_PERIOD", "1"),
+];
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()

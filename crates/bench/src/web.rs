@@ -170,7 +170,12 @@ impl WebSite {
             // The floods come from one address: measured here is what a
             // junk host costs Apache, not mod_qos' 429 once the address is
             // over the waiting-page limit.
-            defines: vec![("SATELLITE_WAITING_LIMIT".into(), "1000000".into())],
+            // mod_qos keeps the limit in a signed 16-bit number: 32767 a
+            // second is its most.
+            defines: vec![
+                ("SATELLITE_WAITING_LIMIT".into(), "32767".into()),
+                ("SATELLITE_WAITING_PERIOD".into(), "1".into()),
+            ],
         };
         let tls = self.tls.clone();
         let apache_dir = self.root().join("apache");
