@@ -958,6 +958,17 @@ fn map_mode_an_address_guessing_hosts_gets_429_after_the_waiting_page_limit() {
 
     // Everyone else is served as before.
     from_backend(&apache, &routed, &backend, "/still-here").unwrap();
+    // And `satellite check` sees the limit in place.
+    let check = Command::new(support::apache::SATELLITE)
+        .args(["check", "--config"])
+        .arg(apache.config_file())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        report.contains("OK   mod_qos is loaded: waiting pages are limited per client address\n"),
+        "{report}"
+    );
     assert_eq!(
         apache.get("another-guess-here", "/").status,
         200,

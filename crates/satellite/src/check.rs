@@ -130,6 +130,9 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     }
     findings.extend(check_files(&config));
     findings.push(check_configtest(&config));
+    if let Some(finding) = check_waiting_limit(&config) {
+        findings.push(finding);
+    }
     findings.push(check_reload(&config));
     findings.push(check_certificate(&config, cert));
     findings.push(check_serve_listen(&config));
@@ -377,6 +380,34 @@ fn check_configtest(config: &Config) -> Finding {
             "set apache_configtest to the full path, e.g. [\"/usr/sbin/apachectl\", \"-t\"]",
         ),
     }
+}
+
+/// Apache answers a token's host that is not routed with the waiting page
+/// on its own, and only mod_qos limits how many of those answers (guesses)
+/// one address gets (httpd-conf/satellite.conf). Asked of Apache itself
+/// (`-M` in place of the config test's `-t`); no finding when the config
+/// test command has no `-t` or does not run (its own finding says why).
+fn check_waiting_limit(config: &Config) -> Option<Finding> {
+    let mut argv = config.apache_configtest.clone();
+    let flag = argv.iter().position(|arg| arg == "-t")?;
+    argv[flag] = "-M".to_owned();
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .output_within(CONFIGTEST_TIMEOUT)
+        .ok()
+        .filter(|out| out.status.success())?;
+    let modules = String::from_utf8_lossy(&out.stdout);
+    let loaded = modules
+        .lines()
+        .any(|line| line.trim_start().starts_with("qos_module "));
+    Some(if loaded {
+        ok("mod_qos is loaded: waiting pages are limited per client address")
+    } else {
+        warn(
+            "mod_qos is not loaded: Apache answers guesses at token hosts (the waiting page) without a limit",
+            "install libapache2-mod-qos (Debian) or mod_qos (EPEL), load it as httpd-conf/modules-debian.conf or modules-rhel.conf does, and restart Apache",
+        )
+    })
 }
 
 fn check_reload(config: &Config) -> Finding {
