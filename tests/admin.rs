@@ -148,6 +148,31 @@ fn admin_commands_refuse_a_bad_config_a_missing_database_and_one_from_the_future
     assert!(String::from_utf8_lossy(&out.stderr).contains("words_per_token must be 2 to 6"));
 }
 
+/// A database of the previous satellite (schema 3) needs only the table
+/// this one adds, and says so before anything is written.
+#[test]
+fn migrate_dry_run_of_a_schema_3_database_names_only_what_is_new() {
+    let site = Site::new();
+    site.db()
+        .execute_batch("DROP TABLE session_ends; PRAGMA user_version = 3;")
+        .unwrap();
+    let db = site.db.to_str().unwrap().to_owned();
+    let dry = stdout(&satellite(&site, &["migrate", "--db", &db, "--dry-run"]));
+    assert_eq!(
+        dry,
+        format!(
+            "{db}:\n  schema version 3 (this build writes 4)\n  legacy schema variant: master\n  will add the table that counts ended sessions by cause (metrics)\n  will switch the file to WAL (if it is not already)\n  no colliding aliases\n"
+        )
+    );
+    let done = stdout(&satellite(&site, &["migrate", "--db", &db]));
+    assert!(done.contains("  migrated"), "{done}");
+    let version: i64 = site
+        .db()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 4);
+}
+
 #[test]
 fn migrate_takes_a_perl_database_in_place_with_a_backup() {
     let site = Site::without_database("");
@@ -179,7 +204,7 @@ fn migrate_takes_a_perl_database_in_place_with_a_backup() {
     assert_eq!(
         dry,
         format!(
-            "{db}:\n  schema version 0 (this build writes 4)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n  will add the routes table that Apache reads (map routing) and its triggers\n  will add the table that counts unknown-token answers per client (rate limit)\n  will add the table that counts ended sessions by cause (metrics)\n  no colliding aliases\n"
+            "{db}:\n  schema version 0 (this build writes 4)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add column proxy.linked_at\n  will add column proxy.ended_at\n  will add column proxy.end_cause\n  will add a unique index on alias_compare_hash and lookup indexes\n  will add the routes table that Apache reads (map routing) and its triggers\n  will add the table that counts unknown-token answers per client (rate limit)\n  will add the table of what the scheduler says of each job (reason, start, limit, nodes)\n  will add the table that counts ended sessions by cause (metrics)\n  will switch the file to WAL (if it is not already)\n  no colliding aliases\n"
         )
     );
     assert_eq!(

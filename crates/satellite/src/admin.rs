@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use chrono::Utc;
 use satellite_core::config::Routing;
 use satellite_core::routes::{self, RouteSet};
-use satellite_core::store::{TokenRow, SCHEMA_VERSION};
+use satellite_core::store::{TokenRow, ADDED_COLUMNS, SCHEMA_VERSION};
 use satellite_core::{Config, SqliteStore, Store};
 use satellite_sched::Scheduler;
 
@@ -222,6 +222,27 @@ pub fn metrics(config: &Config) -> Result<String> {
     Ok(out)
 }
 
+/// The tables satellite adds to a legacy database, as `migrate --dry-run`
+/// names them.
+const SATELLITE_TABLES: [(&str, &str); 4] = [
+    (
+        "routes",
+        "the routes table that Apache reads (map routing) and its triggers",
+    ),
+    (
+        "unknown_answers",
+        "the table that counts unknown-token answers per client (rate limit)",
+    ),
+    (
+        "jobdetails",
+        "the table of what the scheduler says of each job (reason, start, limit, nodes)",
+    ),
+    (
+        "session_ends",
+        "the table that counts ended sessions by cause (metrics)",
+    ),
+];
+
 /// What a database holds and what migrating it will change, read without
 /// writing anything.
 pub fn inspect(db: &Path) -> Result<String> {
@@ -254,23 +275,20 @@ pub fn inspect(db: &Path) -> Result<String> {
         let _ = writeln!(out, "  {n} {state} token(s)");
     }
     if version < SCHEMA_VERSION {
-        if !has_column("jobid") {
-            out.push_str("  will add column proxy.jobid\n");
+        for (table, column, _) in ADDED_COLUMNS {
+            if table == "proxy" && !has_column(column) {
+                let _ = writeln!(out, "  will add column proxy.{column}");
+            }
         }
         if version < 1 {
-            out.push_str("  will add a unique index on alias_compare_hash and lookup indexes, and switch to WAL\n");
+            out.push_str("  will add a unique index on alias_compare_hash and lookup indexes\n");
         }
-        if version < 2 {
-            out.push_str(
-                "  will add the routes table that Apache reads (map routing) and its triggers\n",
-            );
+        for (table, what) in SATELLITE_TABLES {
+            if !found.tables.iter().any(|t| t == table) {
+                let _ = writeln!(out, "  will add {what}");
+            }
         }
-        if version < 3 {
-            out.push_str(
-                "  will add the table that counts unknown-token answers per client (rate limit)\n",
-            );
-        }
-        out.push_str("  will add the table that counts ended sessions by cause (metrics)\n");
+        out.push_str("  will switch the file to WAL (if it is not already)\n");
     }
     if found.colliding_aliases.is_empty() {
         out.push_str("  no colliding aliases\n");

@@ -26,7 +26,7 @@ use crate::error::Result;
 use crate::ratelimit::Limits;
 
 pub use sqlite::{Inspection, SqliteStore};
-pub use sqlite_schema::{Migration, SCHEMA_VERSION};
+pub use sqlite_schema::{Migration, ADDED_COLUMNS, SCHEMA_VERSION};
 
 /// Opens the configured store for a program that answers requests: the
 /// database must exist (nothing is created in a place nobody chose) and is

@@ -45,6 +45,8 @@ pub struct Inspection {
     pub tokens_by_state: Vec<(String, i64)>,
     /// Aliases that share one hash, joined by ` = ` per group.
     pub colliding_aliases: Vec<String>,
+    /// Every table the file has.
+    pub tables: Vec<String>,
 }
 
 impl SqliteStore {
@@ -176,6 +178,8 @@ impl SqliteStore {
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         };
         inspection.proxy_columns = strings("SELECT name FROM pragma_table_info('proxy')")?;
+        inspection.tables =
+            strings("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?;
         inspection.colliding_aliases = strings(
             "SELECT group_concat(alias, ' = ') FROM proxy \
              GROUP BY alias_compare_hash HAVING count(*) > 1",

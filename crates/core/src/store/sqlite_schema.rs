@@ -64,7 +64,7 @@ const CREATE_ROUTES: &str = "
 /// `jobstates` itself is left as the original made it (a site's own
 /// scripts may insert into it without naming columns): the rest of what the
 /// scheduler says of a job lives in satellite's `jobdetails`.
-const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+pub const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
     ("proxy", "jobid", "text default null"),
     ("proxy", "linked_at", "text default null"),
     ("proxy", "ended_at", "text default null"),
