@@ -119,6 +119,32 @@ fn page_state(site: &Site, token: &str) -> serde_json::Value {
     serde_json::from_str(&answer.text()).unwrap()
 }
 
+/// Redeems `token` from the job's node and insists its route is live.
+fn redeem_from_the_job(site: &Site, token: &str) {
+    assert_eq!(
+        redeem(site, token, COMPUTE_NODE),
+        (200, "Success!\n".into())
+    );
+    assert_eq!(route(site, token), Some(format!("{COMPUTE_NODE}:50123")));
+}
+
+/// Once Slurm says `job` is over (`state`), the next poll ends its session:
+/// the row is a tombstone, the route is gone and the page's poll says `D`.
+fn the_next_poll_ends_the_session(site: &Site, slurm: &Slurm, job: &str, token: &str, state: &str) {
+    let said = poll_ok(site, slurm);
+    assert!(
+        said.contains(&format!("job {job} ended ({state})")),
+        "{said}"
+    );
+    assert_eq!(site.state_of(token).as_deref(), Some("ended"));
+    assert_eq!(route(site, token), None);
+    let poll = site
+        .cgi("tokenjobstate")
+        .query(format!("token={token}"))
+        .run();
+    assert_eq!(poll.text(), "D");
+}
+
 #[test]
 fn a_session_lives_with_its_running_job_and_ends_when_the_job_is_cancelled() {
     let slurm = Slurm::shared();
@@ -135,28 +161,13 @@ fn a_session_lives_with_its_running_job_and_ends_when_the_job_is_cancelled() {
             "Oops! Nonce must be redeemed from a node of the job it is linked to\n".into()
         )
     );
-    assert_eq!(
-        redeem(&site, &token, COMPUTE_NODE),
-        (200, "Success!\n".into())
-    );
-    assert_eq!(route(&site, &token), Some(format!("{COMPUTE_NODE}:50123")));
+    redeem_from_the_job(&site, &token);
     poll_ok(&site, &slurm);
     assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
 
     slurm.scancel(&[&job]);
     slurm.wait_for_state(&job, "CANCELLED", SOON);
-    let said = poll_ok(&site, &slurm);
-    assert!(
-        said.contains(&format!("job {} ended (CANCELLED)", job.id)),
-        "{said}"
-    );
-    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
-    assert_eq!(route(&site, &token), None);
-    let poll = site
-        .cgi("tokenjobstate")
-        .query(format!("token={token}"))
-        .run();
-    assert_eq!(poll.text(), "D");
+    the_next_poll_ends_the_session(&site, &slurm, &job, &token, "CANCELLED");
 }
 
 /// Walltime, end to end: the job's route is live until Slurm kills the job
@@ -169,20 +180,10 @@ fn a_session_past_its_walltime_ends_with_its_job_and_loses_its_route() {
     let site = site();
     let job = sbatch_as_user(&slurm, &["--time=1", "--wrap=sleep 600"]);
     let token = linked_to_running(&site, &slurm, &job);
-    assert_eq!(
-        redeem(&site, &token, COMPUTE_NODE),
-        (200, "Success!\n".into())
-    );
-    assert_eq!(route(&site, &token), Some(format!("{COMPUTE_NODE}:50123")));
+    redeem_from_the_job(&site, &token);
 
     slurm.wait_for_state(&job, "TIMEOUT", Duration::from_secs(150));
-    let said = poll_ok(&site, &slurm);
-    assert!(
-        said.contains(&format!("job {} ended (TIMEOUT)", job.id)),
-        "{said}"
-    );
-    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
-    assert_eq!(route(&site, &token), None);
+    the_next_poll_ends_the_session(&site, &slurm, &job, &token, "TIMEOUT");
     let (reason, limit): (String, i64) = site
         .db()
         .query_row(
@@ -192,11 +193,6 @@ fn a_session_past_its_walltime_ends_with_its_job_and_loses_its_route() {
         )
         .unwrap();
     assert_eq!((reason.as_str(), limit), ("TimeLimit", 60));
-    let poll = site
-        .cgi("tokenjobstate")
-        .query(format!("token={token}"))
-        .run();
-    assert_eq!(poll.text(), "D");
 }
 
 /// A node failure, end to end: the node goes down under a running job
@@ -209,21 +205,11 @@ fn a_session_whose_node_goes_down_ends_and_loses_its_route() {
     // Without --no-requeue Slurm would queue the job again (PENDING).
     let job = sbatch_as_user(&slurm, &["--no-requeue", "--time=10", "--wrap=sleep 120"]);
     let token = linked_to_running(&site, &slurm, &job);
-    assert_eq!(
-        redeem(&site, &token, COMPUTE_NODE),
-        (200, "Success!\n".into())
-    );
-    assert!(route(&site, &token).is_some());
+    redeem_from_the_job(&site, &token);
 
     let _down = slurm.node_down();
     slurm.wait_for_state(&job, "NODE_FAIL", SOON);
-    let said = poll_ok(&site, &slurm);
-    assert!(
-        said.contains(&format!("job {} ended (NODE_FAIL)", job.id)),
-        "{said}"
-    );
-    assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
-    assert_eq!(route(&site, &token), None);
+    the_next_poll_ends_the_session(&site, &slurm, &job, &token, "NODE_FAIL");
 }
 
 #[test]
