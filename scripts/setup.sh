@@ -31,7 +31,7 @@ rhel_name() {
     apache2) echo "httpd mod_ssl" ;;
     apache2-utils) echo "httpd-tools" ;;
     libaprutil1-dbd-sqlite3) echo "apr-util-sqlite" ;;
-    libapache2-mod-qos) echo "mod_qos" ;; # EPEL
+    libapache2-mod-qos) echo "" ;; # EPEL's mod_qos: optional, installed below
     slurmctld) echo "slurm-slurmctld" ;;
     slurmd) echo "slurm-slurmd" ;;
     slurm-client) echo "slurm" ;;
@@ -69,12 +69,13 @@ if command -v apt-get >/dev/null 2>&1; then
     "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
   # Debian 12's mod_qos enables itself in the system's Apache but cannot
-  # load there (it wants the PCRE 1 that httpd 2.4.62 no longer links:
-  # "undefined symbol: pcre_free"), which breaks that Apache's config test.
+  # load there (it wants the PCRE 1 that Debian 12's httpd, now linked with
+  # PCRE2, no longer brings: "undefined symbol: pcre_free"), which breaks
+  # that Apache's config test.
   # satellite's httpd-conf/modules-debian.conf loads libpcre first; the
   # system's own Apache is put back as it was.
   if [ -e /etc/apache2/mods-enabled/qos.load ]; then
-    configtest=$(apache2ctl -t 2>&1 || true)
+    configtest=$("${sudo_cmd[@]}" /usr/sbin/apache2ctl -t 2>&1 || true)
     case "$configtest" in
       *"undefined symbol: pcre_free"*)
         echo "setup: disabling the system Apache's mod_qos, which cannot load there" >&2
@@ -90,6 +91,12 @@ elif command -v dnf >/dev/null 2>&1; then
   if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     "${sudo_cmd[@]}" dnf install -y -q "${missing[@]}"
+  fi
+  # The waiting-page limit needs EPEL's mod_qos; without EPEL the demo and
+  # tests still run (the limit's test then fails and says why).
+  if ! rpm -q mod_qos >/dev/null 2>&1; then
+    "${sudo_cmd[@]}" dnf install -y -q mod_qos ||
+      echo "setup: mod_qos (EPEL) not installed: Apache will not limit guesses at token hosts" >&2
   fi
 else
   echo "setup: neither apt-get nor dnf found; install by hand: ${pkgs[*]}" >&2

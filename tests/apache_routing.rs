@@ -919,12 +919,14 @@ fn map_mode_ttl_end_closes_open_websockets_of_the_route() {
 }
 
 /// No enumeration through Apache: a routed host answers with its
-/// application and an unrouted one with the waiting page, so each waiting
-/// page answers a guess. With mod_qos, an address that gets more than
-/// SATELLITE_WAITING_LIMIT of them within the period is answered 429 on
-/// everything, the routed host included, while other addresses are served.
+/// application and an unrouted one with satellite's own answers (the
+/// waiting page, or a 404 for /static/..., or an endpoint for /x.cgi), so
+/// each of those answers a guess. With mod_qos, an address whose answers
+/// for unrouted token hosts reach SATELLITE_WAITING_LIMIT within the
+/// period is refused at connection level, the routed host and the
+/// endpoints included, while other addresses are served.
 #[test]
-fn map_mode_an_address_guessing_hosts_gets_429_after_the_waiting_page_limit() {
+fn map_mode_an_address_guessing_hosts_is_refused_after_the_waiting_page_limit() {
     const GUESSER: &str = "127.0.0.6";
     let apache = Apache::start_defining(
         Routing::Map,
@@ -937,24 +939,29 @@ fn map_mode_an_address_guessing_hosts_gets_429_after_the_waiting_page_limit() {
     let routed = apache.getlink();
     apache.redeem_ok(&routed, BACKEND_A, backend.port());
     let guesser = apache.client().bind(GUESSER);
-    let get = |alias: &str| {
+    // Some(status) for an answer, None for a refused connection.
+    let ask = |alias: &str, path: &str| {
         guesser
-            .get(&apache.host_port(alias), "/")
-            .unwrap_or_else(|e| panic!("{alias}: {e}"))
+            .get(&apache.host_port(alias), path)
+            .ok()
+            .map(|r| r.status)
     };
-    assert_eq!(get(&routed).header("X-Backend"), Some("alpha"));
+    assert_eq!(ask(&routed, "/"), Some(200));
 
-    let statuses: Vec<u16> = (0..15)
-        .map(|i| get(&format!("guess-number-{i}-here")).status)
+    // Every path of an unrouted host counts, not only the waiting page.
+    let paths = ["/", "/static/lab.js", "/api/contents", "/nothing.cgi"];
+    let answers: Vec<Option<u16>> = (0..15)
+        .map(|i| ask(&format!("guess-number-{i}-here"), paths[i % paths.len()]))
         .collect();
-    // mod_qos refuses the request that reaches the limit.
-    assert_eq!(statuses[..9], [200; 9], "{statuses:?}");
-    assert_eq!(statuses[9..], [429; 6], "{statuses:?}");
-    assert_eq!(get(&routed).status, 429);
-    let endpoint = guesser
-        .get(&apache.host_port("manage"), "/getlink.cgi")
-        .unwrap();
-    assert_eq!(endpoint.status, 429, "{endpoint}");
+    // mod_qos refuses once the count reaches the limit.
+    assert!(
+        answers[..9].iter().all(Option::is_some),
+        "{answers:?}\n{}",
+        apache.error_log()
+    );
+    assert!(answers[10..].iter().all(Option::is_none), "{answers:?}");
+    assert_eq!(ask(&routed, "/"), None);
+    assert_eq!(ask("manage", "/getlink.cgi"), None);
 
     // Everyone else is served as before.
     from_backend(&apache, &routed, &backend, "/still-here").unwrap();
@@ -966,7 +973,7 @@ fn map_mode_an_address_guessing_hosts_gets_429_after_the_waiting_page_limit() {
         .unwrap();
     let report = String::from_utf8_lossy(&check.stdout);
     assert!(
-        report.contains("OK   mod_qos is loaded: waiting pages are limited per client address\n"),
+        report.contains("OK   mod_qos is loaded: answers for unrouted token hosts are limited per client address\n"),
         "{report}"
     );
     assert_eq!(

@@ -168,7 +168,7 @@ impl WebSite {
             routing: Routing::Map,
             conf: SiteConf::Directory(conf_dir),
             // The floods come from one address: measured here is what a
-            // junk host costs Apache, not mod_qos' 429 once the address is
+            // junk host costs Apache, not mod_qos' refusal once the address is
             // over the waiting-page limit.
             // mod_qos keeps the limit in a signed 16-bit number: 32767 a
             // second is its most.

@@ -268,9 +268,8 @@ impl PrivateApache {
             );
         }
         // Optional: the waiting-page limit (see satellite.conf), when
-        // mod_qos is installed.
-        // mod_qos is installed. Debian 12's build wants the PCRE 1 that
-        // httpd 2.4.62 no longer links: load it first where it is.
+        // mod_qos is installed. Debian 12's build wants the PCRE 1 that its
+        // httpd, linked with PCRE2, no longer brings: load it first.
         let qos = install.modules_dir.join("mod_qos.so");
         if qos.exists() {
             conf.push_str("<IfModule !qos_module>\n");

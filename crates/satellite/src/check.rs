@@ -401,7 +401,7 @@ fn check_waiting_limit(config: &Config) -> Option<Finding> {
         .lines()
         .any(|line| line.trim_start().starts_with("qos_module "));
     Some(if loaded {
-        ok("mod_qos is loaded: waiting pages are limited per client address")
+        ok("mod_qos is loaded: answers for unrouted token hosts are limited per client address")
     } else {
         warn(
             "mod_qos is not loaded: Apache answers guesses at token hosts (the waiting page) without a limit",
