@@ -70,6 +70,16 @@ fn cgi(programs: &Path, config: &Path, program: &str, query: &str) -> Result<Vec
     Ok(out.stdout)
 }
 
+/// One redeem of `token` for port 50001, as its own CGI process.
+fn redeem(programs: &Path, config: &Path, token: &str) -> Result<Vec<u8>> {
+    cgi(
+        programs,
+        config,
+        "redeemtoken",
+        &format!("token={token}&port=50001"),
+    )
+}
+
 fn succeeded(answer: &[u8]) -> bool {
     answer.starts_with(b"Status: 200") && answer.ends_with(b"Success!\n")
 }
@@ -120,12 +130,7 @@ fn redeem_series(programs: &Path, config: &Path, tokens: &[String]) -> Result<(S
     let mut latencies = Vec::with_capacity(tokens.len());
     for token in tokens {
         let t = Instant::now();
-        let answer = cgi(
-            programs,
-            config,
-            "redeemtoken",
-            &format!("token={token}&port=50001"),
-        )?;
+        let answer = redeem(programs, config, token)?;
         latencies.push(t.elapsed());
         if !succeeded(&answer) {
             bail!("redeem failed: {}", String::from_utf8_lossy(&answer));
@@ -163,13 +168,7 @@ fn burst(
                         std::thread::sleep(wait);
                     }
                     let t = Instant::now();
-                    let answer = cgi(
-                        programs,
-                        config,
-                        "redeemtoken",
-                        &format!("token={token}&port=50001"),
-                    );
-                    match answer {
+                    match redeem(programs, config, token) {
                         Ok(a) if succeeded(&a) => Some(t.elapsed()),
                         _ => None,
                     }

@@ -1149,16 +1149,21 @@ mod tests {
         assert_eq!(store.live_route_count(now).unwrap(), 1);
     }
 
-    #[test]
-    fn any_delete_or_state_change_of_a_token_drops_its_route() {
-        let (_dir, mut store) = new_store();
-        let now = at("2026-01-01T12:00:00Z");
-        for alias in ["one-a-b", "two-a-b", "three-a-b"] {
+    /// New tokens, each redeemed from 10.0.0.5:8888 with a live route (TTL 100 s).
+    fn redeemed_live(store: &mut SqliteStore, aliases: &[&str], now: DateTime<Utc>) {
+        for alias in aliases {
             store.insert_pending(alias, now).unwrap();
             store
                 .redeem(alias, "10.0.0.5", 8888, now, 100, live("10.0.0.5:8888"))
                 .unwrap();
         }
+    }
+
+    #[test]
+    fn any_delete_or_state_change_of_a_token_drops_its_route() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        redeemed_live(&mut store, &["one-a-b", "two-a-b", "three-a-b"], now);
         store.destroy("one-a-b", "10.0.0.5").unwrap();
         // What a Perl script or a hand edit does, with no satellite code.
         store
@@ -1179,12 +1184,7 @@ mod tests {
     fn sync_routes_writes_only_differences_and_unroutes_refused_rows() {
         let (_dir, mut store) = new_store();
         let now = at("2026-01-01T12:00:00Z");
-        for alias in ["kept-a-b", "moved-a-b", "refused-a-b"] {
-            store.insert_pending(alias, now).unwrap();
-            store
-                .redeem(alias, "10.0.0.5", 8888, now, 100, live("10.0.0.5:8888"))
-                .unwrap();
-        }
+        redeemed_live(&mut store, &["kept-a-b", "moved-a-b", "refused-a-b"], now);
         store.insert_pending("late-a-b", now).unwrap();
         store
             .redeem(
