@@ -81,6 +81,15 @@ pub struct Config {
     pub apache_configtest: Vec<String>,
     pub apache_reload: Option<Vec<String>>,
     pub apache_pidfile: PathBuf,
+    /// The user Apache's workers run as, whose connections to a backend
+    /// `cron --watch` cuts when its route ends (only theirs: not every
+    /// connection of the host to that `ip:port`). Empty: the first of
+    /// `www-data`, `apache` and `httpd` this host knows.
+    pub apache_user: String,
+    /// This frontend's name among the watchers sharing one database (each
+    /// keeps its own place in the record of ended routes). Empty: the host
+    /// name.
+    pub watcher_name: String,
     pub preserve_host: bool,
     /// Left out (or empty): `.satellite.lock` beside `httpdstubfile`.
     pub lockfile: PathBuf,
@@ -251,6 +260,8 @@ impl Config {
             apache_configtest: vec!["/usr/sbin/apachectl".into(), "-t".into()],
             apache_reload: None,
             apache_pidfile: "/var/run/apache2/apache2.pid".into(),
+            apache_user: String::new(),
+            watcher_name: String::new(),
             preserve_host: false,
             lockfile: PathBuf::new(),
             serve_listen: None,
@@ -272,6 +283,43 @@ impl Config {
             unknown_token_burst: 20,
             unknown_token_rate: 2.0,
         }
+    }
+
+    /// The uid of Apache's workers ([`Config::apache_user`]), whose
+    /// tunnels `cron --watch` cuts.
+    pub fn apache_uid(&self) -> std::result::Result<u32, String> {
+        let named = self.apache_user.trim();
+        if !named.is_empty() {
+            if let Ok(uid) = named.parse::<u32>() {
+                return Ok(uid);
+            }
+            return match nix::unistd::User::from_name(named) {
+                Ok(Some(user)) => Ok(user.uid.as_raw()),
+                Ok(None) => Err(format!("apache_user `{}` is not a user of this host", named.escape_debug())),
+                Err(e) => Err(format!("looking up apache_user `{}`: {e}", named.escape_debug())),
+            };
+        }
+        ["www-data", "apache", "httpd"]
+            .into_iter()
+            .find_map(|name| nix::unistd::User::from_name(name).ok().flatten())
+            .map(|user| user.uid.as_raw())
+            .ok_or_else(|| {
+                "none of www-data, apache and httpd is a user here: set apache_user to the user Apache's workers run as".into()
+            })
+    }
+
+    /// This frontend's watcher name ([`Config::watcher_name`], else the
+    /// host name).
+    pub fn watcher_name(&self) -> String {
+        let named = self.watcher_name.trim();
+        if !named.is_empty() {
+            return named.to_owned();
+        }
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
     }
 
     /// Relative paths against `base`; the lock beside the Apache include

@@ -108,6 +108,8 @@ mod tests {
             redeemed: false,
             ended_at: None,
             end_cause: None,
+            end_kind: None,
+            expired: false,
         }
     }
 

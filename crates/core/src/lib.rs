@@ -22,6 +22,7 @@ pub mod store;
 pub mod subprocess;
 pub mod syslog;
 pub mod token;
+pub mod tunnels;
 
 pub use config::Config;
 pub use endpoints::{handle, ClientAddr, Context, Endpoint};

@@ -376,16 +376,13 @@ pub fn render_gauges(out: &mut String, gauges: &Gauges, now: DateTime<Utc>) {
         "gauge",
         "Ended sessions still in the store (until their TTL), by cause.",
     );
-    let _ = writeln!(
-        out,
-        "satellite_sessions_ended{{cause=\"job_end\"}} {}",
-        gauges.ended_job_end
-    );
-    let _ = writeln!(
-        out,
-        "satellite_sessions_ended{{cause=\"binding_mismatch\"}} {}",
-        gauges.ended_binding_mismatch
-    );
+    for (cause, count) in &gauges.ended {
+        let _ = writeln!(
+            out,
+            "satellite_sessions_ended{{cause=\"{}\"}} {count}",
+            cause.label()
+        );
+    }
     header(
         out,
         "satellite_session_ends_total",

@@ -131,7 +131,8 @@ impl<'a> Publisher<'a> {
     }
 
     /// The backends that live routes lead to (`ip:port`), and when the
-    /// first of those routes expires: what [`cut_tunnels`] compares.
+    /// first of those routes expires: the targets `cron --watch` must not cut
+    /// (see [`crate::tunnels`]).
     pub fn live_targets(
         &self,
         store: &dyn Store,
@@ -285,38 +286,4 @@ fn reload_apache(config: &Config) -> Result<()> {
         ))
     })?;
     Ok(())
-}
-
-/// `ss`, wherever this system keeps it (cron's PATH may be minimal).
-fn ss_program() -> &'static str {
-    ["/usr/sbin/ss", "/usr/bin/ss", "/sbin/ss", "/bin/ss"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .unwrap_or("ss")
-}
-
-/// Closes this host's open TCP connections to each `ip:port` (the tunnels
-/// Apache holds to a backend whose route is gone: a websocket outlives the
-/// route that opened it). Needs CAP_NET_ADMIN (`ss -K`). Returns one line
-/// per target that could not be cut.
-pub fn cut_tunnels(targets: &[String]) -> Vec<String> {
-    let mut failures = Vec::new();
-    for target in targets {
-        let Some((host, port)) = target.rsplit_once(':') else {
-            continue;
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.parse::<IpAddr>().is_err() || port.parse::<u16>().is_err() {
-            failures.push(format!("{target}: not an ip:port"));
-            continue;
-        }
-        let argv: Vec<String> = [ss_program(), "-K", "-t", "dst", host, "dport", "=", port]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        if let Err(err) = run_command(&argv, "closing tunnels") {
-            failures.push(err.to_string());
-        }
-    }
-    failures
 }

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{Config, JobBinding};
 use crate::error::Result;
-use crate::store::{JobRecord, LinkedSession, Store};
+use crate::store::{EndCause, JobRecord, LinkedSession, SessionEnd, Store};
 
 /// A job linked less than this before a snapshot was taken may be missing
 /// from it without having ended (the snapshot can predate the `sbatch`).
@@ -57,8 +57,8 @@ pub struct Snapshot {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub recorded: usize,
-    /// Sessions ended now: (alias, cause).
-    pub ended: Vec<(String, String)>,
+    /// Sessions ended now.
+    pub ended: Vec<SessionEnd>,
     /// Binding mismatches seen in `warn` mode (alias, what), logged only.
     pub warned: Vec<(String, String)>,
 }
@@ -116,7 +116,11 @@ pub fn apply_snapshot(
             Some(job) => {
                 if let Some(mismatch) = binding_violation(config, &mut resolver, &session, job) {
                     if config.job_binding == JobBinding::Enforce {
-                        applied.ended.push((session.alias, mismatch));
+                        applied.ended.push(SessionEnd {
+                            alias: session.alias,
+                            kind: EndCause::BindingMismatch,
+                            cause: mismatch,
+                        });
                     } else {
                         applied.warned.push((session.alias, mismatch));
                     }
@@ -130,7 +134,11 @@ pub fn apply_snapshot(
             None => None,
         };
         if let Some(cause) = job_over {
-            applied.ended.push((session.alias, cause));
+            applied.ended.push(SessionEnd {
+                alias: session.alias,
+                kind: EndCause::JobEnd,
+                cause,
+            });
         }
     }
     store.end_sessions(&applied.ended, now)?;
@@ -257,6 +265,12 @@ mod tests {
         .unwrap()
     }
 
+    fn pairs(ends: &[SessionEnd]) -> Vec<(String, String)> {
+        ends.iter()
+            .map(|end| (end.alias.clone(), end.cause.clone()))
+            .collect()
+    }
+
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text)
             .unwrap()
@@ -349,7 +363,7 @@ mod tests {
         };
         let applied = apply_snapshot(&mut store, &config, &snapshot, now).unwrap();
         assert_eq!(
-            applied.ended,
+            pairs(&applied.ended),
             vec![
                 (
                     "done-job-token".to_owned(),
@@ -437,7 +451,7 @@ mod tests {
         );
         let enforced = apply_snapshot(&mut store, &config("enforce"), &snapshot, now).unwrap();
         assert_eq!(
-            enforced.ended,
+            pairs(&enforced.ended),
             vec![
                 (
                     "root-job-token".to_owned(),

@@ -6,6 +6,7 @@
 //! written atomically, nothing written or reloaded when nothing changed, and
 //! a config that fails Apache's test is never left in place.
 
+use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,8 @@ use anyhow::{bail, Context as _, Result};
 use chrono::Utc;
 use satellite_core::publish::{self, Publisher};
 use satellite_core::routes::FileLock;
+use satellite_core::store::RouteEnd;
+use satellite_core::tunnels::{self, CutError};
 use satellite_core::{Config, Store};
 
 /// How often `--watch` looks for database changes.
@@ -29,9 +32,11 @@ pub struct Report {
     pub skipped: bool,
     pub expired: usize,
     pub published: publish::Report,
-    /// Backends (`ip:port`) whose routes went away since the last run, and
+    /// Backends (`ip:port`) whose route ended and no live route leads to,
     /// whose open connections were cut (`--watch` only).
     pub tunnels_cut: Vec<String>,
+    /// How many connections that was.
+    pub sockets_cut: usize,
     pub cut_failures: Vec<String>,
     /// `--watch`'s first run: it now watches, with this many live backends.
     pub watching: Option<usize>,
@@ -53,8 +58,10 @@ impl Report {
         }
         if !self.tunnels_cut.is_empty() {
             lines.push(format!(
-                "closed open connections to {} backend(s) whose route is gone",
-                self.tunnels_cut.len()
+                "closed {} open connection(s) to {} backend(s) whose route ended: {}",
+                self.sockets_cut,
+                self.tunnels_cut.len(),
+                self.tunnels_cut.join(", ")
             ));
         }
         if self.expired > 0 {
@@ -125,8 +132,12 @@ pub fn run_locked(config: &Config) -> Result<Report> {
 }
 
 /// `cron --watch`: stays running, and runs again shortly after any change
-/// to the database (and at least every minute, for expiry). Holds the run
+/// to the database (and at least every minute, for expiry), and cuts the
+/// open tunnels of every route that ended (see [`Watcher`]). Holds the run
 /// lock for its whole life, so a crontab `cron` beside it exits at once.
+/// Store and subprocess failures are reported through `on_report` and
+/// retried with a growing pause; only a configuration it cannot work with
+/// or a held run lock ends it.
 pub fn watch(config: &Config, mut on_report: impl FnMut(Result<Report>)) -> Result<()> {
     let Some(_lock) = FileLock::try_acquire(&config.lockfile)? else {
         bail!(
@@ -134,43 +145,229 @@ pub fn watch(config: &Config, mut on_report: impl FnMut(Result<Report>)) -> Resu
             config.lockfile.display()
         );
     };
-    let watcher = open_store(config)?;
-    let publisher = Publisher::new(config);
-    let data_version = || -> Result<i64> { Ok(watcher.data_version()?) };
-    let mut seen = data_version()?;
-    let mut first = run_locked(config);
-    let (mut live, mut first_expiry) = publisher.live_targets(watcher.as_ref(), Utc::now())?;
-    if let Ok(report) = first.as_mut() {
-        report.watching = Some(live.len());
-    }
-    on_report(first);
-    let mut last_run = Instant::now();
+    let owner = config
+        .apache_uid()
+        .map_err(|why| anyhow::anyhow!("{why}"))
+        .context("finding whose tunnels to cut")?;
+    let mut watcher = Watcher::new(config, owner);
+    let mut pause = WATCH_POLL;
     loop {
-        thread::sleep(WATCH_POLL);
-        let now = data_version()?;
-        let expired = first_expiry.is_some_and(|at| Utc::now() > at);
-        if now != seen || expired || last_run.elapsed() >= WATCH_IDLE_RUN {
-            // Let a burst of writes (getlink, redeem, link) settle first.
-            thread::sleep(WATCH_DEBOUNCE);
+        match watcher.step(&mut on_report) {
+            Ok(()) => {
+                pause = WATCH_POLL;
+                thread::sleep(WATCH_POLL);
+            }
+            Err(err) => {
+                on_report(Err(err.context(format!(
+                    "watching the database (trying again in {pause:?})"
+                ))));
+                // A store that failed may be a broken connection: open anew.
+                watcher.store = None;
+                thread::sleep(pause);
+                pause = (pause * 2).min(WATCH_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// The longest pause between two tries after a failure.
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long one batch of tunnel cuts may take before the loop goes on.
+pub const CUT_DEADLINE: Duration = Duration::from_secs(5);
+/// How often a watcher says it is alive when nothing ends.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+/// Route ends taken in one batch.
+const ENDS_PER_BATCH: usize = 5_000;
+
+/// The state of `cron --watch` between two steps.
+///
+/// Cutting is driven by the record of ended routes (`route_ends`), not by
+/// comparing snapshots: every ending is recorded in the transaction that
+/// makes it, with an increasing id, and the watcher keeps the id of the
+/// last one it acted on in the store (`watchers`, under its name), so a
+/// route that lived and died between two polls, or while the watcher was
+/// down, is still cut. Map routing cuts as soon as the record is seen (the
+/// route is gone from Apache's map at that commit); vhost routing first
+/// reloads Apache without the route, so that the client cannot reconnect
+/// through the old configuration.
+pub struct Watcher<'a> {
+    config: &'a Config,
+    publisher: Publisher<'a>,
+    name: String,
+    /// Apache's workers' uid: only their connections are cut.
+    owner: u32,
+    store: Option<Box<dyn Store>>,
+    /// The last route end acted on; `None` until read from the store.
+    cursor: Option<i64>,
+    seen_version: Option<i64>,
+    first_expiry: Option<chrono::DateTime<Utc>>,
+    last_run: Option<Instant>,
+    last_heartbeat: Instant,
+    /// Vhost routing: route ends up to this id were recorded before the
+    /// last reload, so Apache no longer routes them.
+    published_through: i64,
+}
+
+impl<'a> Watcher<'a> {
+    pub fn new(config: &'a Config, owner: u32) -> Self {
+        Watcher {
+            config,
+            publisher: Publisher::new(config),
+            name: config.watcher_name(),
+            owner,
+            store: None,
+            cursor: None,
+            seen_version: None,
+            first_expiry: None,
+            last_run: None,
+            last_heartbeat: Instant::now(),
+            published_through: 0,
+        }
+    }
+
+    /// One look at the database: publish if anything changed, cut the
+    /// tunnels of every route that ended since the last step.
+    pub fn step(&mut self, on_report: &mut dyn FnMut(Result<Report>)) -> Result<()> {
+        if self.store.is_none() {
+            self.store = Some(open_store(self.config)?);
+        }
+        let pid = std::process::id();
+        let cursor = match self.cursor {
+            Some(cursor) => cursor,
+            None => {
+                let name = self.name.clone();
+                let cursor = self.store_mut().watcher_cursor(&name, pid, Utc::now())?;
+                self.cursor = Some(cursor);
+                cursor
+            }
+        };
+        let ends = self.store_ref().route_ends_after(cursor, ENDS_PER_BATCH)?;
+        let version = self.store_ref().data_version()?;
+        let vhost = self.config.routing == satellite_core::config::Routing::Vhost;
+        let last_end = ends.last().map(|end| end.id);
+        let first = self.last_run.is_none();
+        if !vhost {
+            self.cut(&ends, on_report)?;
+        }
+        let due = first
+            || self.seen_version != Some(version)
+            || self.first_expiry.is_some_and(|at| Utc::now() > at)
+            || self.last_run.is_some_and(|at| at.elapsed() >= WATCH_IDLE_RUN)
+            || (vhost && last_end.is_some_and(|id| id > self.published_through));
+        if due {
+            if !first {
+                // Let a burst of writes (getlink, redeem, link) settle.
+                thread::sleep(WATCH_DEBOUNCE);
+            }
             // What is seen is the version before the run: a commit made by
             // anyone during the run (which may wait seconds on Apache's
             // config test) then triggers the next run. The run's own
-            // writes trigger one more, which finds nothing to do and
-            // writes nothing.
-            seen = data_version()?;
-            let mut report = run_locked(config);
-            // Open tunnels (websockets) to a backend whose route is gone
-            // would outlive the route: cut them.
-            let (still_live, next_expiry) = publisher.live_targets(watcher.as_ref(), Utc::now())?;
-            let mut gone: Vec<String> = live.difference(&still_live).cloned().collect();
-            gone.sort();
-            if let Ok(report) = report.as_mut() {
-                report.tunnels_cut = gone.clone();
-                report.cut_failures = publish::cut_tunnels(&gone);
+            // writes trigger one more, which finds nothing to do.
+            self.seen_version = Some(self.store_ref().data_version()?);
+            let mut report = run_locked(self.config);
+            // Even a failed run leaves Apache's configuration as it will
+            // stay until the next one: cutting cannot wait for it.
+            if let Some(id) = last_end {
+                self.published_through = self.published_through.max(id);
             }
-            (live, first_expiry) = (still_live, next_expiry);
+            let (live, first_expiry) = self
+                .publisher
+                .live_targets(self.store_ref(), Utc::now())?;
+            self.first_expiry = first_expiry;
+            if let (true, Ok(report)) = (first, report.as_mut()) {
+                report.watching = Some(live.len());
+            }
             on_report(report);
-            last_run = Instant::now();
+            self.last_run = Some(Instant::now());
         }
+        if vhost {
+            let published: Vec<RouteEnd> = ends
+                .into_iter()
+                .filter(|end| end.id <= self.published_through)
+                .collect();
+            self.cut(&published, on_report)?;
+        }
+        if self.last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+            let cursor = self.cursor.unwrap_or_default();
+            let name = self.name.clone();
+            self.store_mut()
+                .watcher_advance(&name, cursor, pid, Utc::now())?;
+            self.last_heartbeat = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn store_ref(&self) -> &dyn Store {
+        self.store.as_deref().expect("opened at the start of the step")
+    }
+
+    fn store_mut(&mut self) -> &mut dyn Store {
+        self.store
+            .as_deref_mut()
+            .expect("opened at the start of the step")
+    }
+
+    /// Cuts Apache's tunnels to the targets of `ends` that no live route
+    /// leads to, then records them as acted on. Targets that cannot be cut
+    /// here at all (no CAP_NET_ADMIN, a kernel without socket destroy) are
+    /// reported and passed; a deadline or a netlink failure leaves them
+    /// for the next step.
+    fn cut(&mut self, ends: &[RouteEnd], on_report: &mut dyn FnMut(Result<Report>)) -> Result<()> {
+        let Some(last) = ends.last().map(|end| end.id) else {
+            return Ok(());
+        };
+        let (live, _) = self
+            .publisher
+            .live_targets(self.store_ref(), Utc::now())?;
+        let mut targets: Vec<(String, SocketAddr)> = Vec::new();
+        let mut refused = Vec::new();
+        for end in ends {
+            if live.contains(&end.target) || targets.iter().any(|(t, _)| *t == end.target) {
+                continue;
+            }
+            match end.target.parse::<SocketAddr>() {
+                Ok(addr) => targets.push((end.target.clone(), addr)),
+                // A Perl-era row may hold anything; it never had a route.
+                Err(_) => refused.push(end.target.clone()),
+            }
+        }
+        let addrs: Vec<SocketAddr> = targets.iter().map(|(_, a)| *a).collect();
+        let mut report = Report::default();
+        match tunnels::cut(&addrs, Some(self.owner), CUT_DEADLINE) {
+            Ok(done) => {
+                report.sockets_cut = done.destroyed;
+                report.tunnels_cut = targets.into_iter().map(|(t, _)| t).collect();
+            }
+            Err(err @ (CutError::NotPermitted | CutError::Unsupported)) => {
+                report.cut_failures.push(format!(
+                    "could not cut the open connections to {}: {err}",
+                    targets
+                        .iter()
+                        .map(|(t, _)| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            Err(err) => {
+                return Err(anyhow::Error::new(err).context(format!(
+                    "cutting the open connections to {} backend(s)",
+                    addrs.len()
+                )))
+            }
+        }
+        for target in refused {
+            report
+                .cut_failures
+                .push(format!("ended route to {target:?}: not an ip:port, nothing to cut"));
+        }
+        let name = self.name.clone();
+        self.store_mut()
+            .watcher_advance(&name, last, std::process::id(), Utc::now())?;
+        self.cursor = Some(last);
+        self.last_heartbeat = Instant::now();
+        if !report.tunnels_cut.is_empty() || !report.cut_failures.is_empty() {
+            on_report(Ok(report));
+        }
+        Ok(())
     }
 }

@@ -140,8 +140,11 @@ fn republish(config: &Config, store: &mut dyn Store) -> Result<String> {
 
 pub fn revoke(config: &Config, token: &str) -> Result<String> {
     let mut store = open_store(config)?;
-    if !store.revoke(token)? {
-        bail!("no token {token}");
+    if !store.revoke(token, Utc::now())? {
+        match store.find_token(token)? {
+            Some(row) if row.state == "ended" => bail!("token {token} had already ended"),
+            _ => bail!("no token {token}"),
+        }
     }
     let routes = republish(config, store.as_mut())?;
     Ok(format!("revoked {token}; {routes}\n"))

@@ -41,7 +41,8 @@ pub fn poll_once(config: &Config, scheduler: &dyn Scheduler, timeout: Duration) 
     )
     .context("applying the job snapshot")?;
     let mut out = String::new();
-    for (alias, cause) in &applied.ended {
+    for end in &applied.ended {
+        let (alias, cause) = (&end.alias, &end.cause);
         out.push_str(&format!(
             "ended the session of token-id {}: {cause}\n",
             log_id(alias)

@@ -8,6 +8,7 @@ use super::{
     ONLY_GET,
 };
 use crate::query::Params;
+use crate::store::{EndCause, ProxyState, TokenJob};
 
 pub(super) fn tokenjobstate(ctx: &mut Context, request: &Request<Body>) -> Outcome {
     require_method(
@@ -56,11 +57,14 @@ pub(super) fn tokenjobstate(ctx: &mut Context, request: &Request<Body>) -> Outco
             Some(alias) => ctx.store()?.token_job(alias, now, ttl)?,
             None => None,
         };
+        // A tombstone or a row past its TTL is a known token: polling it is
+        // no guess, so only a token never issued counts.
         if found.is_none() {
             ctx.charge_unknown(request)?;
         }
         let code = found
             .as_ref()
+            .filter(|job| !job.expired)
             .map(|job| ctx.classifier.display_code(job, now.timestamp()));
         if params.get("format").is_some_and(|f| f == b"json") {
             let body = job_json(found.as_ref(), code);
@@ -101,7 +105,8 @@ pub(super) fn update_jobs(ctx: &mut Context, request: &Request<Body>) -> Outcome
     let now = ctx.now();
     ctx.store()?;
     let applied = ctx.apply_snapshot(&snapshot, now)?;
-    for (alias, cause) in &applied.ended {
+    for end in &applied.ended {
+        let (alias, cause) = (&end.alias, &end.cause);
         ctx.syslog.info(&format!(
             "satellite session ended token-id: {} cause: {cause}",
             super::short_id(alias)
@@ -132,21 +137,97 @@ const FAILED_TO_START: [&str; 8] = [
     "OOM",
 ];
 
+/// Why a session is over, as the waiting page tells it: the `cause` of
+/// tokenjobstate's JSON answer. Each names news a user reads differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndingShown {
+    /// The job destroyed its token (JupyterLab's File > Shut Down).
+    ShutDown,
+    /// An administrator's `satellite revoke`.
+    Revoked,
+    /// The job reached its walltime (Slurm's TIMEOUT, DEADLINE).
+    TimeLimit,
+    /// scancel, while queued or running.
+    Cancelled,
+    /// The node failed under the job.
+    NodeFailure,
+    Preempted,
+    /// The job stopped before its application registered.
+    FailedToStart,
+    /// The job failed (or ran out of memory) after it started.
+    Failed,
+    /// Redeemed from outside its job, or run by a denied user.
+    Binding,
+    /// Completed, or no longer known to the scheduler.
+    JobEnded,
+    /// Past its TTL.
+    Expired,
+}
+
+impl EndingShown {
+    pub fn label(self) -> &'static str {
+        match self {
+            EndingShown::ShutDown => "shutdown",
+            EndingShown::Revoked => "revoked",
+            EndingShown::TimeLimit => "time_limit",
+            EndingShown::Cancelled => "cancelled",
+            EndingShown::NodeFailure => "node_failure",
+            EndingShown::Preempted => "preempted",
+            EndingShown::FailedToStart => "failed_to_start",
+            EndingShown::Failed => "failed",
+            EndingShown::Binding => "binding",
+            EndingShown::JobEnded => "job_ended",
+            EndingShown::Expired => "expired",
+        }
+    }
+
+    /// The ending of a token the page shows as over (code `D`, or expired);
+    /// `None` while it is not.
+    pub fn of(token: &TokenJob, code: Option<&str>) -> Option<EndingShown> {
+        if token.expired {
+            return Some(EndingShown::Expired);
+        }
+        let over = token.proxy_state == ProxyState::Ended || code == Some("D");
+        if !over {
+            return None;
+        }
+        match token.end_kind {
+            Some(EndCause::Destroy) => return Some(EndingShown::ShutDown),
+            Some(EndCause::Revoke) => return Some(EndingShown::Revoked),
+            Some(EndCause::BindingMismatch) => return Some(EndingShown::Binding),
+            Some(EndCause::Ttl) => return Some(EndingShown::Expired),
+            Some(EndCause::JobEnd) | None => {}
+        }
+        let state = token.job_state.as_deref().unwrap_or_default();
+        let state = satellite_sched::JobState::new(state);
+        let base = state.base().to_ascii_uppercase();
+        Some(match base.as_str() {
+            "TIMEOUT" | "TO" | "DEADLINE" | "DL" => EndingShown::TimeLimit,
+            "CANCELLED" | "CA" => EndingShown::Cancelled,
+            "PREEMPTED" | "PR" => EndingShown::Preempted,
+            _ if !token.redeemed && FAILED_TO_START.contains(&base.as_str()) => {
+                EndingShown::FailedToStart
+            }
+            "NODE_FAIL" | "NF" => EndingShown::NodeFailure,
+            "FAILED" | "F" | "BOOT_FAIL" | "BF" | "OUT_OF_MEMORY" | "OOM" => EndingShown::Failed,
+            _ => EndingShown::JobEnded,
+        })
+    }
+}
+
 /// tokenjobstate's `format=json` answer, for the waiting page: the legacy
 /// code plus `X` (unknown or expired token, final) and `E` (the job failed
-/// before it redeemed, final), and what is known of the job.
-fn job_json(found: Option<&crate::store::TokenJob>, code: Option<&str>) -> String {
+/// before it redeemed, final), why it is over (`cause`, see
+/// [`EndingShown`]), and what is known of the job.
+fn job_json(found: Option<&TokenJob>, code: Option<&str>) -> String {
     let Some(token) = found else {
-        return serde_json::json!({ "state": "X", "job": null }).to_string();
+        return serde_json::json!({ "state": "X", "cause": "unknown", "job": null }).to_string();
     };
-    let job_state = token.job_state.as_deref().unwrap_or("");
-    let failed_to_start = token.proxy_state == crate::store::ProxyState::Ended
-        && !token.redeemed
-        && FAILED_TO_START.contains(&job_state.to_ascii_uppercase().as_str());
-    let state = if failed_to_start {
-        "E"
-    } else {
-        code.unwrap_or("U")
+    let ending = EndingShown::of(token, code);
+    let state = match ending {
+        Some(EndingShown::Expired) => "X",
+        Some(EndingShown::FailedToStart) => "E",
+        _ => code.unwrap_or("U"),
     };
     let ended_at = token
         .ended_at
@@ -164,5 +245,11 @@ fn job_json(found: Option<&crate::store::TokenJob>, code: Option<&str>) -> Strin
             "ended_at": ended_at,
         })
     });
-    serde_json::json!({ "state": state, "job": job, "ended_at": ended_at }).to_string()
+    serde_json::json!({
+        "state": state,
+        "cause": ending.map(EndingShown::label),
+        "job": job,
+        "ended_at": ended_at,
+    })
+    .to_string()
 }

@@ -79,7 +79,8 @@ pub(super) fn destroy(ctx: &mut Context, request: &Request<Body>) -> Outcome {
         return Err(unknown(ctx, request, UNKNOWN_OR_DESTROYED));
     };
     let requester = client.to_string();
-    match ctx.store()?.destroy(token, &requester)? {
+    let now = ctx.now();
+    match ctx.store()?.destroy(token, &requester, now)? {
         DestroyOutcome::Destroyed => {
             ctx.syslog.info(&format!(
                 "satellite destroy token-id: {} requested-from: {requester}",

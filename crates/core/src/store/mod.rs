@@ -70,12 +70,21 @@ pub trait Store {
         publication: RoutePublication<'_>,
     ) -> Result<RedeemOutcome>;
 
-    /// Deletes a token. A redeemed one may only be destroyed from the host
-    /// it was redeemed on; a pending one from anywhere allowed (galyleo
-    /// destroys from the login node when `sbatch` fails). Expired rows may
-    /// be destroyed too: it only hastens the inevitable. A destroyed token
-    /// that was not already ended counts as [`EndCause::Destroy`].
-    fn destroy(&mut self, alias: &str, requester: &str) -> Result<DestroyOutcome>;
+    /// Ends a token's session as its job asked (destroytoken): the row
+    /// becomes an `ended` tombstone (kind [`EndCause::Destroy`]) until its
+    /// TTL and its route goes in the same transaction. A redeemed one may
+    /// only be destroyed from the host it was redeemed on; a pending one
+    /// from anywhere allowed (galyleo destroys from the login node when
+    /// `sbatch` fails). Expired rows may be destroyed too: it only hastens
+    /// the inevitable. A tombstone of a job end is destroyed without
+    /// change (the job's end is the better news); one of a destroy or a
+    /// revoke answers `Unknown`, as the original did for a second destroy.
+    fn destroy(
+        &mut self,
+        alias: &str,
+        requester: &str,
+        now: DateTime<Utc>,
+    ) -> Result<DestroyOutcome>;
 
     /// Records the batch job id of a live token, once.
     fn link(
@@ -94,7 +103,8 @@ pub trait Store {
         ttl_secs: i64,
     ) -> Result<Option<ProxyState>>;
 
-    /// A live token with its job's last pushed state.
+    /// A token with its job's last pushed state, tombstones and rows past
+    /// their TTL (`expired`, not yet deleted) included.
     fn token_job(&self, alias: &str, now: DateTime<Utc>, ttl_secs: i64)
         -> Result<Option<TokenJob>>;
 
@@ -121,12 +131,12 @@ pub trait Store {
     /// last pushes said of their job.
     fn linked_sessions(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Vec<LinkedSession>>;
 
-    /// Ends these sessions (state `ended`, when and why; each counted by
-    /// [`EndCause::of_session_end`] of its cause): their routes go in the
-    /// same transaction, the rows stay as tombstones
-    /// until the TTL so their aliases are never issued again. Rows already
-    /// ended or gone are left alone. Returns how many ended now.
-    fn end_sessions(&mut self, ends: &[(String, String)], now: DateTime<Utc>) -> Result<usize>;
+    /// Ends these sessions (state `ended`, when, why and its kind, each
+    /// counted by its kind): their routes go in the same transaction, the
+    /// rows stay as tombstones until the TTL so their aliases are never
+    /// issued again. Rows already ended or gone are left alone. Returns how
+    /// many ended now.
+    fn end_sessions(&mut self, ends: &[SessionEnd], now: DateTime<Utc>) -> Result<usize>;
 
     /// Deletes rows of every state whose `modified` is older than the TTL;
     /// those not already ended count as [`EndCause::Ttl`].
@@ -164,26 +174,80 @@ pub trait Store {
     /// watcher (`cron --watch`) can poll it cheaply.
     fn data_version(&self) -> Result<i64>;
 
+    /// The recorded route ends with an id above `after`, oldest first, at
+    /// most `limit` of them: what a watcher has not acted on yet.
+    fn route_ends_after(&self, after: i64, limit: usize) -> Result<Vec<RouteEnd>>;
+
+    /// Registers the watcher `name` (if new, at the first retained record,
+    /// so that it acts on everything still recorded) and returns the id of
+    /// the last route end it has acted on.
+    fn watcher_cursor(&mut self, name: &str, pid: u32, now: DateTime<Utc>) -> Result<i64>;
+
+    /// Records that watcher `name` has acted on every route end up to
+    /// `last_end_id`, and that it is alive (its heartbeat); drops the
+    /// records every watcher heard of within [`WATCHER_FORGET_SECS`] has
+    /// passed, and the watchers silent for longer. One transaction.
+    fn watcher_advance(
+        &mut self,
+        name: &str,
+        last_end_id: i64,
+        pid: u32,
+        now: DateTime<Utc>,
+    ) -> Result<()>;
+
+    /// Every registered watcher, by name.
+    fn watchers(&self) -> Result<Vec<WatcherRow>>;
+
     /// Every token, oldest first.
     fn list_tokens(&self) -> Result<Vec<TokenRow>>;
 
     /// One token, by alias, whatever its state or age.
     fn find_token(&self, alias: &str) -> Result<Option<TokenRow>>;
 
-    /// Deletes a token whatever its state or host (an admin's revoke); if
-    /// it was not already ended it counts as [`EndCause::Revoke`].
-    fn revoke(&mut self, alias: &str) -> Result<bool>;
+    /// Ends a token's session whatever its state or host (an admin's
+    /// revoke): a tombstone of kind [`EndCause::Revoke`] until the TTL, its
+    /// route gone in the same transaction. False when no such token is
+    /// there or it had already ended.
+    fn revoke(&mut self, alias: &str, now: DateTime<Utc>) -> Result<bool>;
 
     /// Counts for `satellite stats`.
     fn stats(&self) -> Result<Stats>;
 
     /// Counts for the metrics, read in one transaction so they agree.
-    ///
-    /// Ended sessions are classed by the text `sessions` writes to
-    /// `end_cause`: `job … ended (…)` and `job … is no longer known to the
-    /// scheduler` are the job's end; every other cause (a foreign node, a
-    /// denied user) is a binding mismatch.
+    /// Ended sessions are classed by their `end_kind`.
     fn gauges(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Gauges>;
+}
+
+/// A watcher silent for this long is forgotten: route ends it has not
+/// acted on no longer wait for it (its Apache is presumably gone too).
+pub const WATCHER_FORGET_SECS: i64 = 24 * 3600;
+
+/// A route that ended: the backend (`ip:port`, as recorded) whose open
+/// tunnels must be cut, unless a live route still leads there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteEnd {
+    pub id: i64,
+    pub target: String,
+}
+
+/// A watcher as the store knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatcherRow {
+    pub name: String,
+    pub last_end_id: i64,
+    pub heartbeat: Option<DateTime<Utc>>,
+    pub pid: Option<i64>,
+    /// Route ends recorded after its cursor.
+    pub behind: i64,
+}
+
+/// One session to end, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub alias: String,
+    pub kind: EndCause,
+    /// What happened, for the log and the admin (`job 7 ended (TIMEOUT)`).
+    pub cause: String,
 }
 
 /// Job states older than this are purged whenever new ones arrive.
@@ -249,6 +313,9 @@ pub struct TokenJob {
     /// When the session ended (`ended` rows), and why.
     pub ended_at: Option<String>,
     pub end_cause: Option<String>,
+    pub end_kind: Option<EndCause>,
+    /// The row has outlived its TTL and waits for cron to delete it.
+    pub expired: bool,
 }
 
 /// What the scheduler said of one job, as stored in `jobstates`.
@@ -349,9 +416,8 @@ pub struct Gauges {
     pub live_routes: i64,
     /// Live rows (not `ended`, not past the TTL) never linked to a job.
     pub unbound: i64,
-    /// `ended` rows by cause class: see [`Store::gauges`].
-    pub ended_job_end: i64,
-    pub ended_binding_mismatch: i64,
+    /// `ended` rows (tombstones) by their kind, every kind listed.
+    pub ended: Vec<(EndCause, i64)>,
     /// Sessions ended since the database was made, by cause, every cause
     /// listed (a counter: it only grows).
     pub ends_total: Vec<(EndCause, i64)>,
@@ -396,14 +462,17 @@ impl EndCause {
         }
     }
 
+    /// The kind stored in `end_kind`, if this build knows it.
     pub fn from_label(label: &str) -> Option<EndCause> {
         EndCause::ALL.into_iter().find(|c| c.label() == label)
     }
 
-    /// The class of an `end_cause` text as `sessions` writes it:
-    /// `job … ended (…)` and `job … is no longer known to the scheduler`
-    /// are the job's end; every other cause is a binding mismatch.
-    pub fn of_session_end(text: &str) -> EndCause {
+    /// The class of an `end_cause` text of a tombstone made before
+    /// `end_kind` existed (schema 4 and older), when only job ends and
+    /// binding mismatches made tombstones: `job … ended (…)` and `job … is
+    /// no longer known to the scheduler` are the job's end; every other
+    /// cause is a binding mismatch. Used once, by the migration.
+    pub fn of_legacy_cause(text: &str) -> EndCause {
         let job_end = text.strip_prefix("job ").is_some_and(|rest| {
             rest.contains(" ended (") || rest.ends_with(" is no longer known to the scheduler")
         });

@@ -18,8 +18,8 @@ use super::sqlite_schema::{self, table_exists};
 use super::{
     expiry_cutoff, parse_sql_timestamp, route_expiry, sql_timestamp, DestroyOutcome, EndCause,
     Gauges, JobRecord, LinkOutcome, LinkedSession, Migration, ProxyState, PublishedRoute,
-    RedeemOutcome, RoutePublication, RouteRow, RouteSync, Stats, Store, TokenJob, TokenRow,
-    JOBSTATE_RETENTION_SECS,
+    RedeemOutcome, RouteEnd, RoutePublication, RouteRow, RouteSync, SessionEnd, Stats, Store,
+    TokenJob, TokenRow, WatcherRow, JOBSTATE_RETENTION_SECS, WATCHER_FORGET_SECS,
 };
 use crate::error::{CoreError, Result};
 use crate::ratelimit::Limits;
@@ -277,21 +277,50 @@ impl Store for SqliteStore {
         })
     }
 
-    fn destroy(&mut self, alias: &str, requester: &str) -> Result<DestroyOutcome> {
-        let written = self.conditional_write(alias, "", |tx, hash| {
-            delete_counting(
-                tx,
-                "alias_compare_hash = ?1 AND alias = ?2 \
-                 AND (dsthost IS NULL OR dsthost = '' OR dsthost = ?3)",
-                params![hash, alias, requester],
-                EndCause::Destroy,
+    fn destroy(
+        &mut self,
+        alias: &str,
+        requester: &str,
+        now: DateTime<Utc>,
+    ) -> Result<DestroyOutcome> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let tx = self.write_tx()?;
+        let row: Option<(Option<String>, Option<String>, Option<String>)> = tx
+            .query_row(
+                "SELECT state, dsthost, end_kind FROM proxy \
+                 WHERE alias_compare_hash = ?1 AND alias = ?2",
+                params![hash, alias],
+                |r| Ok((value_text(r.get(0)?), value_text(r.get(1)?), value_text(r.get(2)?))),
             )
-        })?;
-        Ok(match written {
-            Written::Applied => DestroyOutcome::Destroyed,
-            Written::Refused => DestroyOutcome::WrongHost,
-            Written::NoSuchRow => DestroyOutcome::Unknown,
-        })
+            .optional()?;
+        let Some((state, dsthost, end_kind)) = row else {
+            return Ok(DestroyOutcome::Unknown);
+        };
+        let ended = state.as_deref() == Some("ended");
+        let ended_by_request = matches!(
+            end_kind.as_deref().and_then(EndCause::from_label),
+            Some(EndCause::Destroy | EndCause::Revoke)
+        );
+        let from_its_host = dsthost
+            .as_deref()
+            .is_none_or(|host| host.is_empty() || host == requester);
+        let outcome = if ended && ended_by_request {
+            DestroyOutcome::Unknown
+        } else if !from_its_host {
+            DestroyOutcome::WrongHost
+        } else {
+            if !ended {
+                let cause = if dsthost.as_deref().is_some_and(|h| !h.is_empty()) {
+                    format!("shut down by its job (destroytoken from {requester})")
+                } else {
+                    format!("destroyed before its job redeemed it (destroytoken from {requester})")
+                };
+                end_rows(&tx, &hash, alias, EndCause::Destroy, &cause, now)?;
+            }
+            DestroyOutcome::Destroyed
+        };
+        tx.commit()?;
+        Ok(outcome)
     }
 
     fn link(
@@ -347,10 +376,11 @@ impl Store for SqliteStore {
             .query_row(
                 &format!(
                     "SELECT ps.state, ps.jobid, js.state, js.lastseen, ps.ended_at, ps.end_cause, \
-                     {JOB_DETAIL_COLUMNS}, ps.dsthost FROM proxy ps \
+                     {JOB_DETAIL_COLUMNS}, ps.dsthost, ps.end_kind, \
+                     coalesce(ps.modified < ?3, 1) FROM proxy ps \
                      LEFT JOIN jobstates js ON js.jobid = ps.jobid \
                      LEFT JOIN jobdetails jd ON jd.jobid = ps.jobid \
-                     WHERE ps.alias_compare_hash = ?1 AND ps.alias = ?2 AND ps.modified >= ?3"
+                     WHERE ps.alias_compare_hash = ?1 AND ps.alias = ?2"
                 ),
                 params![hash, alias, expiry_cutoff(now, ttl_secs)],
                 |row| {
@@ -367,6 +397,9 @@ impl Store for SqliteStore {
                         redeemed: value_text(row.get(12)?).is_some_and(|h| !h.is_empty()),
                         ended_at: value_text(row.get(4)?),
                         end_cause: value_text(row.get(5)?),
+                        end_kind: value_text(row.get(13)?)
+                            .and_then(|k| EndCause::from_label(&k)),
+                        expired: value_integer(row.get(14)?) != Some(0),
                     })
                 },
             )
@@ -434,19 +467,12 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    fn end_sessions(&mut self, ends: &[(String, String)], now: DateTime<Utc>) -> Result<usize> {
+    fn end_sessions(&mut self, ends: &[SessionEnd], now: DateTime<Utc>) -> Result<usize> {
         let tx = self.write_tx()?;
         let mut ended = 0;
-        {
-            let mut end = tx.prepare(
-                "UPDATE proxy SET state = 'ended', ended_at = ?1, end_cause = ?2 \
-                 WHERE alias = ?3 AND state IN ('pending', 'mapped', 'proxied')",
-            )?;
-            for (alias, cause) in ends {
-                let now_ended = end.execute(params![sql_timestamp(now), cause, alias])?;
-                count_ends(&tx, EndCause::of_session_end(cause), now_ended)?;
-                ended += now_ended;
-            }
+        for end in ends {
+            let hash = alias_compare_hash(end.alias.as_bytes());
+            ended += end_rows(&tx, &hash, &end.alias, end.kind, &end.cause, now)?;
         }
         tx.commit()?;
         Ok(ended)
@@ -459,6 +485,14 @@ impl Store for SqliteStore {
             "modified < ?1",
             [expiry_cutoff(now, ttl_secs)],
             EndCause::Ttl,
+        )?;
+        // Route ends no watcher took within the forget period (a site with
+        // no watcher running, or one long gone) would pile up.
+        let forget_before = sql_timestamp(now - chrono::Duration::seconds(WATCHER_FORGET_SECS));
+        tx.execute("DELETE FROM route_ends WHERE at < ?1", [&forget_before])?;
+        tx.execute(
+            "DELETE FROM watchers WHERE heartbeat IS NULL OR heartbeat < ?1",
+            [&forget_before],
         )?;
         tx.commit()?;
         Ok(deleted)
@@ -592,6 +626,83 @@ impl Store for SqliteStore {
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
+    fn route_ends_after(&self, after: i64, limit: usize) -> Result<Vec<RouteEnd>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, target FROM route_ends WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![after, limit], |r| {
+            Ok(RouteEnd {
+                id: r.get(0)?,
+                target: value_text(r.get(1)?).unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn watcher_cursor(&mut self, name: &str, pid: u32, now: DateTime<Utc>) -> Result<i64> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "INSERT INTO watchers (name, last_end_id, heartbeat, pid) \
+             VALUES (?1, (SELECT coalesce(min(id), 1) - 1 FROM route_ends), ?2, ?3) \
+             ON CONFLICT (name) DO UPDATE SET heartbeat = excluded.heartbeat, pid = excluded.pid",
+            params![name, sql_timestamp(now), pid],
+        )?;
+        let cursor = tx.query_row(
+            "SELECT last_end_id FROM watchers WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(cursor)
+    }
+
+    fn watcher_advance(
+        &mut self,
+        name: &str,
+        last_end_id: i64,
+        pid: u32,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "INSERT INTO watchers (name, last_end_id, heartbeat, pid) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (name) DO UPDATE SET \
+               last_end_id = max(last_end_id, excluded.last_end_id), \
+               heartbeat = excluded.heartbeat, pid = excluded.pid",
+            params![name, last_end_id, sql_timestamp(now), pid],
+        )?;
+        let forget_before = sql_timestamp(now - chrono::Duration::seconds(WATCHER_FORGET_SECS));
+        tx.execute(
+            "DELETE FROM watchers WHERE heartbeat IS NULL OR heartbeat < ?1",
+            [&forget_before],
+        )?;
+        tx.execute(
+            "DELETE FROM route_ends WHERE id <= (SELECT min(last_end_id) FROM watchers)",
+            [],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn watchers(&self) -> Result<Vec<WatcherRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, last_end_id, heartbeat, pid, \
+             (SELECT count(*) FROM route_ends e WHERE e.id > w.last_end_id) \
+             FROM watchers w ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(WatcherRow {
+                name: r.get(0)?,
+                last_end_id: r.get(1)?,
+                heartbeat: value_text(r.get(2)?).and_then(|t| parse_sql_timestamp(&t)),
+                pid: value_integer(r.get(3)?),
+                behind: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn list_tokens(&self) -> Result<Vec<TokenRow>> {
         self.query_tokens("ORDER BY modified ASC, alias ASC", [])
     }
@@ -607,17 +718,19 @@ impl Store for SqliteStore {
             .next())
     }
 
-    fn revoke(&mut self, alias: &str) -> Result<bool> {
+    fn revoke(&mut self, alias: &str, now: DateTime<Utc>) -> Result<bool> {
         let hash = alias_compare_hash(alias.as_bytes());
         let tx = self.write_tx()?;
-        let deleted = delete_counting(
+        let ended = end_rows(
             &tx,
-            "alias_compare_hash = ?1 AND alias = ?2",
-            params![hash, alias],
+            &hash,
+            alias,
             EndCause::Revoke,
+            "revoked by an administrator",
+            now,
         )?;
         tx.commit()?;
-        Ok(deleted == 1)
+        Ok(ended == 1)
     }
 
     fn stats(&self) -> Result<Stats> {
@@ -664,16 +777,22 @@ impl Store for SqliteStore {
             [expiry_cutoff(now, ttl_secs)],
             |r| r.get(0),
         )?;
-        let (ended_job_end, ended_binding_mismatch) = tx.query_row(
-            "SELECT \
-               coalesce(sum(end_cause LIKE 'job % ended (%' \
-                   OR end_cause LIKE 'job % is no longer known to the scheduler'), 0), \
-               coalesce(sum(NOT (coalesce(end_cause, '') LIKE 'job % ended (%' \
-                   OR coalesce(end_cause, '') LIKE 'job % is no longer known to the scheduler')), 0) \
-             FROM proxy WHERE state = 'ended'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+        let mut ended: Vec<(EndCause, i64)> =
+            EndCause::ALL.into_iter().map(|cause| (cause, 0)).collect();
+        let mut stmt = tx.prepare(
+            "SELECT end_kind, count(*) FROM proxy WHERE state = 'ended' GROUP BY end_kind",
         )?;
+        let kinds = stmt.query_map([], |r| Ok((value_text(r.get(0)?), r.get::<_, i64>(1)?)))?;
+        for row in kinds {
+            let (label, count) = row?;
+            // A kind this build does not know (a newer one wrote it, or a
+            // hand edit) is left out rather than misfiled.
+            let kind = label.as_deref().and_then(EndCause::from_label);
+            if let Some(slot) = ended.iter_mut().find(|(c, _)| Some(*c) == kind) {
+                slot.1 += count;
+            }
+        }
+        drop(stmt);
         let newest: Value =
             tx.query_row("SELECT max(lastseen) FROM jobstates", [], |r| r.get(0))?;
         let mut ends_total: Vec<(EndCause, i64)> =
@@ -694,8 +813,7 @@ impl Store for SqliteStore {
             by_state,
             live_routes,
             unbound,
-            ended_job_end,
-            ended_binding_mismatch,
+            ended,
             newest_jobstate: value_integer(newest),
         })
     }
@@ -723,6 +841,27 @@ fn delete_counting(
         .count();
     count_ends(tx, cause, sessions)?;
     Ok(states.len())
+}
+
+/// Ends the live session of one token (state `ended`, when, why and its
+/// kind) and counts it by kind, in the caller's transaction; its route
+/// goes by the triggers. A row already ended or gone is left alone.
+/// Returns how many ended (0 or 1).
+fn end_rows(
+    tx: &Connection,
+    hash: &str,
+    alias: &str,
+    kind: EndCause,
+    cause: &str,
+    now: DateTime<Utc>,
+) -> rusqlite::Result<usize> {
+    let ended = tx.execute(
+        "UPDATE proxy SET state = 'ended', ended_at = ?1, end_cause = ?2, end_kind = ?3 \
+         WHERE alias_compare_hash = ?4 AND alias = ?5 AND state IS NOT 'ended'",
+        params![sql_timestamp(now), cause, kind.label(), hash, alias],
+    )?;
+    count_ends(tx, kind, ended)?;
+    Ok(ended)
 }
 
 /// Adds `ended` sessions to the `session_ends` counter of `cause`.
@@ -956,7 +1095,7 @@ mod tests {
             }
         );
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
-        assert!(store.revoke("kept-row-here").unwrap());
+        assert!(store.revoke("kept-row-here", now).unwrap());
         let counted = store.gauges(now, 100).unwrap().ends_total;
         assert!(counted.contains(&(EndCause::Revoke, 1)), "{counted:?}");
     }
@@ -1037,15 +1176,15 @@ mod tests {
             RedeemOutcome::AlreadyRedeemed
         );
         assert_eq!(
-            store.destroy("able-acorn-zoo", "10.0.0.6").unwrap(),
+            store.destroy("able-acorn-zoo", "10.0.0.6", now).unwrap(),
             DestroyOutcome::WrongHost
         );
         assert_eq!(
-            store.destroy("able-acorn-zoo", "10.0.0.5").unwrap(),
+            store.destroy("able-acorn-zoo", "10.0.0.5", now).unwrap(),
             DestroyOutcome::Destroyed
         );
         assert_eq!(
-            store.destroy("able-acorn-zoo", "10.0.0.5").unwrap(),
+            store.destroy("able-acorn-zoo", "10.0.0.5", now).unwrap(),
             DestroyOutcome::Unknown
         );
     }
@@ -1130,9 +1269,10 @@ mod tests {
                 .unwrap(),
             None
         );
-        // A refused second redeem writes no route either.
+        // A refused redeem (of a revoked token's tombstone) writes no route
+        // either.
         store.insert_pending("other-token-here", now).unwrap();
-        store.revoke("other-token-here").unwrap();
+        store.revoke("other-token-here", now).unwrap();
         assert_eq!(
             store
                 .redeem(
@@ -1144,7 +1284,7 @@ mod tests {
                     live("10.0.0.6:8888")
                 )
                 .unwrap(),
-            RedeemOutcome::Unknown
+            RedeemOutcome::AlreadyRedeemed
         );
         assert_eq!(store.live_route_count(now).unwrap(), 1);
     }
@@ -1164,7 +1304,7 @@ mod tests {
         let (_dir, mut store) = new_store();
         let now = at("2026-01-01T12:00:00Z");
         redeemed_live(&mut store, &["one-a-b", "two-a-b", "three-a-b"], now);
-        store.destroy("one-a-b", "10.0.0.5").unwrap();
+        store.destroy("one-a-b", "10.0.0.5", now).unwrap();
         // What a Perl script or a hand edit does, with no satellite code.
         store
             .connection()
@@ -1176,7 +1316,8 @@ mod tests {
         assert_eq!(store.live_route("one-a-b", now).unwrap(), None);
         assert_eq!(store.live_route("two-a-b", now).unwrap(), None);
         assert!(store.live_route("three-a-b", now).unwrap().is_some());
-        assert_eq!(store.expire(at("2026-01-01T13:00:00Z"), 100).unwrap(), 2);
+        // The destroyed one stays as a tombstone until its TTL.
+        assert_eq!(store.expire(at("2026-01-01T13:00:00Z"), 100).unwrap(), 3);
         assert_eq!(store.live_route_count(now).unwrap(), 0);
     }
 
@@ -1254,12 +1395,20 @@ mod tests {
             .unwrap();
         // A refused destroy ends nothing.
         assert_eq!(
-            store.destroy("by-destroy-a", "10.0.0.9").unwrap(),
+            store.destroy("by-destroy-a", "10.0.0.9", now).unwrap(),
             DestroyOutcome::WrongHost
         );
-        store.destroy("by-destroy-a", "10.0.0.5").unwrap();
-        assert!(store.revoke("by-revoke-a").unwrap());
-        let ends = |text: &str, alias: &str| (alias.to_owned(), text.to_owned());
+        store.destroy("by-destroy-a", "10.0.0.5", now).unwrap();
+        assert!(store.revoke("by-revoke-a", now).unwrap());
+        let ends = |text: &str, alias: &str| SessionEnd {
+            alias: alias.to_owned(),
+            kind: if text.starts_with("job ") {
+                EndCause::JobEnd
+            } else {
+                EndCause::BindingMismatch
+            },
+            cause: text.to_owned(),
+        };
         let ended = store
             .end_sessions(
                 &[
@@ -1274,14 +1423,20 @@ mod tests {
             )
             .unwrap();
         assert_eq!(ended, 3);
-        // Ending a tombstone again, revoking it, or its TTL counts nothing more.
+        // Ending a tombstone again, revoking or destroying it, or its TTL
+        // counts nothing more.
         let again = store
             .end_sessions(&[ends("job 9 ended (CANCELLED)", "twice-a")], now)
             .unwrap();
         assert_eq!(again, 0);
-        assert!(store.revoke("twice-a").unwrap());
+        assert!(!store.revoke("twice-a", now).unwrap());
+        assert_eq!(
+            store.destroy("twice-a", "10.0.0.5", now).unwrap(),
+            DestroyOutcome::Destroyed
+        );
         let later = at("2026-01-01T12:05:00Z");
-        assert_eq!(store.expire(later, 100).unwrap(), 3);
+        // Every row goes at its TTL, tombstones included.
+        assert_eq!(store.expire(later, 100).unwrap(), 6);
 
         let counted = store.gauges(later, 100).unwrap().ends_total;
         assert_eq!(

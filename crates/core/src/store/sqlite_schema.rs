@@ -15,8 +15,9 @@ use crate::error::{CoreError, Result};
 
 /// Written to `PRAGMA user_version` once a database has satellite's indexes
 /// and route table. Legacy databases have 0; 1 had the indexes only; 2 had
-/// no `unknown_answers`; 3 had no `session_ends`.
-pub const SCHEMA_VERSION: i64 = 4;
+/// no `unknown_answers`; 3 had no `session_ends`; 4 had no `route_ends`,
+/// `watchers` or `proxy.end_kind`.
+pub const SCHEMA_VERSION: i64 = 5;
 
 pub(super) const CREATE_PROXY: &str = "CREATE TABLE proxy ( alias text not null, alias_compare_hash text not null, modified timestamp default current_timestamp, dsthost text, dstport integer, dstpath text, state text not null, jobid text default null)";
 pub(super) const CREATE_JOBSTATES: &str = "CREATE TABLE jobstates ( jobid text primary key, state text not null, lastseen timestamp default current_timestamp)";
@@ -47,6 +48,23 @@ const CREATE_ROUTES: &str = "
         WHEN new.state IS NOT 'proxied' OR new.alias IS NOT old.alias
           OR new.dsthost IS NOT old.dsthost OR new.dstport IS NOT old.dstport
         BEGIN DELETE FROM routes WHERE alias = old.alias; END;
+    CREATE TABLE IF NOT EXISTS route_ends ( id integer primary key autoincrement, target text not null, at text not null default current_timestamp );
+    CREATE TABLE IF NOT EXISTS watchers ( name text primary key not null, last_end_id integer not null default 0, heartbeat text, pid integer ) WITHOUT ROWID;
+    CREATE TRIGGER IF NOT EXISTS proxy_delete_records_route_end AFTER DELETE ON proxy
+        WHEN old.state IN ('mapped', 'proxied') AND coalesce(old.dsthost, '') <> ''
+        BEGIN INSERT INTO route_ends (target) VALUES (
+            CASE WHEN instr(old.dsthost, ':') > 0 THEN '[' || old.dsthost || ']' ELSE old.dsthost END
+            || ':' || old.dstport); END;
+    CREATE TRIGGER IF NOT EXISTS proxy_update_records_route_end
+        AFTER UPDATE OF state, dsthost, dstport ON proxy
+        WHEN old.state IN ('mapped', 'proxied') AND coalesce(old.dsthost, '') <> ''
+          AND (new.state NOT IN ('mapped', 'proxied') OR new.dsthost IS NOT old.dsthost
+               OR new.dstport IS NOT old.dstport)
+        BEGIN INSERT INTO route_ends (target) VALUES (
+            CASE WHEN instr(old.dsthost, ':') > 0 THEN '[' || old.dsthost || ']' ELSE old.dsthost END
+            || ':' || old.dstport); END;
+    CREATE TRIGGER IF NOT EXISTS routes_delete_records_route_end AFTER DELETE ON routes
+        BEGIN INSERT INTO route_ends (target) VALUES (old.target); END;
 ";
 // `unknown_answers` is the rate limit's memory for the CGI programs, which
 // live for one request: per client address (see `ratelimit::client_key`),
@@ -54,6 +72,17 @@ const CREATE_ROUTES: &str = "
 // seconds). A row whose debt has drained says nothing and is deleted.
 // `session_ends` counts ended sessions by cause (`EndCause::label`) for the
 // metrics, written in the transaction that ends them.
+//
+// `route_ends` is the record every watcher (`cron --watch`, one per Apache
+// frontend) cuts open tunnels from: whatever ends a route (a redeem's row
+// changing, destroy, revoke, a job end, the TTL, a Perl script's delete,
+// cron's repair dropping a refused route) adds the target it led to, in the
+// transaction that ends it, with an increasing id. The triggers fire for
+// writes of any program, so no ending is missed, and the ids never repeat
+// (AUTOINCREMENT), so a watcher's cursor in `watchers` (`last_end_id`) says
+// exactly what it has acted on, across its restarts. A target may be
+// recorded twice for one ending (the row and its route); cutting is
+// idempotent. `watchers` also holds each watcher's heartbeat.
 
 /// Columns satellite adds to the legacy tables, all nullable, so the Perl
 /// scripts' inserts (which name their columns) keep working.
@@ -64,11 +93,12 @@ const CREATE_ROUTES: &str = "
 /// `jobstates` itself is left as the original made it (a site's own
 /// scripts may insert into it without naming columns): the rest of what the
 /// scheduler says of a job lives in satellite's `jobdetails`.
-pub const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+pub const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
     ("proxy", "jobid", "text default null"),
     ("proxy", "linked_at", "text default null"),
     ("proxy", "ended_at", "text default null"),
     ("proxy", "end_cause", "text default null"),
+    ("proxy", "end_kind", "text default null"),
 ];
 const PROXY_COLUMNS: [&str; 7] = [
     "alias",
@@ -122,6 +152,7 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Resul
     refuse_duplicate_aliases(&tx, path)?;
     tx.execute_batch(CREATE_INDEXES)?;
     tx.execute_batch(CREATE_ROUTES)?;
+    classify_old_tombstones(&tx)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     // WAL lets readers (tokenjobstate polls, index) run beside a writer.
@@ -170,6 +201,25 @@ fn add_satellite_columns(tx: &Transaction<'_>, path: &Path) -> Result<Vec<&'stat
         }
     }
     Ok(added)
+}
+
+/// Tombstones made before `end_kind` existed get it from their cause text,
+/// once, so that every later reader classes ends by `end_kind` alone.
+fn classify_old_tombstones(tx: &Transaction<'_>) -> Result<()> {
+    let causes: Vec<(String, String)> = {
+        let mut stmt = tx.prepare(
+            "SELECT alias, coalesce(end_cause, '') FROM proxy \
+             WHERE state = 'ended' AND end_kind IS NULL",
+        )?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut update = tx.prepare("UPDATE proxy SET end_kind = ?1 WHERE alias = ?2")?;
+    for (alias, cause) in causes {
+        let kind = crate::store::EndCause::of_legacy_cause(&cause);
+        update.execute(rusqlite::params![kind.label(), alias])?;
+    }
+    Ok(())
 }
 
 /// The unique index on `alias_compare_hash` cannot be built over two rows
