@@ -326,6 +326,7 @@ impl Apache {
                 "apache_pidfile".into(),
                 quote(&self.pidfile().display().to_string()),
             ),
+            ("apache_user".into(), quote(&PrivateApache::worker_user())),
         ];
         for (key, value) in overrides {
             entries.retain(|(k, _)| k != key);

@@ -172,6 +172,11 @@ fn bad(msg: impl Into<String>) -> io::Error {
 }
 
 impl Conn {
+    /// How long a read may wait (a websocket waiting to be cut).
+    pub fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.stream.sock.set_read_timeout(Some(timeout))
+    }
+
     /// Sends `req` and reads its whole response; the connection stays open
     /// for the next request (unless the server closes it).
     pub fn send(&mut self, req: &Request) -> io::Result<Response> {

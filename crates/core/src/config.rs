@@ -295,8 +295,14 @@ impl Config {
             }
             return match nix::unistd::User::from_name(named) {
                 Ok(Some(user)) => Ok(user.uid.as_raw()),
-                Ok(None) => Err(format!("apache_user `{}` is not a user of this host", named.escape_debug())),
-                Err(e) => Err(format!("looking up apache_user `{}`: {e}", named.escape_debug())),
+                Ok(None) => Err(format!(
+                    "apache_user `{}` is not a user of this host",
+                    named.escape_debug()
+                )),
+                Err(e) => Err(format!(
+                    "looking up apache_user `{}`: {e}",
+                    named.escape_debug()
+                )),
             };
         }
         ["www-data", "apache", "httpd"]

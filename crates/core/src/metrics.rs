@@ -277,6 +277,8 @@ pub struct CronMetrics {
     pub publication: Histogram,
     pub expired: Counter,
     pub failures: Counter,
+    pub tunnels_cut: Counter,
+    pub cut_failures: Counter,
 }
 
 impl CronMetrics {
@@ -295,6 +297,16 @@ impl CronMetrics {
             out,
             "satellite_cron_failures_total",
             "Cron runs that failed (see its log).",
+        );
+        self.tunnels_cut.render(
+            out,
+            "satellite_tunnels_cut_total",
+            "Apache connections to a backend whose route ended that cron --watch closed.",
+        );
+        self.cut_failures.render(
+            out,
+            "satellite_tunnel_cut_failures_total",
+            "Ended routes whose open connections could not be closed (see its log).",
         );
     }
 }
@@ -405,6 +417,36 @@ pub fn render_gauges(out: &mut String, gauges: &Gauges, now: DateTime<Utc>) {
     if let Some(newest) = gauges.newest_jobstate {
         let age = (now.timestamp() - newest).max(0);
         let _ = writeln!(out, "satellite_jobstate_push_age_seconds {age}");
+    }
+    header(
+        out,
+        "satellite_watcher_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since each frontend's cron --watch last said it is alive (every 10 s while running).",
+    );
+    for watcher in &gauges.watchers {
+        if let Some(beat) = watcher.heartbeat {
+            let _ = writeln!(
+                out,
+                "satellite_watcher_heartbeat_age_seconds{{watcher=\"{}\"}} {}",
+                escape_label(&watcher.name),
+                (now - beat).num_seconds().max(0)
+            );
+        }
+    }
+    header(
+        out,
+        "satellite_watcher_route_ends_pending",
+        "gauge",
+        "Ended routes each frontend's watcher has not yet cut the tunnels of.",
+    );
+    for watcher in &gauges.watchers {
+        let _ = writeln!(
+            out,
+            "satellite_watcher_route_ends_pending{{watcher=\"{}\"}} {}",
+            escape_label(&watcher.name),
+            watcher.behind
+        );
     }
 }
 

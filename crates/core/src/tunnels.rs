@@ -87,7 +87,10 @@ pub fn cut(
     }
     let diag = DiagSocket::open(Instant::now() + limit, limit)?;
     let mut found = Vec::new();
-    for family in [libc_family(AddressFamily::Inet), libc_family(AddressFamily::Inet6)] {
+    for family in [
+        libc_family(AddressFamily::Inet),
+        libc_family(AddressFamily::Inet6),
+    ] {
         diag.dump(family, &mut |msg| {
             let (Some(peer), Some(uid)) = (peer_of(msg), uid_of(msg)) else {
                 return;
@@ -191,7 +194,7 @@ impl DiagSocket {
         message.extend_from_slice(&flags.to_ne_bytes());
         message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
         message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-        // struct inet_diag_req_v2
+                                                        // struct inet_diag_req_v2
         message.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
         let states = if kind == SOCK_DESTROY {
             u32::MAX
@@ -217,10 +220,7 @@ impl DiagSocket {
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
             .ok_or(CutError::Deadline(self.limit))?;
-        let timeout = TimeVal::new(
-            left.as_secs() as _,
-            left.subsec_micros().max(1) as _,
-        );
+        let timeout = TimeVal::new(left.as_secs() as _, left.subsec_micros().max(1) as _);
         setsockopt(&self.fd, sockopt::ReceiveTimeout, &timeout)?;
         match recv(self.fd.as_raw_fd(), buffer, MsgFlags::empty()) {
             Ok(n) => Ok(n),

@@ -252,7 +252,9 @@ impl<'a> Watcher<'a> {
         let due = first
             || self.seen_version != Some(version)
             || self.first_expiry.is_some_and(|at| Utc::now() > at)
-            || self.last_run.is_some_and(|at| at.elapsed() >= WATCH_IDLE_RUN)
+            || self
+                .last_run
+                .is_some_and(|at| at.elapsed() >= WATCH_IDLE_RUN)
             || (vhost && last_end.is_some_and(|id| id > self.published_through));
         if due {
             if !first {
@@ -270,9 +272,7 @@ impl<'a> Watcher<'a> {
             if let Some(id) = last_end {
                 self.published_through = self.published_through.max(id);
             }
-            let (live, first_expiry) = self
-                .publisher
-                .live_targets(self.store_ref(), Utc::now())?;
+            let (live, first_expiry) = self.publisher.live_targets(self.store_ref(), Utc::now())?;
             self.first_expiry = first_expiry;
             if let (true, Ok(report)) = (first, report.as_mut()) {
                 report.watching = Some(live.len());
@@ -298,7 +298,9 @@ impl<'a> Watcher<'a> {
     }
 
     fn store_ref(&self) -> &dyn Store {
-        self.store.as_deref().expect("opened at the start of the step")
+        self.store
+            .as_deref()
+            .expect("opened at the start of the step")
     }
 
     fn store_mut(&mut self) -> &mut dyn Store {
@@ -316,9 +318,7 @@ impl<'a> Watcher<'a> {
         let Some(last) = ends.last().map(|end| end.id) else {
             return Ok(());
         };
-        let (live, _) = self
-            .publisher
-            .live_targets(self.store_ref(), Utc::now())?;
+        let (live, _) = self.publisher.live_targets(self.store_ref(), Utc::now())?;
         let mut targets: Vec<(String, SocketAddr)> = Vec::new();
         let mut refused = Vec::new();
         for end in ends {
@@ -356,9 +356,9 @@ impl<'a> Watcher<'a> {
             }
         }
         for target in refused {
-            report
-                .cut_failures
-                .push(format!("ended route to {target:?}: not an ip:port, nothing to cut"));
+            report.cut_failures.push(format!(
+                "ended route to {target:?}: not an ip:port, nothing to cut"
+            ));
         }
         let name = self.name.clone();
         self.store_mut()

@@ -71,9 +71,11 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
              routing = \"map\"\n\
              syslog_socket = \"\"\n\
              serve_socket = \"{socket}\"\n{socket_group}\
-             serve_workers = 4\n",
+             serve_workers = 4\n\
+             apache_user = \"{worker}\"\n",
             port = options.port,
             socket = serve_socket.display(),
+            worker = PrivateApache::worker_user(),
         ),
     )?;
     if nix::unistd::Uid::effective().is_root() {

@@ -212,6 +212,20 @@ impl PrivateApache {
         dir.join("httpd.conf")
     }
 
+    /// The user this private Apache's workers run as: `nobody` when
+    /// started by root (Apache will not run workers as root), else the
+    /// user who started it. What `apache_user` names for `cron --watch`.
+    pub fn worker_user() -> String {
+        if nix::unistd::Uid::effective().is_root() {
+            return "nobody".into();
+        }
+        let uid = nix::unistd::Uid::effective();
+        nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map_or_else(|| uid.as_raw().to_string(), |user| user.name)
+    }
+
     pub fn pid_path(dir: &Path) -> PathBuf {
         dir.join("httpd.pid")
     }

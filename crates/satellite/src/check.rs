@@ -134,6 +134,8 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
         findings.push(finding);
     }
     findings.push(check_reload(&config));
+    findings.extend(check_tunnel_cutting(&config));
+    findings.extend(check_watchers(&config));
     findings.push(check_certificate(&config, cert));
     findings.push(check_serve_listen(&config));
     findings.push(check_log_key(&config));
@@ -142,6 +144,82 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
         findings.push(finding);
     }
     findings
+}
+
+/// `cron --watch` cuts the open tunnels of Apache's workers (their user)
+/// when a route ends, over sock_diag netlink: say whether this host allows
+/// it, as this process (root, or the watcher's user with CAP_NET_ADMIN).
+fn check_tunnel_cutting(config: &Config) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    match config.apache_uid() {
+        Ok(uid) => findings.push(ok(format!(
+            "cron --watch cuts the tunnels of Apache's workers (uid {uid}) when a route ends"
+        ))),
+        Err(why) => findings.push(fail(
+            format!("{why}; cron --watch will not start"),
+            "set apache_user in the configuration to the User of Apache's configuration",
+        )),
+    }
+    match satellite_core::tunnels::probe() {
+        Ok(()) => findings.push(ok(
+            "open tunnels of ended sessions can be cut here (sock_diag destroy works for this process)",
+        )),
+        Err(err) => findings.push(warn(
+            format!("this process cannot cut open tunnels: {err}; where cron --watch cannot either, an ended session keeps its open websockets until they close"),
+            "run cron --watch with CAP_NET_ADMIN (the shipped satellite-cron.service grants it) on a kernel built with CONFIG_INET_DIAG_DESTROY (Debian's, RHEL's), and run this check as root",
+        )),
+    }
+    findings
+}
+
+/// A watcher not heard of for this long is reported as down (it beats
+/// every 10 s).
+const WATCHER_SILENT_SECS: i64 = 60;
+
+/// Every frontend's `cron --watch` records a heartbeat in the store.
+fn check_watchers(config: &Config) -> Vec<Finding> {
+    let timeout = Duration::from_millis(config.busy_timeout_ms);
+    let store = match satellite_core::store::open(&config.dbfile, timeout) {
+        Ok(store) => store,
+        // check_database says why.
+        Err(_) => return Vec::new(),
+    };
+    let watchers = match store.watchers() {
+        Ok(watchers) => watchers,
+        Err(err) => {
+            return vec![fail(
+                format!("reading the watchers: {err}"),
+                "see the database finding",
+            )]
+        }
+    };
+    if watchers.is_empty() {
+        return vec![warn(
+            "no cron --watch has run on this database: ended sessions keep their open websockets, and vhost routes wait for the crontab",
+            "systemctl enable --now satellite-cron.service",
+        )];
+    }
+    let now = chrono::Utc::now();
+    watchers
+        .into_iter()
+        .map(|watcher| {
+            let age = watcher.heartbeat.map(|beat| (now - beat).num_seconds().max(0));
+            match age {
+                Some(age) if age <= WATCHER_SILENT_SECS => ok(format!(
+                    "watcher {} alive {age} s ago, {} ended route(s) left to cut",
+                    watcher.name, watcher.behind
+                )),
+                _ => warn(
+                    format!(
+                        "watcher {} last alive {}; tunnels of sessions ending now are not cut on its frontend",
+                        watcher.name,
+                        age.map_or("never".into(), |a| format!("{a} s ago"))
+                    ),
+                    "systemctl status satellite-cron.service on that frontend (a frontend taken out of service is forgotten after a day)",
+                ),
+            }
+        })
+        .collect()
 }
 
 /// Without the key, log lines name no token (a keyless id could be

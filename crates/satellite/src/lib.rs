@@ -190,7 +190,8 @@ pub fn cron_main(config: &Config, watch: bool, verbose: bool) -> ExitCode {
             true
         }
         Err(err) => {
-            eprintln!("satellite cron: {err:#}");
+            // Not eprintln!: a closed stderr must not panic the watcher.
+            let _ = writeln!(io::stderr().lock(), "satellite cron: {err:#}");
             false
         }
     };
@@ -199,8 +200,12 @@ pub fn cron_main(config: &Config, watch: bool, verbose: bool) -> ExitCode {
         let result = satellite_cron::watch(config, |report| {
             match &report {
                 Ok(report) if !report.skipped => {
-                    metrics.publication.observe(report.took);
+                    if report.tunnels_cut.is_empty() && report.cut_failures.is_empty() {
+                        metrics.publication.observe(report.took);
+                    }
                     metrics.expired.add(report.expired as u64);
+                    metrics.tunnels_cut.add(report.sockets_cut as u64);
+                    metrics.cut_failures.add(report.cut_failures.len() as u64);
                 }
                 Ok(_) => {}
                 Err(_) => metrics.failures.inc(),

@@ -423,6 +423,8 @@ pub struct Gauges {
     pub ends_total: Vec<(EndCause, i64)>,
     /// `max(jobstates.lastseen)` as an epoch; `None` when nothing was pushed.
     pub newest_jobstate: Option<i64>,
+    /// Every frontend's watcher, its heartbeat and what it has not cut yet.
+    pub watchers: Vec<WatcherRow>,
 }
 
 /// Why a token's session ended, as the `satellite_session_ends_total` counter

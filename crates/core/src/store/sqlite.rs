@@ -290,7 +290,13 @@ impl Store for SqliteStore {
                 "SELECT state, dsthost, end_kind FROM proxy \
                  WHERE alias_compare_hash = ?1 AND alias = ?2",
                 params![hash, alias],
-                |r| Ok((value_text(r.get(0)?), value_text(r.get(1)?), value_text(r.get(2)?))),
+                |r| {
+                    Ok((
+                        value_text(r.get(0)?),
+                        value_text(r.get(1)?),
+                        value_text(r.get(2)?),
+                    ))
+                },
             )
             .optional()?;
         let Some((state, dsthost, end_kind)) = row else {
@@ -397,8 +403,7 @@ impl Store for SqliteStore {
                         redeemed: value_text(row.get(12)?).is_some_and(|h| !h.is_empty()),
                         ended_at: value_text(row.get(4)?),
                         end_cause: value_text(row.get(5)?),
-                        end_kind: value_text(row.get(13)?)
-                            .and_then(|k| EndCause::from_label(&k)),
+                        end_kind: value_text(row.get(13)?).and_then(|k| EndCause::from_label(&k)),
                         expired: value_integer(row.get(14)?) != Some(0),
                     })
                 },
@@ -627,9 +632,9 @@ impl Store for SqliteStore {
     }
 
     fn route_ends_after(&self, after: i64, limit: usize) -> Result<Vec<RouteEnd>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id, target FROM route_ends WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, target FROM route_ends WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt.query_map(params![after, limit], |r| {
             Ok(RouteEnd {
@@ -815,6 +820,7 @@ impl Store for SqliteStore {
             unbound,
             ended,
             newest_jobstate: value_integer(newest),
+            watchers: self.watchers()?,
         })
     }
 }
