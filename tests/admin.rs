@@ -112,7 +112,14 @@ fn revoke_removes_the_token_and_its_route_and_gc_expires_now() {
         stdout(&satellite(&site, &["revoke", &live])),
         format!("revoked {live}; routes table updated (0 live)\n")
     );
-    assert_eq!(site.state_of(&live), None);
+    // A tombstone until its TTL: the page can say an administrator ended it.
+    assert_eq!(site.state_of(&live).as_deref(), Some("ended"));
+    let out = satellite(&site, &["revoke", &live]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("satellite: token {live} had already ended\n")
+    );
     let routes: i64 = site
         .db()
         .query_row("SELECT count(*) FROM routes", [], |r| r.get(0))
@@ -138,7 +145,7 @@ fn admin_commands_refuse_a_bad_config_a_missing_database_and_one_from_the_future
     site.db().execute_batch("PRAGMA user_version = 99").unwrap();
     let out = satellite(&site, &["stats"]);
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("written by a newer satellite (schema version 99, this build knows 4)"));
+        .contains("written by a newer satellite (schema version 99, this build knows 5)"));
     let out = satellite(&site, &["migrate", "--dry-run"]);
     assert!(!out.status.success());
 
@@ -148,20 +155,24 @@ fn admin_commands_refuse_a_bad_config_a_missing_database_and_one_from_the_future
     assert!(String::from_utf8_lossy(&out.stderr).contains("words_per_token must be 2 to 6"));
 }
 
-/// A database of the previous satellite (schema 3) needs only the table
-/// this one adds, and says so before anything is written.
+/// A database of the previous satellite (schema 4) needs only what this
+/// one adds, and says so before anything is written.
 #[test]
-fn migrate_dry_run_of_a_schema_3_database_names_only_what_is_new() {
+fn migrate_dry_run_of_a_schema_4_database_names_only_what_is_new() {
     let site = Site::new();
     site.db()
-        .execute_batch("DROP TABLE session_ends; PRAGMA user_version = 3;")
+        .execute_batch(
+            "DROP TRIGGER proxy_delete_records_route_end; DROP TRIGGER proxy_update_records_route_end; \
+             DROP TRIGGER routes_delete_records_route_end; DROP TABLE route_ends; DROP TABLE watchers; \
+             ALTER TABLE proxy DROP COLUMN end_kind; PRAGMA user_version = 4;",
+        )
         .unwrap();
     let db = site.db.to_str().unwrap().to_owned();
     let dry = stdout(&satellite(&site, &["migrate", "--db", &db, "--dry-run"]));
     assert_eq!(
         dry,
         format!(
-            "{db}:\n  schema version 3 (this build writes 4)\n  legacy schema variant: master\n  will add the table that counts ended sessions by cause (metrics)\n  will switch the file to WAL (if it is not already)\n  no colliding aliases\n"
+            "{db}:\n  schema version 4 (this build writes 5)\n  legacy schema variant: master\n  will add column proxy.end_kind\n  will add the record of ended routes that each frontend's cron --watch cuts the tunnels of\n  will add the table of watchers (each frontend's place in that record, and its heartbeat)\n  will switch the file to WAL (if it is not already)\n  no colliding aliases\n"
         )
     );
     let done = stdout(&satellite(&site, &["migrate", "--db", &db]));
@@ -170,7 +181,7 @@ fn migrate_dry_run_of_a_schema_3_database_names_only_what_is_new() {
         .db()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
 }
 
 #[test]
@@ -204,7 +215,7 @@ fn migrate_takes_a_perl_database_in_place_with_a_backup() {
     assert_eq!(
         dry,
         format!(
-            "{db}:\n  schema version 0 (this build writes 4)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add column proxy.linked_at\n  will add column proxy.ended_at\n  will add column proxy.end_cause\n  will add a unique index on alias_compare_hash and lookup indexes\n  will add the routes table that Apache reads (map routing) and its triggers\n  will add the table that counts unknown-token answers per client (rate limit)\n  will add the table of what the scheduler says of each job (reason, start, limit, nodes)\n  will add the table that counts ended sessions by cause (metrics)\n  will switch the file to WAL (if it is not already)\n  no colliding aliases\n"
+            "{db}:\n  schema version 0 (this build writes 5)\n  legacy schema variant: base (no jobid)\n  1 mapped token(s)\n  1 pending token(s)\n  1 proxied token(s)\n  will add column proxy.jobid\n  will add column proxy.linked_at\n  will add column proxy.ended_at\n  will add column proxy.end_cause\n  will add column proxy.end_kind\n  will add a unique index on alias_compare_hash and lookup indexes\n  will add the routes table that Apache reads (map routing) and its triggers\n  will add the table that counts unknown-token answers per client (rate limit)\n  will add the table of what the scheduler says of each job (reason, start, limit, nodes)\n  will add the table that counts ended sessions by cause (metrics)\n  will add the record of ended routes that each frontend's cron --watch cuts the tunnels of\n  will add the table of watchers (each frontend's place in that record, and its heartbeat)\n  will switch the file to WAL (if it is not already)\n  no colliding aliases\n"
         )
     );
     assert_eq!(
@@ -512,9 +523,31 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
     let good = cert("good", &format!("DNS:{EXT},DNS:*.{EXT}"), "400");
     let out = satellite(&site, &["check", "--cert", good.to_str().unwrap()]);
     let report = stdout(&out);
+    assert!(
+        report.contains("WARN no cron --watch has run on this database"),
+        "{report}"
+    );
+    // What a frontend's running watcher records.
+    site.db()
+        .execute(
+            "INSERT INTO watchers (name, last_end_id, heartbeat) VALUES ('frontend-a', 0, datetime('now'))",
+            [],
+        )
+        .unwrap();
+    let out = satellite(&site, &["check", "--cert", good.to_str().unwrap()]);
+    let report = stdout(&out);
+    assert!(
+        report.contains("OK   watcher frontend-a alive "),
+        "{report}"
+    );
+    // The suite runs as root, which can cut tunnels.
+    assert!(
+        report.contains("OK   open tunnels of ended sessions can be cut here"),
+        "{report}"
+    );
     assert_eq!(
         report.lines().filter(|l| l.starts_with("OK   ")).count(),
-        12,
+        15,
         "{report}"
     );
     assert!(
@@ -766,4 +799,35 @@ fn generate_writes_a_man_page_per_visible_command_and_three_completions() {
     assert!(page.contains(".TH satellite-list 1"), "{page}");
     let bash = std::fs::read_to_string(out_dir.path().join("completions/satellite.bash")).unwrap();
     assert!(bash.contains("satellite,list)"), "{bash}");
+}
+
+/// `print!` and `println!` panic when standard output is closed (a pipe
+/// whose reader went, a restarted journal): the long-running loops
+/// (`jobstates push --every`, `jobstates poll`, `cron --watch`, serve) and
+/// every program write through functions that drop such errors. Kept true
+/// here for every crate but the bench, a developer's tool.
+#[test]
+fn no_program_prints_with_the_panicking_macros() {
+    let mut offenders = Vec::new();
+    for krate in ["cgi", "core", "cron", "demo", "satellite", "sched", "serve"] {
+        let mut dirs = vec![repo_root().join("crates").join(krate).join("src")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (n, line) in text.lines().enumerate() {
+                    let code = line.split("//").next().unwrap_or_default();
+                    let bare = code.replace("eprint", "").replace("writeln!", "");
+                    if bare.contains("print!(") || bare.contains("println!(") {
+                        offenders.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "{}", offenders.join("\n"));
 }

@@ -311,7 +311,8 @@ fn proxying(routing: Routing) {
     // Destroyed: the default answer again; the other session is untouched.
     drop(ws);
     apache.destroy_ok(&alias, BACKEND_A);
-    assert_eq!(apache.state_of(&alias), None);
+    // A tombstone until its TTL, so the page can say it was shut down.
+    assert_eq!(apache.state_of(&alias).as_deref(), Some("ended"));
     publish(&apache);
     assert_gone(&apache, &alias);
     from_backend(&apache, &other, &b, "/after-destroy")
@@ -781,142 +782,8 @@ fn map_mode_routes_come_and_go_under_load_and_survive_kill_9_of_writers() {
 }
 
 /// How a session ends in [`an_ended_session_loses_its_open_websockets`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ending {
-    Revoke,
-    Destroy,
-    JobEnd,
-    Ttl,
-}
-
-/// The TTL of the [`Ending::Ttl`] case: the test opens its websockets
-/// within it, however loaded the machine, then moves the token's age to
-/// a few seconds before its end.
-const TTL_SECS: i64 = 3600;
-
-/// Seconds left of the TTL once the websockets are open.
-const TTL_LEFT_SECS: i64 = 3;
-
-/// A websocket outlives the route that opened it unless something cuts it:
-/// with `cron --watch` running, however a session ends (`satellite revoke`,
-/// destroytoken from its node, the scheduler reporting its job over, its
-/// TTL), its open tunnels close, long before the client's 30 s read
-/// timeout, and a session on another backend keeps its own (not checked
-/// for the TTL, which would end both).
-fn an_ended_session_loses_its_open_websockets(ending: Ending) {
-    let apache = Apache::start(Routing::Map);
-    if ending == Ending::Ttl {
-        apache.write_config(&[("ttl_secs", TTL_SECS.to_string())]);
-    }
-    let a = Backend::start("alpha", BACKEND_A);
-    let b = Backend::start("bravo", BACKEND_B);
-    let ended = apache.getlink();
-    if ending == Ending::JobEnd {
-        apache.link_ok(&ended, "4711");
-    }
-    apache.redeem_ok(&ended, BACKEND_A, a.port());
-    let kept = (ending != Ending::Ttl).then(|| {
-        let kept = apache.getlink();
-        apache.redeem_ok(&kept, BACKEND_B, b.port());
-        kept
-    });
-    let backends = if kept.is_some() { 2 } else { 1 };
-    // The watcher knows the routes once it says it is watching.
-    let (watcher, watched) = start_watcher(&apache);
-    assert_eq!(watched, backends);
-    let open = |alias: &str| {
-        let mut ws = apache.client().connect(&apache.host(alias)).unwrap();
-        let r = ws
-            .websocket(
-                &apache.host_port(alias),
-                "/api/kernels/k/channels",
-                JUPYTER_WS,
-            )
-            .unwrap();
-        assert_eq!(r.status, 101, "{r}");
-        ws.send_text("before").unwrap();
-        assert_eq!(ws.recv_text().unwrap(), "before");
-        ws
-    };
-    let mut ws_ended = open(&ended);
-    let mut ws_kept = kept.as_deref().map(open);
-
-    match ending {
-        Ending::Revoke => {
-            let out = Command::new(support::apache::SATELLITE)
-                .args(["revoke", &ended, "--config"])
-                .arg(apache.config_file())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ending::Destroy => apache.destroy_ok(&ended, BACKEND_A),
-        Ending::JobEnd => apache.push_jobs_ok("4711 TIMEOUT\n"),
-        Ending::Ttl => {
-            // As if the token had been redeemed TTL_SECS - TTL_LEFT_SECS
-            // ago: the row and its route end TTL_LEFT_SECS from now, and
-            // the watcher must wake for it with nothing else happening.
-            let mut db = rusqlite::Connection::open(apache.db_file()).unwrap();
-            db.busy_timeout(Duration::from_secs(10)).unwrap();
-            let tx = db.transaction().unwrap();
-            tx.execute(
-                "UPDATE proxy SET modified = datetime('now', ?1) WHERE alias = ?2",
-                rusqlite::params![format!("-{} seconds", TTL_SECS - TTL_LEFT_SECS), ended],
-            )
-            .unwrap();
-            tx.execute(
-                "UPDATE routes SET expires = datetime('now', ?1) WHERE alias = ?2",
-                rusqlite::params![format!("+{TTL_LEFT_SECS} seconds"), ended],
-            )
-            .unwrap();
-            tx.commit().unwrap();
-        }
-    }
-    match ws_ended.recv_text() {
-        Ok(text) => panic!("the websocket of the ended session still carried {text:?}"),
-        Err(e) => assert!(
-            !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-            "the websocket of the ended session stayed open until the read timeout: {e}"
-        ),
-    }
-    if let Some(ws_kept) = ws_kept.as_mut() {
-        ws_kept.send_text("after").unwrap();
-        assert_eq!(ws_kept.recv_text().unwrap(), "after");
-    }
-    if ending == Ending::JobEnd {
-        assert_eq!(apache.state_of(&ended).as_deref(), Some("ended"));
-    } else {
-        assert_eq!(apache.state_of(&ended), None);
-    }
-    drop(watcher);
-}
-
-#[test]
-fn map_mode_revoke_closes_open_websockets_of_the_route() {
-    an_ended_session_loses_its_open_websockets(Ending::Revoke);
-}
-
-#[test]
-fn map_mode_destroy_closes_open_websockets_of_the_route() {
-    an_ended_session_loses_its_open_websockets(Ending::Destroy);
-}
-
-#[test]
-fn map_mode_job_end_closes_open_websockets_of_the_route() {
-    an_ended_session_loses_its_open_websockets(Ending::JobEnd);
-}
-
-#[test]
-fn map_mode_ttl_end_closes_open_websockets_of_the_route() {
-    an_ended_session_loses_its_open_websockets(Ending::Ttl);
-}
+// How every kind of ending cuts open websockets, with the watcher started
+// before or after, is tested in tests/endings.rs.
 
 /// No enumeration through Apache: a routed host answers with its
 /// application and an unrouted one with satellite's own answers (the

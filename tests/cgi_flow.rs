@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::process::Command;
 
 use support::*;
 
@@ -128,7 +129,9 @@ fn the_whole_galyleo_flow() {
         destroyed.status_and_text(),
         (200, "Success! Token destroyed.\n".into())
     );
-    assert_eq!(poll(), "");
+    // A tombstone until its TTL: the page says the session was shut down.
+    assert_eq!(poll(), "D");
+
     // The same page as for any token's host; it polls and tells the end.
     let gone = site
         .cgi("index")
@@ -400,7 +403,7 @@ fn legacy_databases_are_migrated_in_place_and_keep_working() {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!((version, mode.as_str(), unique), (4, "wal", 1), "{variant}");
+        assert_eq!((version, mode.as_str(), unique), (5, "wal", 1), "{variant}");
 
         // The Perl scripts' own statements still work on the migrated file.
         conn.execute(
@@ -688,7 +691,10 @@ fn a_job_reported_ended_ends_its_session_and_keeps_a_tombstone() {
         .cgi("tokenjobstate")
         .query("token=never-issued-here&format=json")
         .run();
-    assert_eq!(unknown.text(), r#"{"job":null,"state":"X"}"#);
+    assert_eq!(
+        unknown.text(),
+        r#"{"cause":"unknown","job":null,"state":"X"}"#
+    );
     let again = site
         .cgi("redeemtoken")
         .remote(COMPUTE_NODE)
@@ -736,19 +742,38 @@ fn in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused() {
     assert_eq!(own.status_and_text(), (200, "Success!\n".into()));
 }
 
-/// The Perl scripts on a database with an `ended` tombstone: their own
-/// statements never route it, never redeem it, and their expiry removes it.
+/// The Perl scripts on a database with `ended` tombstones, of a job end,
+/// a destroy and a revoke: their own statements never route them, never
+/// redeem them, and their expiry removes them.
 #[test]
 fn perl_statements_treat_an_ended_tombstone_sensibly() {
     let site = Site::new();
-    let token = site.redeemed_token(COMPUTE_NODE, 8888);
+    let job_end = site.redeemed_token(COMPUTE_NODE, 8888);
+    let destroyed = site.redeemed_token(COMPUTE_NODE, 8889);
+    let revoked = site.redeemed_token(COMPUTE_NODE, 8890);
     let conn = site.db();
     conn.execute(
-        "UPDATE proxy SET state = 'ended', ended_at = datetime('now'), end_cause = 'test' \
-         WHERE alias = ?1",
-        [&token],
+        "UPDATE proxy SET state = 'ended', ended_at = datetime('now'), end_cause = 'test', \
+         end_kind = 'job_end' WHERE alias = ?1",
+        [&job_end],
     )
     .unwrap();
+    let answer = site
+        .cgi("destroytoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={destroyed}"))
+        .run();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let out = Command::new(program("satellite"))
+        .args(["revoke", &revoked])
+        .env("SATELLITE_CONFIG", &site.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // cron (master): the rows it writes vhosts for.
     let routed: i64 = conn
         .query_row(
@@ -758,32 +783,37 @@ fn perl_statements_treat_an_ended_tombstone_sensibly() {
         )
         .unwrap();
     assert_eq!(routed, 0);
-    // redeemtoken: only a pending row is redeemable.
-    let redeemable: i64 = conn
-        .query_row(
-            "select count(*) from proxy where alias_compare_hash = ? and state = 'pending'",
-            [legacy_hash(&token)],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(redeemable, 0);
-    // tokenjobstate's join still reads the row.
-    let state: String = conn
-        .query_row(
-            "select ps.state from proxy ps left join jobstates js using (jobid) \
-             where ps.alias_compare_hash = ?",
-            [legacy_hash(&token)],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(state, "ended");
-    // cron's expiry removes it like any row, and its route is long gone.
+    for token in [&job_end, &destroyed, &revoked] {
+        // redeemtoken: only a pending row is redeemable.
+        let redeemable: i64 = conn
+            .query_row(
+                "select count(*) from proxy where alias_compare_hash = ? and state = 'pending'",
+                [legacy_hash(token)],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(redeemable, 0);
+        // tokenjobstate's join still reads the row.
+        let state: String = conn
+            .query_row(
+                "select ps.state from proxy ps left join jobstates js using (jobid) \
+                 where ps.alias_compare_hash = ?",
+                [legacy_hash(token)],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(state, "ended");
+    }
+    // cron's expiry removes them like any row, and their routes are long
+    // gone.
     conn.execute(
         "delete from proxy where modified < datetime(?,'unixepoch')",
         [chrono_now() + 10],
     )
     .unwrap();
-    assert_eq!(site.state_of(&token), None);
+    for token in [&job_end, &destroyed, &revoked] {
+        assert_eq!(site.state_of(token), None);
+    }
 }
 
 /// A complete snapshot (`complete=1&taken=…`, what `satellite jobstates
@@ -1070,4 +1100,86 @@ fn unknown_token_limit_false_turns_the_limit_off() {
         .query_row("SELECT count(*) FROM unknown_answers", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 0);
+}
+
+/// destroytoken and an admin's revoke end a session the way a job end
+/// does: a tombstone the page can tell apart (`cause`), never an unknown
+/// token. Polling it is no guess: it never counts against the address's
+/// unknown-token limit (shared by everyone behind one NAT). A second
+/// destroy answers as the original did.
+#[test]
+fn destroy_and_revoke_leave_tombstones_whose_polls_never_count_as_unknown() {
+    let site = limited_site("");
+    let destroyed = site.redeemed_token(COMPUTE_NODE, 8888);
+    let revoked = site.redeemed_token(COMPUTE_NODE, 8889);
+    let answer = site
+        .cgi("destroytoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={destroyed}"))
+        .run();
+    assert_eq!(
+        answer.status_and_text(),
+        (200, "Success! Token destroyed.\n".into())
+    );
+    let out = Command::new(program("satellite"))
+        .args(["revoke", &revoked])
+        .env("SATELLITE_CONFIG", &site.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (token, cause) in [(&destroyed, "shutdown"), (&revoked, "revoked")] {
+        assert_eq!(site.state_of(token).as_deref(), Some("ended"));
+        // Far more polls than the burst, from one address.
+        for _ in 0..8 {
+            let poll = site
+                .cgi("tokenjobstate")
+                .remote("203.0.113.9")
+                .query(format!("token={token}.{EXT}&format=json"))
+                .run();
+            assert_eq!(poll.status, 200, "{}", poll.text());
+            let value: serde_json::Value = serde_json::from_str(&poll.text()).unwrap();
+            assert_eq!(
+                (value["state"].as_str(), value["cause"].as_str()),
+                (Some("D"), Some(cause))
+            );
+            assert_eq!(jobstate(&site, "203.0.113.9", token).text(), "D");
+        }
+        // Its route went with it, and the alias stays taken.
+        let routes: i64 = site
+            .db()
+            .query_row(
+                "SELECT count(*) FROM routes WHERE alias = ?1",
+                [token],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(routes, 0);
+        let redeem = site
+            .cgi("redeemtoken")
+            .remote(COMPUTE_NODE)
+            .query(format!("token={token}&port=50000"))
+            .run();
+        assert_ne!(redeem.status, 200, "{}", redeem.text());
+    }
+    let again = site
+        .cgi("destroytoken")
+        .remote(COMPUTE_NODE)
+        .query(format!("token={destroyed}"))
+        .run();
+    assert_eq!(
+        again.status_and_text(),
+        (
+            404,
+            "Oops! Unknown nonce or nonce already destroyed\n".into()
+        )
+    );
+    // The address's limit is untouched by all that polling.
+    assert_eq!(
+        jobstate(&site, "203.0.113.9", "wrong-guess-one").status,
+        200
+    );
 }

@@ -523,12 +523,13 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The job ends (its script returns); the scheduler says so, which ends
-    // the session and drops its route.
+    // The job's script destroys its token as galyleo's does, then ends;
+    // the scheduler says so. The page says the user shut it down.
+    apache.destroy_ok(&token, COMPUTE_NODE);
     push_job(&apache, JOB_ID, "COMPLETED", "None", -60);
     b.goto(&url);
     b.wait_for("the ended page", STATE_WAIT, |b| {
-        title_is(b, "This session has ended.")?;
+        title_is(b, "This session was shut down.")?;
         detail(b, "ended")
     });
     b.screenshot(&shots.join("08-ended.png"));
@@ -548,5 +549,39 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
         title_is(b, "The job failed to start.")
     });
     b.screenshot(&shots.join("10-failed.png"));
+
+    // Each other ending tells its own news.
+    let endings = [
+        (
+            "4401",
+            "revoke",
+            "This session was ended by an administrator.",
+        ),
+        ("4402", "TIMEOUT", "This session reached its time limit."),
+        ("4403", "CANCELLED", "This session's job was cancelled."),
+    ];
+    for (job, ending, title) in endings {
+        let ended = apache.getlink();
+        link_job(&apache, &ended, job);
+        if ending == "revoke" {
+            let out = std::process::Command::new(support::apache::SATELLITE)
+                .args(["revoke", &ended, "--config"])
+                .arg(apache.config_file())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            push_job(&apache, job, ending, "None", -30);
+        }
+        b.goto(&apache.origin(&ended));
+        b.wait_for(&format!("the page after {ending}"), STATE_WAIT, |b| {
+            title_is(b, title)
+        });
+        b.screenshot(&shots.join(format!("11-{}.png", ending.to_ascii_lowercase())));
+    }
     eprintln!("browser path done in {:?}", started.elapsed());
 }

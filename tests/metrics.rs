@@ -134,12 +134,15 @@ fn satellite(site: &Site, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn insert(site: &Site, alias: &str, state: &str, jobid: Option<&str>, cause: Option<&str>) {
+/// A row as written by the code that ends sessions: `ended` rows carry
+/// their cause and its kind (`end_kind`).
+fn insert(site: &Site, alias: &str, state: &str, jobid: Option<&str>, cause: Option<(&str, &str)>) {
+    let (kind, text) = cause.unzip();
     site.db()
         .execute(
-            "INSERT INTO proxy (alias, alias_compare_hash, state, jobid, end_cause) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            rusqlite::params![alias, legacy_hash(alias), state, jobid, cause],
+            "INSERT INTO proxy (alias, alias_compare_hash, state, jobid, end_cause, end_kind) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            rusqlite::params![alias, legacy_hash(alias), state, jobid, text, kind],
         )
         .unwrap();
 }
@@ -160,21 +163,24 @@ fn satellite_metrics_prints_the_stores_gauges_in_a_format_promtool_accepts() {
         "brisk-cod-elm",
         "ended",
         Some("42"),
-        Some("job 42 ended (COMPLETED)"),
+        Some(("job_end", "job 42 ended (COMPLETED)")),
     );
     insert(
         &site,
         "calm-dew-fig",
         "ended",
         Some("43"),
-        Some("job 43 is no longer known to the scheduler"),
+        Some(("job_end", "job 43 is no longer known to the scheduler")),
     );
     insert(
         &site,
         "dark-eel-gum",
         "ended",
         Some("44"),
-        Some("redeemed from 10.21.5.6, which is not a node of job 44 (c1)"),
+        Some((
+            "binding_mismatch",
+            "redeemed from 10.21.5.6, which is not a node of job 44 (c1)",
+        )),
     );
     // A hand-edited state, with the characters a label value must escape.
     insert(&site, "eager-fox-hat", "od\"d\\", None, None);
@@ -215,6 +221,9 @@ fn satellite_metrics_prints_the_stores_gauges_in_a_format_promtool_accepts() {
     assert_eq!(
         lines_of(&text, "satellite_sessions_ended{"),
         [
+            "satellite_sessions_ended{cause=\"destroy\"} 0",
+            "satellite_sessions_ended{cause=\"revoke\"} 0",
+            "satellite_sessions_ended{cause=\"ttl\"} 0",
             "satellite_sessions_ended{cause=\"job_end\"} 2",
             "satellite_sessions_ended{cause=\"binding_mismatch\"} 1",
         ]

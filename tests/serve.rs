@@ -1281,7 +1281,10 @@ fn serve_answers_429_after_a_burst_of_unknown_guesses_from_one_address_only() {
     );
     assert_eq!(
         (status, String::from_utf8(body).unwrap()),
-        (200, r#"{"job":null,"state":"X"}"#.to_owned())
+        (
+            200,
+            r#"{"cause":"unknown","job":null,"state":"X"}"#.to_owned()
+        )
     );
     // Redeem's unknown answers fill the same count.
     let (status, _, body) = serve.request(

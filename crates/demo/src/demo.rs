@@ -4,6 +4,15 @@
 //! and a small backend standing in for a notebook. It prints the steps;
 //! `--walkthrough` performs them and exits.
 
+/// `println!` that drops write errors: `scripts/demo | head` must not panic
+/// the demo when the reader goes.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -45,7 +54,7 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
         .tempdir()?;
     let dir = work.path();
     let root = dir.join("site");
-    println!("satellite demo in {}", dir.display());
+    say!("satellite demo in {}", dir.display());
     install(&root, DOMAIN)?;
     let certificate = make_certificate(dir, DOMAIN)?;
     let serve_socket = dir.join("serve.sock");
@@ -127,7 +136,7 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
         ca: certificate.ca,
         backend_port,
     };
-    println!("{}", steps.describe());
+    say!("{}", steps.describe());
     let result = if options.walkthrough {
         steps.walk()
     } else {
@@ -164,11 +173,11 @@ fn wait_for_interrupt() -> Result<()> {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(signal, &action) }?;
     }
-    println!("The demo runs until Ctrl-C.");
+    say!("The demo runs until Ctrl-C.");
     while !INTERRUPTED.load(Ordering::SeqCst) {
         thread::sleep(Duration::from_millis(200));
     }
-    println!("\nstopping and cleaning up");
+    say!("\nstopping and cleaning up");
     Ok(())
 }
 
@@ -276,13 +285,13 @@ impl Steps {
             .and_then(|t| t.strip_suffix('\n'))
             .with_context(|| format!("getlink answered {answer:?}"))?
             .to_owned();
-        println!("walkthrough: 1. got token {token}");
+        say!("walkthrough: 1. got token {token}");
         let host = format!("{token}.{DOMAIN}");
         let page = self.curl(&host, "/?token=abc", &[])?;
         if !page.contains("tokenjobstate.cgi") {
             bail!("the pending URL did not show the waiting page: {page:.200}");
         }
-        println!(
+        say!(
             "walkthrough: 2. https://{host}:{}/ shows the waiting page",
             self.port
         );
@@ -294,7 +303,7 @@ impl Steps {
         if redeem != "Success!\n" {
             bail!("redeem answered {redeem:?}");
         }
-        println!(
+        say!(
             "walkthrough: 3. redeemed from {BACKEND_IP}:{}",
             self.backend_port
         );
@@ -302,7 +311,7 @@ impl Steps {
         if !notebook.starts_with("Hello from the demo notebook! You asked for /lab?token=abc") {
             bail!("the URL did not reach the notebook: {notebook:?}");
         }
-        println!(
+        say!(
             "walkthrough: 4. the URL reaches the notebook: {}",
             notebook.trim()
         );
@@ -318,8 +327,8 @@ impl Steps {
         if !after.contains("tokenjobstate.cgi") {
             bail!("after destroy the URL answered {after:?}");
         }
-        println!("walkthrough: 5. destroyed; the URL is back to the waiting page, which tells the session is over");
-        println!("walkthrough: all steps passed");
+        say!("walkthrough: 5. destroyed; the URL is back to the waiting page, which tells the session is over");
+        say!("walkthrough: all steps passed");
         Ok(())
     }
 }

@@ -227,7 +227,7 @@ pub fn metrics(config: &Config) -> Result<String> {
 
 /// The tables satellite adds to a legacy database, as `migrate --dry-run`
 /// names them.
-const SATELLITE_TABLES: [(&str, &str); 4] = [
+const SATELLITE_TABLES: [(&str, &str); 6] = [
     (
         "routes",
         "the routes table that Apache reads (map routing) and its triggers",
@@ -243,6 +243,14 @@ const SATELLITE_TABLES: [(&str, &str); 4] = [
     (
         "session_ends",
         "the table that counts ended sessions by cause (metrics)",
+    ),
+    (
+        "route_ends",
+        "the record of ended routes that each frontend's cron --watch cuts the tunnels of",
+    ),
+    (
+        "watchers",
+        "the table of watchers (each frontend's place in that record, and its heartbeat)",
     ),
 ];
 
@@ -424,8 +432,8 @@ pub fn push_jobstates_every(options: &PushOptions, every: Duration) -> ! {
     let mut rng = rand::rng();
     loop {
         match push_jobstates(options) {
-            Ok(text) => print!("{text}"),
-            Err(err) => eprintln!("satellite: jobstates push: {err:#}"),
+            Ok(text) => crate::say(&text),
+            Err(err) => crate::complain(&format!("satellite: jobstates push: {err:#}")),
         }
         let factor: f64 = rng.random_range(0.9..=1.1);
         std::thread::sleep(every.mul_f64(factor));

@@ -86,12 +86,12 @@ pub fn poll(config: &Config, options: &PollOptions) -> Result<String> {
     loop {
         metrics.queries.inc();
         match poll_once(config, &scheduler, options.timeout) {
-            Ok(report) => print!("{report}"),
+            Ok(report) => crate::say(&report.to_string()),
             Err(err) => {
                 if is_query_error(&err) {
                     metrics.errors.inc();
                 }
-                eprintln!("satellite jobstates poll: {err:#}");
+                crate::complain(&format!("satellite jobstates poll: {err:#}"));
             }
         }
         if let Some(dir) = &config.metrics_textfile_dir {

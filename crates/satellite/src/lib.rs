@@ -232,3 +232,16 @@ pub fn cron_main(config: &Config, watch: bool, verbose: bool) -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+/// Writes `text` to standard output for a long-running loop: a closed
+/// stdout (the journal restarted, a pipe whose reader went) must not end
+/// the loop, so errors are dropped, never a panic as `print!` would.
+pub fn say(text: &str) {
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// [`say`] for standard error.
+pub fn complain(text: &str) {
+    let _ = writeln!(io::stderr().lock(), "{text}");
+}

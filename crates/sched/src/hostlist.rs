@@ -35,6 +35,12 @@ pub fn expand(expr: &str) -> Result<Vec<String>, HostlistError> {
         if item.is_empty() {
             continue;
         }
+        // Every item counts against the cap, plain names included, and
+        // the room left never underflows.
+        let room = MAX_HOSTS.saturating_sub(names.len());
+        if room == 0 {
+            return Err(HostlistError::TooMany);
+        }
         // Each part is a list of alternatives; the names are their product.
         let mut parts: Vec<Vec<String>> = Vec::new();
         let mut rest = item;
@@ -42,10 +48,10 @@ pub fn expand(expr: &str) -> Result<Vec<String>, HostlistError> {
         while !rest.is_empty() {
             if let Some(inner) = rest.strip_prefix('[') {
                 let end = inner.find(']').ok_or(HostlistError::Unbalanced)?;
-                let ranges = expand_ranges(&inner[..end], MAX_HOSTS - names.len())?;
+                let ranges = expand_ranges(&inner[..end], room)?;
                 count = count
                     .checked_mul(ranges.len())
-                    .filter(|&c| c <= MAX_HOSTS - names.len())
+                    .filter(|&c| c <= room)
                     .ok_or(HostlistError::TooMany)?;
                 parts.push(ranges);
                 rest = &inner[end + 1..];
@@ -195,6 +201,26 @@ fn expand_ranges(ranges: &str, room: usize) -> Result<Vec<String>, HostlistError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The review's attack: more than MAX_HOSTS plain names before a
+    /// bracketed one made the room left underflow, and a release build then
+    /// expanded `n[0-99999999999]` without limit (140 KB of body took serve
+    /// down). Every item counts against the cap.
+    #[test]
+    fn plain_names_count_against_the_cap_before_a_range() {
+        let mut attack = "a,".repeat(MAX_HOSTS + 10);
+        attack.push_str("n[0-99999999999]");
+        assert_eq!(expand(&attack), Err(HostlistError::TooMany));
+        let mut at_cap = "a,".repeat(MAX_HOSTS - 1);
+        at_cap.push_str("n[7]");
+        assert_eq!(expand(&at_cap).unwrap().len(), MAX_HOSTS);
+        let mut over = "a,".repeat(MAX_HOSTS);
+        over.push_str("b");
+        assert_eq!(expand(&over), Err(HostlistError::TooMany));
+        let mut range_over = "a,".repeat(MAX_HOSTS - 2);
+        range_over.push_str("n[1-3]");
+        assert_eq!(expand(&range_over), Err(HostlistError::TooMany));
+    }
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()

@@ -191,16 +191,20 @@ impl EndingShown {
         if !over {
             return None;
         }
-        match token.end_kind {
-            Some(EndCause::Destroy) => return Some(EndingShown::ShutDown),
-            Some(EndCause::Revoke) => return Some(EndingShown::Revoked),
-            Some(EndCause::BindingMismatch) => return Some(EndingShown::Binding),
-            Some(EndCause::Ttl) => return Some(EndingShown::Expired),
-            Some(EndCause::JobEnd) | None => {}
-        }
         let state = token.job_state.as_deref().unwrap_or_default();
         let state = satellite_sched::JobState::new(state);
         let base = state.base().to_ascii_uppercase();
+        // A job killed at its walltime, cancelled or failed runs its trap,
+        // which destroys the token (galyleo does): the job's end is then
+        // the news, whichever of the two arrived first.
+        let job_over_badly = state.is_ended() && !matches!(base.as_str(), "COMPLETED" | "CD");
+        match token.end_kind {
+            Some(EndCause::Destroy) if !job_over_badly => return Some(EndingShown::ShutDown),
+            Some(EndCause::Revoke) => return Some(EndingShown::Revoked),
+            Some(EndCause::BindingMismatch) => return Some(EndingShown::Binding),
+            Some(EndCause::Ttl) => return Some(EndingShown::Expired),
+            Some(EndCause::JobEnd | EndCause::Destroy) | None => {}
+        }
         Some(match base.as_str() {
             "TIMEOUT" | "TO" | "DEADLINE" | "DL" => EndingShown::TimeLimit,
             "CANCELLED" | "CA" => EndingShown::Cancelled,

@@ -1375,6 +1375,149 @@ mod tests {
         assert_eq!(store.sync_routes(&wanted).unwrap(), RouteSync::default());
     }
 
+    fn ended_targets(store: &SqliteStore, after: i64) -> Vec<String> {
+        let mut targets: Vec<String> = store
+            .route_ends_after(after, 100)
+            .unwrap()
+            .into_iter()
+            .map(|end| end.target)
+            .collect();
+        targets.dedup();
+        targets
+    }
+
+    /// Whatever ends a route, in any program, records its target in the
+    /// same transaction; a pending token's end records nothing.
+    #[test]
+    fn every_way_a_route_ends_is_recorded_for_the_watchers() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        let ways = [
+            "by-destroy",
+            "by-revoke",
+            "by-job",
+            "by-ttl",
+            "by-perl",
+            "by-move",
+        ];
+        for (n, alias) in ways.iter().enumerate() {
+            store.insert_pending(alias, now).unwrap();
+            let host = format!("10.0.0.{}", n + 1);
+            let target = format!("{host}:8888");
+            store
+                .redeem(alias, &host, 8888, now, 100, live(&target))
+                .unwrap();
+        }
+        store.insert_pending("never-redeemed", now).unwrap();
+        store.insert_pending("v6-token", now).unwrap();
+        store
+            .redeem(
+                "v6-token",
+                "fd00::7",
+                9000,
+                now,
+                100,
+                live("[fd00::7]:9000"),
+            )
+            .unwrap();
+        assert!(ended_targets(&store, 0).is_empty());
+
+        store.destroy("by-destroy", "10.0.0.1", now).unwrap();
+        assert_eq!(ended_targets(&store, 0), ["10.0.0.1:8888"]);
+        store.revoke("by-revoke", now).unwrap();
+        store
+            .end_sessions(
+                &[SessionEnd {
+                    alias: "by-job".into(),
+                    kind: EndCause::JobEnd,
+                    cause: "job 1 ended (TIMEOUT)".into(),
+                }],
+                now,
+            )
+            .unwrap();
+        let conn = store.connection();
+        conn.execute("delete from proxy where alias = 'by-perl'", [])
+            .unwrap();
+        conn.execute(
+            "UPDATE proxy SET dstport = 9999 WHERE alias = 'by-move'",
+            [],
+        )
+        .unwrap();
+        store.revoke("never-redeemed", now).unwrap();
+        store.revoke("v6-token", now).unwrap();
+        // The TTL: rows older than it go at cron's expiry.
+        store
+            .connection()
+            .execute(
+                "UPDATE proxy SET modified = '2000-01-01 00:00:00' WHERE alias = 'by-ttl'",
+                [],
+            )
+            .unwrap();
+        store.expire(now, 100).unwrap();
+        let mut all = ended_targets(&store, 0);
+        all.sort();
+        all.dedup();
+        assert_eq!(
+            all,
+            [
+                "10.0.0.1:8888",
+                "10.0.0.2:8888",
+                "10.0.0.3:8888",
+                "10.0.0.4:8888",
+                "10.0.0.5:8888",
+                "10.0.0.6:8888",
+                "[fd00::7]:9000"
+            ]
+        );
+        // Ids only grow: a watcher's cursor says exactly what it has seen.
+        let ids: Vec<i64> = store
+            .route_ends_after(0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    }
+
+    /// Each watcher keeps its own place; records go once every watcher
+    /// has passed them, and a watcher silent for a day no longer holds
+    /// them back.
+    #[test]
+    fn route_ends_are_kept_until_every_watcher_has_acted_on_them() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        redeemed_live(&mut store, &["one-a-b", "two-a-b"], now);
+        store.revoke("one-a-b", now).unwrap();
+        // A new watcher starts before the first retained record.
+        let a = store.watcher_cursor("frontend-a", 1, now).unwrap();
+        let b = store.watcher_cursor("frontend-b", 2, now).unwrap();
+        assert_eq!(a, b);
+        let pending = store.route_ends_after(a, 100).unwrap();
+        assert!(!pending.is_empty());
+        let last = pending.last().unwrap().id;
+        store.watcher_advance("frontend-a", last, 1, now).unwrap();
+        // b has not acted: the records stay for it, across its restart.
+        assert_eq!(store.watcher_cursor("frontend-b", 3, now).unwrap(), b);
+        assert_eq!(store.route_ends_after(b, 100).unwrap(), pending);
+        store.watcher_advance("frontend-b", last, 3, now).unwrap();
+        assert!(store.route_ends_after(0, 100).unwrap().is_empty());
+        // A cursor never moves back.
+        store.watcher_advance("frontend-a", 0, 1, now).unwrap();
+        assert_eq!(store.watcher_cursor("frontend-a", 1, now).unwrap(), last);
+
+        store.revoke("two-a-b", now).unwrap();
+        let day_later = now + chrono::Duration::seconds(super::super::WATCHER_FORGET_SECS + 1);
+        store
+            .watcher_advance("frontend-a", i64::MAX, 1, day_later)
+            .unwrap();
+        let watchers = store.watchers().unwrap();
+        assert_eq!(
+            watchers.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+            ["frontend-a"]
+        );
+        assert!(store.route_ends_after(0, 100).unwrap().is_empty());
+    }
+
     #[test]
     fn every_way_a_session_ends_is_counted_once_by_its_cause() {
         let (_dir, mut store) = new_store();
