@@ -781,7 +781,6 @@ fn map_mode_routes_come_and_go_under_load_and_survive_kill_9_of_writers() {
     assert_eq!(apache.generations(), generations, "{}", apache.error_log());
 }
 
-/// How a session ends in [`an_ended_session_loses_its_open_websockets`].
 // How every kind of ending cuts open websockets, with the watcher started
 // before or after, is tested in tests/endings.rs.
 

@@ -215,7 +215,7 @@ mod tests {
         at_cap.push_str("n[7]");
         assert_eq!(expand(&at_cap).unwrap().len(), MAX_HOSTS);
         let mut over = "a,".repeat(MAX_HOSTS);
-        over.push_str("b");
+        over.push('b');
         assert_eq!(expand(&over), Err(HostlistError::TooMany));
         let mut range_over = "a,".repeat(MAX_HOSTS - 2);
         range_over.push_str("n[1-3]");
