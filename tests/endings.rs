@@ -349,3 +349,64 @@ fn a_watcher_facing_a_locked_database_keeps_running_and_catches_up() {
     eprintln!("after a 12 s lock: closed {took:?} after the commit");
     assert!(watcher.alive(), "the watcher died: {:?}", watcher.said());
 }
+
+/// Sixty endings of every kind, half with the watcher running since before
+/// the session, half with it started after the session opened: every
+/// websocket is cut within 2 s of its ending's commit. Prints the
+/// distribution (the figure the issue asks for: p50 and max).
+#[test]
+fn sixty_endings_are_each_cut() {
+    const EACH: usize = 30;
+    let apache = Apache::start(Routing::Map);
+    let a = Backend::start("alpha", BACKEND_A);
+    let kinds = [
+        Ending::Revoke,
+        Ending::Destroy,
+        Ending::JobEnd,
+        Ending::ForeignDelete,
+    ];
+    let mut watcher = Some(Watcher::start(&apache));
+    watcher.as_ref().unwrap().wait_watching();
+    let mut report = Vec::new();
+    for started_after in [false, true] {
+        let mut took = Vec::new();
+        for n in 0..EACH {
+            let ending = kinds[n % kinds.len()];
+            let jobid = format!("{}", 7300 + n + if started_after { EACH } else { 0 });
+            if started_after {
+                if let Some(old) = watcher.take() {
+                    old.kill();
+                }
+            }
+            let mut session = open_session(&apache, &a, Some(&jobid));
+            if started_after {
+                let fresh = Watcher::start(&apache);
+                fresh.wait_watching();
+                watcher = Some(fresh);
+            }
+            let since = Instant::now();
+            end(&apache, &session, ending, &jobid);
+            took.push(
+                closed_within(&mut session.ws, since, CUT_WITHIN).unwrap_or_else(|e| {
+                    panic!(
+                        "ending {n} ({ending:?}): {e}\nwatcher: {:?}",
+                        watcher.as_ref().map(Watcher::said)
+                    )
+                }),
+            );
+        }
+        took.sort();
+        report.push(format!(
+            "watcher started {}: {} endings, p50 {:?}, max {:?}",
+            if started_after {
+                "after the session"
+            } else {
+                "before the session"
+            },
+            took.len(),
+            took[took.len() / 2],
+            took[took.len() - 1]
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+}
