@@ -704,7 +704,8 @@ fn a_job_reported_ended_ends_its_session_and_keeps_a_tombstone() {
 }
 
 /// job_binding = "enforce": once the scheduler has said where a linked job
-/// runs, a redeem from any other host is refused.
+/// runs, a redeem from any other host is refused, with the answer and the
+/// cost of an unknown token (no oracle for a guesser inside tgtipmask).
 #[test]
 fn in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused() {
     let site = Site::with_config(&format!(
@@ -728,12 +729,18 @@ fn in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused() {
         .run();
     assert_eq!(
         stranger.status_and_text(),
-        (
-            403,
-            "Oops! Nonce must be redeemed from a node of the job it is linked to\n".into()
-        )
+        (404, "Oops! Unknown nonce or nonce already used\n".into())
     );
     assert_eq!(site.state_of(&token).as_deref(), Some("pending"));
+    let charged: i64 = site
+        .db()
+        .query_row(
+            "SELECT count(*) FROM unknown_answers WHERE client = ?1",
+            [OTHER_COMPUTE_NODE],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(charged, 1, "the refusal counts as an unknown answer");
     let own = site
         .cgi("redeemtoken")
         .remote(COMPUTE_NODE)
@@ -1182,4 +1189,32 @@ fn destroy_and_revoke_leave_tombstones_whose_polls_never_count_as_unknown() {
         jobstate(&site, "203.0.113.9", "wrong-guess-one").status,
         200
     );
+}
+
+/// The limit and the count are one step: fifty guesses from one address
+/// at once, each its own CGI process that passes the check before any is
+/// counted, get exactly the burst's worth of unknown answers and the rest
+/// the refusal. (Before, each checked then charged in two transactions,
+/// and concurrent guesses all got through.)
+#[test]
+fn fifty_concurrent_guesses_from_one_address_get_no_more_than_the_burst() {
+    let site = limited_site("busy_timeout_ms = 30000");
+    let guesser = "203.0.113.77";
+    let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
+        let running: Vec<_> = (0..50)
+            .map(|n| {
+                let site = &site;
+                scope.spawn(move || {
+                    jobstate(site, guesser, &format!("wrong-guess-{n}")).status_and_text()
+                })
+            })
+            .collect();
+        running.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let answered = answers.iter().filter(|(status, _)| *status == 200).count();
+    let refused = answers
+        .iter()
+        .filter(|a| **a == (429, TOO_MANY.to_owned()))
+        .count();
+    assert_eq!((answered, refused), (3, 47), "{answers:?}");
 }

@@ -156,10 +156,7 @@ fn a_session_lives_with_its_running_job_and_ends_when_the_job_is_cancelled() {
     // Only the job's own node may redeem.
     assert_eq!(
         redeem(&site, &token, OTHER_COMPUTE_NODE),
-        (
-            403,
-            "Oops! Nonce must be redeemed from a node of the job it is linked to\n".into()
-        )
+        (404, "Oops! Unknown nonce or nonce already used\n".into())
     );
     redeem_from_the_job(&site, &token);
     poll_ok(&site, &slurm);

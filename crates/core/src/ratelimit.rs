@@ -135,8 +135,10 @@ impl MemoryLimiter {
         self.limits.verdict(debt)
     }
 
-    /// Counts one unknown answer to `key`.
-    pub fn charge(&self, key: &str, now: f64) {
+    /// Counts one unknown answer to `key`; `Some` when that answer is one
+    /// too many (a request that passed [`MemoryLimiter::check`] beside
+    /// others from the same address), which must then be refused instead.
+    pub fn charge(&self, key: &str, now: f64) -> Option<Limited> {
         let mut buckets = self.lock();
         if buckets.len() >= SWEEP_AT && !buckets.contains_key(key) {
             let limits = self.limits;
@@ -147,6 +149,7 @@ impl MemoryLimiter {
             .or_insert(Bucket { debt: 0.0, at: now });
         bucket.debt = self.limits.debt_at(bucket.debt, bucket.at, now) + 1.0;
         bucket.at = bucket.at.max(now);
+        self.limits.verdict(bucket.debt - 1.0)
     }
 
     /// A panic elsewhere while the lock was held leaves counts that are

@@ -163,24 +163,29 @@ impl Context {
         }
     }
 
-    /// Counts one unknown-token answer to the request's client. A count
-    /// that cannot be written is an error: an unknown answer is given only
-    /// when it was counted.
-    fn charge_unknown(&mut self, request: &Request<Body>) -> Result<(), CoreError> {
+    /// Counts one unknown-token answer to the request's client, in one
+    /// step with deciding whether it may be given: concurrent guesses from
+    /// one address that all passed [`Context::check_unknown_limit`] get
+    /// unknown answers only up to the burst, and the rest the refusal. A
+    /// count that cannot be written is an error: an unknown answer is
+    /// given only when it was counted.
+    fn charge_unknown(&mut self, request: &Request<Body>) -> Result<(), Failure> {
         let Some(key) = rate_key(request) else {
             return Ok(());
         };
         let now = crate::ratelimit::epoch_secs(self.now());
-        match &self.limiter {
-            Limiter::Off => Ok(()),
-            Limiter::Memory(limiter) => {
-                limiter.charge(&key, now);
-                Ok(())
-            }
+        let limited = match &self.limiter {
+            Limiter::Off => None,
+            Limiter::Memory(limiter) => limiter.charge(&key, now),
             Limiter::Store(limits) => {
                 let limits = *limits;
-                self.store()?.charge_unknown(&key, &limits, now)
+                let debt = self.store()?.charge_unknown(&key, &limits, now)?;
+                limits.verdict(debt - 1.0)
             }
+        };
+        match limited {
+            Some(limited) => Err(Failure::RateLimited(limited)),
+            None => Ok(()),
         }
     }
 

@@ -44,10 +44,10 @@ pub(super) fn redeem(ctx: &mut Context, request: &Request<Body>) -> Outcome {
             short_id(token)
         ));
         if ctx.config.job_binding == JobBinding::Enforce {
-            return Err(Failure::Oops(
-                StatusCode::FORBIDDEN,
-                "Nonce must be redeemed from a node of the job it is linked to".into(),
-            ));
+            // Answered exactly as an unknown token, and counted as one: a
+            // guess from inside tgtipmask must learn nothing cheaper than
+            // from any other wrong token. The log above says why.
+            return Err(unknown(ctx, request, UNKNOWN_OR_USED));
         }
     }
     match ctx.redeem(token, client, port)? {
@@ -140,7 +140,7 @@ pub(super) fn link(ctx: &mut Context, request: &Request<Body>) -> Outcome {
 fn unknown(ctx: &mut Context, request: &Request<Body>, message: &str) -> Failure {
     match ctx.charge_unknown(request) {
         Ok(()) => Failure::Oops(StatusCode::NOT_FOUND, message.into()),
-        Err(err) => Failure::Internal(err),
+        Err(refusal) => refusal,
     }
 }
 

@@ -46,11 +46,13 @@ pub trait Store {
 
     /// Counts one unknown-token answer to `client`, and drops the rows of
     /// clients whose debt has drained. One transaction, so concurrent
-    /// answers to one client each count. The sweep reads every row; there
-    /// are only as many as clients that got an unknown answer within the
-    /// last `burst / rate` seconds.
+    /// answers to one client each count; returns the debt with this answer
+    /// counted, so that of concurrent guesses that all passed the check
+    /// only those within the burst are answered. The sweep reads every
+    /// row; there are only as many as clients that got an unknown answer
+    /// within the last `burst / rate` seconds.
     /// The count need not be durable: a crash may forget it.
-    fn charge_unknown(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()>;
+    fn charge_unknown(&mut self, client: &str, limits: &Limits, now: f64) -> Result<f64>;
 
     /// Inserts a new pending token. Returns false, writing nothing, when a
     /// row with the same alias already exists (the caller draws again).

@@ -124,13 +124,15 @@ impl SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)?)
     }
 
-    fn charge_unknown_tx(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()> {
+    fn charge_unknown_tx(&mut self, client: &str, limits: &Limits, now: f64) -> Result<f64> {
         let tx = self.write_tx()?;
-        tx.execute(
+        let debt: f64 = tx.query_row(
             "INSERT INTO unknown_answers (client, debt, at) VALUES (?1, 1.0, ?2) \
              ON CONFLICT (client) DO UPDATE SET \
-               debt = max(0.0, debt - max(0.0, ?2 - at) * ?3) + 1.0, at = max(at, ?2)",
+               debt = max(0.0, debt - max(0.0, ?2 - at) * ?3) + 1.0, at = max(at, ?2) \
+             RETURNING debt",
             params![client, now, limits.per_sec],
+            |r| r.get(0),
         )?;
         if limits.per_sec > 0.0 {
             tx.execute(
@@ -139,7 +141,7 @@ impl SqliteStore {
             )?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(debt)
     }
 
     fn query_tokens<P: rusqlite::Params>(&self, tail: &str, params: P) -> Result<Vec<TokenRow>> {
@@ -219,7 +221,7 @@ impl Store for SqliteStore {
     // The count is not worth an fsync: the commit runs with `synchronous =
     // NORMAL` (in WAL mode a power cut may forget it, and never corrupts
     // anything).
-    fn charge_unknown(&mut self, client: &str, limits: &Limits, now: f64) -> Result<()> {
+    fn charge_unknown(&mut self, client: &str, limits: &Limits, now: f64) -> Result<f64> {
         let synchronous: i64 = self
             .conn
             .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
