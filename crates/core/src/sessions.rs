@@ -18,6 +18,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -170,14 +173,12 @@ pub fn binding_violation(
         ));
     }
     let host: IpAddr = session.dsthost.as_deref()?.parse().ok()?;
-    match resolver.job_addresses(&job.nodes) {
-        Some(addresses) if !addresses.contains(&crate::ipmask::canonical_ip(host)) => {
-            Some(format!(
-                "redeemed from {host}, which is not a node of job {} ({})",
-                job.jobid,
-                job.nodes.join(",")
-            ))
-        }
+    match resolver.job_has_address(&job.nodes, crate::ipmask::canonical_ip(host)) {
+        Some(false) => Some(format!(
+            "redeemed from {host}, which is not a node of job {} ({})",
+            job.jobid,
+            satellite_sched::hostlist::compress(&job.nodes)
+        )),
         _ => None,
     }
 }
@@ -194,41 +195,77 @@ fn denied_user(config: &Config, job: &JobRecord) -> Option<String> {
     by_name.cloned().or(by_uid)
 }
 
+/// How long the name lookups of one binding check may take in all: a
+/// slow resolver must not stall galyleo's launch or hold a serve worker.
+/// Past it, the nodes not looked up prove nothing.
+pub const RESOLVE_BUDGET: Duration = Duration::from_secs(2);
+/// How long a looked-up node's addresses are kept by a long-running process
+/// (serve, jobstates poll); a failed lookup is kept for less.
+const RESOLVED_FOR: Duration = Duration::from_secs(300);
+const UNRESOLVED_FOR: Duration = Duration::from_secs(30);
+
+type ResolvedCache = Mutex<HashMap<String, (Instant, Option<Vec<IpAddr>>)>>;
+
+/// Lookups shared by every check of the process.
+fn resolved_cache() -> &'static ResolvedCache {
+    static CACHE: OnceLock<ResolvedCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
 /// Node names to addresses: the configured `node_addresses` first, then
-/// the resolver; answers are kept for the resolver's life.
+/// the resolver, each lookup bounded by [`RESOLVE_BUDGET`] and kept for a
+/// while by the process.
 pub struct NodeResolver<'a> {
     config: &'a Config,
-    cache: HashMap<String, Option<Vec<IpAddr>>>,
+    deadline: Option<Instant>,
 }
 
 impl<'a> NodeResolver<'a> {
     pub fn new(config: &'a Config) -> Self {
         NodeResolver {
             config,
-            cache: HashMap::new(),
+            deadline: None,
         }
     }
 
-    /// All addresses of all the job's nodes, or `None` when any node is
-    /// unknown (then no mismatch can be proven).
-    pub fn job_addresses(&mut self, nodes: &[String]) -> Option<Vec<IpAddr>> {
+    /// Whether `host` is an address of one of the job's nodes: `Some(true)`
+    /// at the first node that has it (the rest are not looked up),
+    /// `Some(false)` only when every node was resolved and none has it,
+    /// `None` when that cannot be known (no nodes, a name that does not
+    /// resolve, the lookup budget spent).
+    pub fn job_has_address(&mut self, nodes: &[String], host: IpAddr) -> Option<bool> {
         if nodes.is_empty() {
             return None;
         }
-        let mut all = Vec::new();
+        let mut all_known = true;
         for node in nodes {
-            all.extend(self.node(node)?);
+            match self.node(node) {
+                Some(addresses) if addresses.contains(&host) => return Some(true),
+                Some(_) => {}
+                None => all_known = false,
+            }
         }
-        Some(all)
+        all_known.then_some(false)
     }
 
     fn node(&mut self, node: &str) -> Option<Vec<IpAddr>> {
-        if let Some(known) = self.cache.get(node) {
-            return known.clone();
+        if let Some(configured) = self.config.node_addresses.get(node) {
+            return Some(configured.iter().map(|a| crate::ipmask::canonical_ip(*a)).collect());
         }
-        let found = match self.config.node_addresses.get(node) {
-            Some(configured) => Some(configured.clone()),
-            None => (node, 0)
+        let cache = resolved_cache();
+        if let Some((until, known)) = cache.lock().ok()?.get(node) {
+            if Instant::now() < *until {
+                return known.clone();
+            }
+        }
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + RESOLVE_BUDGET);
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let (sender, answer) = mpsc::channel();
+        let name = node.to_owned();
+        // getaddrinfo has no timeout of its own: a thread that may outlive
+        // the wait, its answer then kept for the next check.
+        thread::spawn(move || {
+            let found = (name.as_str(), 0)
                 .to_socket_addrs()
                 .ok()
                 .map(|addrs| {
@@ -236,10 +273,14 @@ impl<'a> NodeResolver<'a> {
                         .map(|a| crate::ipmask::canonical_ip(a.ip()))
                         .collect::<Vec<_>>()
                 })
-                .filter(|addrs| !addrs.is_empty()),
-        };
-        self.cache.insert(node.to_owned(), found.clone());
-        found
+                .filter(|addrs| !addrs.is_empty());
+            let keep = if found.is_some() { RESOLVED_FOR } else { UNRESOLVED_FOR };
+            if let Ok(mut cache) = resolved_cache().lock() {
+                cache.insert(name, (Instant::now() + keep, found.clone()));
+            }
+            let _ = sender.send(found);
+        });
+        answer.recv_timeout(left).ok().flatten()
     }
 }
 
@@ -263,6 +304,39 @@ mod tests {
             &EnvOverrides::none(),
         )
         .unwrap()
+    }
+
+    /// A 512-node job whose first node is the redeemer: no other node is
+    /// looked up (each could cost a slow resolver seconds).
+    #[test]
+    fn a_match_at_the_first_node_looks_up_no_other() {
+        let config = config("enforce");
+        let mut nodes = vec!["node01".to_owned()];
+        nodes.extend((0..511).map(|n| format!("never-looked-up-{n}.invalid")));
+        let mut resolver = NodeResolver::new(&config);
+        assert_eq!(
+            resolver.job_has_address(&nodes, "10.21.3.4".parse().unwrap()),
+            Some(true)
+        );
+        let cache = resolved_cache().lock().unwrap();
+        assert!(!cache.keys().any(|k| k.starts_with("never-looked-up-")));
+    }
+
+    /// A name that does not resolve proves nothing: no mismatch.
+    #[test]
+    fn an_unresolvable_node_proves_no_mismatch() {
+        let config = config("enforce");
+        let nodes = vec!["node02".to_owned(), "no-such-node.invalid".to_owned()];
+        let mut resolver = NodeResolver::new(&config);
+        assert_eq!(
+            resolver.job_has_address(&nodes, "10.21.3.4".parse().unwrap()),
+            None
+        );
+        let known = vec!["node02".to_owned()];
+        assert_eq!(
+            resolver.job_has_address(&known, "10.21.3.4".parse().unwrap()),
+            Some(false)
+        );
     }
 
     fn pairs(ends: &[SessionEnd]) -> Vec<(String, String)> {
