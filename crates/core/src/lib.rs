@@ -19,7 +19,8 @@ pub mod ratelimit;
 pub mod routes;
 pub mod sessions;
 pub mod store;
-pub mod subprocess;
+/// Helper programs run with a deadline: see `satellite-process`.
+pub use satellite_process as subprocess;
 pub mod syslog;
 pub mod token;
 pub mod tunnels;

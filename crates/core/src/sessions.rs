@@ -250,7 +250,12 @@ impl<'a> NodeResolver<'a> {
 
     fn node(&mut self, node: &str) -> Option<Vec<IpAddr>> {
         if let Some(configured) = self.config.node_addresses.get(node) {
-            return Some(configured.iter().map(|a| crate::ipmask::canonical_ip(*a)).collect());
+            return Some(
+                configured
+                    .iter()
+                    .map(|a| crate::ipmask::canonical_ip(*a))
+                    .collect(),
+            );
         }
         let cache = resolved_cache();
         if let Some((until, known)) = cache.lock().ok()?.get(node) {
@@ -258,7 +263,9 @@ impl<'a> NodeResolver<'a> {
                 return known.clone();
             }
         }
-        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + RESOLVE_BUDGET);
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + RESOLVE_BUDGET);
         let left = deadline.checked_duration_since(Instant::now())?;
         let (sender, answer) = mpsc::channel();
         let name = node.to_owned();
@@ -274,7 +281,11 @@ impl<'a> NodeResolver<'a> {
                         .collect::<Vec<_>>()
                 })
                 .filter(|addrs| !addrs.is_empty());
-            let keep = if found.is_some() { RESOLVED_FOR } else { UNRESOLVED_FOR };
+            let keep = if found.is_some() {
+                RESOLVED_FOR
+            } else {
+                UNRESOLVED_FOR
+            };
             if let Ok(mut cache) = resolved_cache().lock() {
                 cache.insert(name, (Instant::now() + keep, found.clone()));
             }
