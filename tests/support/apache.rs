@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use satellite_demo::private_apache::{
-    children_of, make_certificate, ApacheInstall, Certificate, PrivateApache, Site, SiteConf,
+    children_of, copy_tree, give_to_workers, make_certificate, ApacheInstall, Certificate, PrivateApache, Site, SiteConf,
 };
 
 use super::client::{Client, Response};
@@ -128,34 +128,6 @@ fn pick_port() -> u16 {
 fn install_program(from: &str, to: &Path) {
     if fs::hard_link(from, to).is_err() {
         fs::copy(from, to).unwrap_or_else(|e| panic!("installing {from}: {e}"));
-    }
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
-/// Gives `path` and everything under it to nobody:nogroup, except the
-/// programs in `cgi/` (hard links to the build's binaries).
-fn give_to_nobody(path: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) {
-    nix::unistd::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for entry in fs::read_dir(path).unwrap() {
-            let entry = entry.unwrap();
-            if path.ends_with("cgi") && !entry.file_type().unwrap().is_dir() {
-                continue;
-            }
-            give_to_nobody(&entry.path(), uid, gid);
-        }
     }
 }
 
@@ -277,7 +249,7 @@ impl Apache {
             root.join("var/eff_large_wordlist.txt"),
         )
         .unwrap();
-        copy_tree(&repo_root().join("html"), &root.join("html"));
+        copy_tree(&repo_root().join("html"), &root.join("html")).unwrap();
         self.write_config(&[]);
         run(Command::new(SATELLITE)
             .args(["migrate", "--config"])
@@ -285,14 +257,7 @@ impl Apache {
         // cron's lock file (an install creates it).
         fs::write(root.join("dynconf/.satellite.lock"), "").unwrap();
         if self.as_root {
-            let nobody = nix::unistd::User::from_name("nobody")
-                .unwrap()
-                .expect("a user nobody");
-            let nogroup = nix::unistd::Group::from_name("nogroup")
-                .unwrap()
-                .map(|g| g.gid)
-                .unwrap_or(nobody.gid);
-            give_to_nobody(&root, nobody.uid, nogroup);
+            give_to_workers(&root).unwrap();
         }
     }
 

@@ -36,42 +36,6 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else {
-            fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
-}
-
-/// Apache's children run as nobody when we are root: they read the
-/// database (and its -shm) and the CGI programs write it.
-fn give_to_nobody(path: &Path) -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    let nobody = nix::unistd::User::from_name("nobody")?.context("no user nobody")?;
-    let group = nix::unistd::Group::from_name("nogroup")?
-        .map(|g| g.gid)
-        .unwrap_or(nobody.gid);
-    fn walk(path: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> Result<()> {
-        nix::unistd::chown(path, Some(uid), Some(gid))?;
-        if path.is_dir() {
-            for entry in fs::read_dir(path)? {
-                walk(&entry?.path(), uid, gid)?;
-            }
-        }
-        Ok(())
-    }
-    walk(path, nobody.uid, group)
-}
-
 impl WebSite {
     /// Installs satellite (map routing) into a new directory; the database
     /// is created and left for the caller to fill before [`start`].
@@ -97,7 +61,7 @@ impl WebSite {
             repo().join("wordlist/eff_large_wordlist.txt"),
             root.join("var/eff_large_wordlist.txt"),
         )?;
-        copy_tree(&repo().join("html"), &root.join("html"))?;
+        satellite_demo::private_apache::copy_tree(&repo().join("html"), &root.join("html"))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -136,7 +100,7 @@ impl WebSite {
     /// `extra` lines at server level.
     pub fn start(&mut self, backend: std::net::SocketAddr, extra: &str) -> Result<()> {
         self.stop();
-        give_to_nobody(&self.root())?;
+        satellite_demo::private_apache::give_to_workers(&self.root())?;
         let conf_dir = self.root().join("conf");
         let shipped = repo().join("httpd-conf").canonicalize()?;
         let mut conf = String::new();

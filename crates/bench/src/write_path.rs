@@ -26,9 +26,7 @@ pub fn populate(
     let started = Instant::now();
     let publisher = Publisher::new(config);
     let mut store = SqliteStore::open(&config.dbfile, Duration::from_secs(5))?;
-    store
-        .connection()
-        .execute_batch("PRAGMA synchronous = OFF")?;
+    store.without_fsync()?;
     let now = chrono::Utc::now();
     for i in 0..live {
         let alias = format!("{prefix}-{i}-x");

@@ -92,14 +92,13 @@ impl Snapshot {
 }
 
 /// Records a snapshot and ends the sessions whose job is over or does not
-/// match them.
+/// match them, in one transaction.
 pub fn apply_snapshot(
     store: &mut dyn Store,
     config: &Config,
     snapshot: &Snapshot,
     now: DateTime<Utc>,
 ) -> Result<Applied> {
-    let recorded = store.record_jobs(&snapshot.jobs, now.timestamp())?;
     let reported: HashMap<&str, &JobRecord> = snapshot
         .jobs
         .iter()
@@ -107,10 +106,7 @@ pub fn apply_snapshot(
         .collect();
     let taken_at = snapshot.taken_at.unwrap_or_else(|| now.timestamp());
     let mut resolver = NodeResolver::new(config);
-    let mut applied = Applied {
-        recorded,
-        ..Applied::default()
-    };
+    let mut applied = Applied::default();
     for session in store.linked_sessions(now, config.ttl_secs)? {
         let job_over = match reported.get(session.jobid.as_str()) {
             Some(job) if is_terminal(&job.state) => {
@@ -144,7 +140,9 @@ pub fn apply_snapshot(
             });
         }
     }
-    store.end_sessions(&applied.ended, now)?;
+    // The decisions above use what this snapshot says, not what the store
+    // had: the job records and the ends they cause go in one transaction.
+    applied.recorded = store.record_jobs(&snapshot.jobs, &applied.ended, now.timestamp())?;
     Ok(applied)
 }
 

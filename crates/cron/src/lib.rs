@@ -242,7 +242,7 @@ impl<'a> Watcher<'a> {
             }
         };
         let ends = self.store_ref().route_ends_after(cursor, ENDS_PER_BATCH)?;
-        let version = self.store_ref().data_version()?;
+        let version = self.store_ref().change_marker()?;
         let vhost = self.config.routing == satellite_core::config::Routing::Vhost;
         let last_end = ends.last().map(|end| end.id);
         let first = self.last_run.is_none();
@@ -265,7 +265,7 @@ impl<'a> Watcher<'a> {
             // anyone during the run (which may wait seconds on Apache's
             // config test) then triggers the next run. The run's own
             // writes trigger one more, which finds nothing to do.
-            self.seen_version = Some(self.store_ref().data_version()?);
+            self.seen_version = Some(self.store_ref().change_marker()?);
             let mut report = run_locked(self.config);
             // Even a failed run leaves Apache's configuration as it will
             // stay until the next one: cutting cannot wait for it.

@@ -523,3 +523,52 @@ pub(crate) fn output_of(command: &mut Command, hint: &str) -> Result<Vec<u8>> {
     }
     Ok(out.stdout)
 }
+
+/// Copies the directory `from` into `to`, recursively (the shipped
+/// `html/` and `httpd-conf/` into a private site).
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives `path` and everything under it to the user Apache's workers run
+/// as when root starts it (nobody, and nogroup where it exists): they read
+/// the database and its -shm, and the CGI programs write it. Files in a
+/// directory named `cgi` are left alone (hard links to the build's
+/// programs). Nothing to do when not root.
+pub fn give_to_workers(path: &Path) -> std::io::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .map_err(std::io::Error::from)?
+        .ok_or_else(|| std::io::Error::other("this host has no user nobody"))?;
+    let group = nix::unistd::Group::from_name("nogroup")
+        .ok()
+        .flatten()
+        .map_or(nobody.gid, |g| g.gid);
+    fn walk(path: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> std::io::Result<()> {
+        nix::unistd::chown(path, Some(uid), Some(gid)).map_err(std::io::Error::from)?;
+        if path.is_dir() {
+            for entry in fs::read_dir(path)? {
+                let entry = entry?;
+                if path.ends_with("cgi") && !entry.file_type()?.is_dir() {
+                    continue;
+                }
+                walk(&entry.path(), uid, gid)?;
+            }
+        }
+        Ok(())
+    }
+    walk(path, nobody.uid, group)
+}
+

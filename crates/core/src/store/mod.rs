@@ -97,14 +97,6 @@ pub trait Store {
         ttl_secs: i64,
     ) -> Result<LinkOutcome>;
 
-    /// The state of a live token, for the waiting page.
-    fn proxy_state(
-        &self,
-        alias: &str,
-        now: DateTime<Utc>,
-        ttl_secs: i64,
-    ) -> Result<Option<ProxyState>>;
-
     /// A token with its job's last pushed state, tombstones and rows past
     /// their TTL (`expired`, not yet deleted) included.
     fn token_job(&self, alias: &str, now: DateTime<Utc>, ttl_secs: i64)
@@ -122,12 +114,20 @@ pub trait Store {
                 ..JobRecord::default()
             })
             .collect();
-        self.record_jobs(&records, now_epoch)
+        self.record_jobs(&records, &[], now_epoch)
     }
 
-    /// Writes what the scheduler said of these jobs (seen now) and purges
-    /// jobs not seen for three days, in one transaction.
-    fn record_jobs(&mut self, jobs: &[JobRecord], now_epoch: i64) -> Result<usize>;
+    /// Writes what the scheduler said of these jobs (seen now), purges
+    /// jobs not seen for three days, and ends the sessions that news ends
+    /// (as [`Store::end_sessions`] does), in one transaction: a crash
+    /// leaves either all of a snapshot or none of it. Returns how many job
+    /// records were written.
+    fn record_jobs(
+        &mut self,
+        jobs: &[JobRecord],
+        ends: &[SessionEnd],
+        now_epoch: i64,
+    ) -> Result<usize>;
 
     /// Live tokens that are linked to a job and not ended, with what the
     /// last pushes said of their job.
@@ -160,11 +160,6 @@ pub trait Store {
     /// nothing and Apache's readers never see a half-done set.
     fn sync_routes(&mut self, wanted: &[PublishedRoute]) -> Result<RouteSync>;
 
-    /// The target Apache's `dbd:` map answers for `alias` at `now` (the same
-    /// query, with `now` for the database's clock): what the data plane
-    /// sees.
-    fn live_route(&self, alias: &str, now: DateTime<Utc>) -> Result<Option<String>>;
-
     /// The targets of the routes live at `now`, and when the first of them
     /// expires.
     fn live_targets(&self, now: DateTime<Utc>) -> Result<(Vec<String>, Option<DateTime<Utc>>)>;
@@ -172,9 +167,11 @@ pub trait Store {
     /// How many routes the data plane holds that are live at `now`.
     fn live_route_count(&self, now: DateTime<Utc>) -> Result<i64>;
 
-    /// A number that changes whenever another connection commits, so a
-    /// watcher (`cron --watch`) can poll it cheaply.
-    fn data_version(&self) -> Result<i64>;
+    /// A value that changes whenever another connection has committed, so
+    /// that a watcher (`cron --watch`) can poll for changes cheaply.
+    /// SQLite gives its `data_version`; a backend without such a counter
+    /// keeps one its triggers bump.
+    fn change_marker(&self) -> Result<i64>;
 
     /// The recorded route ends with an id above `after`, oldest first, at
     /// most `limit` of them: what a watcher has not acted on yet.

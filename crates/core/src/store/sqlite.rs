@@ -86,8 +86,53 @@ impl SqliteStore {
         &self.path
     }
 
-    pub fn connection(&self) -> &Connection {
+    /// The connection, for this module's tests to write as another
+    /// program would (a Perl script, a hand edit). Nothing outside the
+    /// store gets it: every other write goes through [`Store`].
+    #[cfg(test)]
+    pub(crate) fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    /// Commits on this connection stop waiting for the disk: for a bulk
+    /// load whose loss in a crash does not matter (the bench's fill).
+    pub fn without_fsync(&mut self) -> Result<()> {
+        self.conn.execute_batch("PRAGMA synchronous = OFF")?;
+        Ok(())
+    }
+
+    /// The state of a live token (tests and the admin's eyes).
+    pub fn proxy_state(
+        &self,
+        alias: &str,
+        now: DateTime<Utc>,
+        ttl_secs: i64,
+    ) -> Result<Option<ProxyState>> {
+        let hash = alias_compare_hash(alias.as_bytes());
+        let state: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT state FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2 \
+                 AND modified >= ?3",
+                params![hash, alias, expiry_cutoff(now, ttl_secs)],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(state.map(|s| ProxyState::parse(&s)))
+    }
+
+    /// The target Apache's `dbd:` map answers for `alias` at `now` (the
+    /// same query, with `now` for the database's clock): what the data
+    /// plane sees.
+    pub fn live_route(&self, alias: &str, now: DateTime<Utc>) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT target FROM routes WHERE alias = ?1 AND expires >= ?2",
+                params![alias, sql_timestamp(now)],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     pub fn schema_version(&self) -> Result<i64> {
@@ -186,12 +231,7 @@ impl SqliteStore {
             "SELECT group_concat(alias, ' = ') FROM proxy \
              GROUP BY alias_compare_hash HAVING count(*) > 1",
         )?;
-        let mut stmt =
-            conn.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
-        let counts = stmt.query_map([], |r| {
-            Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
-        })?;
-        inspection.tokens_by_state = counts.collect::<rusqlite::Result<_>>()?;
+        inspection.tokens_by_state = counted_pairs(&conn, TOKENS_BY_STATE)?;
         Ok(inspection)
     }
 
@@ -353,24 +393,6 @@ impl Store for SqliteStore {
         })
     }
 
-    fn proxy_state(
-        &self,
-        alias: &str,
-        now: DateTime<Utc>,
-        ttl_secs: i64,
-    ) -> Result<Option<ProxyState>> {
-        let hash = alias_compare_hash(alias.as_bytes());
-        let state: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT state FROM proxy WHERE alias_compare_hash = ?1 AND alias = ?2 \
-                 AND modified >= ?3",
-                params![hash, alias, expiry_cutoff(now, ttl_secs)],
-                |row| row.get(0),
-            )
-            .optional()?;
-        Ok(state.map(|s| ProxyState::parse(&s)))
-    }
 
     fn token_job(
         &self,
@@ -414,8 +436,18 @@ impl Store for SqliteStore {
         Ok(row)
     }
 
-    fn record_jobs(&mut self, jobs: &[JobRecord], now_epoch: i64) -> Result<usize> {
+    fn record_jobs(
+        &mut self,
+        jobs: &[JobRecord],
+        ends: &[SessionEnd],
+        now_epoch: i64,
+    ) -> Result<usize> {
         let tx = self.write_tx()?;
+        let now = DateTime::from_timestamp(now_epoch, 0).unwrap_or_default();
+        for end in ends {
+            let hash = alias_compare_hash(end.alias.as_bytes());
+            end_rows(&tx, &hash, &end.alias, end.kind, &end.cause, now)?;
+        }
         tx.execute(
             "DELETE FROM jobstates WHERE lastseen < ?1 OR typeof(lastseen) <> 'integer'",
             [now_epoch - JOBSTATE_RETENTION_SECS],
@@ -591,16 +623,6 @@ impl Store for SqliteStore {
         Ok(sync)
     }
 
-    fn live_route(&self, alias: &str, now: DateTime<Utc>) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT target FROM routes WHERE alias = ?1 AND expires >= ?2",
-                params![alias, sql_timestamp(now)],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
 
     fn live_targets(&self, now: DateTime<Utc>) -> Result<(Vec<String>, Option<DateTime<Utc>>)> {
         let now_text = sql_timestamp(now);
@@ -627,7 +649,7 @@ impl Store for SqliteStore {
     }
 
     // SQLite's own change counter for this connection's view of the file.
-    fn data_version(&self) -> Result<i64> {
+    fn change_marker(&self) -> Result<i64> {
         Ok(self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
@@ -741,15 +763,9 @@ impl Store for SqliteStore {
     }
 
     fn stats(&self) -> Result<Stats> {
-        let pairs = |sql: &str| -> Result<Vec<(String, i64)>> {
-            let mut stmt = self.conn.prepare(sql)?;
-            let rows = stmt.query_map([], |r| {
-                Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
-            })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
-        };
+        let pairs = |sql: &str| counted_pairs(&self.conn, sql);
         Ok(Stats {
-            by_state: pairs("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?,
+            by_state: pairs(TOKENS_BY_STATE)?,
             oldest_modified: self
                 .conn
                 .query_row("SELECT min(modified) FROM proxy", [], |r| r.get(0))?,
@@ -765,14 +781,7 @@ impl Store for SqliteStore {
 
     fn gauges(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Gauges> {
         let tx = self.conn.unchecked_transaction()?;
-        let mut stmt =
-            tx.prepare("SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state")?;
-        let by_state = stmt
-            .query_map([], |r| {
-                Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        drop(stmt);
+        let by_state = counted_pairs(&tx, TOKENS_BY_STATE)?;
         let live_routes = tx.query_row(
             "SELECT count(*) FROM routes WHERE expires >= ?1",
             [sql_timestamp(now)],
@@ -849,6 +858,18 @@ fn delete_counting(
         .count();
     count_ends(tx, cause, sessions)?;
     Ok(states.len())
+}
+
+/// Rows by state, for `inspect`, `stats` and the metrics alike.
+const TOKENS_BY_STATE: &str = "SELECT state, count(*) FROM proxy GROUP BY state ORDER BY state";
+
+/// The (text, count) rows of a counting query.
+fn counted_pairs(conn: &Connection, sql: &str) -> Result<Vec<(String, i64)>> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], |r| {
+        Ok((value_text(r.get(0)?).unwrap_or_default(), r.get(1)?))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Ends the live session of one token (state `ended`, when, why and its
