@@ -471,6 +471,38 @@ fn in_map_routing_cron_routes_rows_others_wrote_and_unroutes_refused_ones() {
     assert_eq!(routes_table(&site), expected);
 }
 
+/// Vhost routing keeps "`proxied` means routed" too: a row whose route
+/// became invalid (tgtipmask narrowed) leaves the file and is `mapped`
+/// again once Apache is reloaded without it, and its end is recorded for
+/// the watchers, which cut its open tunnels.
+#[test]
+fn in_vhost_routing_a_row_whose_route_became_invalid_is_no_longer_proxied() {
+    let site = vhost_site("/bin/true", "/bin/true");
+    let kept = site.redeemed_token(COMPUTE_NODE, 8888);
+    let narrowed = site.redeemed_token(OTHER_COMPUTE_NODE, 8888);
+    let first = cron(&site, &[]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(site.state_of(&narrowed).as_deref(), Some("proxied"));
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("\"10.21.0.0/16\"", "\"10.21.3.0/24\"");
+    std::fs::write(&site.config, text).unwrap();
+
+    let out = cron(&site, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(site.state_of(&kept).as_deref(), Some("proxied"));
+    assert_eq!(site.state_of(&narrowed).as_deref(), Some("mapped"));
+    let ended: Vec<String> = {
+        let db = site.db();
+        let mut stmt = db.prepare("SELECT target FROM route_ends").unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    assert_eq!(ended, [format!("{OTHER_COMPUTE_NODE}:8888")]);
+    let conf = std::fs::read_to_string(site.path("dynconf/proxyconf.conf")).unwrap();
+    assert!(!conf.contains(OTHER_COMPUTE_NODE), "{conf}");
+}
+
 #[test]
 fn without_verbose_a_crontab_run_prints_nothing_but_failures() {
     let site = vhost_site("/bin/true", "/bin/true");

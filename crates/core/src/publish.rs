@@ -191,8 +191,12 @@ impl<'a> Publisher<'a> {
         };
         // Rows still `mapped` with an unchanged file mean an earlier reload
         // did not happen (or failed): reload again before calling them
-        // proxied.
+        // proxied. Rows `proxied` without a route in the file (refused
+        // since: a changed tgtipmask, a hand edit) are `mapped` again, so
+        // that `proxied` means routed here too.
+        let routed: Vec<String> = set.routes.iter().map(|r| r.alias.clone()).collect();
         if !changed && to_flip.is_empty() {
+            report.unrouted = store.unmark_proxied(&routed)?;
             return Ok(report);
         }
         if changed {
@@ -211,6 +215,7 @@ impl<'a> Publisher<'a> {
         reload_apache(config)?;
         report.reloaded = true;
         report.flipped = store.mark_proxied(&to_flip)?;
+        report.unrouted = store.unmark_proxied(&routed)?;
         Ok(report)
     }
 }

@@ -93,16 +93,16 @@ impl Report {
     }
 }
 
-/// One cron run under the run lock; `Report::skipped` if another run holds
-/// it.
-pub fn run_once(config: &Config) -> Result<Report> {
+/// One cron run under the run lock, as of `now`; `Report::skipped` if
+/// another run holds it. The caller's clock decides what has expired.
+pub fn run_once(config: &Config, now: chrono::DateTime<Utc>) -> Result<Report> {
     let Some(_lock) = FileLock::try_acquire(&config.lockfile)? else {
         return Ok(Report {
             skipped: true,
             ..Report::default()
         });
     };
-    run_locked(config)
+    run_locked(config, now)
 }
 
 fn open_store(config: &Config) -> Result<Box<dyn Store>> {
@@ -111,11 +111,10 @@ fn open_store(config: &Config) -> Result<Box<dyn Store>> {
     Ok(satellite_core::store::open(&config.dbfile, timeout)?)
 }
 
-/// One run; the caller holds the run lock.
-pub fn run_locked(config: &Config) -> Result<Report> {
+/// One run as of `now`; the caller holds the run lock.
+pub fn run_locked(config: &Config, now: chrono::DateTime<Utc>) -> Result<Report> {
     let started = Instant::now();
     let mut store = open_store(config)?;
-    let now = Utc::now();
     let expired = store
         .expire(now, config.ttl_secs)
         .context("expiring old tokens")?;
@@ -266,7 +265,7 @@ impl<'a> Watcher<'a> {
             // config test) then triggers the next run. The run's own
             // writes trigger one more, which finds nothing to do.
             self.seen_version = Some(self.store_ref().change_marker()?);
-            let mut report = run_locked(self.config);
+            let mut report = run_locked(self.config, Utc::now());
             // Even a failed run leaves Apache's configuration as it will
             // stay until the next one: cutting cannot wait for it.
             if let Some(id) = last_end {

@@ -128,7 +128,7 @@ fn republish(config: &Config, store: &mut dyn Store) -> Result<String> {
             store.live_route_count(Utc::now())?
         )),
         Routing::Vhost => {
-            let report = satellite_cron::run_once(config)?;
+            let report = satellite_cron::run_once(config, Utc::now())?;
             Ok(if report.skipped {
                 "another cron run is in progress; it will drop the route".into()
             } else {

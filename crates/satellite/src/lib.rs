@@ -226,7 +226,7 @@ pub fn cron_main(config: &Config, watch: bool, verbose: bool) -> ExitCode {
         }
         return ExitCode::FAILURE;
     }
-    if print(satellite_cron::run_once(config)) {
+    if print(satellite_cron::run_once(config, chrono::Utc::now())) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

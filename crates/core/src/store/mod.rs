@@ -152,6 +152,12 @@ pub trait Store {
     /// Flips `mapped` rows to `proxied` once their route is live.
     fn mark_proxied(&mut self, aliases: &[String]) -> Result<usize>;
 
+    /// Vhost routing's repair: turns `proxied` rows whose alias is not in
+    /// `routed` back to `mapped` (their route was refused, or Apache no
+    /// longer has it), so that `proxied` always means routed; their ends
+    /// are recorded for the watchers. Returns how many.
+    fn unmark_proxied(&mut self, routed: &[String]) -> Result<usize>;
+
     /// Map routing's repair pass (cron): makes `routes` hold exactly
     /// `wanted`, flips their rows to `proxied`, and turns rows that are
     /// `proxied` without a wanted route back to `mapped` (their route was

@@ -603,24 +603,17 @@ impl Store for SqliteStore {
                 }
             }
         }
-        {
-            let mut proxied = tx.prepare("SELECT alias FROM proxy WHERE state = 'proxied'")?;
-            let stale: Vec<String> = proxied
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<String>>>()?
-                .into_iter()
-                .filter(|alias| !wanted_aliases.contains(alias.as_str()))
-                .collect();
-            drop(proxied);
-            let mut unroute = tx.prepare(
-                "UPDATE proxy SET state = 'mapped' WHERE alias = ?1 AND state = 'proxied'",
-            )?;
-            for alias in stale {
-                sync.unrouted += unroute.execute([alias])?;
-            }
-        }
+        sync.unrouted = unmark_proxied_except(&tx, &wanted_aliases)?;
         tx.commit()?;
         Ok(sync)
+    }
+
+    fn unmark_proxied(&mut self, routed: &[String]) -> Result<usize> {
+        let tx = self.write_tx()?;
+        let keep: std::collections::HashSet<&str> = routed.iter().map(String::as_str).collect();
+        let unrouted = unmark_proxied_except(&tx, &keep)?;
+        tx.commit()?;
+        Ok(unrouted)
     }
 
 
@@ -858,6 +851,30 @@ fn delete_counting(
         .count();
     count_ends(tx, cause, sessions)?;
     Ok(states.len())
+}
+
+/// Turns every `proxied` row not in `keep` back to `mapped`, in the
+/// caller's transaction (the trigger records their ends).
+fn unmark_proxied_except(
+    tx: &Connection,
+    keep: &std::collections::HashSet<&str>,
+) -> rusqlite::Result<usize> {
+    let stale: Vec<String> = {
+        let mut proxied = tx.prepare("SELECT alias FROM proxy WHERE state = 'proxied'")?;
+        let aliases = proxied.query_map([], |r| r.get(0))?;
+        aliases
+            .collect::<rusqlite::Result<Vec<String>>>()?
+            .into_iter()
+            .filter(|alias| !keep.contains(alias.as_str()))
+            .collect()
+    };
+    let mut unroute =
+        tx.prepare("UPDATE proxy SET state = 'mapped' WHERE alias = ?1 AND state = 'proxied'")?;
+    let mut unrouted = 0;
+    for alias in stale {
+        unrouted += unroute.execute([alias])?;
+    }
+    Ok(unrouted)
 }
 
 /// Rows by state, for `inspect`, `stats` and the metrics alike.

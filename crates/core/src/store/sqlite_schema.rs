@@ -59,7 +59,8 @@ const CREATE_ROUTES: &str = "
         AFTER UPDATE OF state, dsthost, dstport ON proxy
         WHEN old.state IN ('mapped', 'proxied') AND coalesce(old.dsthost, '') <> ''
           AND (new.state NOT IN ('mapped', 'proxied') OR new.dsthost IS NOT old.dsthost
-               OR new.dstport IS NOT old.dstport)
+               OR new.dstport IS NOT old.dstport
+               OR (old.state = 'proxied' AND new.state = 'mapped'))
         BEGIN INSERT INTO route_ends (target) VALUES (
             CASE WHEN instr(old.dsthost, ':') > 0 THEN '[' || old.dsthost || ']' ELSE old.dsthost END
             || ':' || old.dstport); END;
