@@ -842,6 +842,10 @@ fn map_mode_an_address_guessing_hosts_is_refused_after_the_waiting_page_limit() 
         report.contains("OK   mod_qos is loaded: answers for unrouted token hosts are limited per client address\n"),
         "{report}"
     );
+    assert!(
+        report.contains("OK   Apache reads its routes from the database satellite writes"),
+        "{report}"
+    );
     assert_eq!(
         apache.get("another-guess-here", "/").status,
         200,
@@ -849,3 +853,29 @@ fn map_mode_an_address_guessing_hosts_is_refused_after_the_waiting_page_limit() 
         apache.error_log()
     );
 }
+
+/// A `SATELLITE_DB` that names another file than `dbfile` (a typo, a
+/// second install) would make every token host show the waiting page:
+/// `satellite check` asks Apache which database it reads and says so.
+#[test]
+fn map_mode_check_fails_when_apache_reads_another_database() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let wrong = elsewhere.path().join("state.sqlite");
+    let apache = Apache::start_defining(Routing::Map, &[("SATELLITE_DB", wrong.to_str().unwrap())]);
+    let check = Command::new(support::apache::SATELLITE)
+        .args(["check", "--config"])
+        .arg(apache.config_file())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        report.contains(&format!(
+            "FAIL Apache reads routes from {} but satellite writes {}",
+            wrong.display(),
+            apache.db_file().display()
+        )),
+        "{report}"
+    );
+    assert!(!check.status.success());
+}
+

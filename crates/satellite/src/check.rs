@@ -133,6 +133,9 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     if let Some(finding) = check_waiting_limit(&config) {
         findings.push(finding);
     }
+    if let Some(finding) = check_apache_database(&config) {
+        findings.push(finding);
+    }
     findings.push(check_reload(&config));
     findings.extend(check_tunnel_cutting(&config));
     findings.extend(check_watchers(&config));
@@ -485,6 +488,56 @@ fn check_waiting_limit(config: &Config) -> Option<Finding> {
             "mod_qos is not loaded: Apache answers guesses at token hosts (the waiting page) without a limit",
             "install libapache2-mod-qos (Debian) or mod_qos (EPEL), load it as httpd-conf/modules-debian.conf or modules-rhel.conf does, and restart Apache",
         )
+    })
+}
+
+/// In map routing Apache reads the routes from the database it is told
+/// (`Define SATELLITE_DB`): a different file than the one satellite writes
+/// (a typo, a second install) gives every token host the waiting page, and
+/// APR's SQLite driver even creates the wrong file, empty. Asked of Apache
+/// itself: its config test with `-D DUMP_RUN_CFG` lists every Define.
+fn check_apache_database(config: &Config) -> Option<Finding> {
+    if config.routing != Routing::Map {
+        return None;
+    }
+    let argv = &config.apache_configtest;
+    argv.iter().position(|arg| arg == "-t")?;
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .args(["-D", "DUMP_RUN_CFG"])
+        .output_within(CONFIGTEST_TIMEOUT)
+        .ok()
+        .filter(|out| out.status.success())?;
+    let dump = String::from_utf8_lossy(&out.stdout);
+    let apache_db = dump
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Define: SATELLITE_DB="))
+        .map(str::to_owned);
+    let ours = &config.dbfile;
+    let same = |theirs: &str| {
+        let theirs = Path::new(theirs);
+        theirs == ours
+            || matches!(
+                (theirs.canonicalize(), ours.canonicalize()),
+                (Ok(a), Ok(b)) if a == b
+            )
+    };
+    Some(match apache_db {
+        Some(theirs) if same(&theirs) => ok(format!(
+            "Apache reads its routes from the database satellite writes ({})",
+            ours.display()
+        )),
+        Some(theirs) => fail(
+            format!(
+                "Apache reads routes from {theirs} but satellite writes {}: every token host shows the waiting page",
+                ours.display()
+            ),
+            format!("Define SATELLITE_DB {} before Apache includes satellite.conf, or set dbfile to {theirs}", ours.display()),
+        ),
+        None => warn(
+            "Apache's configuration defines no SATELLITE_DB: is httpd-conf/satellite.conf included?",
+            "include httpd-conf/satellite.conf (see docs/admin-guide.md)",
+        ),
     })
 }
 
