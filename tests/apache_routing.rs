@@ -879,3 +879,52 @@ fn map_mode_check_fails_when_apache_reads_another_database() {
     assert!(!check.status.success());
 }
 
+/// Requests already read when mod_qos's limit is reached (several at once,
+/// on open connections) are refused with 429, never mod_qos's default 500
+/// (seen under a flood from one address before `QS_ErrorResponseCode`).
+#[test]
+fn map_mode_a_flood_of_guesses_is_refused_with_429_never_500() {
+    let apache = Apache::start_defining(
+        Routing::Map,
+        &[
+            ("SATELLITE_WAITING_LIMIT", "10"),
+            ("SATELLITE_WAITING_PERIOD", "600"),
+        ],
+    );
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|worker| {
+                let apache = &apache;
+                scope.spawn(move || {
+                    let mut seen = Vec::new();
+                    let Ok(mut conn) = apache.client().connect(&apache.host("first-guess-here"))
+                    else {
+                        return seen;
+                    };
+                    for n in 0..20 {
+                        let host = apache.host_port(&format!("guess-{worker}-{n}-here"));
+                        match conn.get(&host, "/") {
+                            Ok(r) => seen.push(r.status),
+                            // Refused at connection level: the documented refusal.
+                            Err(_) => break,
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}\n{}",
+        apache.error_log()
+    );
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() <= 10,
+        "{statuses:?}"
+    );
+}

@@ -481,7 +481,11 @@ fn in_vhost_routing_a_row_whose_route_became_invalid_is_no_longer_proxied() {
     let kept = site.redeemed_token(COMPUTE_NODE, 8888);
     let narrowed = site.redeemed_token(OTHER_COMPUTE_NODE, 8888);
     let first = cron(&site, &[]);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     assert_eq!(site.state_of(&narrowed).as_deref(), Some("proxied"));
     let text = std::fs::read_to_string(&site.config)
         .unwrap()
@@ -489,7 +493,11 @@ fn in_vhost_routing_a_row_whose_route_became_invalid_is_no_longer_proxied() {
     std::fs::write(&site.config, text).unwrap();
 
     let out = cron(&site, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(site.state_of(&kept).as_deref(), Some("proxied"));
     assert_eq!(site.state_of(&narrowed).as_deref(), Some("mapped"));
     let ended: Vec<String> = {

@@ -20,7 +20,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use satellite_demo::private_apache::{
-    children_of, copy_tree, give_to_workers, make_certificate, ApacheInstall, Certificate, PrivateApache, Site, SiteConf,
+    children_of, copy_tree, give_to_workers, make_certificate, ApacheInstall, Certificate,
+    PrivateApache, Site, SiteConf,
 };
 
 use super::client::{Client, Response};

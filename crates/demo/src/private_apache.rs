@@ -571,4 +571,3 @@ pub fn give_to_workers(path: &Path) -> std::io::Result<()> {
     }
     walk(path, nobody.uid, group)
 }
-

@@ -393,7 +393,6 @@ impl Store for SqliteStore {
         })
     }
 
-
     fn token_job(
         &self,
         alias: &str,
@@ -615,7 +614,6 @@ impl Store for SqliteStore {
         tx.commit()?;
         Ok(unrouted)
     }
-
 
     fn live_targets(&self, now: DateTime<Utc>) -> Result<(Vec<String>, Option<DateTime<Utc>>)> {
         let now_text = sql_timestamp(now);
