@@ -9,6 +9,7 @@
 pub mod config;
 pub mod endpoints;
 pub mod error;
+pub mod files;
 pub mod ipmask;
 pub mod jobstate;
 pub mod logid;

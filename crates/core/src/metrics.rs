@@ -341,7 +341,7 @@ impl PollMetrics {
 /// # Errors
 /// When the directory cannot be written.
 pub fn write_textfile(dir: &std::path::Path, name: &str, text: &str) -> crate::Result<()> {
-    crate::routes::write_atomically(&dir.join(name), text.as_bytes())
+    crate::files::write_atomically(&dir.join(name), text.as_bytes())
 }
 
 /// The states every exposition lists, even at zero, so that a query for

@@ -30,6 +30,7 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{Config, Routing};
 use crate::error::{CoreError, Result};
+use crate::files;
 use crate::routes::{self, RouteSet};
 use crate::store::{
     route_expiry, PublishedRoute, RedeemOutcome, RoutePublication, RouteRow, Store,
@@ -181,7 +182,7 @@ impl<'a> Publisher<'a> {
         let config = self.config;
         let text = routes::render_vhosts(&set.routes, config);
         let path = &config.httpdstubfile;
-        let previous = routes::read_if_exists(path)?;
+        let previous = files::read_if_exists(path)?;
         let changed = previous.as_deref() != Some(text.as_bytes());
         let to_flip = set.to_flip();
         let mut report = Report {
@@ -200,7 +201,7 @@ impl<'a> Publisher<'a> {
             return Ok(report);
         }
         if changed {
-            routes::write_atomically(path, text.as_bytes())?;
+            files::write_atomically(path, text.as_bytes())?;
             report.written = true;
         }
         if let Err(err) = run_command(&config.apache_configtest, "Apache's config test") {
@@ -222,7 +223,7 @@ impl<'a> Publisher<'a> {
 
 fn restore(path: &Path, previous: Option<&[u8]>) -> Result<()> {
     match previous {
-        Some(bytes) => routes::write_atomically(path, bytes),
+        Some(bytes) => files::write_atomically(path, bytes),
         None => fs::remove_file(path)
             .map_err(|e| CoreError::io(format!("removing {}", path.display()), e)),
     }

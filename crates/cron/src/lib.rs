@@ -6,14 +6,16 @@
 //! written atomically, nothing written or reloaded when nothing changed, and
 //! a config that fails Apache's test is never left in place.
 
+pub mod cli;
+
 use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use chrono::Utc;
+use satellite_core::files::FileLock;
 use satellite_core::publish::{self, Publisher};
-use satellite_core::routes::FileLock;
 use satellite_core::store::RouteEnd;
 use satellite_core::tunnels::{self, CutError};
 use satellite_core::{Config, Store};
