@@ -33,7 +33,6 @@ pub enum RequestResult {
     NotAllowed,
     Unknown,
     Conflict,
-    JobMismatch,
     /// Refused: the client's address is over its unknown-token limit.
     RateLimited,
     Busy,
@@ -41,13 +40,12 @@ pub enum RequestResult {
 }
 
 impl RequestResult {
-    pub const ALL: [RequestResult; 9] = [
+    pub const ALL: [RequestResult; 8] = [
         RequestResult::Ok,
         RequestResult::BadInput,
         RequestResult::NotAllowed,
         RequestResult::Unknown,
         RequestResult::Conflict,
-        RequestResult::JobMismatch,
         RequestResult::RateLimited,
         RequestResult::Busy,
         RequestResult::Internal,
@@ -60,7 +58,6 @@ impl RequestResult {
             RequestResult::NotAllowed => "not_allowed",
             RequestResult::Unknown => "unknown",
             RequestResult::Conflict => "conflict",
-            RequestResult::JobMismatch => "job_mismatch",
             RequestResult::RateLimited => "rate_limited",
             RequestResult::Busy => "busy",
             RequestResult::Internal => "internal",
@@ -71,9 +68,6 @@ impl RequestResult {
         self as usize
     }
 }
-
-/// The refusal redeemtoken gives under `job_binding = "enforce"`.
-const JOB_MISMATCH: &[u8] = b"Oops! Nonce must be redeemed from a node of the job";
 
 /// The one place that decides a request's result: from its answer, so
 /// every handler's outcome is counted the same way. The status decides;
@@ -87,7 +81,6 @@ pub fn classify(endpoint: Endpoint, response: &Response<Body>) -> RequestResult 
     }
     match status {
         s if s.is_success() || s.is_redirection() || s.is_informational() => RequestResult::Ok,
-        StatusCode::FORBIDDEN if body.starts_with(JOB_MISMATCH) => RequestResult::JobMismatch,
         StatusCode::FORBIDDEN => RequestResult::NotAllowed,
         StatusCode::NOT_FOUND if endpoint == Endpoint::Index => RequestResult::BadInput,
         StatusCode::NOT_FOUND => RequestResult::Unknown,
@@ -104,9 +97,7 @@ fn classify_message(body: &[u8]) -> RequestResult {
         body.windows(needle.len())
             .any(|window| window == needle.as_bytes())
     };
-    if body.starts_with(JOB_MISMATCH) {
-        RequestResult::JobMismatch
-    } else if has("not in range") || has("must be destroyed from host") {
+    if has("not in range") || has("must be destroyed from host") {
         RequestResult::NotAllowed
     } else if has("Unknown nonce") {
         // "already used" is a 409 with real statuses; the message cannot
@@ -500,11 +491,6 @@ mod tests {
                 RequestResult::NotAllowed,
             ),
             (
-                StatusCode::FORBIDDEN,
-                "Oops! Nonce must be redeemed from a node of the job it is linked to\n",
-                RequestResult::JobMismatch,
-            ),
-            (
                 StatusCode::NOT_FOUND,
                 "Oops! Unknown nonce or nonce already used\n",
                 RequestResult::Unknown,
@@ -528,11 +514,6 @@ mod tests {
                 StatusCode::OK,
                 "Oops! Client (your) IP not in ranges a b\n",
                 RequestResult::NotAllowed,
-            ),
-            (
-                StatusCode::OK,
-                "Oops! Nonce must be redeemed from a node of the job it is linked to\n",
-                RequestResult::JobMismatch,
             ),
             (
                 StatusCode::OK,
