@@ -699,3 +699,143 @@ fn through_apache_metrics_reach_serve_only_from_allowed_addresses_and_never_on_t
         "{on_token_host}"
     );
 }
+
+/// The metric names a text exposition declares (`# TYPE` lines).
+fn declared(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every `satellite_…` name in a text, histogram series folded into their
+/// family.
+fn names_used(text: &str, exported: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    while let Some(found) = text[at..].find("satellite_") {
+        let start = at + found;
+        let end = start
+            + text[start..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(text.len() - start);
+        let before = start.checked_sub(1).map(|i| bytes[i]);
+        if !before.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            let name = &text[start..end];
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    name.strip_suffix(suffix)
+                        .filter(|base| exported.iter().any(|e| e == base))
+                })
+                .unwrap_or(name);
+            names.push(family.to_owned());
+        }
+        at = end;
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The shipped alert rules and dashboard name only metrics the programs
+/// really export: the names are read from `satellite metrics`, serve's
+/// `/metrics`, and the textfiles of `cron --watch` and `jobstates poll`.
+/// And Prometheus accepts the rules, which its unit tests prove fire on
+/// the failure they name and stay quiet otherwise.
+#[test]
+fn the_alert_rules_and_the_dashboard_name_only_metrics_the_programs_export() {
+    let site = Site::with_config(
+        "metrics_textfile_dir = \"../metrics\"\nmetrics_allow = [\"127.0.0.1/32\"]\n\
+         apache_status_url = \"http://127.0.0.1:9/server-status?auto\"",
+    );
+    std::fs::create_dir(site.path("metrics")).unwrap();
+    let mut exported = declared(&satellite(&site, &["metrics"]));
+
+    let (_serve, listening) = start_serve(&site, &["--listen", "127.0.0.1:0"]);
+    let (status, text) = request(tcp(port_of(&listening)), "/metrics", &[]);
+    assert_eq!(status, 200, "{text}");
+    exported.extend(declared(&text));
+
+    let mut watcher = apache::Running(
+        Command::new(program("cron"))
+            .arg("--watch")
+            .env("SATELLITE_CONFIG", &site.config)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let text = wait_for_file(
+        &site.path("metrics/satellite-cron.prom"),
+        &mut watcher.0,
+        |t| t.contains("satellite_tunnels_cut_total"),
+    );
+    drop(watcher);
+    exported.extend(declared(&text));
+    let mut poller = apache::Running(
+        Command::new(program("satellite"))
+            .args(["jobstates", "poll", "--every", "1", "--squeue"])
+            .arg(site.path("no-such-squeue"))
+            .env("SATELLITE_CONFIG", &site.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let text = wait_for_file(
+        &site.path("metrics/satellite-poll.prom"),
+        &mut poller.0,
+        |t| !t.is_empty(),
+    );
+    drop(poller);
+    exported.extend(declared(&text));
+    exported.sort();
+    exported.dedup();
+
+    let dist = repo_root().join("dist");
+    let rules = std::fs::read_to_string(dist.join("prometheus/satellite-alerts.yml")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dist.join("grafana/satellite.json")).unwrap(),
+    )
+    .unwrap();
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().unwrap().clone())
+        .map(|target| target["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(queries.len() >= 10, "{queries:?}");
+    for (what, text) in [
+        ("the alert rules", rules),
+        ("the dashboard", queries.join("\n")),
+    ] {
+        let unknown: Vec<String> = names_used(&text, &exported)
+            .into_iter()
+            .filter(|name| !exported.contains(name))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{what} name metrics nothing exports: {unknown:?}\nexported: {exported:?}"
+        );
+    }
+
+    for args in [
+        vec!["check", "rules", "satellite-alerts.yml"],
+        vec!["test", "rules", "satellite-alerts.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(dist.join("prometheus"))
+            .output()
+            .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -222,7 +222,43 @@ pub fn metrics(config: &Config) -> Result<String> {
         .about_path("reading metrics from", &config.dbfile)?;
     let mut out = String::new();
     satellite_core::metrics::render_gauges(&mut out, &gauges, now);
+    render_apache_workers(&mut out, &config.apache_status_url);
     Ok(out)
+}
+
+/// How long `satellite metrics` waits for Apache's mod_status page.
+const APACHE_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Apache's workers from mod_status (`apache_status_url`): every open
+/// websocket holds one, so running short is what an alert must see first.
+/// `satellite_apache_status_up` says whether the page could be read.
+fn render_apache_workers(out: &mut String, url: &str) {
+    if url.is_empty() {
+        return;
+    }
+    let workers = crate::apache_status::fetch(url, APACHE_STATUS_TIMEOUT)
+        .ok()
+        .and_then(|page| crate::apache_status::parse_auto(&page));
+    out.push_str("# HELP satellite_apache_status_up Whether Apache's mod_status page (apache_status_url) could be read.\n");
+    out.push_str("# TYPE satellite_apache_status_up gauge\n");
+    let _ = writeln!(
+        out,
+        "satellite_apache_status_up {}",
+        u8::from(workers.is_some())
+    );
+    out.push_str(
+        "# HELP satellite_apache_workers Apache's workers by state: busy, idle, and open scoreboard slots (room to start more); absent when mod_status cannot be read.\n\
+         # TYPE satellite_apache_workers gauge\n",
+    );
+    if let Some(workers) = workers {
+        for (state, count) in [
+            ("busy", workers.busy),
+            ("idle", workers.idle),
+            ("open", workers.open_slots),
+        ] {
+            let _ = writeln!(out, "satellite_apache_workers{{state=\"{state}\"}} {count}");
+        }
+    }
 }
 
 /// The tables satellite adds to a legacy database, as `migrate --dry-run`
