@@ -167,7 +167,8 @@ impl<'a> Publisher<'a> {
                 expires: route_expiry(route.modified, self.config.ttl_secs),
             })
             .collect();
-        let sync = store.sync_routes(&wanted)?;
+        let refused: Vec<String> = set.refused.iter().map(|(alias, _)| alias.clone()).collect();
+        let sync = store.sync_routes(&wanted, &refused)?;
         Ok(Report {
             routes: wanted.len(),
             written: sync.written + sync.removed > 0,

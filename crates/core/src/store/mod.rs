@@ -158,13 +158,16 @@ pub trait Store {
     /// are recorded for the watchers. Returns how many.
     fn unmark_proxied(&mut self, routed: &[String]) -> Result<usize>;
 
-    /// Map routing's repair pass (cron): makes `routes` hold exactly
-    /// `wanted`, flips their rows to `proxied`, and turns rows that are
-    /// `proxied` without a wanted route back to `mapped` (their route was
-    /// refused), so the state always says what is routed. One transaction;
-    /// only differences are written, so a run with nothing to do writes
-    /// nothing and Apache's readers never see a half-done set.
-    fn sync_routes(&mut self, wanted: &[PublishedRoute]) -> Result<RouteSync>;
+    /// Map routing's repair pass (cron), from rows the caller read before:
+    /// writes the `wanted` routes and flips their rows to `proxied`, and
+    /// takes the route of each `refused` row, turning it back to `mapped`
+    /// (so the state always says what is routed), and drops routes with no
+    /// routed token. One transaction, and it never undoes a write made
+    /// after the caller's read: a route is written only while its row is
+    /// still routed, and a token redeemed since (in neither list) keeps its
+    /// route. Only differences are written, so a run with nothing to do
+    /// writes nothing and Apache's readers never see a half-done set.
+    fn sync_routes(&mut self, wanted: &[PublishedRoute], refused: &[String]) -> Result<RouteSync>;
 
     /// The targets of the routes live at `now`, and when the first of them
     /// expires.

@@ -568,7 +568,7 @@ impl Store for SqliteStore {
         Ok(flipped)
     }
 
-    fn sync_routes(&mut self, wanted: &[PublishedRoute]) -> Result<RouteSync> {
+    fn sync_routes(&mut self, wanted: &[PublishedRoute], refused: &[String]) -> Result<RouteSync> {
         let tx = self.write_tx()?;
         let mut sync = RouteSync::default();
         let current: std::collections::HashMap<String, (String, String)> = {
@@ -576,14 +576,15 @@ impl Store for SqliteStore {
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        let wanted_aliases: std::collections::HashSet<&str> =
-            wanted.iter().map(|r| r.alias.as_str()).collect();
         {
             let mut flip = tx.prepare(
                 "UPDATE proxy SET state = 'proxied' WHERE alias = ?1 AND state = 'mapped'",
             )?;
+            // Only while the row is still routable: one ended since the
+            // caller read it (destroy, revoke, a job end) gets no route back.
             let mut write = tx.prepare(
-                "INSERT OR REPLACE INTO routes (alias, target, expires) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO routes (alias, target, expires) SELECT ?1, ?2, ?3 \
+                 WHERE EXISTS (SELECT 1 FROM proxy WHERE alias = ?1 AND state = 'proxied')",
             )?;
             for route in wanted {
                 sync.flipped += flip.execute([&route.alias])?;
@@ -591,18 +592,28 @@ impl Store for SqliteStore {
                     *target == route.target && *expires == route.expires
                 });
                 if !same {
-                    write.execute(params![route.alias, route.target, route.expires])?;
-                    sync.written += 1;
+                    sync.written +=
+                        write.execute(params![route.alias, route.target, route.expires])?;
                 }
             }
+            // Refused rows lose their route and are `mapped` again; rows
+            // redeemed since the caller read (not in either list) keep
+            // theirs.
             let mut remove = tx.prepare("DELETE FROM routes WHERE alias = ?1")?;
-            for alias in current.keys() {
-                if !wanted_aliases.contains(alias.as_str()) {
-                    sync.removed += remove.execute([alias])?;
-                }
+            let mut unroute = tx.prepare(
+                "UPDATE proxy SET state = 'mapped' WHERE alias = ?1 AND state = 'proxied'",
+            )?;
+            for alias in refused {
+                sync.removed += remove.execute([alias])?;
+                sync.unrouted += unroute.execute([alias])?;
             }
         }
-        sync.unrouted = unmark_proxied_except(&tx, &wanted_aliases)?;
+        // Routes without a routed token (a hand edit): the triggers keep
+        // every other route equal to its row.
+        sync.removed += tx.execute(
+            "DELETE FROM routes WHERE alias NOT IN (SELECT alias FROM proxy WHERE state = 'proxied')",
+            [],
+        )?;
         tx.commit()?;
         Ok(sync)
     }
@@ -1392,7 +1403,9 @@ mod tests {
             route("moved-a-b", "10.0.0.6:8888"),
             route("late-a-b", "10.0.0.7:8888"),
         ];
-        let sync = store.sync_routes(&wanted).unwrap();
+        let sync = store
+            .sync_routes(&wanted, &["refused-a-b".to_owned()])
+            .unwrap();
         assert_eq!(
             sync,
             RouteSync {
@@ -1410,7 +1423,45 @@ mod tests {
             store.live_route("moved-a-b", now).unwrap().as_deref(),
             Some("10.0.0.6:8888")
         );
-        assert_eq!(store.sync_routes(&wanted).unwrap(), RouteSync::default());
+        assert_eq!(
+            store.sync_routes(&wanted, &[]).unwrap(),
+            RouteSync::default()
+        );
+    }
+
+    /// The repair pass reads the rows, then writes in its own transaction:
+    /// a redeem committed in between keeps its route (it was live when
+    /// `Success!` went out), and a session ended in between gets no route
+    /// back. (Found by the soak: a fresh redeem's host answered with the
+    /// waiting page when cron's run overlapped it.)
+    #[test]
+    fn the_repair_pass_never_undoes_a_write_made_after_its_read() {
+        let (_dir, mut store) = new_store();
+        let now = at("2026-01-01T12:00:00Z");
+        redeemed_live(&mut store, &["early-a-b", "ending-a-b"], now);
+        let expires = route_expiry(now, 100);
+        let stale_wanted: Vec<PublishedRoute> = ["early-a-b", "ending-a-b"]
+            .iter()
+            .map(|alias| PublishedRoute {
+                alias: (*alias).into(),
+                target: "10.0.0.5:8888".into(),
+                expires: expires.clone(),
+            })
+            .collect();
+        // After the read: a redeem, and an ending.
+        redeemed_live(&mut store, &["fresh-a-b"], now);
+        store.destroy("ending-a-b", "10.0.0.5", now).unwrap();
+        store.sync_routes(&stale_wanted, &[]).unwrap();
+        assert_eq!(
+            store.live_route("fresh-a-b", now).unwrap().as_deref(),
+            Some("10.0.0.5:8888")
+        );
+        assert_eq!(
+            store.proxy_state("fresh-a-b", now, 100).unwrap(),
+            Some(ProxyState::Proxied)
+        );
+        assert_eq!(store.live_route("ending-a-b", now).unwrap(), None);
+        assert!(store.live_route("early-a-b", now).unwrap().is_some());
     }
 
     fn ended_targets(store: &SqliteStore, after: i64) -> Vec<String> {
