@@ -107,6 +107,8 @@ impl Drop for Supervised {
 /// What the load saw, shared by its threads.
 #[derive(Default)]
 struct Tally {
+    /// When the load started: wrong answers say when they came.
+    epoch: Mutex<Option<Instant>>,
     answers: AtomicU64,
     tolerated: AtomicU64,
     wrong: Mutex<Vec<String>>,
@@ -142,9 +144,16 @@ impl Tally {
                 false
             }
             Err(Failure::Unavailable(why) | Failure::Wrong(why)) => {
+                let at = self
+                    .epoch
+                    .lock()
+                    .unwrap()
+                    .map(|e| started.saturating_duration_since(e).as_secs_f64())
+                    .unwrap_or_default();
                 let mut wrong = self.wrong.lock().unwrap();
                 if wrong.len() < 50 {
-                    wrong.push(format!("{kind}: {why}"));
+                    let why: String = why.chars().take(300).collect();
+                    wrong.push(format!("at {at:.1} s, {kind} (took {took:?}): {why}"));
                 }
                 false
             }
@@ -168,6 +177,12 @@ fn expect(
     let text = r.text();
     if r.status == status && body(&text) {
         return Ok(text);
+    }
+    // The service may say it is busy, or Apache that serve is not there (a
+    // restart): refusals to work, never lies, and they say when to come
+    // back.
+    if r.status == 503 && r.header("Retry-After").is_none() {
+        return Err(Failure::Wrong(format!("503 without Retry-After: {text}")));
     }
     if r.status == 502 || r.status == 503 {
         return Err(Failure::Unavailable(format!("{} {text}", r.status)));
@@ -378,6 +393,16 @@ fn soak_mixed_load_with_checked_answers() {
     let seconds = env_number("SATELLITE_SOAK_SECONDS", 120);
     let websockets = env_number("SATELLITE_SOAK_WEBSOCKETS", 200) as usize;
     let faults = env_number("SATELLITE_SOAK_FAULTS", 0) == 1;
+    // The load generator holds hundreds of connections: its own limit,
+    // not the service's, must not be what fails.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        hard.min(65_536),
+        hard,
+    )
+    .unwrap();
     let apache = Apache::start_serving(Routing::Map);
     if nix::unistd::geteuid().is_root() {
         apache.write_config(&[("serve_socket_group", "\"nogroup\"".to_owned())]);
@@ -452,6 +477,7 @@ fn soak_mixed_load_with_checked_answers() {
         .collect();
 
     let started = Instant::now();
+    *soak.tally.epoch.lock().unwrap() = Some(started);
     let end = started + Duration::from_secs(seconds);
     let mut workers = Vec::new();
     for w in 0..2u64 {
@@ -593,6 +619,14 @@ fn soak_mixed_load_with_checked_answers() {
                     thread::sleep(Duration::from_millis(200));
                 }
                 let from = Instant::now();
+                let at_secs = (from - started).as_secs_f64();
+                // The window opens a second before the fault: a request
+                // already on its way meets it too.
+                let lasts = if what == "db-lock" { 10 } else { 2 };
+                soak.tally.faults.lock().unwrap().push((
+                    from - Duration::from_secs(1),
+                    from + Duration::from_secs(lasts),
+                ));
                 match what {
                     "serve" => kill9(serve_pid.load(Ordering::SeqCst)),
                     "watcher" => kill9(watcher_pid.load(Ordering::SeqCst)),
@@ -607,23 +641,11 @@ fn soak_mixed_load_with_checked_answers() {
                         let tx = conn
                             .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
                             .unwrap();
-                        soak.tally
-                            .faults
-                            .lock()
-                            .unwrap()
-                            .push((from, from + Duration::from_secs(10)));
                         thread::sleep(Duration::from_secs(10));
                         tx.commit().unwrap();
-                        eprintln!("fault: database locked for 10 s");
-                        continue;
                     }
                 }
-                soak.tally
-                    .faults
-                    .lock()
-                    .unwrap()
-                    .push((from, Instant::now() + Duration::from_secs(2)));
-                eprintln!("fault: kill -9 of {what}");
+                eprintln!("fault at {at_secs:.1} s: {what}");
             }
         })
     });
@@ -669,6 +691,16 @@ fn soak_mixed_load_with_checked_answers() {
             took.sort();
             sample.p50_ms.insert(kind, percentile(&took, 0.5));
             sample.p99_ms.insert(kind, percentile(&took, 0.99));
+        }
+        if std::env::var_os("SATELLITE_SOAK_VERBOSE").is_some() {
+            eprintln!(
+                "t={} answers={} load fds={:?} serve={:?} apache={:?}",
+                sample.at_secs,
+                sample.answers,
+                usage(std::process::id()).map(|u| u.1),
+                sample.serve,
+                sample.apache
+            );
         }
         samples.push(sample);
     }

@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,7 +48,7 @@ pub struct Backend {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<AtomicBool>,
-    streams: Arc<Mutex<Vec<TcpStream>>>,
+    streams: Arc<Mutex<HashMap<usize, TcpStream>>>,
     accept: Option<thread::JoinHandle<()>>,
 }
 
@@ -94,22 +95,25 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let streams = Arc::new(Mutex::new(Vec::new()));
+        let streams = Arc::new(Mutex::new(HashMap::new()));
         let accept = {
             let (name, seen, stop, streams) =
                 (name.to_owned(), seen.clone(), stop.clone(), streams.clone());
             thread::spawn(move || {
-                for stream in listener.incoming() {
+                for (id, stream) in listener.incoming().enumerate() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(stream) = stream else { continue };
+                    // Kept to cut at stop, and only while open: a long run
+                    // (the soak) opens a connection per proxied request.
                     if let Ok(clone) = stream.try_clone() {
-                        streams.lock().unwrap().push(clone);
+                        streams.lock().unwrap().insert(id, clone);
                     }
-                    let (name, seen) = (name.clone(), seen.clone());
+                    let (name, seen, streams) = (name.clone(), seen.clone(), streams.clone());
                     thread::spawn(move || {
                         let _ = serve(stream, addr, &name, &seen);
+                        streams.lock().unwrap().remove(&id);
                     });
                 }
             })
@@ -154,7 +158,7 @@ impl Backend {
         if let Some(accept) = self.accept.take() {
             let _ = accept.join();
         }
-        for stream in self.streams.lock().unwrap().drain(..) {
+        for (_, stream) in self.streams.lock().unwrap().drain() {
             let _ = stream.shutdown(Shutdown::Both);
         }
     }
