@@ -403,13 +403,20 @@ fn soak_mixed_load_with_checked_answers() {
         hard,
     )
     .unwrap();
-    let apache = Apache::start_serving(Routing::Map);
-    if nix::unistd::geteuid().is_root() {
+    // The CGI-only variant: every endpoint request is a process, as on a
+    // site without serve.
+    let cgi = env_number("SATELLITE_SOAK_CGI", 0) == 1;
+    let apache = if cgi {
+        Apache::start(Routing::Map)
+    } else {
+        Apache::start_serving(Routing::Map)
+    };
+    if nix::unistd::geteuid().is_root() && !cgi {
         apache.write_config(&[("serve_socket_group", "\"nogroup\"".to_owned())]);
     }
     let config = apache.config_file();
     let socket = apache.serve_socket();
-    let serve = {
+    let serve = (!cgi).then(|| {
         let (config, socket) = (config.clone(), socket.clone());
         Supervised::start(move || {
             let mut cmd = Command::new(program("satellite"));
@@ -420,7 +427,7 @@ fn soak_mixed_load_with_checked_answers() {
                 .stderr(Stdio::null());
             cmd
         })
-    };
+    });
     let watcher = {
         let config = config.clone();
         Supervised::start(move || {
@@ -433,7 +440,7 @@ fn soak_mixed_load_with_checked_answers() {
         })
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
+    while !cgi && !socket.exists() {
         assert!(Instant::now() < deadline, "serve never listened");
         thread::sleep(Duration::from_millis(50));
     }
@@ -601,7 +608,8 @@ fn soak_mixed_load_with_checked_answers() {
     // Faults, spread over the run.
     let fault_thread = faults.then(|| {
         let soak = soak.clone();
-        let (serve_pid, watcher_pid) = (serve.pid.clone(), watcher.pid.clone());
+        let serve_pid = serve.as_ref().map(|s| s.pid.clone());
+        let watcher_pid = watcher.pid.clone();
         let db = soak.apache.db_file();
         thread::spawn(move || {
             let at = |fraction: f64| started + Duration::from_secs_f64(seconds as f64 * fraction);
@@ -628,7 +636,13 @@ fn soak_mixed_load_with_checked_answers() {
                     from + Duration::from_secs(lasts),
                 ));
                 match what {
-                    "serve" => kill9(serve_pid.load(Ordering::SeqCst)),
+                    "serve" => {
+                        // CGI-only: no serve to kill; a CGI process killed
+                        // is one request, which the others cover.
+                        if let Some(pid) = &serve_pid {
+                            kill9(pid.load(Ordering::SeqCst));
+                        }
+                    }
                     "watcher" => kill9(watcher_pid.load(Ordering::SeqCst)),
                     "apache-child" => {
                         if let Some(child) = soak.apache.children().first() {
@@ -679,7 +693,10 @@ fn soak_mixed_load_with_checked_answers() {
         last_latency_at = Instant::now();
         let mut sample = Sample {
             at_secs: started.elapsed().as_secs(),
-            serve: usage(serve.pid()).unwrap_or_default(),
+            serve: serve
+                .as_ref()
+                .and_then(|s| usage(s.pid()))
+                .unwrap_or_default(),
             watcher: usage(watcher.pid()).unwrap_or_default(),
             apache: sum(&apache_pids()),
             db_kb: size(&db) / 1024,
@@ -744,7 +761,7 @@ fn soak_mixed_load_with_checked_answers() {
         answers as f64 / elapsed.as_secs_f64(),
         wrong.len(),
         soak.tally.tolerated.load(Ordering::Relaxed),
-        serve.restarts.load(Ordering::SeqCst),
+        serve.as_ref().map_or(0, |s| s.restarts.load(Ordering::SeqCst)),
         watcher.restarts.load(Ordering::SeqCst),
     );
 
