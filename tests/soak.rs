@@ -772,14 +772,16 @@ fn soak_mixed_load_with_checked_answers() {
     let integrity: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
+    // One read of every row (a lookup by alias per token would scan the
+    // table each time: `alias` alone has no index, the hash does).
+    let states: HashMap<String, String> = {
+        let mut stmt = conn.prepare("SELECT alias, state FROM proxy").unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
     let mut lost = Vec::new();
     for (alias, expected) in soak.tally.tokens.lock().unwrap().iter() {
-        let state: Option<String> = rusqlite::OptionalExtension::optional(conn.query_row(
-            "SELECT state FROM proxy WHERE alias = ?1",
-            [alias],
-            |r| r.get(0),
-        ))
-        .unwrap();
+        let state = states.get(alias).cloned();
         // A write whose answer was lost in a fault may have committed:
         // the state is then one step further, never behind.
         let order = |s: &str| {
