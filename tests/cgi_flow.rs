@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::Command;
 
 use support::*;
 
@@ -771,16 +770,7 @@ fn perl_statements_treat_an_ended_tombstone_sensibly() {
         .query(format!("token={destroyed}"))
         .run();
     assert_eq!(answer.status, 200, "{}", answer.text());
-    let out = Command::new(program("satellite"))
-        .args(["revoke", &revoked])
-        .env("SATELLITE_CONFIG", &site.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    site.revoke_ok(&revoked);
     // cron (master): the rows it writes vhosts for.
     let routed: i64 = conn
         .query_row(
@@ -1128,16 +1118,7 @@ fn destroy_and_revoke_leave_tombstones_whose_polls_never_count_as_unknown() {
         answer.status_and_text(),
         (200, "Success! Token destroyed.\n".into())
     );
-    let out = Command::new(program("satellite"))
-        .args(["revoke", &revoked])
-        .env("SATELLITE_CONFIG", &site.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    site.revoke_ok(&revoked);
     for (token, cause) in [(&destroyed, "shutdown"), (&revoked, "revoked")] {
         assert_eq!(site.state_of(token).as_deref(), Some("ended"));
         // Far more polls than the burst, from one address.

@@ -564,16 +564,7 @@ fn a_user_waits_in_the_browser_then_works_in_jupyterlab_through_the_proxy() {
         let ended = apache.getlink();
         link_job(&apache, &ended, job);
         if ending == "revoke" {
-            let out = std::process::Command::new(support::apache::SATELLITE)
-                .args(["revoke", &ended, "--config"])
-                .arg(apache.config_file())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            apache.revoke_ok(&ended);
         } else {
             push_job(&apache, job, ending, "None", -30);
         }

@@ -13,7 +13,7 @@ mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -155,18 +155,7 @@ fn open_websocket(apache: &Apache, alias: &str) -> Conn {
 fn end(apache: &Apache, session: &Session, ending: Ending, jobid: &str) {
     let alias = &session.alias;
     match ending {
-        Ending::Revoke => {
-            let out = Command::new(support::apache::SATELLITE)
-                .args(["revoke", alias, "--config"])
-                .arg(apache.config_file())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        Ending::Revoke => apache.revoke_ok(alias),
         Ending::Destroy => apache.destroy_ok(alias, BACKEND_A),
         Ending::JobEnd => apache.push_jobs_ok(&format!("{jobid} TIMEOUT\n")),
         Ending::Ttl => {

@@ -159,6 +159,20 @@ impl Site {
     }
 
     /// getlink from the login node; returns the token.
+    /// `satellite revoke <alias>`, as an admin runs it; it must succeed.
+    pub fn revoke_ok(&self, alias: &str) {
+        let out = Command::new(program("satellite"))
+            .args(["revoke", alias])
+            .env("SATELLITE_CONFIG", &self.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn new_token(&self) -> String {
         let answer = self.cgi("getlink").remote(LOGIN_NODE).run();
         assert_eq!(answer.status, 200, "{answer:?}");
