@@ -418,7 +418,12 @@ fn init_makes_the_install_tree_and_is_idempotent() {
     assert_ne!(first_key, vec![0u8; 32]);
     assert!(String::from_utf8_lossy(&first.stdout).contains("/etc/logkey\n"));
     assert!(prefix.join("bin/satellite").exists() && prefix.join("bin/cron").exists());
-    for page in ["retry.html", "waiting.html", "default.txt"] {
+    for page in [
+        "retry.html",
+        "unavailable.html",
+        "waiting.html",
+        "default.txt",
+    ] {
         assert!(prefix.join("html/satellite").join(page).exists(), "{page}");
     }
     // The installed programs find their config beside them and work.

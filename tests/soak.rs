@@ -202,41 +202,14 @@ impl Soak {
         self.apache.host_port("manage")
     }
 
-    /// A request on a kept-alive connection, as a browser makes it: a new
-    /// connection when there is none or Apache said `Connection: close`
-    /// (MaxKeepAliveRequests), and one retry on a fresh connection when a
-    /// kept-alive one turns out closed (Apache's KeepAliveTimeout racing
-    /// the request: no answer was given, so nothing was done twice).
+    /// A request on a kept-alive connection (see `Client::ask`).
     fn ask(
         &self,
         conn: &mut Option<Conn>,
         host: &str,
         target: &str,
     ) -> std::io::Result<support::client::Response> {
-        for attempt in 0..2 {
-            let reused = conn.is_some();
-            if conn.is_none() {
-                *conn = Some(self.apache.client().connect(host)?);
-            }
-            let c = conn.as_mut().expect("connected above");
-            match c.get(host, target) {
-                Ok(r) => {
-                    if r.header("Connection")
-                        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-                    {
-                        *conn = None;
-                    }
-                    return Ok(r);
-                }
-                Err(e) => {
-                    *conn = None;
-                    if !(reused && attempt == 0) {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        unreachable!("the second attempt returns")
+        self.apache.client().ask(conn, host, target)
     }
 
     /// One session's life as galyleo and its job live it.

@@ -44,7 +44,7 @@ fn inline(page: &str, tag: &str) -> String {
 
 #[test]
 fn the_pages_content_security_policy_allows_exactly_their_own_script_and_style() {
-    for name in ["waiting.html", "retry.html"] {
+    for name in ["waiting.html", "retry.html", "unavailable.html"] {
         let page = std::fs::read_to_string(repo_root().join("html/satellite").join(name)).unwrap();
         let meta = page
             .lines()

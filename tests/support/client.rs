@@ -90,6 +90,38 @@ impl Client {
         conn.send(req)
     }
 
+    /// `GET target` on a kept-alive connection, as a browser makes it: a
+    /// new connection when there is none or the server said `Connection:
+    /// close` (MaxKeepAliveRequests), and one retry on a fresh connection
+    /// when a kept-alive one turns out closed (Apache's KeepAliveTimeout
+    /// racing the request: no answer was given, so nothing was done twice).
+    pub fn ask(&self, conn: &mut Option<Conn>, host: &str, target: &str) -> io::Result<Response> {
+        for attempt in 0..2 {
+            let reused = conn.is_some();
+            if conn.is_none() {
+                *conn = Some(self.connect(host)?);
+            }
+            let c = conn.as_mut().expect("connected above");
+            match c.get(host, target) {
+                Ok(r) => {
+                    if r.header("Connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                    {
+                        *conn = None;
+                    }
+                    return Ok(r);
+                }
+                Err(e) => {
+                    *conn = None;
+                    if !(reused && attempt == 0) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+
     /// `GET path` with `Host: host` on a fresh connection.
     pub fn get(&self, host: &str, path: &str) -> io::Result<Response> {
         self.request(&Request::get(host, path))

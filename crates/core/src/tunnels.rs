@@ -80,13 +80,39 @@ pub fn cut(
     owner: Option<u32>,
     limit: Duration,
 ) -> Result<CutReport, CutError> {
+    find(targets, owner, limit)?.destroy(&[])
+}
+
+/// The open connections to some targets, as one dump found them: the
+/// first half of a cut, so that the caller can decide what to spare from
+/// what it reads *after* the dump. A route to one of the targets that
+/// went live before the dump is then seen by that read, and a connection
+/// opened after the dump is not in the set: a new session on an ended
+/// session's `ip:port` never loses its first request.
+pub struct Found {
+    /// None when there was nothing to look for.
+    diag: Option<DiagSocket>,
+    /// The peer of each socket and its `inet_diag_msg` head.
+    sockets: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+/// Dumps the host's TCP sockets once and keeps those to any of `targets`
+/// owned by `owner` (`None`: every owner); `limit` covers the dump and the
+/// [`Found::destroy`] after it.
+pub fn find(
+    targets: &[SocketAddr],
+    owner: Option<u32>,
+    limit: Duration,
+) -> Result<Found, CutError> {
     let targets: HashSet<SocketAddr> = targets.iter().map(|t| canonical(*t)).collect();
-    let mut report = CutReport::default();
+    let mut sockets = Vec::new();
     if targets.is_empty() {
-        return Ok(report);
+        return Ok(Found {
+            diag: None,
+            sockets,
+        });
     }
     let diag = DiagSocket::open(Instant::now() + limit, limit)?;
-    let mut found = Vec::new();
     for family in [
         libc_family(AddressFamily::Inet),
         libc_family(AddressFamily::Inet6),
@@ -95,18 +121,37 @@ pub fn cut(
             let (Some(peer), Some(uid)) = (peer_of(msg), uid_of(msg)) else {
                 return;
             };
-            if targets.contains(&canonical(peer)) && owner.is_none_or(|o| o == uid) {
-                found.push(msg[..4 + SOCKID_LEN].to_vec());
+            let peer = canonical(peer);
+            if targets.contains(&peer) && owner.is_none_or(|o| o == uid) {
+                sockets.push((peer, msg[..4 + SOCKID_LEN].to_vec()));
             }
         })?;
     }
-    for msg in &found {
-        match diag.destroy(msg)? {
-            Destroyed::Yes => report.destroyed += 1,
-            Destroyed::Gone => report.already_gone += 1,
+    Ok(Found {
+        diag: Some(diag),
+        sockets,
+    })
+}
+
+impl Found {
+    /// Destroys the sockets found, but those to a target in `spare`.
+    pub fn destroy(self, spare: &[SocketAddr]) -> Result<CutReport, CutError> {
+        let spare: HashSet<SocketAddr> = spare.iter().map(|t| canonical(*t)).collect();
+        let mut report = CutReport::default();
+        let Some(diag) = &self.diag else {
+            return Ok(report);
+        };
+        for (peer, head) in &self.sockets {
+            if spare.contains(peer) {
+                continue;
+            }
+            match diag.destroy(head)? {
+                Destroyed::Yes => report.destroyed += 1,
+                Destroyed::Gone => report.already_gone += 1,
+            }
         }
+        Ok(report)
     }
-    Ok(report)
 }
 
 /// Whether this process can cut tunnels here: it opens a loopback
@@ -358,6 +403,43 @@ mod tests {
         to_other.write_all(b"c").unwrap();
         other_served.read_exact(&mut byte).unwrap();
         assert_eq!(&byte, b"c");
+    }
+
+    /// The watcher's order (issue 19): what is open at the dump is all a
+    /// cut can touch, and a target read as live after it is spared.
+    #[test]
+    fn a_connection_opened_after_the_dump_or_to_a_spared_target_survives() {
+        if !can_cut() {
+            return;
+        }
+        let ended = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let reused = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let (ended_at, reused_at) = (ended.local_addr().unwrap(), reused.local_addr().unwrap());
+        let mut old = TcpStream::connect(ended_at).unwrap();
+        let _old_served = ended.accept().unwrap();
+        let mut before_reuse = TcpStream::connect(reused_at).unwrap();
+        let (mut before_reuse_served, _) = reused.accept().unwrap();
+        let me = nix::unistd::Uid::current().as_raw();
+
+        let found = find(&[ended_at, reused_at], Some(me), Duration::from_secs(5)).unwrap();
+        // Opened after the dump, to a target the cut is about to hit.
+        let mut late = TcpStream::connect(ended_at).unwrap();
+        let (mut late_served, _) = ended.accept().unwrap();
+        let report = found.destroy(&[reused_at]).unwrap();
+        assert_eq!(report.destroyed, 1, "only the old connection is cut");
+
+        let mut byte = [0u8; 1];
+        old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(
+            old.read(&mut byte).is_err() || old.write_all(b"x").is_err(),
+            "the old connection still works"
+        );
+        late.write_all(b"l").unwrap();
+        late_served.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"l");
+        before_reuse.write_all(b"r").unwrap();
+        before_reuse_served.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"r");
     }
 
     #[test]

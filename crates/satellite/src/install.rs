@@ -22,6 +22,7 @@ use crate::AboutPath;
 
 pub const WORDLIST: &str = include_str!("../../../wordlist/eff_large_wordlist.txt");
 pub const RETRY_PAGE: &str = include_str!("../../../html/satellite/retry.html");
+pub const UNAVAILABLE_PAGE: &str = include_str!("../../../html/satellite/unavailable.html");
 pub const WAITING_PAGE: &str = include_str!("../../../html/satellite/waiting.html");
 pub const DEFAULT_MESSAGE: &str = include_str!("../../../html/satellite/default.txt");
 pub const CONFIG_TEMPLATE: &str = include_str!("../assets/satellite.toml");
@@ -131,6 +132,7 @@ fn write_data_files(prefix: &Path, extbasename: &str) -> Result<()> {
     write_if_missing(&prefix.join("var/eff_large_wordlist.txt"), WORDLIST)?;
     for (name, text) in [
         ("retry.html", RETRY_PAGE),
+        ("unavailable.html", UNAVAILABLE_PAGE),
         ("waiting.html", WAITING_PAGE),
         ("default.txt", DEFAULT_MESSAGE),
     ] {
@@ -155,6 +157,17 @@ fn create_database(prefix: &Path) -> Result<String> {
         SqliteStore::open_or_create(&db, Duration::from_secs(10)).about_path("creating", &db)?;
     Ok(if migration.created {
         format!("created {}\n", db.display())
+    } else if migration.from_version < satellite_core::store::SCHEMA_VERSION {
+        // APR's SQLite driver never prepares Apache's route lookup again
+        // after a schema change: until a reload every routed host answers
+        // 503 (never the waiting page, see satellite.conf).
+        format!(
+            "migrated {} from schema version {} to {}: reload Apache gracefully \
+             (apachectl graceful) so that its route lookups see the new schema\n",
+            db.display(),
+            migration.from_version,
+            satellite_core::store::SCHEMA_VERSION
+        )
     } else {
         String::new()
     })
