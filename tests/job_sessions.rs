@@ -290,6 +290,132 @@ fn a_stopped_controller_ends_no_session() {
     assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
 }
 
+/// Issue 18: the scheduler unreachable for a while (slurmctld stopped)
+/// under a poller that keeps cycling: not one session ends during the
+/// outage, not even those whose jobs end meanwhile (their scripts exit on
+/// the node while the controller is down); once the controller answers
+/// again, those are ended within two cycles of Slurm reporting them over,
+/// and the others stay. The test is the poller here (one `poll --once` per
+/// cycle), so cycles are counted, not timed. `SATELLITE_OUTAGE_SECONDS`
+/// sets the outage (20 s in the suite; the 10-minute run is in
+/// docs/benchmarks.md).
+#[test]
+fn a_scheduler_outage_ends_nothing_and_what_ended_meanwhile_ends_after_it() {
+    let outage = Duration::from_secs(
+        std::env::var("SATELLITE_OUTAGE_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20),
+    );
+    const CYCLE: Duration = Duration::from_secs(2);
+    let slurm = Slurm::exclusive();
+    let site = site();
+    // The ending jobs wait for a file the test creates during the outage.
+    let signal_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        signal_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let stop_file = signal_dir.path().join("stop");
+    let wait_for_stop = format!(
+        "--wrap=while [ ! -e {} ]; do sleep 0.2; done",
+        stop_file.display()
+    );
+    let lasting: Vec<Job> = (0..2)
+        .map(|_| sbatch_as_user(&slurm, &["--time=30", "--wrap=sleep 1200"]))
+        .collect();
+    let ending: Vec<Job> = (0..2)
+        .map(|_| sbatch_as_user(&slurm, &["--time=30", &wait_for_stop]))
+        .collect();
+    let sessions = |jobs: &[Job]| -> Vec<String> {
+        jobs.iter()
+            .map(|job| {
+                let token = linked_to_running(&site, &slurm, job);
+                assert_eq!(
+                    redeem(&site, &token, COMPUTE_NODE),
+                    (200, "Success!\n".into())
+                );
+                token
+            })
+            .collect()
+    };
+    let (lasting_tokens, ending_tokens) = (sessions(&lasting), sessions(&ending));
+    let all: Vec<&String> = lasting_tokens.iter().chain(&ending_tokens).collect();
+    let all_proxied = |when: &str| {
+        for token in &all {
+            assert_eq!(
+                site.state_of(token).as_deref(),
+                Some("proxied"),
+                "{token} {when}"
+            );
+        }
+    };
+    poll_ok(&site, &slurm);
+    all_proxied("before the outage");
+
+    slurm.stop_controller();
+    let started = std::time::Instant::now();
+    let mut failed_cycles = 0;
+    while started.elapsed() < outage {
+        if started.elapsed() >= outage / 2 && !stop_file.exists() {
+            std::fs::write(&stop_file, "").unwrap();
+        }
+        let out = poll(&site, &slurm);
+        assert!(
+            !out.status.success(),
+            "a poll succeeded with slurmctld down"
+        );
+        failed_cycles += 1;
+        all_proxied("during the outage");
+        std::thread::sleep(CYCLE);
+    }
+    slurm.start_controller();
+
+    // Cycles until Slurm itself says the ending jobs are over, then until
+    // their sessions are ended.
+    let over = |job: &Job| !matches!(slurm.job_state(job).as_str(), "RUNNING" | "COMPLETING");
+    let mut cycles_until_slurm_knows = 0;
+    let mut cycles_after = 0;
+    loop {
+        let slurm_knew = ending.iter().all(|job| over(job));
+        let out = poll(&site, &slurm);
+        if slurm_knew {
+            cycles_after += 1;
+        } else {
+            cycles_until_slurm_knows += 1;
+        }
+        let ended = ending_tokens
+            .iter()
+            .all(|t| site.state_of(t).as_deref() == Some("ended"));
+        if ended {
+            break;
+        }
+        assert!(
+            cycles_after < 2,
+            "two cycles after Slurm reported the jobs over, their sessions are not ended: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            cycles_until_slurm_knows < 60,
+            "Slurm never reported the jobs that ended during the outage"
+        );
+        std::thread::sleep(CYCLE);
+    }
+    for token in &lasting_tokens {
+        assert_eq!(site.state_of(token).as_deref(), Some("proxied"), "{token}");
+        assert!(route(&site, token).is_some());
+    }
+    for token in &ending_tokens {
+        assert_eq!(route(&site, token), None);
+    }
+    println!(
+        "outage of {outage:?}: {failed_cycles} failed cycles, 0 sessions ended; after it, \
+         {cycles_until_slurm_knows} cycle(s) until Slurm reported the jobs over, then \
+         {cycles_after} cycle(s) until their sessions ended"
+    );
+}
+
 /// galyleo may redeem before it links (a fast job starts first): the
 /// redeem is taken, and the first poll after the link checks it against
 /// the job. Here it came from another host than the job's node: ended.
