@@ -1199,3 +1199,118 @@ fn fifty_concurrent_guesses_from_one_address_get_no_more_than_the_burst() {
         .count();
     assert_eq!((answered, refused), (3, 47), "{answers:?}");
 }
+
+/// Issue 18: the disk under var/ full. Every write answers a clear `Oops!`,
+/// 503 with Retry-After (or, where SQLite still had room, a `Success!`
+/// whose row is there), and the log says the disk is full; nothing is
+/// corrupted; everything works again once space
+/// returns. Needs root to mount a small tmpfs on var/ (CI runs as root).
+#[test]
+fn a_full_disk_under_var_refuses_writes_clearly_and_recovers() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: mounting a tmpfs needs root");
+        return;
+    }
+    let site = Site::without_database("");
+    let var = site.path("var");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0755", "satellite-test"])
+        .arg(&var)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs on {}", var.display());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(var.clone());
+    std::fs::copy(
+        repo_root().join("wordlist/eff_large_wordlist.txt"),
+        var.join("eff_large_wordlist.txt"),
+    )
+    .unwrap();
+    let migrated = std::process::Command::new(program("satellite"))
+        .args(["migrate", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    let before: Vec<String> = (0..10)
+        .map(|i| site.redeemed_token("10.21.0.10", 40000 + i))
+        .collect();
+    let pending = site.new_token();
+
+    // The WAL emptied, then every free byte taken: the next write must grow
+    // a file and cannot.
+    site.db()
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    let filler = var.join("filler");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+    }
+    let mut refused = 0;
+    let mut granted = Vec::new();
+    for _ in 0..20 {
+        let answer = site.cgi("getlink").remote(LOGIN_NODE).run();
+        let text = answer.text();
+        if answer.status == 200 {
+            let token = text
+                .strip_prefix("Your token is \n")
+                .and_then(|t| t.strip_suffix('\n'))
+                .unwrap_or_else(|| panic!("{text:?}"))
+                .to_owned();
+            granted.push(token);
+        } else {
+            assert_eq!(
+                (answer.status, text.as_str()),
+                (
+                    503,
+                    "Oops! The service cannot save anything just now, please try again later.\n"
+                ),
+                "{answer:?}"
+            );
+            assert!(
+                answer
+                    .headers
+                    .iter()
+                    .any(|(k, v)| k.eq_ignore_ascii_case("Retry-After") && v == "30"),
+                "{answer:?}"
+            );
+            refused += 1;
+        }
+    }
+    let answer = site
+        .cgi("redeemtoken")
+        .remote("10.21.0.11")
+        .query(format!("token={pending}&port=41000"))
+        .run();
+    let redeemed = answer.text() == "Success!\n";
+    assert!(answer.status == 503 || redeemed, "{answer:?}");
+    assert!(refused > 0, "no write was refused: the disk was not full");
+
+    std::fs::remove_file(&filler).unwrap();
+    let db = site.db();
+    let integrity: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    for token in before.iter().chain(&granted) {
+        assert!(site.state_of(token).is_some(), "{token} lost");
+    }
+    for token in &before {
+        assert_eq!(site.state_of(token).as_deref(), Some("proxied"));
+    }
+    let pending_state = if redeemed { "proxied" } else { "pending" };
+    assert_eq!(site.state_of(&pending).as_deref(), Some(pending_state));
+    // Space is back: writes work again, with no restart of anything.
+    let token = site.redeemed_token("10.21.0.12", 42000);
+    assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
+    println!("{refused} of 20 getlinks refused while the disk was full");
+}

@@ -50,6 +50,9 @@ pub enum CoreError {
     #[error("database is busy (another writer held the lock past the busy timeout)")]
     Busy,
 
+    #[error("database or disk is full (nothing was written)")]
+    Full,
+
     #[error("database is read-only")]
     ReadOnly,
 
@@ -77,16 +80,27 @@ impl CoreError {
     /// a busy database is worth a retry (503), a read-only one is not.
     pub fn from_sqlite(err: rusqlite::Error) -> Self {
         use rusqlite::ErrorCode;
+        // Growing the wal-index (-shm) of a new connection fails so when
+        // the disk is full: every CGI process opens one.
+        if err
+            .sqlite_error()
+            .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_IOERR_SHMSIZE)
+        {
+            return CoreError::Full;
+        }
         match err.sqlite_error_code() {
             Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => CoreError::Busy,
             Some(ErrorCode::ReadOnly) => CoreError::ReadOnly,
+            Some(ErrorCode::DiskFull) => CoreError::Full,
             _ => CoreError::Sqlite(err),
         }
     }
 
-    /// True when the failure is temporary and the client may simply try again.
+    /// True when the failure is temporary and the client may simply try
+    /// again: a busy database at once, a full disk once an admin has made
+    /// room (nothing was written either way).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, CoreError::Busy)
+        matches!(self, CoreError::Busy | CoreError::Full)
     }
 }
 

@@ -353,25 +353,31 @@ pub fn oops(config: &Config, status: StatusCode, message: &str) -> Response<Body
     )
 }
 
-/// The answer to a failure inside the service. A busy database is
-/// temporary (503 and `Retry-After`); anything else is a 500.
+/// The answer to a failure inside the service. A busy database or a full
+/// disk is temporary (503 and `Retry-After`); anything else is a 500.
 pub fn internal_error(config: &Config, err: &CoreError) -> Response<Body> {
-    let (status, message) = if err.is_temporary() {
-        (
+    let (status, message, retry_after) = match err {
+        CoreError::Busy => (
             StatusCode::SERVICE_UNAVAILABLE,
             "The service is busy, please try again in a moment.",
-        )
-    } else {
-        (
+            Some("2"),
+        ),
+        CoreError::Full => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The service cannot save anything just now, please try again later.",
+            Some("30"),
+        ),
+        _ => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "Internal error, please try again later or tell the administrators.",
-        )
+            None,
+        ),
     };
     let mut response = oops(config, status, message);
-    if err.is_temporary() {
+    if let Some(seconds) = retry_after {
         response
             .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
     }
     response
 }
