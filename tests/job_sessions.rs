@@ -378,7 +378,7 @@ fn a_scheduler_outage_ends_nothing_and_what_ended_meanwhile_ends_after_it() {
     let mut cycles_until_slurm_knows = 0;
     let mut cycles_after = 0;
     loop {
-        let slurm_knew = ending.iter().all(|job| over(job));
+        let slurm_knew = ending.iter().all(over);
         let out = poll(&site, &slurm);
         if slurm_knew {
             cycles_after += 1;
