@@ -550,9 +550,11 @@ fn check_reports_each_item_and_fails_on_a_certificate_that_does_not_cover_the_do
         report.contains("OK   open tunnels of ended sessions can be cut here"),
         "{report}"
     );
+    // No serve line: without Apache's run config there is nothing to probe
+    // (check says OK only for what it tried).
     assert_eq!(
         report.lines().filter(|l| l.starts_with("OK   ")).count(),
-        15,
+        14,
         "{report}"
     );
     assert!(

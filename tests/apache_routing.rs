@@ -879,6 +879,88 @@ fn map_mode_check_fails_when_apache_reads_another_database() {
     assert!(!check.status.success());
 }
 
+/// `satellite check` reports what Apache really does, not what the files
+/// say: serve probed where Apache sends the endpoints (down, then up), the
+/// certificate served on the TLS port, the port-80 redirect, and the
+/// domain Apache was told compared with extbasename.
+#[test]
+fn check_probes_what_apache_really_does() {
+    let apache = Apache::start_serving(Routing::Map);
+    let check = || {
+        let out = Command::new(support::apache::SATELLITE)
+            .args(["check", "--config"])
+            .arg(apache.config_file())
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.status.success(),
+        )
+    };
+    let socket = apache.serve_socket();
+    apache.write_config(&[("serve_socket", format!("\"{}\"", socket.display()))]);
+    let (report, passed) = check();
+    assert!(
+        report.contains(&format!(
+            "FAIL Apache sends the endpoints to serve at {}, but nothing answers there",
+            socket.display()
+        )),
+        "{report}"
+    );
+    assert!(!passed);
+    for line in [
+        "OK   Apache's SATELLITE_DOMAIN and SATELLITE_DOMAIN_RE name extbasename (example.test)"
+            .to_owned(),
+        format!(
+            "OK   Apache serves a certificate for *.example.test and example.test on 127.0.0.1:{}",
+            apache.addr().port()
+        ),
+        format!(
+            "OK   http://check-satellite.example.test/ on 127.0.0.1:{} redirects to https://check-satellite.example.test",
+            apache.http_port
+        ),
+    ] {
+        assert!(report.contains(&line), "{line}\n{report}");
+    }
+
+    let _serve = support::apache::Running(
+        Command::new(support::apache::SATELLITE)
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .env("SATELLITE_CONFIG", apache.config_file())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    apache.eventually("serve listening", || {
+        socket.exists().then_some(()).ok_or("not yet".to_owned())
+    });
+    let (report, _) = check();
+    assert!(
+        report.contains(&format!(
+            "OK   serve answers on {} (HTTP ",
+            socket.display()
+        )),
+        "{report}"
+    );
+
+    let unescaped =
+        Apache::start_defining(Routing::Map, &[("SATELLITE_DOMAIN_RE", "example.test")]);
+    let out = Command::new(support::apache::SATELLITE)
+        .args(["check", "--config"])
+        .arg(unescaped.config_file())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains(
+            "FAIL Apache's SATELLITE_DOMAIN_RE is \"example.test\", not \"example\\\\.test\""
+        ),
+        "{report}"
+    );
+}
+
 /// Requests already read when mod_qos's limit is reached (several at once,
 /// on open connections) are refused with 429, never mod_qos's default 500
 /// (seen under a flood from one address before `QS_ErrorResponseCode`).

@@ -133,14 +133,12 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     if let Some(finding) = check_waiting_limit(&config) {
         findings.push(finding);
     }
-    if let Some(finding) = check_apache_database(&config) {
-        findings.push(finding);
-    }
+    findings.extend(check_apache_run_config(&config));
     findings.push(check_reload(&config));
     findings.extend(check_tunnel_cutting(&config));
     findings.extend(check_watchers(&config));
     findings.push(check_certificate(&config, cert));
-    findings.push(check_serve_listen(&config));
+    findings.extend(check_serve_listen(&config));
     findings.push(check_log_key(&config));
     findings.push(check_syslog(&config));
     if let Some(finding) = check_apache_workers(&config.apache_status_url) {
@@ -491,28 +489,91 @@ fn check_waiting_limit(config: &Config) -> Option<Finding> {
     })
 }
 
-/// In map routing Apache reads the routes from the database it is told
-/// (`Define SATELLITE_DB`): a different file than the one satellite writes
-/// (a typo, a second install) gives every token host the waiting page, and
-/// APR's SQLite driver even creates the wrong file, empty. Asked of Apache
-/// itself: its config test with `-D DUMP_RUN_CFG` lists every Define.
-fn check_apache_database(config: &Config) -> Option<Finding> {
-    if config.routing != Routing::Map {
-        return None;
-    }
+/// What Apache itself was told (`-D DUMP_RUN_CFG`: its Defines), compared
+/// with satellite's configuration, and what Apache really does on the
+/// addresses it was told: every value a site types twice is checked here,
+/// and nothing is reported OK that was not tried.
+fn check_apache_run_config(config: &Config) -> Vec<Finding> {
     let argv = &config.apache_configtest;
-    argv.iter().position(|arg| arg == "-t")?;
-    let out = Command::new(&argv[0])
+    if !argv.iter().any(|arg| arg == "-t") {
+        return Vec::new();
+    }
+    let out = match Command::new(&argv[0])
         .args(&argv[1..])
         .args(["-D", "DUMP_RUN_CFG"])
         .output_within(CONFIGTEST_TIMEOUT)
-        .ok()
-        .filter(|out| out.status.success())?;
+    {
+        Ok(out) if out.status.success() => out,
+        // check_configtest says why.
+        _ => return Vec::new(),
+    };
     let dump = String::from_utf8_lossy(&out.stdout);
-    let apache_db = dump
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("Define: SATELLITE_DB="))
-        .map(str::to_owned);
+    let defines = ApacheDefines::parse(&dump);
+    if defines.get("SATELLITE_ROOT").is_none() {
+        return vec![warn(
+            "Apache's configuration defines no SATELLITE_ROOT: is httpd-conf/satellite.conf included?",
+            "include httpd-conf/satellite.conf (see docs/admin-guide.md)",
+        )];
+    }
+    let mut findings = vec![check_apache_domain(config, &defines)];
+    if config.routing == Routing::Map {
+        findings.push(check_apache_database(config, &defines));
+    }
+    findings.push(check_apache_serve(config, &defines));
+    findings.push(check_https_listener(config, &defines));
+    findings.push(check_http_redirect(config, &defines));
+    findings
+}
+
+/// `Define: NAME=value` lines of `-D DUMP_RUN_CFG`.
+struct ApacheDefines(Vec<(String, String)>);
+
+impl ApacheDefines {
+    fn parse(dump: &str) -> Self {
+        ApacheDefines(
+            dump.lines()
+                .filter_map(|line| line.trim().strip_prefix("Define: "))
+                .map(|define| match define.split_once('=') {
+                    Some((name, value)) => (name.to_owned(), value.to_owned()),
+                    None => (define.to_owned(), String::new()),
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// SATELLITE_DOMAIN and its regular expression must both name
+/// `extbasename`: a mismatch sends every user URL to the default page.
+fn check_apache_domain(config: &Config, defines: &ApacheDefines) -> Finding {
+    let ext = &config.extbasename;
+    let escaped = ext.replace('.', "\\.");
+    let domain = defines.get("SATELLITE_DOMAIN").unwrap_or("");
+    let domain_re = defines.get("SATELLITE_DOMAIN_RE").unwrap_or("");
+    if !domain.eq_ignore_ascii_case(ext) {
+        return fail(
+            format!("Apache's SATELLITE_DOMAIN is {domain:?} but extbasename is {ext:?}: users' URLs would not reach satellite"),
+            format!("Define SATELLITE_DOMAIN {ext} and Define SATELLITE_DOMAIN_RE {escaped} before satellite.conf is read"),
+        );
+    }
+    if !domain_re.eq_ignore_ascii_case(&escaped) {
+        return fail(
+            format!("Apache's SATELLITE_DOMAIN_RE is {domain_re:?}, not {escaped:?} (extbasename with its dots escaped): token hosts would get the default page"),
+            format!("Define SATELLITE_DOMAIN_RE {escaped} before satellite.conf is read"),
+        );
+    }
+    ok(format!(
+        "Apache's SATELLITE_DOMAIN and SATELLITE_DOMAIN_RE name extbasename ({ext})"
+    ))
+}
+
+fn check_apache_database(config: &Config, defines: &ApacheDefines) -> Finding {
     let ours = &config.dbfile;
     let same = |theirs: &str| {
         let theirs = Path::new(theirs);
@@ -522,14 +583,14 @@ fn check_apache_database(config: &Config) -> Option<Finding> {
                 (Ok(a), Ok(b)) if a == b
             )
     };
-    Some(match apache_db {
-        Some(theirs) if same(&theirs) => ok(format!(
+    match defines.get("SATELLITE_DB") {
+        Some(theirs) if same(theirs) => ok(format!(
             "Apache reads its routes from the database satellite writes ({})",
             ours.display()
         )),
         Some(theirs) => fail(
             format!(
-                "Apache reads routes from {theirs} but satellite writes {}: every token host shows the waiting page",
+                "Apache reads routes from {theirs} but satellite writes {}: token hosts never reach their sessions",
                 ours.display()
             ),
             format!("Define SATELLITE_DB {} before Apache includes satellite.conf, or set dbfile to {theirs}", ours.display()),
@@ -538,7 +599,221 @@ fn check_apache_database(config: &Config) -> Option<Finding> {
             "Apache's configuration defines no SATELLITE_DB: is httpd-conf/satellite.conf included?",
             "include httpd-conf/satellite.conf (see docs/admin-guide.md)",
         ),
-    })
+    }
+}
+
+/// With SATELLITE_SERVE, Apache sends every endpoint request to serve: it
+/// must be the socket serve is configured for, and serve must answer there.
+fn check_apache_serve(config: &Config, defines: &ApacheDefines) -> Finding {
+    let Some(url) = defines.get("SATELLITE_SERVE") else {
+        return ok("Apache runs the endpoints as CGI programs (no SATELLITE_SERVE)");
+    };
+    let Some(socket) = url
+        .strip_prefix("unix:")
+        .and_then(|rest| rest.split('|').next())
+    else {
+        return ok(format!(
+            "Apache sends the endpoints to serve at {url} (not a Unix socket: not probed)"
+        ));
+    };
+    if config.serve_listen.is_none() && Path::new(socket) != config.serve_socket {
+        return fail(
+            format!(
+                "Apache sends the endpoints to {socket}, but serve listens on {}",
+                config.serve_socket.display()
+            ),
+            format!(
+                "make SATELLITE_SERVE \"unix:{}|http://localhost\" or set serve_socket",
+                config.serve_socket.display()
+            ),
+        );
+    }
+    match probe_http(
+        || {
+            let stream = std::os::unix::net::UnixStream::connect(socket)?;
+            stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
+            Ok(stream)
+        },
+        "GET /index.cgi HTTP/1.0\r\nHost: localhost\r\n\r\n",
+    ) {
+        Ok(status) => ok(format!(
+            "serve answers on {socket} (HTTP {status}), where Apache sends the endpoints"
+        )),
+        Err(err) => fail(
+            format!("Apache sends the endpoints to serve at {socket}, but nothing answers there ({err}): every endpoint request gets 503"),
+            "systemctl start satellite-serve.service, or run `satellite serve` (docs/admin-guide.md)",
+        ),
+    }
+}
+
+/// The certificate Apache really serves on its TLS port for a token host
+/// (`openssl s_client`), not only the file the config names.
+fn check_https_listener(config: &Config, defines: &ApacheDefines) -> Finding {
+    let port = defines.get("SATELLITE_PORT").unwrap_or("443");
+    let address = format!("127.0.0.1:{port}");
+    let server_name = format!("check-satellite.{}", config.extbasename);
+    let served = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &address,
+            "-servername",
+            &server_name,
+            "-showcerts",
+        ])
+        .output_within(OPENSSL_TIMEOUT);
+    let text = match served {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(err) => return warn(format!("cannot run openssl: {err}"), "install openssl"),
+    };
+    let Some(pem) = text.find("-----BEGIN CERTIFICATE-----").and_then(|start| {
+        let end = text[start..].find("-----END CERTIFICATE-----")? + start;
+        Some(&text[start..end + "-----END CERTIFICATE-----".len()])
+    }) else {
+        return fail(
+            format!("nothing answers TLS on {address} (SATELLITE_PORT): users' https URLs are refused"),
+            "enable mod_ssl and make Apache listen there (Debian: a2enmod ssl, which adds Listen 443; docs/admin-guide.md)",
+        );
+    };
+    let names = match certificate_names(pem) {
+        Ok(names) => names,
+        Err(err) => {
+            return warn(
+                format!("reading the certificate served on {address}: {err}"),
+                "run openssl x509 on it",
+            )
+        }
+    };
+    let ext = &config.extbasename;
+    let covers = |name: &str| names.iter().any(|have| have.eq_ignore_ascii_case(name));
+    if covers(&format!("*.{ext}")) && covers(ext) {
+        ok(format!(
+            "Apache serves a certificate for *.{ext} and {ext} on {address}"
+        ))
+    } else {
+        fail(
+            format!(
+                "the certificate Apache serves on {address} for {server_name} names {}, not *.{ext} and {ext}",
+                names.join(", ")
+            ),
+            "point SATELLITE_CERT and SATELLITE_KEY at the wildcard certificate, and make satellite's vhost the one for the domain",
+        )
+    }
+}
+
+/// The DNS names of a PEM certificate.
+fn certificate_names(pem: &str) -> Result<Vec<String>, String> {
+    let mut child = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write as _;
+        stdin.write_all(pem.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split([',', '\n'])
+        .filter_map(|part| part.trim().strip_prefix("DNS:"))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Plain HTTP on SATELLITE_HTTP_PORT must redirect a token host to https
+/// (a default site enabled on port 80 answers "It works!" instead).
+fn check_http_redirect(config: &Config, defines: &ApacheDefines) -> Finding {
+    let port = defines.get("SATELLITE_HTTP_PORT").unwrap_or("80");
+    let address = format!("127.0.0.1:{port}");
+    let host = format!("check-satellite.{}", config.extbasename);
+    let request = format!("GET /lab HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    let answer = probe_http_head(
+        || {
+            let stream = std::net::TcpStream::connect_timeout(
+                &address.parse().map_err(std::io::Error::other)?,
+                PROBE_TIMEOUT,
+            )?;
+            stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
+            Ok(stream)
+        },
+        &request,
+    );
+    match answer {
+        Ok(head) if head.starts_with("HTTP/1.1 301") || head.starts_with("HTTP/1.0 301") => {
+            let location = head
+                .lines()
+                .find_map(|l| {
+                    l.split_once(':')
+                        .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                        .map(|(_, v)| v.trim().to_owned())
+                })
+                .unwrap_or_default();
+            if location.starts_with(&format!("https://{host}")) {
+                ok(format!("http://{host}/ on {address} redirects to {location}"))
+            } else {
+                fail(
+                    format!("http://{host}/ on {address} redirects to {location:?}, not to https://{host}"),
+                    "let satellite's port-80 vhost (SATELLITE_HTTP_PORT) answer the domain",
+                )
+            }
+        }
+        Ok(head) => fail(
+            format!(
+                "http://{host}/ on {address} answers {:?}, not satellite's redirect to https",
+                head.lines().next().unwrap_or("")
+            ),
+            "another site takes port 80 for the domain (Debian: a2dissite 000-default, or keep it and let satellite's vhost be first)",
+        ),
+        Err(err) => warn(
+            format!("nothing answers plain HTTP on {address} ({err}): http:// URLs are not redirected"),
+            "Listen 80 (or SATELLITE_HTTP_PORT) in Apache, if users may type http://",
+        ),
+    }
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends `request` on a new connection and returns the answer's status.
+fn probe_http<S: std::io::Read + std::io::Write>(
+    connect: impl FnOnce() -> std::io::Result<S>,
+    request: &str,
+) -> std::io::Result<u16> {
+    let head = probe_http_head(connect, request)?;
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {head:?}")))
+}
+
+/// Sends `request` and reads the answer's head (up to the blank line, at
+/// most 16 kB, within [`PROBE_TIMEOUT`]).
+fn probe_http_head<S: std::io::Read + std::io::Write>(
+    connect: impl FnOnce() -> std::io::Result<S>,
+    request: &str,
+) -> std::io::Result<String> {
+    let mut stream = connect()?;
+    stream.write_all(request.as_bytes())?;
+    let started = std::time::Instant::now();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        if started.elapsed() > PROBE_TIMEOUT {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer",
+            ));
+        }
+        match stream.read(&mut buf)? {
+            0 => break,
+            n => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    if head.is_empty() {
+        return Err(std::io::Error::other("closed without an answer"));
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
 fn check_reload(config: &Config) -> Finding {
@@ -598,25 +873,22 @@ fn check_reload(config: &Config) -> Finding {
 /// Any local process can connect to a TCP port, and on TCP serve believes
 /// the client address only from `trusted_proxies`: the Unix socket (whose
 /// mode admits only Apache) is the safe default.
-fn check_serve_listen(config: &Config) -> Finding {
-    let Some(listen) = &config.serve_listen else {
-        return ok(format!(
-            "serve listens on the Unix socket {}",
-            config.serve_socket.display()
-        ));
-    };
+/// serve on TCP (`serve_listen`) must be reachable only from this host;
+/// on its Unix socket (the default) the Apache checks probe it.
+fn check_serve_listen(config: &Config) -> Option<Finding> {
+    let listen = config.serve_listen.as_ref()?;
     let loopback = listen
         .parse::<std::net::SocketAddr>()
         .map(|a| a.ip().is_loopback())
         .unwrap_or_else(|_| listen.starts_with("localhost:"));
-    if loopback {
+    Some(if loopback {
         ok(format!("serve_listen {listen} is on loopback"))
     } else {
         warn(
             format!("serve_listen {listen} is not on loopback"),
             "let only Apache reach serve: leave serve_listen out (Unix socket) and define SATELLITE_SERVE in satellite.conf",
         )
-    }
+    })
 }
 
 fn check_certificate(config: &Config, cert: Option<&Path>) -> Finding {
