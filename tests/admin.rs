@@ -384,8 +384,27 @@ fn init_makes_the_install_tree_and_is_idempotent() {
         "extbasename = \"hpc.example.edu\"\ntgtipmask = [\"10.21.0.0/16\"]\nsyslog_socket = \"\"\n",
     )
     .unwrap();
+    // The waiting page's site.json names no site (the page shows the
+    // domain); an earlier version's placeholder is replaced, an edited one
+    // kept.
+    let site_json = prefix.join("html/satellite/site.json");
+    let shipped: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&site_json).unwrap()).unwrap();
+    assert_eq!(shipped["name"], "");
+    std::fs::write(
+        &site_json,
+        "{\"name\": \"localhost\", \"help\": \"\", \"help_text\": \"Help\"}",
+    )
+    .unwrap();
     let second = init();
     assert!(second.status.success());
+    let replaced: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&site_json).unwrap()).unwrap();
+    assert_eq!(replaced["name"], "");
+    let edited = "{\"name\": \"localhost\", \"help\": \"https://help.example.edu/\"}";
+    std::fs::write(&site_json, edited).unwrap();
+    assert!(init().status.success());
+    assert_eq!(std::fs::read_to_string(&site_json).unwrap(), edited);
     assert_eq!(std::fs::read(prefix.join("etc/logkey")).unwrap(), first_key);
     assert!(String::from_utf8_lossy(&second.stdout).contains("kept "));
     assert!(std::fs::read_to_string(prefix.join("etc/satellite.toml"))

@@ -316,11 +316,11 @@ impl PrivateApache {
             // Apache will not run its workers as root.
             conf.push_str("User nobody\nGroup nogroup\n");
         }
-        let domain_re = site.domain.replace('.', "\\.");
+        // SATELLITE_DOMAIN_RE is left to satellite.conf, which derives it
+        // from SATELLITE_DOMAIN as a site's configuration does.
         let defines = [
             ("SATELLITE_ROOT", site.root.display().to_string()),
             ("SATELLITE_DOMAIN", site.domain.clone()),
-            ("SATELLITE_DOMAIN_RE", domain_re),
             ("SATELLITE_PORT", site.port.to_string()),
             ("SATELLITE_CERT", site.cert.display().to_string()),
             ("SATELLITE_KEY", site.key.display().to_string()),

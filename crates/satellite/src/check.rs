@@ -559,13 +559,14 @@ fn check_apache_domain(config: &Config, defines: &ApacheDefines) -> Finding {
     if !domain.eq_ignore_ascii_case(ext) {
         return fail(
             format!("Apache's SATELLITE_DOMAIN is {domain:?} but extbasename is {ext:?}: users' URLs would not reach satellite"),
-            format!("Define SATELLITE_DOMAIN {ext} and Define SATELLITE_DOMAIN_RE {escaped} before satellite.conf is read"),
+            format!("Define SATELLITE_DOMAIN {ext} before satellite.conf is read"),
         );
     }
-    if !domain_re.eq_ignore_ascii_case(&escaped) {
+    let literal = format!("\\Q{domain}\\E");
+    if !domain_re.eq_ignore_ascii_case(&escaped) && !domain_re.eq_ignore_ascii_case(&literal) {
         return fail(
             format!("Apache's SATELLITE_DOMAIN_RE is {domain_re:?}, not {escaped:?} (extbasename with its dots escaped): token hosts would get the default page"),
-            format!("Define SATELLITE_DOMAIN_RE {escaped} before satellite.conf is read"),
+            "remove your Define SATELLITE_DOMAIN_RE: satellite.conf derives it from SATELLITE_DOMAIN",
         );
     }
     ok(format!(

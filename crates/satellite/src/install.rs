@@ -72,7 +72,7 @@ pub fn init(options: &InitOptions) -> Result<String> {
         prefix.display()
     ));
     log.push_str(&write_config(prefix, &options.extbasename)?);
-    write_data_files(prefix, &options.extbasename)?;
+    write_data_files(prefix)?;
     if write_log_key(&prefix.join(LOG_KEY))? {
         log.push_str(&format!("wrote {}\n", prefix.join(LOG_KEY).display()));
     }
@@ -128,7 +128,7 @@ fn write_config(prefix: &Path, extbasename: &str) -> Result<String> {
     Ok(format!("wrote {}\n", config.display()))
 }
 
-fn write_data_files(prefix: &Path, extbasename: &str) -> Result<()> {
+fn write_data_files(prefix: &Path) -> Result<()> {
     write_if_missing(&prefix.join("var/eff_large_wordlist.txt"), WORDLIST)?;
     for (name, text) in [
         ("retry.html", RETRY_PAGE),
@@ -141,10 +141,11 @@ fn write_data_files(prefix: &Path, extbasename: &str) -> Result<()> {
     }
     // What the waiting page shows as the site's name and help link; the
     // site edits it (a static file, so pages cost Apache no process).
-    write_if_missing(
-        &prefix.join("html/satellite/site.json"),
-        &site_json(extbasename),
-    )?;
+    let site = prefix.join("html/satellite/site.json");
+    if fs::read_to_string(&site).is_ok_and(|text| is_placeholder_site_json(&text)) {
+        fs::write(&site, site_json()).with_context(|| format!("writing {}", site.display()))?;
+    }
+    write_if_missing(&site, &site_json())?;
     for file in LOCK_AND_ROUTE_FILES {
         write_if_missing(&prefix.join(file), "")?;
     }
@@ -285,9 +286,22 @@ fn write_log_key(path: &Path) -> Result<bool> {
 
 /// The initial `html/satellite/site.json`: the domain as the site's name,
 /// no help link until the site names one.
-pub fn site_json(extbasename: &str) -> String {
-    let site = serde_json::json!({ "name": extbasename, "help": "", "help_text": "Help" });
+/// The site's name and help link for the waiting page. No name by
+/// default: the page then shows the domain it was reached under, which
+/// stays right when `extbasename` is set after the install.
+pub fn site_json() -> String {
+    let site = serde_json::json!({ "name": "", "help": "", "help_text": "Help" });
     format!("{site:#}\n")
+}
+
+/// A site.json an earlier version wrote at install, before the admin set
+/// the domain (its name the template's placeholder domain, no help link):
+/// replaced by [`site_json`]; anything a site edited is kept.
+fn is_placeholder_site_json(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text).is_ok_and(|site| {
+        site.get("name").and_then(|n| n.as_str()) == Some("localhost")
+            && site.get("help").and_then(|h| h.as_str()) == Some("")
+    })
 }
 
 fn write_if_missing(path: &Path, text: &str) -> Result<()> {
