@@ -961,6 +961,69 @@ fn check_probes_what_apache_really_does() {
     );
 }
 
+/// `satellite check --live` proves the site end to end through the real
+/// Apache (getlink, the waiting page, a redeem to a temporary backend the
+/// check starts, the proxied URL, destroy), and names what is broken: an
+/// untrusted certificate, Apache reading routes from another database.
+#[test]
+fn check_live_proves_the_site_end_to_end_and_names_what_is_broken() {
+    let apache = Apache::start(Routing::Map);
+    let ca = apache.path("check-ca.pem");
+    std::fs::write(&ca, &apache.ca_pem).unwrap();
+    let live = |apache: &Apache, extra: &[&str]| {
+        let out = Command::new(support::apache::SATELLITE)
+            .args(["check", "--live", "--config"])
+            .arg(apache.config_file())
+            .args(extra)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let report = live(&apache, &["--cacert", ca.to_str().unwrap()]);
+    for line in [
+        "OK   live: getlink from 127.0.0.1 gave a token",
+        "OK   live: https://",
+        "OK   live: redeem from 127.0.0.1 to a temporary backend on port ",
+        "reached the temporary backend at 127.0.0.1:",
+        "OK   live: destroy: Success! Token destroyed.",
+        "OK   live: after destroy, https://",
+    ] {
+        assert!(report.contains(line), "{line}\n{report}");
+    }
+    assert!(!report.contains("FAIL live"), "{report}");
+    // Nothing left behind: the check's token is ended.
+    let db = rusqlite::Connection::open(apache.db_file()).unwrap();
+    let live_rows: i64 = db
+        .query_row(
+            "SELECT count(*) FROM proxy WHERE state IN ('pending', 'mapped', 'proxied')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(live_rows, 0);
+
+    // Without the private CA: said, and the steps still run.
+    let report = live(&apache, &[]);
+    assert!(
+        report.contains(
+            "FAIL live: the certificate Apache serves for manage.example.test is not trusted here"
+        ),
+        "{report}"
+    );
+    assert!(report.contains("OK   live: destroy: Success!"), "{report}");
+
+    // Apache reading another database: the redeem succeeds, the URL does
+    // not reach the backend, and the check says so.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let wrong = elsewhere.path().join("state.sqlite");
+    let misread =
+        Apache::start_defining(Routing::Map, &[("SATELLITE_DB", wrong.to_str().unwrap())]);
+    let ca = misread.path("check-ca.pem");
+    std::fs::write(&ca, &misread.ca_pem).unwrap();
+    let report = live(&misread, &["--cacert", ca.to_str().unwrap()]);
+    assert!(report.contains("without reaching the backend"), "{report}");
+}
+
 /// Requests already read when mod_qos's limit is reached (several at once,
 /// on open connections) are refused with 429, never mod_qos's default 500
 /// (seen under a flood from one address before `QS_ErrorResponseCode`).

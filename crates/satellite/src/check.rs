@@ -79,7 +79,7 @@ pub fn to_json(findings: &[Finding]) -> String {
     serde_json::to_string_pretty(&object).unwrap_or_default() + "\n"
 }
 
-fn ok(what: impl Into<String>) -> Finding {
+pub(crate) fn ok(what: impl Into<String>) -> Finding {
     Finding {
         level: Level::Ok,
         what: what.into(),
@@ -87,7 +87,7 @@ fn ok(what: impl Into<String>) -> Finding {
     }
 }
 
-fn warn(what: impl Into<String>, fix: impl Into<String>) -> Finding {
+pub(crate) fn warn(what: impl Into<String>, fix: impl Into<String>) -> Finding {
     Finding {
         level: Level::Warn,
         what: what.into(),
@@ -95,7 +95,7 @@ fn warn(what: impl Into<String>, fix: impl Into<String>) -> Finding {
     }
 }
 
-fn fail(what: impl Into<String>, fix: impl Into<String>) -> Finding {
+pub(crate) fn fail(what: impl Into<String>, fix: impl Into<String>) -> Finding {
     Finding {
         level: Level::Fail,
         what: what.into(),
@@ -104,7 +104,11 @@ fn fail(what: impl Into<String>, fix: impl Into<String>) -> Finding {
 }
 
 /// Every check; `config` is the result of loading the configuration.
-pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding> {
+pub fn check(
+    config: Result<Config, String>,
+    cert: Option<&Path>,
+    live: Option<&crate::live::LiveOptions>,
+) -> Vec<Finding> {
     let config = match config {
         Ok(config) => config,
         Err(err) => {
@@ -133,7 +137,8 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     if let Some(finding) = check_waiting_limit(&config) {
         findings.push(finding);
     }
-    findings.extend(check_apache_run_config(&config));
+    let defines = apache_defines(&config);
+    findings.extend(check_apache_run_config(&config, defines.as_ref()));
     findings.push(check_reload(&config));
     findings.extend(check_tunnel_cutting(&config));
     findings.extend(check_watchers(&config));
@@ -143,6 +148,9 @@ pub fn check(config: Result<Config, String>, cert: Option<&Path>) -> Vec<Finding
     findings.push(check_syslog(&config));
     if let Some(finding) = check_apache_workers(&config.apache_status_url) {
         findings.push(finding);
+    }
+    if let Some(options) = live {
+        findings.extend(crate::live::check_live(&config, defines.as_ref(), options));
     }
     findings
 }
@@ -493,40 +501,45 @@ fn check_waiting_limit(config: &Config) -> Option<Finding> {
 /// with satellite's configuration, and what Apache really does on the
 /// addresses it was told: every value a site types twice is checked here,
 /// and nothing is reported OK that was not tried.
-fn check_apache_run_config(config: &Config) -> Vec<Finding> {
-    let argv = &config.apache_configtest;
-    if !argv.iter().any(|arg| arg == "-t") {
+fn check_apache_run_config(config: &Config, defines: Option<&ApacheDefines>) -> Vec<Finding> {
+    // check_configtest says why there are none.
+    let Some(defines) = defines else {
         return Vec::new();
-    }
-    let out = match Command::new(&argv[0])
-        .args(&argv[1..])
-        .args(["-D", "DUMP_RUN_CFG"])
-        .output_within(CONFIGTEST_TIMEOUT)
-    {
-        Ok(out) if out.status.success() => out,
-        // check_configtest says why.
-        _ => return Vec::new(),
     };
-    let dump = String::from_utf8_lossy(&out.stdout);
-    let defines = ApacheDefines::parse(&dump);
     if defines.get("SATELLITE_ROOT").is_none() {
         return vec![warn(
             "Apache's configuration defines no SATELLITE_ROOT: is httpd-conf/satellite.conf included?",
             "include httpd-conf/satellite.conf (see docs/admin-guide.md)",
         )];
     }
-    let mut findings = vec![check_apache_domain(config, &defines)];
+    let mut findings = vec![check_apache_domain(config, defines)];
     if config.routing == Routing::Map {
-        findings.push(check_apache_database(config, &defines));
+        findings.push(check_apache_database(config, defines));
     }
-    findings.push(check_apache_serve(config, &defines));
-    findings.push(check_https_listener(config, &defines));
-    findings.push(check_http_redirect(config, &defines));
+    findings.push(check_apache_serve(config, defines));
+    findings.push(check_https_listener(config, defines));
+    findings.push(check_http_redirect(config, defines));
     findings
 }
 
+/// Apache's Defines as its configuration test sees them (`-D
+/// DUMP_RUN_CFG`); `None` when there is no config test to ask or it fails.
+pub(crate) fn apache_defines(config: &Config) -> Option<ApacheDefines> {
+    let argv = &config.apache_configtest;
+    if !argv.iter().any(|arg| arg == "-t") {
+        return None;
+    }
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .args(["-D", "DUMP_RUN_CFG"])
+        .output_within(CONFIGTEST_TIMEOUT)
+        .ok()
+        .filter(|out| out.status.success())?;
+    Some(ApacheDefines::parse(&String::from_utf8_lossy(&out.stdout)))
+}
+
 /// `Define: NAME=value` lines of `-D DUMP_RUN_CFG`.
-struct ApacheDefines(Vec<(String, String)>);
+pub(crate) struct ApacheDefines(Vec<(String, String)>);
 
 impl ApacheDefines {
     fn parse(dump: &str) -> Self {
@@ -541,7 +554,7 @@ impl ApacheDefines {
         )
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(n, _)| n == name)

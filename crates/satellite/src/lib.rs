@@ -8,6 +8,7 @@ pub mod apache_status;
 pub mod check;
 pub mod install;
 pub mod jobstates;
+pub mod live;
 pub use satellite_core::subprocess;
 pub use satellite_cron::cli::{cron_main, run_cron, CRON_HELP};
 

@@ -108,6 +108,18 @@ enum Command {
         /// An object: ok (false if anything failed) and findings [{level, what, fix}]
         #[arg(long)]
         json: bool,
+        /// Also prove the site end to end through Apache: getlink, the waiting page, a redeem to a temporary backend, the proxied URL, destroy (needs curl)
+        #[arg(long)]
+        live: bool,
+        /// With --live: Apache's TLS listener [default: 127.0.0.1 and SATELLITE_PORT]
+        #[arg(long, value_name = "ADDRESS:PORT", requires = "live")]
+        connect: Option<std::net::SocketAddr>,
+        /// With --live: the node address to redeem from and run the temporary backend on; an address of this host in tgtipmask [default: the one that reaches --connect]
+        #[arg(long, value_name = "ADDRESS", requires = "live")]
+        from: Option<std::net::IpAddr>,
+        /// With --live: the CA certificate to trust [default: the system's]
+        #[arg(long, value_name = "FILE", requires = "live")]
+        cacert: Option<PathBuf>,
     },
     /// Bring the whole stack up on loopback: Apache, serve, cron --watch, a sample notebook
     Demo {
@@ -258,9 +270,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             print(admin::migrate(&db, *dry_run)?)
         }
-        Command::Check { cert, json } => {
-            let findings =
-                satellite::check::check(config().map_err(|e| format!("{e:#}")), cert.as_deref());
+        Command::Check {
+            cert,
+            json,
+            live,
+            connect,
+            from,
+            cacert,
+        } => {
+            let live = live.then(|| satellite::live::LiveOptions {
+                connect: *connect,
+                from: *from,
+                cacert: cacert.clone(),
+            });
+            let findings = satellite::check::check(
+                config().map_err(|e| format!("{e:#}")),
+                cert.as_deref(),
+                live.as_ref(),
+            );
             let report: String = if *json {
                 satellite::check::to_json(&findings)
             } else {
