@@ -1024,6 +1024,76 @@ fn check_live_proves_the_site_end_to_end_and_names_what_is_broken() {
     assert!(report.contains("without reaching the backend"), "{report}");
 }
 
+/// A load balancer's health check of one frontend, through Apache to
+/// serve: 503 until this frontend's watcher has run, 200 while it beats,
+/// 503 again once it has been silent for a minute.
+#[test]
+fn healthz_answers_200_only_with_the_store_and_this_frontends_watcher_alive() {
+    let apache = Apache::start_serving(Routing::Map);
+    if nix::unistd::geteuid().is_root() {
+        apache.write_config(&[("serve_socket_group", "\"nogroup\"".to_owned())]);
+    }
+    let socket = apache.serve_socket();
+    let _serve = support::apache::Running(
+        Command::new(support::apache::SATELLITE)
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .env("SATELLITE_CONFIG", apache.config_file())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let health = || {
+        let r = apache
+            .client()
+            .get(&apache.host_port("manage"), "/healthz")
+            .unwrap();
+        (
+            r.status,
+            r.text(),
+            r.header("Retry-After").map(str::to_owned),
+        )
+    };
+    let (status, text, retry) = apache.eventually("serve answering", || {
+        // Apache's own 502/503 (an HTML page) until serve listens.
+        let answer = health();
+        if answer.1.starts_with("unavailable:") || answer.1.starts_with("ok:") {
+            Ok(answer)
+        } else {
+            Err(format!("serve not up yet: {}", answer.0))
+        }
+    });
+    assert_eq!(status, 503, "{text}");
+    assert!(text.starts_with("unavailable: no watcher named "), "{text}");
+    assert_eq!(retry.as_deref(), Some("5"));
+
+    let mut watcher = apache.cron_command();
+    watcher.arg("--watch");
+    let watcher = support::apache::Running(watcher.spawn().unwrap());
+    let text = apache.eventually("the watcher's first beat", || match health() {
+        (200, text, _) => Ok(text),
+        (status, text, _) => Err(format!("{status} {text}")),
+    });
+    assert!(text.starts_with("ok: store answers, watcher "), "{text}");
+
+    // Its watcher dead for a minute: the frontend says it cannot serve.
+    drop(watcher);
+    rusqlite::Connection::open(apache.db_file())
+        .unwrap()
+        .execute(
+            "UPDATE watchers SET heartbeat = datetime('now', '-90 seconds')",
+            [],
+        )
+        .unwrap();
+    let (status, text, _) = health();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("silent for 9"), "{text}");
+    // Not on a token's host: there it is the waiting page's path.
+    let on_token_host = apache.get("some-token-host", "/healthz");
+    assert!(!on_token_host.text().starts_with("ok:"));
+}
+
 /// Requests already read when mod_qos's limit is reached (several at once,
 /// on open connections) are refused with 429, never mod_qos's default 500
 /// (seen under a flood from one address before `QS_ErrorResponseCode`).

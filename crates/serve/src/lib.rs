@@ -343,6 +343,9 @@ fn answer(
     if request.uri().path() == METRICS_PATH {
         return (None, scrape(ctx, request, metrics));
     }
+    if request.uri().path() == HEALTH_PATH {
+        return (None, health(ctx));
+    }
     let endpoint = Endpoint::for_path(request.uri().path());
     (Some(endpoint), handle(ctx, endpoint, request))
 }
@@ -396,6 +399,62 @@ fn scrape(
     }
     metrics.render(&mut out);
     text_response(StatusCode::OK, CONTENT_TYPE, out.into_bytes())
+}
+
+/// Where a load balancer asks whether this frontend can serve.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// A watcher silent for longer than this is taken for dead: it beats every
+/// 10 s, so this is several missed beats, not one slow step.
+pub const WATCHER_ALIVE_SECS: i64 = 60;
+
+/// `GET /healthz`: 200 only when the store answers and this frontend's
+/// watcher (`watcher_name`) has beaten within [`WATCHER_ALIVE_SECS`];
+/// otherwise 503 with `Retry-After` and the reason. Without its watcher a
+/// frontend would keep the tunnels of ended sessions open, so a load
+/// balancer should send users elsewhere. Open to every client: it says
+/// only up or down, and why.
+fn health(ctx: &mut Context) -> http::Response<Body> {
+    let name = ctx.config.watcher_name();
+    let now = ctx.now();
+    let watchers = ctx.store().and_then(|store| store.watchers());
+    let verdict = match watchers {
+        Err(err) => Err(format!("the store does not answer: {err}")),
+        Ok(watchers) => match watchers.iter().find(|w| w.name == name) {
+            None => Err(format!("no watcher named {name} has run on this store")),
+            Some(watcher) => {
+                let age = watcher
+                    .heartbeat
+                    .map(|beat| (now - beat).num_seconds().max(0));
+                match age {
+                    Some(age) if age <= WATCHER_ALIVE_SECS => {
+                        Ok(format!("store answers, watcher {name} alive {age} s ago"))
+                    }
+                    Some(age) => Err(format!("watcher {name} silent for {age} s")),
+                    None => Err(format!("watcher {name} has no heartbeat")),
+                }
+            }
+        },
+    };
+    match verdict {
+        Ok(why) => text_response(
+            StatusCode::OK,
+            "text/plain",
+            format!("ok: {why}\n").into_bytes(),
+        ),
+        Err(why) => {
+            let mut response = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("unavailable: {why}\n").into_bytes(),
+            );
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("5"),
+            );
+            response
+        }
+    }
 }
 
 /// Debug builds only: with `SATELLITE_SERVE_TEST_PANIC=1`, a request for
