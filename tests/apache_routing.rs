@@ -923,19 +923,7 @@ fn check_probes_what_apache_really_does() {
         assert!(report.contains(&line), "{line}\n{report}");
     }
 
-    let _serve = support::apache::Running(
-        Command::new(support::apache::SATELLITE)
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .env("SATELLITE_CONFIG", apache.config_file())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    apache.eventually("serve listening", || {
-        socket.exists().then_some(()).ok_or("not yet".to_owned())
-    });
+    let _serve = apache.run_serve();
     let (report, _) = check();
     assert!(
         report.contains(&format!(
@@ -1030,20 +1018,7 @@ fn check_live_proves_the_site_end_to_end_and_names_what_is_broken() {
 #[test]
 fn healthz_answers_200_only_with_the_store_and_this_frontends_watcher_alive() {
     let apache = Apache::start_serving(Routing::Map);
-    if nix::unistd::geteuid().is_root() {
-        apache.write_config(&[("serve_socket_group", "\"nogroup\"".to_owned())]);
-    }
-    let socket = apache.serve_socket();
-    let _serve = support::apache::Running(
-        Command::new(support::apache::SATELLITE)
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .env("SATELLITE_CONFIG", apache.config_file())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _serve = apache.run_serve();
     let health = || {
         let r = apache
             .client()

@@ -153,6 +153,36 @@ impl Apache {
         Self::start_with(routing, true, &[])
     }
 
+    /// Starts `satellite serve` on [`serve_socket`](Self::serve_socket)
+    /// with this site's config, which names that socket (stopped when
+    /// dropped), and waits until it listens. As root, Apache's workers
+    /// (nobody) get the socket's group.
+    pub fn run_serve(&self) -> Running {
+        let socket = self.serve_socket();
+        let mut settings = vec![(
+            "serve_socket",
+            format!("{:?}", socket.display().to_string()),
+        )];
+        if is_root() {
+            settings.push(("serve_socket_group", "\"nogroup\"".to_owned()));
+        }
+        self.write_config(&settings);
+        let serve = Running(
+            Command::new(SATELLITE)
+                .args(["serve", "--socket"])
+                .arg(&socket)
+                .env("SATELLITE_CONFIG", self.config_file())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("starting satellite serve"),
+        );
+        self.eventually("serve listening", || {
+            socket.exists().then_some(()).ok_or("not yet".to_owned())
+        });
+        serve
+    }
+
     /// Where serve listens when Apache is [`start_serving`](Self::start_serving).
     pub fn serve_socket(&self) -> PathBuf {
         self.dir.path().join("serve.sock")
