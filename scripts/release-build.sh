@@ -34,7 +34,7 @@ zig=$zig_home/ziglang/zig
 if [ "$("$zig" version 2>/dev/null || true)" != "$zig_version" ]; then
   t=$SECONDS
   rm -rf "$zig_home"
-  python3 -m pip install --disable-pip-version-check --quiet --no-deps \
+  python3 -m pip install --disable-pip-version-check --root-user-action=ignore --quiet --no-deps \
     --target "$zig_home" "ziglang==$zig_version"
   [ "$("$zig" version)" = "$zig_version" ] || { echo "release-build: $zig is not Zig $zig_version" >&2; exit 1; }
   echo "release-build: installed Zig $zig_version (PyPI ziglang) in $((SECONDS - t))s" >&2
