@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Builds the .deb and the .rpm (with man pages, completions, systemd units
-# and the SELinux module), then checks them on this machine: installs the
-# .deb, runs `satellite check` and the demo against the installed files,
-# verifies and scores the systemd units, purges the package and asserts
-# nothing is left but the service user; lists the .rpm's files and
-# scriptlets and runs rpmlint. Run by .ci/run after the tests, as root (it
-# installs a package). Everything it builds lands in target/dist/.
+# and the SELinux module) from programs built for glibc 2.28
+# (scripts/release-build.sh), checks that no program needs a newer GLIBC_
+# symbol version, then checks the packages on this machine: installs the
+# .deb, runs `satellite --version`, one CGI request, `satellite check` and
+# the demo against the installed files, verifies and scores the systemd
+# units, purges the package and asserts nothing is left but the service
+# user; lists the .rpm's files, scriptlets and requirements and runs
+# rpmlint. Run by .ci/run after the tests, as root (it installs a
+# package). Everything it builds lands in target/dist/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -19,6 +22,37 @@ fail() { echo "package.sh: $*" >&2; exit 1; }
 bash scripts/setup.sh package
 export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 
+# The oldest glibc the programs run on (RHEL/Rocky/Alma 8); the programs
+# both packages ship.
+min_glibc=2.28
+programs=(satellite cron getlink redeemtoken destroytoken linktoken tokenjobstate update-jobs index)
+
+# check_glibc DIR: each program in DIR needs no GLIBC_ symbol version newer
+# than $min_glibc, and no library but glibc's (SQLite is compiled in).
+# readelf -V lists each library a program needs and the symbol versions it
+# needs from it: the dynamic loader refuses to start a program when any of
+# them is missing, so the highest is the oldest glibc it runs on.
+check_glibc() {
+  local dir=$1 program needs highest libs lib
+  for program in "${programs[@]}"; do
+    [ -f "$dir/$program" ] || fail "no $dir/$program"
+    needs=$(readelf -V --wide "$dir/$program" | sed -n '/^Version needs section/,$p')
+    [ -n "$needs" ] || fail "$dir/$program: readelf -V shows no version needs"
+    highest=$(grep -o 'Name: GLIBC_[0-9.]*' <<<"$needs" | sed 's/Name: GLIBC_//' | sort -uV | tail -n1)
+    [ -n "$highest" ] || fail "$dir/$program: needs no GLIBC_ version at all?"
+    [ "$(printf '%s\n%s\n' "$highest" "$min_glibc" | sort -V | tail -n1)" = "$min_glibc" ] ||
+      fail "$dir/$program needs GLIBC_$highest, newer than GLIBC_$min_glibc: it would not start on EL8"
+    libs=$(readelf -d "$dir/$program" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')
+    for lib in $libs; do
+      case "$lib" in
+        libc.so.6 | libm.so.6 | libpthread.so.0 | libdl.so.2 | librt.so.1 | ld-linux-*.so.* | libgcc_s.so.1) ;;
+        *) fail "$dir/$program links $lib, which is not part of glibc" ;;
+      esac
+    done
+    printf '%-14s highest GLIBC_%-6s needs %s\n' "$program" "$highest" "$libs"
+  done
+}
+
 step "packaging tools"
 # Both compile from source the first time (minutes); later runs reuse them.
 for tool in cargo-deb cargo-generate-rpm; do
@@ -29,13 +63,20 @@ for tool in cargo-deb cargo-generate-rpm; do
   fi
 done
 
-step "release build"
-cargo build --release --locked -p satellite
+step "release build for glibc $min_glibc (scripts/release-build.sh)"
+# Zig links the programs against glibc 2.28's symbols, whatever this
+# machine's glibc, so that both packages install on EL8 as on Debian 12.
+bin=$(bash scripts/release-build.sh | tail -n1)
+host=$(rustc -vV | sed -n 's/^host: //p')
+[ -x "$bin/satellite" ] || fail "no release programs in $bin"
 rm -rf "$dist"
 mkdir -p "$dist"
 
+step "the programs need glibc $min_glibc at most (ELF version needs)"
+check_glibc "$bin"
+
 step "man pages and completions (satellite generate)"
-target/release/satellite generate --out "$dist"
+"$bin/satellite" generate --out "$dist"
 gzip -9nf "$dist"/man/*.1
 
 step "SELinux module"
@@ -54,16 +95,27 @@ for unit in dist/systemd/*; do
 done
 
 step "cargo deb"
-cargo deb -p satellite --no-build --locked --output "$dist/"
+# --target: the assets' target/release/ becomes target/$host/release/,
+# where the glibc-$min_glibc programs are.
+cargo deb -p satellite --no-build --locked --target "$host" --output "$dist/"
 deb=$(ls "$dist"/satellite_*.deb)
+# Its libc6 version is written in Cargo.toml (not $auto: see there); it
+# must not ask for more than the programs need.
+deb_depends=$(dpkg-deb -f "$deb" Depends)
+echo "Depends: $deb_depends"
+libc6=$(sed -n 's/.*libc6 (>= \([0-9.]*\)).*/\1/p' <<<"$deb_depends")
+[ -n "$libc6" ] || fail "the .deb does not depend on a libc6 version: $deb_depends"
+[ "$(printf '%s\n%s\n' "$libc6" "$min_glibc" | sort -V | tail -n1)" = "$min_glibc" ] ||
+  fail "the .deb wants libc6 >= $libc6, newer than $min_glibc"
 
 step "cargo generate-rpm"
 # cargo-deb strips the programs itself; cargo-generate-rpm takes them as
 # they are, so it gets stripped copies (rpmlint: unstripped-binary).
 mkdir -p "$dist/bin"
-for program in satellite cron getlink redeemtoken destroytoken linktoken tokenjobstate update-jobs index; do
-  strip -s -o "$dist/bin/$program" "target/release/$program"
+for program in "${programs[@]}"; do
+  strip -s -o "$dist/bin/$program" "$bin/$program"
 done
+check_glibc "$dist/bin" >/dev/null
 cargo generate-rpm -p crates/satellite --output "$dist/"
 rpm_file=$(ls "$dist"/satellite-*.rpm)
 
@@ -72,8 +124,20 @@ step "the .rpm: files and scriptlets"
 rpm_files=$(rpm -qlp "$rpm_file")
 rpm_scripts=$(rpm -qp --scripts "$rpm_file")
 rpm_flags=$(rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm_file")
+rpm_requires=$(rpm -qpR "$rpm_file")
 echo "$rpm_files"
 echo "$rpm_scripts"
+echo "$rpm_requires"
+# The EL names of what satellite needs there, and no glibc newer than
+# $min_glibc (the automatic libc.so.6(GLIBC_x) requirements).
+for must in httpd mod_ssl apr-util-sqlite; do
+  grep -q "^$must\b" <<<"$rpm_requires" || fail "the .rpm does not require $must"
+done
+rpm_glibc=$(grep -o 'GLIBC_[0-9.]*' <<<"$rpm_requires" | sed 's/GLIBC_//' | sort -uV | tail -n1 || true)
+if [ -n "$rpm_glibc" ]; then
+  [ "$(printf '%s\n%s\n' "$rpm_glibc" "$min_glibc" | sort -V | tail -n1)" = "$min_glibc" ] ||
+    fail "the .rpm requires GLIBC_$rpm_glibc, newer than $min_glibc"
+fi
 for must in /usr/lib/satellite/bin/satellite /usr/lib/satellite/bin/getlink \
   /usr/share/selinux/packages/satellite.pp /usr/lib/systemd/system/satellite-cron.service \
   /usr/share/man/man1/satellite.1.gz /etc/cron.d/satellite; do
@@ -106,6 +170,7 @@ for path in /usr/bin/satellite /var/www/satellite/cgi/getlink.cgi /var/www/satel
   [ -e "$path" ] || fail "after install, $path is missing"
 done
 [ "$(stat -c %U:%G /var/www/satellite/var)" = satellite:www-data ] || fail "var/ is not satellite:www-data"
+check_glibc /usr/lib/satellite/bin >/dev/null
 [[ " $(id -nG satellite) " == *" www-data "* ]] || fail "the satellite user is not in group www-data"
 
 step "an edited satellite.toml survives a reinstall"
@@ -113,6 +178,20 @@ echo "# edited by package.sh" >>/var/www/satellite/etc/satellite.toml
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --reinstall "$deb" >/dev/null
 tail -n1 /var/www/satellite/etc/satellite.toml | grep -qx "# edited by package.sh" ||
   fail "the reinstall overwrote satellite.toml"
+
+step "the installed programs start: satellite --version and one CGI request"
+version=$(/usr/bin/satellite --version) || fail "satellite --version failed"
+echo "$version"
+[[ "$version" == "satellite "* ]] || fail "satellite --version printed: $version"
+# getlink.cgi as Apache runs it (as www-data, CGI/1.1 environment, a
+# client on loopback, which the default tgtipmask allows): it writes a
+# pending token to the installed database and answers with it.
+answer=$(cd /var/www/satellite/cgi && runuser -u www-data -- env -i PATH=/usr/bin:/bin \
+  GATEWAY_INTERFACE=CGI/1.1 SERVER_PROTOCOL=HTTP/1.1 REQUEST_METHOD=GET \
+  SCRIPT_NAME=/getlink.cgi REMOTE_ADDR=127.0.0.1 HTTP_HOST=localhost ./getlink.cgi) ||
+  fail "getlink.cgi failed: $answer"
+echo "$answer"
+grep -q "^Your token is" <<<"$answer" || fail "getlink.cgi gave no token"
 
 step "satellite check against the installed files (WARN and FAIL are fine, a crash is not)"
 set +e

@@ -23,8 +23,11 @@ test_pkgs=(slurmctld slurmd slurm-client munge binutils
   chromium chromium-driver python3-venv python3-pip testssl.sh fonts-dejavu-core
   prometheus)
 # rpm: rpmbuild-free checks of the .rpm (rpm -qlp); the SELinux reference
-# policy headers build the module; systemd gives systemd-analyze.
-package_pkgs=(rpm rpmlint lintian checkpolicy semodule-utils selinux-policy-dev systemd binutils)
+# policy headers build the module; systemd gives systemd-analyze;
+# binutils: readelf, for the programs' glibc symbol versions; python3-pip
+# unpacks Zig from PyPI's ziglang for the glibc-2.28 release build
+# (scripts/release-build.sh).
+package_pkgs=(rpm rpmlint lintian checkpolicy semodule-utils selinux-policy-dev systemd binutils python3-pip)
 
 rhel_name() {
   case "$1" in
