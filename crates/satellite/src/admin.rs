@@ -19,11 +19,17 @@ use satellite_sched::Scheduler;
 use crate::AboutPath;
 
 pub fn open_store(config: &Config) -> Result<Box<dyn Store>> {
-    satellite_core::store::open(
-        &config.dbfile,
-        Duration::from_millis(config.busy_timeout_ms),
-    )
-    .about_path("opening", &config.dbfile)
+    satellite_core::store::open_configured(config)
+        .with_context(|| format!("opening {}", database_name(config)))
+}
+
+/// The configured database, for messages (never `database_url` itself: it
+/// may hold a password).
+pub fn database_name(config: &Config) -> String {
+    match config.database_url {
+        Some(_) => "the PostgreSQL database (database_url)".into(),
+        None => config.dbfile.display().to_string(),
+    }
 }
 
 fn age_seconds(modified: &str) -> Option<i64> {
@@ -219,7 +225,7 @@ pub fn metrics(config: &Config) -> Result<String> {
     let now = Utc::now();
     let gauges = open_store(config)?
         .gauges(now, config.ttl_secs)
-        .about_path("reading metrics from", &config.dbfile)?;
+        .with_context(|| format!("reading metrics from {}", database_name(config)))?;
     let mut out = String::new();
     satellite_core::metrics::render_gauges(&mut out, &gauges, now);
     render_apache_workers(&mut out, &config.apache_status_url);
@@ -347,6 +353,28 @@ pub fn inspect(db: &Path) -> Result<String> {
         );
     }
     Ok(out)
+}
+
+/// `satellite migrate` with `database_url` set: creates satellite's schema
+/// in an empty PostgreSQL database, or checks the one it has.
+pub fn migrate_postgres(config: &Config, dry_run: bool) -> Result<String> {
+    let Some(url) = config.database_url.as_deref() else {
+        bail!("no database_url in the configuration");
+    };
+    let timeout = Duration::from_millis(config.busy_timeout_ms);
+    if dry_run {
+        return Ok(match satellite_core::PgStore::open(url, timeout) {
+            Ok(store) => format!("{}: current schema ({SCHEMA_VERSION})\n", store.database()),
+            Err(err) => format!("{err}\n"),
+        });
+    }
+    let (store, migration) = satellite_core::PgStore::open_or_create(url, timeout)
+        .context("creating satellite's schema in the PostgreSQL database (database_url)")?;
+    Ok(if migration.created {
+        format!("{}: schema {SCHEMA_VERSION} created\n", store.database())
+    } else {
+        format!("{}: already current; nothing to do\n", store.database())
+    })
 }
 
 pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {
