@@ -19,16 +19,20 @@ use satellite_sched::Scheduler;
 use crate::AboutPath;
 
 pub fn open_store(config: &Config) -> Result<Box<dyn Store>> {
-    satellite_core::store::open_configured(config)
-        .with_context(|| format!("opening {}", database_name(config)))
+    about_database(
+        satellite_core::store::open_configured(config),
+        "opening",
+        config,
+    )
 }
 
-/// The configured database, for messages (never `database_url` itself: it
-/// may hold a password).
-pub fn database_name(config: &Config) -> String {
+/// Context naming the configured database once: the SQLite file unless
+/// the error names it already, or `database_url` (never its value: it may
+/// hold a password).
+fn about_database<T>(result: satellite_core::Result<T>, what: &str, config: &Config) -> Result<T> {
     match config.database_url {
-        Some(_) => "the PostgreSQL database (database_url)".into(),
-        None => config.dbfile.display().to_string(),
+        Some(_) => result.with_context(|| format!("{what} the PostgreSQL database (database_url)")),
+        None => result.about_path(what, &config.dbfile),
     }
 }
 
@@ -223,9 +227,11 @@ pub fn stats(config: &Config, json: bool) -> Result<String> {
 /// textfile collector (CGI sites have no process to scrape).
 pub fn metrics(config: &Config) -> Result<String> {
     let now = Utc::now();
-    let gauges = open_store(config)?
-        .gauges(now, config.ttl_secs)
-        .with_context(|| format!("reading metrics from {}", database_name(config)))?;
+    let gauges = about_database(
+        open_store(config)?.gauges(now, config.ttl_secs),
+        "reading metrics from",
+        config,
+    )?;
     let mut out = String::new();
     satellite_core::metrics::render_gauges(&mut out, &gauges, now);
     render_apache_workers(&mut out, &config.apache_status_url);
