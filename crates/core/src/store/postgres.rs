@@ -110,13 +110,16 @@ impl PgStore {
             _ => lock_timeout,
         };
         config.options(&options);
-        let client = config.connect(NoTls).map_err(|err| match pg_error(err) {
-            CoreError::Unreachable { why, .. } => CoreError::Unreachable {
-                database: database.clone(),
-                why,
-            },
-            other => other,
-        })?;
+        let client = config.connect(NoTls).map_err(pg_error);
+        let client = match client {
+            Ok(client) => client,
+            Err(err) => {
+                return Err(match err {
+                    CoreError::Unreachable { why, .. } => CoreError::Unreachable { database, why },
+                    other => other,
+                })
+            }
+        };
         Ok(PgStore {
             client: RefCell::new(client),
             database,
@@ -189,8 +192,19 @@ impl PgStore {
             })();
             match attempt {
                 Err(err) if tries < WRITE_TRIES && lost_a_race(&err) => continue,
-                other => return other.map_err(pg_error),
+                other => return other.map_err(|err| self.named(pg_error(err))),
             }
+        }
+    }
+
+    /// Names this database in an `Unreachable` error made without it.
+    fn named(&self, err: CoreError) -> CoreError {
+        match err {
+            CoreError::Unreachable { why, .. } => CoreError::Unreachable {
+                database: self.database.clone(),
+                why,
+            },
+            other => other,
         }
     }
 
@@ -1316,6 +1330,10 @@ mod tests {
         let err = store.insert_pending("d-e-f", now).unwrap_err();
         assert!(err.is_temporary(), "{err:?}");
         assert!(matches!(err, CoreError::Unreachable { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("test_"),
+            "names the database: {err}"
+        );
     }
 
     /// What a CGI program pays to reach the store, once per request:
