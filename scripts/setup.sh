@@ -19,9 +19,12 @@ demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sq
 # TLS grading (testssl.sh); on RHEL chromium, chromedriver and testssl come
 # from EPEL.
 # prometheus: promtool checks the metrics' exposition (tests/metrics.rs).
+# postgresql: initdb, pg_ctl and postgres for the PostgreSQL store's tests,
+# which start a private cluster on a Unix socket of their own (the
+# packaged cluster is not used, and not created: see below).
 test_pkgs=(slurmctld slurmd slurm-client munge binutils
   chromium chromium-driver python3-venv python3-pip testssl.sh fonts-dejavu-core
-  prometheus)
+  prometheus postgresql)
 # rpm: rpmbuild-free checks of the .rpm (rpm -qlp); the SELinux reference
 # policy headers build the module; systemd gives systemd-analyze;
 # binutils: readelf, for the programs' glibc symbol versions; python3-pip
@@ -46,6 +49,7 @@ rhel_name() {
     testssl.sh) echo "testssl" ;;
     fonts-dejavu-core) echo "dejavu-sans-fonts" ;;
     prometheus) echo "golang-github-prometheus" ;; # EPEL; ships promtool
+    postgresql) echo "postgresql-server" ;;
     *) echo "$1" ;;
   esac
 }
@@ -68,6 +72,13 @@ if command -v apt-get >/dev/null 2>&1; then
   if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # Debian's postgresql would create and start a cluster on port 5432
+    # that nothing here uses; the tests make their own.
+    if [[ " ${missing[*]} " == *" postgresql "* ]] && [ ! -e /etc/postgresql-common/createcluster.d/satellite-tests.conf ]; then
+      "${sudo_cmd[@]}" mkdir -p /etc/postgresql-common/createcluster.d
+      echo "create_main_cluster = false" |
+        "${sudo_cmd[@]}" tee /etc/postgresql-common/createcluster.d/satellite-tests.conf >/dev/null
+    fi
     "${sudo_cmd[@]}" apt-get update -qq
     "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi

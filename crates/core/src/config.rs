@@ -58,6 +58,13 @@ pub struct Config {
     pub extport: u16,
     pub listenport: u16,
     pub dbfile: PathBuf,
+    /// PostgreSQL instead of the SQLite file at `dbfile`, for several
+    /// frontends sharing one database: a `postgres://` or `postgresql://`
+    /// URL, or a libpq `key=value` string (`host=/run/postgresql
+    /// dbname=satellite`). Unset or empty: SQLite. TLS is not supported
+    /// (a Unix socket, or a network the site trusts); a password is better
+    /// kept in the user's `~/.pgpass` than here.
+    pub database_url: Option<String>,
     pub httpdstubfile: PathBuf,
     pub htmldir: PathBuf,
     pub wordlist: PathBuf,
@@ -228,6 +235,7 @@ impl Config {
         config.check_numbers()?;
         config.check_commands()?;
         config.check_apache_values()?;
+        config.check_database_url()?;
         Ok(config)
     }
 
@@ -243,6 +251,7 @@ impl Config {
             extport: 443,
             listenport: 443,
             dbfile: "../var/state.sqlite".into(),
+            database_url: None,
             httpdstubfile: "../dynconf/proxyconf.conf".into(),
             htmldir: "../html".into(),
             wordlist: "../var/eff_large_wordlist.txt".into(),
@@ -350,6 +359,10 @@ impl Config {
             resolve(path);
         }
         self.serve_listen = self.serve_listen.take().filter(|l| !l.is_empty());
+        self.database_url = self
+            .database_url
+            .take()
+            .filter(|url| !url.trim().is_empty());
         if let Some(dir) = self.metrics_textfile_dir.as_mut() {
             resolve(dir);
         }
@@ -435,6 +448,26 @@ impl Config {
     /// a number by now; the directory is checked here.
     fn check_apache_values(&self) -> Result<()> {
         apache_path("htmldir", &self.htmldir)
+    }
+
+    /// A `database_url` must be one PostgreSQL reads: a URL of its schemes
+    /// or a `key=value` string, with the keys and values the client knows.
+    /// The error never repeats the value (it may hold a password).
+    fn check_database_url(&self) -> Result<()> {
+        let Some(url) = self.database_url.as_deref() else {
+            return Ok(());
+        };
+        let url = url.trim();
+        let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if !is_url && !url.contains('=') {
+            return Err(refused(
+                "database_url must be a postgres:// or postgresql:// URL or a `key=value` string (host=... dbname=...)".into(),
+            ));
+        }
+        if let Err(err) = url.parse::<postgres::Config>() {
+            return Err(refused(format!("database_url cannot be used: {err}")));
+        }
+        Ok(())
     }
 }
 
@@ -698,6 +731,31 @@ mod tests {
         );
         let env = EnvOverrides::none().with("SAT_CONFIG_EXTPORT", "http");
         assert!(Config::from_toml("", Path::new("/etc"), &env).is_err());
+    }
+
+    #[test]
+    fn database_url_is_postgres_or_left_out() {
+        assert_eq!(load("").unwrap().database_url, None);
+        assert_eq!(load(r#"database_url = " ""#).unwrap().database_url, None);
+        for good in [
+            "postgresql://satellite@db.example.org/satellite",
+            "postgres://%2Frun%2Fpostgresql/satellite",
+            "host=/run/postgresql dbname=satellite user=satellite",
+        ] {
+            let config = load(&format!("database_url = \"{good}\"")).unwrap();
+            assert_eq!(config.database_url.as_deref(), Some(good));
+        }
+        for bad in [
+            "mysql://db/satellite",
+            "/var/lib/satellite/state.sqlite",
+            "host=/run/postgresql nonsense_key=1",
+        ] {
+            let err = load(&format!("database_url = \"{bad}\"")).unwrap_err();
+            assert!(err.to_string().contains("database_url"), "{err}");
+        }
+        // The value is never repeated: it may hold a password.
+        let err = load(r#"database_url = "postgresql://u:sekrit@h/d?bogus=1""#).unwrap_err();
+        assert!(!err.to_string().contains("sekrit"), "{err}");
     }
 
     #[test]

@@ -59,6 +59,22 @@ pub enum CoreError {
     #[error("database: {0}")]
     Sqlite(rusqlite::Error),
 
+    /// A PostgreSQL failure that a retry would not mend (a bad query, a
+    /// permission, a value of the wrong type in a row).
+    #[error("database: {0}")]
+    Postgres(postgres::Error),
+
+    /// The PostgreSQL server cannot be reached or dropped the connection:
+    /// temporary, as [`CoreError::Busy`] (a restart, a failover).
+    #[error("database {database} is unreachable: {why}")]
+    Unreachable { database: String, why: String },
+
+    #[error("PostgreSQL database {database} has no satellite schema (create it with `satellite migrate`)")]
+    PgNoSchema { database: String },
+
+    #[error("PostgreSQL database {database}: {why}")]
+    PgSchema { database: String, why: String },
+
     /// The I/O error is part of the message and not also its `source()`:
     /// a chain printed whole (`{:#}`) would say it twice.
     #[error("{context}: {error}")]
@@ -100,7 +116,10 @@ impl CoreError {
     /// again: a busy database at once, a full disk once an admin has made
     /// room (nothing was written either way).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, CoreError::Busy | CoreError::Full)
+        matches!(
+            self,
+            CoreError::Busy | CoreError::Full | CoreError::Unreachable { .. }
+        )
     }
 }
 

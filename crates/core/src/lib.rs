@@ -29,4 +29,4 @@ pub mod tunnels;
 pub use config::Config;
 pub use endpoints::{handle, ClientAddr, Context, Endpoint};
 pub use error::{CoreError, Result};
-pub use store::{SqliteStore, Store};
+pub use store::{PgStore, SqliteStore, Store};

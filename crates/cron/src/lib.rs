@@ -108,9 +108,8 @@ pub fn run_once(config: &Config, now: chrono::DateTime<Utc>) -> Result<Report> {
 }
 
 fn open_store(config: &Config) -> Result<Box<dyn Store>> {
-    let timeout = Duration::from_millis(config.busy_timeout_ms);
-    // The store's errors name the database file already.
-    Ok(satellite_core::store::open(&config.dbfile, timeout)?)
+    // The store's errors name the database already.
+    Ok(satellite_core::store::open_configured(config)?)
 }
 
 /// One run as of `now`; the caller holds the run lock.

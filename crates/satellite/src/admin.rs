@@ -19,11 +19,21 @@ use satellite_sched::Scheduler;
 use crate::AboutPath;
 
 pub fn open_store(config: &Config) -> Result<Box<dyn Store>> {
-    satellite_core::store::open(
-        &config.dbfile,
-        Duration::from_millis(config.busy_timeout_ms),
+    about_database(
+        satellite_core::store::open_configured(config),
+        "opening",
+        config,
     )
-    .about_path("opening", &config.dbfile)
+}
+
+/// Context naming the configured database once: the SQLite file unless
+/// the error names it already, or `database_url` (never its value: it may
+/// hold a password).
+fn about_database<T>(result: satellite_core::Result<T>, what: &str, config: &Config) -> Result<T> {
+    match config.database_url {
+        Some(_) => result.with_context(|| format!("{what} the PostgreSQL database (database_url)")),
+        None => result.about_path(what, &config.dbfile),
+    }
 }
 
 fn age_seconds(modified: &str) -> Option<i64> {
@@ -217,9 +227,11 @@ pub fn stats(config: &Config, json: bool) -> Result<String> {
 /// textfile collector (CGI sites have no process to scrape).
 pub fn metrics(config: &Config) -> Result<String> {
     let now = Utc::now();
-    let gauges = open_store(config)?
-        .gauges(now, config.ttl_secs)
-        .about_path("reading metrics from", &config.dbfile)?;
+    let gauges = about_database(
+        open_store(config)?.gauges(now, config.ttl_secs),
+        "reading metrics from",
+        config,
+    )?;
     let mut out = String::new();
     satellite_core::metrics::render_gauges(&mut out, &gauges, now);
     render_apache_workers(&mut out, &config.apache_status_url);
@@ -347,6 +359,28 @@ pub fn inspect(db: &Path) -> Result<String> {
         );
     }
     Ok(out)
+}
+
+/// `satellite migrate` with `database_url` set: creates satellite's schema
+/// in an empty PostgreSQL database, or checks the one it has.
+pub fn migrate_postgres(config: &Config, dry_run: bool) -> Result<String> {
+    let Some(url) = config.database_url.as_deref() else {
+        bail!("no database_url in the configuration");
+    };
+    let timeout = Duration::from_millis(config.busy_timeout_ms);
+    if dry_run {
+        return Ok(match satellite_core::PgStore::open(url, timeout) {
+            Ok(store) => format!("{}: current schema ({SCHEMA_VERSION})\n", store.database()),
+            Err(err) => format!("{err}\n"),
+        });
+    }
+    let (store, migration) = satellite_core::PgStore::open_or_create(url, timeout)
+        .context("creating satellite's schema in the PostgreSQL database (database_url)")?;
+    Ok(if migration.created {
+        format!("{}: schema {SCHEMA_VERSION} created\n", store.database())
+    } else {
+        format!("{}: already current; nothing to do\n", store.database())
+    })
 }
 
 pub fn migrate(db: &Path, dry_run: bool) -> Result<String> {

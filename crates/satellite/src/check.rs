@@ -187,8 +187,7 @@ const WATCHER_SILENT_SECS: i64 = 60;
 
 /// Every frontend's `cron --watch` records a heartbeat in the store.
 fn check_watchers(config: &Config) -> Vec<Finding> {
-    let timeout = Duration::from_millis(config.busy_timeout_ms);
-    let store = match satellite_core::store::open(&config.dbfile, timeout) {
+    let store = match satellite_core::store::open_configured(config) {
         Ok(store) => store,
         // check_database says why.
         Err(_) => return Vec::new(),
@@ -268,6 +267,18 @@ fn check_syslog(config: &Config) -> Finding {
 }
 
 fn check_database(config: &Config) -> Finding {
+    if config.database_url.is_some() {
+        // PgStore::open reads the schema version and refuses any other.
+        return match satellite_core::store::open_configured(config) {
+            Ok(_) => ok(format!(
+                "PostgreSQL database (database_url) has the current schema ({SCHEMA_VERSION})"
+            )),
+            Err(err) => fail(
+                format!("PostgreSQL database (database_url): {err}"),
+                "check database_url, the server, and that `satellite migrate` created the schema",
+            ),
+        };
+    }
     let db = &config.dbfile;
     if !db.exists() {
         return fail(

@@ -266,7 +266,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Migrate { db, dry_run } => {
             let db = match db {
                 Some(db) => db.clone(),
-                None => config()?.dbfile,
+                None => {
+                    let config = config()?;
+                    if config.database_url.is_some() {
+                        return print(admin::migrate_postgres(&config, *dry_run)?);
+                    }
+                    config.dbfile
+                }
             };
             print(admin::migrate(&db, *dry_run)?)
         }

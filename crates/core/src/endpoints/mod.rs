@@ -17,7 +17,6 @@ pub use tokens::{parse_port, sanitize_jobid};
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -197,8 +196,7 @@ impl Context {
     /// requests that never reach the database never open it.
     pub fn store(&mut self) -> Result<&mut dyn Store, CoreError> {
         if self.store.is_none() {
-            let timeout = Duration::from_millis(self.config.busy_timeout_ms);
-            self.store = Some(crate::store::open(&self.config.dbfile, timeout)?);
+            self.store = Some(crate::store::open_configured(&self.config)?);
         }
         Ok(self.store.as_deref_mut().expect("opened above"))
     }
@@ -357,7 +355,9 @@ pub fn oops(config: &Config, status: StatusCode, message: &str) -> Response<Body
 /// disk is temporary (503 and `Retry-After`); anything else is a 500.
 pub fn internal_error(config: &Config, err: &CoreError) -> Response<Body> {
     let (status, message, retry_after) = match err {
-        CoreError::Busy => (
+        // A PostgreSQL server restarting or failing over is as temporary
+        // as a held lock.
+        CoreError::Busy | CoreError::Unreachable { .. } => (
             StatusCode::SERVICE_UNAVAILABLE,
             "The service is busy, please try again in a moment.",
             Some("2"),

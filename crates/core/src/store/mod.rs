@@ -1,30 +1,39 @@
 //! The store: what satellite keeps of its tokens, their jobs and their
 //! routes, behind the [`Store`] trait, so that the endpoints, the route
 //! publisher, the session logic, cron and the admin commands never name a
-//! database. [`SqliteStore`] is the one backend: the legacy `state.sqlite`,
-//! kept in the original's formats so that the Perl scripts still run on it,
-//! and read by Apache's `dbd:` RewriteMap for map routing.
+//! database. [`SqliteStore`] is the legacy `state.sqlite`, kept in the
+//! original's formats so that the Perl scripts still run on it, and read by
+//! Apache's `dbd:` RewriteMap for map routing; [`PgStore`] keeps the same
+//! tables in PostgreSQL, for several frontends sharing one database
+//! (`database_url` in the configuration).
 //!
 //! Every write a trait method makes is atomic and conditional: two racing
 //! requests can never both succeed, and a failure leaves nothing half
 //! written; a method that ends sessions counts them by [`EndCause`] in the
-//! same transaction. A second backend (PostgreSQL, for several frontends
-//! sharing one database) implements [`Store`] with the same guarantees,
+//! same transaction. The PostgreSQL backend gives the same guarantees and
 //! keeps a `routes` relation equal to its live routed tokens for Apache's
 //! `dbd:` map (with its own query: the shipped one uses SQLite's
-//! `datetime('now')`), and gets an arm in [`open`].
+//! `datetime('now')`).
 
+#[cfg(test)]
+pub(crate) mod pg_harness;
+mod postgres;
+mod postgres_schema;
 mod sqlite;
 mod sqlite_schema;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::config::Config;
 use crate::error::Result;
 use crate::ratelimit::Limits;
 
+pub use self::postgres::PgStore;
 pub use sqlite::{Inspection, SqliteStore};
 pub use sqlite_schema::{Migration, ADDED_COLUMNS, SCHEMA_VERSION};
 
@@ -33,6 +42,17 @@ pub use sqlite_schema::{Migration, ADDED_COLUMNS, SCHEMA_VERSION};
 /// brought forward if it has an older schema.
 pub fn open(dbfile: &Path, busy_timeout: Duration) -> Result<Box<dyn Store>> {
     Ok(Box::new(SqliteStore::open(dbfile, busy_timeout)?))
+}
+
+/// Opens the store the configuration names for a program that answers
+/// requests: PostgreSQL when `database_url` is set (its schema must be
+/// there), else the SQLite file at `dbfile` (see [`open`]).
+pub fn open_configured(config: &Config) -> Result<Box<dyn Store>> {
+    let busy_timeout = Duration::from_millis(config.busy_timeout_ms);
+    match &config.database_url {
+        Some(url) => Ok(Box::new(PgStore::open(url, busy_timeout)?)),
+        None => open(&config.dbfile, busy_timeout),
+    }
 }
 
 /// The operations satellite needs of a database. Times come from the
