@@ -22,9 +22,10 @@ demo_pkgs=(apache2 apache2-utils openssl curl ca-certificates libaprutil1-dbd-sq
 # postgresql: initdb, pg_ctl and postgres for the PostgreSQL store's tests,
 # which start a private cluster on a Unix socket of their own (the
 # packaged cluster is not used, and not created: see below).
+# libaprutil1-dbd-pgsql: Apache's map lookup on PostgreSQL (tests/frontends.rs).
 test_pkgs=(slurmctld slurmd slurm-client munge binutils
   chromium chromium-driver python3-venv python3-pip testssl.sh fonts-dejavu-core
-  prometheus postgresql)
+  prometheus postgresql libaprutil1-dbd-pgsql)
 # rpm: rpmbuild-free checks of the .rpm (rpm -qlp); the SELinux reference
 # policy headers build the module; systemd gives systemd-analyze;
 # binutils: readelf, for the programs' glibc symbol versions; python3-pip
@@ -37,6 +38,7 @@ rhel_name() {
     apache2) echo "httpd mod_ssl" ;;
     apache2-utils) echo "httpd-tools" ;;
     libaprutil1-dbd-sqlite3) echo "apr-util-sqlite" ;;
+    libaprutil1-dbd-pgsql) echo "apr-util-pgsql" ;;
     libapache2-mod-qos) echo "" ;; # EPEL's mod_qos: optional, installed below
     slurmctld) echo "slurm-slurmctld" ;;
     slurmd) echo "slurm-slurmd" ;;

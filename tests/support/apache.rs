@@ -86,6 +86,9 @@ pub struct Apache {
     serving: bool,
     /// `Define`s written before satellite.conf.
     defines: Vec<(String, String)>,
+    /// satellite.toml settings every [`write_config`](Self::write_config)
+    /// keeps (a frontend's `database_url`).
+    settings: Vec<(String, String)>,
 }
 
 /// The harness' own `Define`s. Tests send many requests to unrouted hosts
@@ -188,7 +191,31 @@ impl Apache {
         self.dir.path().join("serve.sock")
     }
 
+    /// A frontend on a shared PostgreSQL database (`url`, libpq's
+    /// key=value form): satellite's programs use it (`database_url`) and
+    /// Apache's map lookup reads it through APR's pgsql driver.
+    pub fn start_on_postgres(url: &str, serving: bool) -> Apache {
+        Self::start_full(
+            Routing::Map,
+            serving,
+            &[
+                ("SATELLITE_DBD_DRIVER", "pgsql"),
+                ("SATELLITE_DBD_PARAMS", url),
+            ],
+            &[("database_url", format!("{url:?}"))],
+        )
+    }
+
     fn start_with(routing: Routing, serving: bool, defines: &[(&str, &str)]) -> Apache {
+        Self::start_full(routing, serving, defines, &[])
+    }
+
+    fn start_full(
+        routing: Routing,
+        serving: bool,
+        defines: &[(&str, &str)],
+        settings: &[(&str, String)],
+    ) -> Apache {
         let mut all_defines: Vec<(String, String)> = HARNESS_DEFINES
             .iter()
             .filter(|(name, _)| !defines.iter().any(|(n, _)| n == name))
@@ -217,6 +244,10 @@ impl Apache {
             as_root: is_root(),
             serving,
             defines: all_defines,
+            settings: settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
         };
         apache.install();
         // The port was free when picked, but another test may take it
@@ -324,9 +355,11 @@ impl Apache {
             ),
             ("apache_user".into(), quote(&PrivateApache::worker_user())),
         ];
-        for (key, value) in overrides {
+        let kept = self.settings.iter().map(|(k, v)| (k.as_str(), v));
+        let given = overrides.iter().map(|(k, v)| (*k, v));
+        for (key, value) in kept.chain(given) {
             entries.retain(|(k, _)| k != key);
-            entries.push(((*key).to_owned(), value.clone()));
+            entries.push((key.to_owned(), value.clone()));
         }
         let text: String = entries
             .iter()

@@ -15,8 +15,8 @@
 //! `dbd:` map (with its own query: the shipped one uses SQLite's
 //! `datetime('now')`).
 
-#[cfg(test)]
-pub(crate) mod pg_harness;
+#[cfg(any(test, feature = "pg-test-harness"))]
+pub mod pg_harness;
 mod postgres;
 mod postgres_schema;
 mod sqlite;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// The shared cluster of this test binary.
-pub(crate) struct Cluster {
+pub struct Cluster {
     /// The temporary directory: the data directory, the log and the socket.
     dir: PathBuf,
     /// The write end of the guardian's pipe, and the guardian.
@@ -30,7 +30,7 @@ static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 static DATABASES: AtomicUsize = AtomicUsize::new(0);
 
 /// The cluster, started on first use.
-pub(crate) fn cluster() -> &'static Cluster {
+pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| match Cluster::start() {
         Ok(cluster) => cluster,
         Err(why) => panic!(
@@ -41,7 +41,7 @@ pub(crate) fn cluster() -> &'static Cluster {
 }
 
 /// A new, empty database in the shared cluster; its connection string.
-pub(crate) fn new_database() -> String {
+pub fn new_database() -> String {
     let cluster = cluster();
     let name = format!(
         "test_{}_{}",
@@ -58,7 +58,7 @@ pub(crate) fn new_database() -> String {
 
 impl Cluster {
     /// A libpq connection string for `dbname` over the cluster's socket.
-    pub(crate) fn url(&self, dbname: &str) -> String {
+    pub fn url(&self, dbname: &str) -> String {
         format!(
             "host={} port=5432 user=postgres dbname={dbname}",
             self.dir.display()

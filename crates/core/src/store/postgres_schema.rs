@@ -55,6 +55,11 @@ INSERT INTO satellite_changes (n) VALUES (0);
 CREATE FUNCTION satellite_now() RETURNS text LANGUAGE sql STABLE
     AS $f$ SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') $f$;
 
+-- Apache's route lookup (httpd-conf/satellite.conf) is one query for both
+-- stores: SQLite's datetime('now'), the same text here.
+CREATE FUNCTION datetime(what text) RETURNS text LANGUAGE sql STABLE
+    AS $f$ SELECT CASE WHEN what = 'now' THEN satellite_now() END $f$;
+
 CREATE TABLE proxy (
     alias text COLLATE "C" NOT NULL,
     alias_compare_hash text COLLATE "C" NOT NULL,

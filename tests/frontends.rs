@@ -1,0 +1,117 @@
+//! Issue 16: several Apache frontends on one PostgreSQL. Each frontend is
+//! a private Apache with the shipped `httpd-conf/`, its CGI programs on
+//! the shared database (`database_url`) and its map lookup reading the
+//! same `routes` through APR's pgsql driver; the database is a private
+//! PostgreSQL cluster the harness starts on a Unix socket.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use satellite_core::store::pg_harness;
+use satellite_core::store::PgStore;
+use support::apache::{Apache, Running};
+use support::backend::Backend;
+
+const JUPYTER_WS: &str = "v1.kernel.websocket.jupyter.org";
+
+/// A database with satellite's schema, and its connection string.
+fn shared_database() -> String {
+    let url = pg_harness::new_database();
+    PgStore::open_or_create(&url, Duration::from_secs(5)).expect("creating the schema");
+    url
+}
+
+fn reaches(apache: &Apache, alias: &str, backend: &Backend) -> bool {
+    let r = apache.get(alias, "/lab");
+    r.status == 200 && r.header("X-Backend") == Some(backend.name.as_str())
+}
+
+/// getlink on frontend A, redeem on B: the route is live on both the
+/// moment redeem answers, with no reload and no sync step; a destroy on
+/// A ends it on both.
+#[test]
+fn a_session_made_through_one_frontend_is_live_on_every_frontend_at_once() {
+    let url = shared_database();
+    let a = Apache::start_on_postgres(&url, false);
+    let b = Apache::start_on_postgres(&url, false);
+    let node = Backend::start("node", "127.0.0.3");
+
+    let alias = a.getlink();
+    b.redeem_ok(&alias, &node.ip(), node.port());
+    assert!(reaches(&a, &alias, &node), "frontend A does not route it");
+    assert!(reaches(&b, &alias, &node), "frontend B does not route it");
+
+    a.destroy_ok(&alias, &node.ip());
+    for frontend in [&a, &b] {
+        let r = frontend.get(&alias, "/lab");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("X-Backend"), None, "still routed after destroy");
+    }
+}
+
+/// A websocket opened through frontend A is cut within 2 s of a destroy
+/// made through frontend B: each frontend's watcher reads the shared
+/// record of ended routes and cuts its own Apache's tunnels.
+#[test]
+fn a_websocket_through_one_frontend_is_cut_when_the_session_ends_through_another() {
+    let url = shared_database();
+    let a = Apache::start_on_postgres(&url, false);
+    let b = Apache::start_on_postgres(&url, false);
+    let watcher = |apache: &Apache, name: &str| {
+        apache.write_config(&[("watcher_name", format!("{name:?}"))]);
+        let mut cmd = apache.cron_command();
+        cmd.arg("--watch")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        Running(cmd.spawn().expect("starting cron --watch"))
+    };
+    let _watch_a = watcher(&a, "frontend-a");
+    let _watch_b = watcher(&b, "frontend-b");
+    let node = Backend::start("node", "127.0.0.3");
+    let alias = a.getlink();
+    a.redeem_ok(&alias, &node.ip(), node.port());
+
+    // Both watchers have registered before the session ends (else the
+    // ending could precede a watcher's first cursor).
+    a.eventually("both watchers registered", || {
+        let store = PgStore::open(&url, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        let names: Vec<String> = satellite_core::Store::watchers(&store)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|w| w.name)
+            .collect();
+        if names.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
+    });
+
+    let mut ws = a.client().connect(&a.host(&alias)).unwrap();
+    let opened = ws
+        .websocket(&a.host_port(&alias), "/api/kernels/k/channels", JUPYTER_WS)
+        .unwrap();
+    assert_eq!(opened.status, 101, "{opened}");
+    ws.send_text("through A").unwrap();
+    assert_eq!(ws.recv_text().unwrap(), "through A");
+    ws.set_read_timeout(Duration::from_secs(5)).unwrap();
+
+    let destroyed = Instant::now();
+    b.destroy_ok(&alias, &node.ip());
+    let outcome = ws.recv_text();
+    let cut = destroyed.elapsed();
+    let err = outcome.expect_err("the websocket through A answered after the destroy on B");
+    assert!(
+        !matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "the websocket through A is still open {cut:?} after the destroy on B"
+    );
+    println!("websocket through A cut {cut:?} after the destroy through B");
+    assert!(
+        cut < Duration::from_secs(2),
+        "cut after {cut:?}, not within 2 s"
+    );
+}
