@@ -115,3 +115,37 @@ fn a_websocket_through_one_frontend_is_cut_when_the_session_ends_through_another
         "cut after {cut:?}, not within 2 s"
     );
 }
+
+/// `satellite check` on a PostgreSQL frontend: the store's schema, Apache's
+/// pgsql driver and that Apache's SATELLITE_DBD_PARAMS name the database
+/// satellite writes.
+#[test]
+fn check_says_whether_apache_reads_the_database_satellite_writes() {
+    let url = shared_database();
+    let a = Apache::start_on_postgres(&url, false);
+    let check = |apache: &Apache| {
+        let out = std::process::Command::new(support::apache::SATELLITE)
+            .args(["check", "--config"])
+            .arg(apache.config_file())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let report = check(&a);
+    for line in [
+        "OK   APR's PostgreSQL driver for mod_dbd: ",
+        "OK   Apache reads its routes from the PostgreSQL database satellite writes",
+    ] {
+        assert!(report.contains(line), "{line}\n{report}");
+    }
+    // Apache left on its SQLite default while satellite writes PostgreSQL.
+    let sqlite_apache = Apache::start(support::apache::Routing::Map);
+    sqlite_apache.write_config(&[("database_url", format!("{url:?}"))]);
+    let report = check(&sqlite_apache);
+    assert!(
+        report.contains(
+            "FAIL satellite uses PostgreSQL (database_url) but Apache reads routes with the sqlite3 driver"
+        ),
+        "{report}"
+    );
+}

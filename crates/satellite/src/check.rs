@@ -420,7 +420,7 @@ fn check_files(config: &Config) -> Vec<Finding> {
     }
     match config.routing {
         Routing::Map => {
-            findings.push(check_dbd_driver());
+            findings.push(check_dbd_driver(config));
             if config.obsolete_mapfile.is_some() || config.obsolete_map_format.is_some() {
                 findings.push(warn(
                     "mapfile and map_format are obsolete: map routing reads routes from the database",
@@ -599,6 +599,31 @@ fn check_apache_domain(config: &Config, defines: &ApacheDefines) -> Finding {
 }
 
 fn check_apache_database(config: &Config, defines: &ApacheDefines) -> Finding {
+    let driver = defines.get("SATELLITE_DBD_DRIVER").unwrap_or("sqlite3");
+    if let Some(url) = &config.database_url {
+        let params = defines.get("SATELLITE_DBD_PARAMS").unwrap_or("");
+        let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        return if driver != "pgsql" {
+            fail(
+                format!("satellite uses PostgreSQL (database_url) but Apache reads routes with the {driver} driver: token hosts never reach their sessions"),
+                "Define SATELLITE_DBD_DRIVER pgsql and SATELLITE_DBD_PARAMS (database_url's parameters) before satellite.conf",
+            )
+        } else if words(params) != words(url) {
+            // Not printed: either may carry a password.
+            fail(
+                "Apache's SATELLITE_DBD_PARAMS are not satellite's database_url: Apache may read routes from another database",
+                "make SATELLITE_DBD_PARAMS the same libpq key=value string as database_url",
+            )
+        } else {
+            ok("Apache reads its routes from the PostgreSQL database satellite writes (SATELLITE_DBD_PARAMS = database_url)")
+        };
+    }
+    if driver != "sqlite3" {
+        return fail(
+            format!("Apache reads routes with the {driver} driver, but satellite writes the SQLite file {}", config.dbfile.display()),
+            "leave SATELLITE_DBD_DRIVER undefined (sqlite3), or set database_url",
+        );
+    }
     let ours = &config.dbfile;
     let same = |theirs: &str| {
         let theirs = Path::new(theirs);
@@ -986,9 +1011,23 @@ fn check_certificate(config: &Config, cert: Option<&Path>) -> Finding {
     }
 }
 
-/// Map routing needs APR's SQLite driver for mod_dbd: without it Apache
-/// refuses the `DBDriver sqlite3` line and no route is ever found.
-fn check_dbd_driver() -> Finding {
+/// Map routing needs APR's driver for mod_dbd (SQLite's, or PostgreSQL's
+/// with `database_url`): without it Apache refuses the `DBDriver` line and
+/// no route is ever found.
+fn check_dbd_driver(config: &Config) -> Finding {
+    let (driver, what, packages) = if config.database_url.is_some() {
+        (
+            "apr_dbd_pgsql",
+            "PostgreSQL",
+            "apt-get install libaprutil1-dbd-pgsql (Debian), dnf install apr-util-pgsql (RHEL)",
+        )
+    } else {
+        (
+            "apr_dbd_sqlite3",
+            "SQLite",
+            "apt-get install libaprutil1-dbd-sqlite3 (Debian), dnf install apr-util-sqlite (RHEL)",
+        )
+    };
     let mut dirs = vec![
         std::path::PathBuf::from("/usr/lib64/apr-util-1"),
         std::path::PathBuf::from("/usr/lib/apr-util-1"),
@@ -999,17 +1038,19 @@ fn check_dbd_driver() -> Finding {
     let found = dirs.iter().find_map(|dir| {
         std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            (name.starts_with("apr_dbd_sqlite3") && name.ends_with(".so")).then(|| e.path())
+            (name.starts_with(driver) && name.ends_with(".so")).then(|| e.path())
         })
     });
     match found {
-        Some(driver) => ok(format!(
-            "APR's SQLite driver for mod_dbd: {}",
-            driver.display()
+        Some(path) => ok(format!(
+            "APR's {what} driver for mod_dbd: {}",
+            path.display()
         )),
         None => fail(
-            "APR's SQLite driver for mod_dbd is not installed: map routing cannot read routes",
-            "apt-get install libaprutil1-dbd-sqlite3 (Debian), dnf install apr-util-sqlite (RHEL)",
+            format!(
+                "APR's {what} driver for mod_dbd is not installed: map routing cannot read routes"
+            ),
+            packages,
         ),
     }
 }
