@@ -149,3 +149,79 @@ fn check_says_whether_apache_reads_the_database_satellite_writes() {
         "{report}"
     );
 }
+
+/// Expiry and the repair pass run on one frontend at a time: the first
+/// watcher leads, the other only cuts its own Apache's tunnels; when the
+/// leading frontend's watcher is killed (-9), the other takes over at its
+/// next step, and expires what is due.
+#[test]
+fn the_once_only_work_moves_to_another_frontend_when_its_leader_dies() {
+    let url = shared_database();
+    let a = Apache::start_on_postgres(&url, false);
+    let b = Apache::start_on_postgres(&url, false);
+    let watch = |apache: &Apache, name: &str| {
+        apache.write_config(&[("watcher_name", format!("{name:?}"))]);
+        let log = apache.path("watcher.log");
+        let mut cmd = apache.cron_command();
+        cmd.arg("--watch")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null());
+        (Running(cmd.spawn().expect("starting cron --watch")), log)
+    };
+    let said = |log: &std::path::Path, what: &str| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(what)
+    };
+    let (mut leader, a_log) = watch(&a, "frontend-a");
+    a.eventually("A leading", || {
+        said(&a_log, "leading: this watcher expires tokens")
+            .then_some(())
+            .ok_or("not yet".to_owned())
+    });
+    let (_follower, b_log) = watch(&b, "frontend-b");
+    b.eventually("B following", || {
+        said(&b_log, "another frontend's watcher expires tokens")
+            .then_some(())
+            .ok_or("not yet".to_owned())
+    });
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(leader.0.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = leader.0.wait();
+    let killed = Instant::now();
+    b.eventually("B leading", || {
+        said(&b_log, "leading: this watcher expires tokens")
+            .then_some(())
+            .ok_or("not yet".to_owned())
+    });
+    let took = killed.elapsed();
+    println!("the other frontend led {took:?} after the leader was killed");
+
+    // A token past its TTL is expired by B now.
+    let alias = b.getlink();
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    db.execute(
+        "UPDATE proxy SET modified = '2000-01-01 00:00:00' WHERE alias = $1",
+        &[&alias],
+    )
+    .unwrap();
+    b.eventually("B expiring the old token", || {
+        let left: i64 = db
+            .query_one("SELECT count(*) FROM proxy WHERE alias = $1", &[&alias])
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if left == 0 {
+            Ok(())
+        } else {
+            Err("still there".to_owned())
+        }
+    });
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?} to take the lead over"
+    );
+}

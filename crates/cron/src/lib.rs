@@ -44,6 +44,9 @@ pub struct Report {
     pub watching: Option<usize>,
     /// How long expiry and publication took (for the metrics).
     pub took: Duration,
+    /// `--watch`: this watcher now leads the site's once-only work (true)
+    /// or another one does (false); `None` when that did not change.
+    pub leading: Option<bool>,
 }
 
 impl Report {
@@ -57,6 +60,15 @@ impl Report {
             lines.push(format!(
                 "watching the database; routes lead to {backends} backend(s)"
             ));
+        }
+        match self.leading {
+            Some(true) => lines.push(
+                "leading: this watcher expires tokens and repairs routes for the site".to_owned(),
+            ),
+            Some(false) => lines.push(
+                "another frontend's watcher expires tokens and repairs routes; this one cuts its own Apache's tunnels".to_owned(),
+            ),
+            None => {}
         }
         if !self.tunnels_cut.is_empty() {
             lines.push(format!(
@@ -114,11 +126,28 @@ fn open_store(config: &Config) -> Result<Box<dyn Store>> {
 
 /// One run as of `now`; the caller holds the run lock.
 pub fn run_locked(config: &Config, now: chrono::DateTime<Utc>) -> Result<Report> {
+    run_as(config, now, true)
+}
+
+/// One run; `leading`: this process does the site's once-only work
+/// (expiry; in map routing the whole repair pass, in vhost routing each
+/// frontend still publishes its own Apache's vhosts).
+fn run_as(config: &Config, now: chrono::DateTime<Utc>, leading: bool) -> Result<Report> {
     let started = Instant::now();
     let mut store = open_store(config)?;
-    let expired = store
-        .expire(now, config.ttl_secs)
-        .context("expiring old tokens")?;
+    let expired = if leading {
+        store
+            .expire(now, config.ttl_secs)
+            .context("expiring old tokens")?
+    } else {
+        0
+    };
+    if !leading && config.routing == satellite_core::config::Routing::Map {
+        return Ok(Report {
+            took: started.elapsed(),
+            ..Report::default()
+        });
+    }
     let published = Publisher::new(config)
         .reconcile(store.as_mut(), now)
         .context("publishing routes")?;
@@ -206,6 +235,9 @@ pub struct Watcher<'a> {
     /// Vhost routing: route ends up to this id were recorded before the
     /// last reload, so Apache no longer routes them.
     published_through: i64,
+    /// Whether this watcher led the site's once-only work at its last
+    /// run ([`Store::lead`]); reported when it changes.
+    leading: Option<bool>,
 }
 
 impl<'a> Watcher<'a> {
@@ -222,6 +254,7 @@ impl<'a> Watcher<'a> {
             last_run: None,
             last_heartbeat: Instant::now(),
             published_through: 0,
+            leading: None,
         }
     }
 
@@ -249,7 +282,11 @@ impl<'a> Watcher<'a> {
         if !vhost {
             self.cut(&ends, on_report)?;
         }
-        let due = first
+        // Asked every step, so that when the leading frontend dies another
+        // takes its work over at its next step, not at its next run.
+        let leading = self.store_mut().lead()?;
+        let due = self.leading != Some(leading)
+            || first
             || self.seen_version != Some(version)
             || self.first_expiry.is_some_and(|at| Utc::now() > at)
             || self
@@ -266,7 +303,11 @@ impl<'a> Watcher<'a> {
             // config test) then triggers the next run. The run's own
             // writes trigger one more, which finds nothing to do.
             self.seen_version = Some(self.store_ref().change_marker()?);
-            let mut report = run_locked(self.config, Utc::now());
+            let mut report = run_as(self.config, Utc::now(), leading);
+            if let (Ok(report), true) = (report.as_mut(), self.leading != Some(leading)) {
+                report.leading = Some(leading);
+            }
+            self.leading = Some(leading);
             // Even a failed run leaves Apache's configuration as it will
             // stay until the next one: cutting cannot wait for it.
             if let Some(id) = last_end {

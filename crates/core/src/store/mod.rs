@@ -202,6 +202,17 @@ pub trait Store {
     /// keeps one its triggers bump.
     fn change_marker(&self) -> Result<i64>;
 
+    /// Whether this store connection leads the site's once-only work
+    /// (expiry, map routing's repair pass): true while it holds the site's
+    /// leadership lock, taken here if free. Several frontends' watchers
+    /// share one database; one of them does that work, and when its
+    /// connection goes (the frontend died), the next watcher to ask takes
+    /// over. A SQLite store serves one host, whose run lock already lets
+    /// one watcher run: it always leads.
+    fn lead(&mut self) -> Result<bool> {
+        Ok(true)
+    }
+
     /// The recorded route ends with an id above `after`, oldest first, at
     /// most `limit` of them: what a watcher has not acted on yet.
     fn route_ends_after(&self, after: i64, limit: usize) -> Result<Vec<RouteEnd>>;

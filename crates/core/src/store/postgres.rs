@@ -54,7 +54,13 @@ pub struct PgStore {
     client: RefCell<Client>,
     /// The database as messages name it (never its password).
     database: String,
+    /// This connection holds the leadership lock ([`Store::lead`]).
+    leading: bool,
 }
+
+/// The advisory lock key of the site's once-only work ("satellit" in
+/// ASCII): one per database, which is one per site.
+const LEADER_LOCK: i64 = 0x7361_7465_6c6c_6974;
 
 enum Written {
     Applied,
@@ -123,6 +129,7 @@ impl PgStore {
         Ok(PgStore {
             client: RefCell::new(client),
             database,
+            leading: false,
         })
     }
 
@@ -706,6 +713,22 @@ impl Store for PgStore {
 
     // The counter the triggers bump once per transaction that changed a
     // route, a token or recorded a route end (see postgres_schema).
+    fn lead(&mut self) -> Result<bool> {
+        if self.leading {
+            return Ok(true);
+        }
+        // A session-level advisory lock: held for as long as this
+        // connection lives, released by the server when it goes however it
+        // goes (a killed frontend included), so no lease has to expire.
+        let taken: bool = self
+            .client
+            .borrow_mut()
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])?
+            .try_get(0)?;
+        self.leading = taken;
+        Ok(taken)
+    }
+
     fn change_marker(&self) -> Result<i64> {
         Ok(self
             .client
