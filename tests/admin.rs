@@ -187,27 +187,7 @@ fn migrate_dry_run_of_a_schema_4_database_names_only_what_is_new() {
 #[test]
 fn migrate_takes_a_perl_database_in_place_with_a_backup() {
     let site = Site::without_database("");
-    let conn = rusqlite::Connection::open(&site.db).unwrap();
-    let schema =
-        std::fs::read_to_string(repo_root().join("tests/fixtures/legacy-schemas.sql")).unwrap();
-    let base = schema
-        .split("-- variant: ")
-        .find(|b| b.starts_with("base\n"))
-        .unwrap()
-        .trim_start_matches("base\n");
-    conn.execute_batch(base).unwrap();
-    for (alias, state, host, port) in [
-        ("abacus-zoom-apple", "pending", None, None),
-        ("able-acorn-zoo", "mapped", Some("10.21.3.4"), Some(8888)),
-        ("zen-yak-bat", "proxied", Some("10.21.5.6"), Some(50123)),
-    ] {
-        conn.execute(
-            "insert into proxy (alias, alias_compare_hash, state, dsthost, dstport) values(?1, ?2, ?3, ?4, ?5)",
-            rusqlite::params![alias, legacy_hash(alias), state, host, port],
-        )
-        .unwrap();
-    }
-    drop(conn);
+    write_perl_era_database(&site.db);
     let before = std::fs::read(&site.db).unwrap();
     let db = site.db.to_str().unwrap().to_owned();
 

@@ -225,3 +225,152 @@ fn the_once_only_work_moves_to_another_frontend_when_its_leader_dies() {
         "took {took:?} to take the lead over"
     );
 }
+
+/// `satellite migrate --to URL` moves a site from its SQLite file into an
+/// empty PostgreSQL database: tokens in every state (pending, linked,
+/// proxied, tombstones of a destroy and of a job end), job states and
+/// their details, routes and the ending counters, with the counts
+/// verified; the file is left untouched, a second move is refused, and a
+/// frontend on the new database serves the moved session.
+#[test]
+fn migrate_to_moves_a_sqlite_site_into_postgresql() {
+    let site = support::Site::with_config(
+        "tgtipmask = [\"127.0.0.0/8\", \"10.21.0.0/16\"]\njobstateipmask = [\"127.0.0.1/32\"]",
+    );
+    let node = Backend::start("node", "127.0.0.3");
+    let pending = site.new_token();
+    let linked = site.new_token();
+    let answer = site
+        .cgi("linktoken")
+        .remote(support::LOGIN_NODE)
+        .query(format!("token={linked}&jobid=4242"))
+        .run();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let proxied = site.redeemed_token("127.0.0.3", node.port());
+    let destroyed = site.redeemed_token("127.0.0.3", 40001);
+    let answer = site
+        .cgi("destroytoken")
+        .remote("127.0.0.3")
+        .query(format!("token={destroyed}"))
+        .run();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let job_ended = site.new_token();
+    let answer = site
+        .cgi("linktoken")
+        .remote(support::LOGIN_NODE)
+        .query(format!("token={job_ended}&jobid=4243"))
+        .run();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let answer = site
+        .cgi("update-jobs")
+        .remote("127.0.0.1")
+        .post("jobstates=\n4242 RUNNING\n4243 TIMEOUT\n")
+        .run();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let states = |t: &str| site.state_of(t);
+    assert_eq!(states(&destroyed).as_deref(), Some("ended"));
+    assert_eq!(states(&job_ended).as_deref(), Some("ended"));
+    let before = std::fs::read(&site.db).unwrap();
+
+    let url = pg_harness::new_database();
+    let migrate = |url: &str| {
+        std::process::Command::new(program_path())
+            .args(["migrate", "--config"])
+            .arg(&site.config)
+            .args(["--to", url])
+            .output()
+            .unwrap()
+    };
+    let out = migrate(&url);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("moved into") && said.contains("5 tokens, 2 job states"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read(&site.db).unwrap(),
+        before,
+        "the SQLite file changed"
+    );
+
+    let store = PgStore::open(&url, Duration::from_secs(5)).unwrap();
+    for (alias, state) in [
+        (&pending, "pending"),
+        (&linked, "pending"),
+        (&proxied, "proxied"),
+        (&destroyed, "ended"),
+        (&job_ended, "ended"),
+    ] {
+        let row = satellite_core::Store::find_token(&store, alias)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{alias} not moved"));
+        assert_eq!(row.state, state, "{alias}");
+    }
+    let linked_row = satellite_core::Store::find_token(&store, &linked)
+        .unwrap()
+        .unwrap();
+    assert_eq!(linked_row.jobid.as_deref(), Some("4242"));
+
+    // Into a database that already holds a site: refused, nothing written.
+    let again = migrate(&url);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds 5 token(s)"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // A frontend on the new database routes the moved session.
+    let frontend = Apache::start_on_postgres(&url, false);
+    assert!(reaches(&frontend, &proxied, &node));
+}
+
+fn program_path() -> &'static str {
+    support::apache::SATELLITE
+}
+
+/// A Perl-era file (the original's schema, nothing of satellite's) moves
+/// too: the copy is brought to the current schema, the file is untouched.
+#[test]
+fn migrate_to_moves_a_perl_era_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.sqlite");
+    support::write_perl_era_database(&db);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "insert into jobstates (jobid, state, lastseen) values ('77', 'R', '2026-12-01 10:00:00')",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let before = std::fs::read(&db).unwrap();
+    let url = pg_harness::new_database();
+    let out = std::process::Command::new(program_path())
+        .args(["migrate", "--db"])
+        .arg(&db)
+        .args(["--to", &url])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("3 tokens, 1 job states"), "{said}");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "the Perl-era file changed"
+    );
+    let store = PgStore::open(&url, Duration::from_secs(5)).unwrap();
+    let row = satellite_core::Store::find_token(&store, "zen-yak-bat")
+        .unwrap()
+        .unwrap();
+    assert_eq!((row.state.as_str(), row.dstport), ("proxied", Some(50123)));
+}

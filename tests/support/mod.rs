@@ -57,6 +57,31 @@ pub fn legacy_hash(alias: &str) -> String {
     base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(alias.as_bytes()))
 }
 
+/// A database as the Perl original made it (its base schema, nothing of
+/// satellite's) at `path`, with a pending, a mapped and a proxied token.
+pub fn write_perl_era_database(path: &Path) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let schema =
+        std::fs::read_to_string(repo_root().join("tests/fixtures/legacy-schemas.sql")).unwrap();
+    let base = schema
+        .split("-- variant: ")
+        .find(|b| b.starts_with("base\n"))
+        .unwrap()
+        .trim_start_matches("base\n");
+    conn.execute_batch(base).unwrap();
+    for (alias, state, host, port) in [
+        ("abacus-zoom-apple", "pending", None, None),
+        ("able-acorn-zoo", "mapped", Some("10.21.3.4"), Some(8888)),
+        ("zen-yak-bat", "proxied", Some("10.21.5.6"), Some(50123)),
+    ] {
+        conn.execute(
+            "insert into proxy (alias, alias_compare_hash, state, dsthost, dstport) values(?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![alias, legacy_hash(alias), state, host, port],
+        )
+        .unwrap();
+    }
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }

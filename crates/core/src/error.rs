@@ -53,6 +53,11 @@ pub enum CoreError {
     #[error("database or disk is full (nothing was written)")]
     Full,
 
+    #[error(
+        "{database} already holds {tokens} token(s): a site moves only into a database without any"
+    )]
+    NotEmpty { database: String, tokens: i64 },
+
     #[error("database is read-only")]
     ReadOnly,
 

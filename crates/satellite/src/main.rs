@@ -99,6 +99,9 @@ enum Command {
         /// Report what the database holds and what would change; change nothing
         #[arg(long)]
         dry_run: bool,
+        /// Copy the SQLite database (--db, or dbfile) into this empty PostgreSQL database (a postgres:// URL or libpq key=value parameters), in one transaction, and verify the counts; the SQLite file is left as it was
+        #[arg(long, value_name = "URL", conflicts_with = "dry_run")]
+        to: Option<String>,
     },
     /// Check a deployment: config, files and modes, database, Apache, reload, certificate
     Check {
@@ -263,7 +266,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Render => print(admin::render(&config()?)?),
         Command::Stats { json } => print(admin::stats(&config()?, *json)?),
         Command::Metrics => print(admin::metrics(&config()?)?),
-        Command::Migrate { db, dry_run } => {
+        Command::Migrate { db, dry_run, to } => {
+            if let Some(url) = to {
+                let db = match db {
+                    Some(db) => db.clone(),
+                    None => config()?.dbfile,
+                };
+                return print(admin::migrate_to_postgres(&db, url)?);
+            }
             let db = match db {
                 Some(db) => db.clone(),
                 None => {

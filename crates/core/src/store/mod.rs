@@ -23,6 +23,7 @@ mod sqlite;
 mod sqlite_schema;
 #[cfg(test)]
 mod tests;
+pub mod transfer;
 
 use std::path::Path;
 use std::time::Duration;

@@ -76,6 +76,99 @@ const WRITE_LOCK: &str = "SELECT 1 FROM satellite_changes FOR UPDATE";
 const WRITE_TRIES: u32 = 4;
 
 impl PgStore {
+    /// Writes a site's data read from another store (`satellite migrate
+    /// --to`) into this database, which must hold no token yet: one
+    /// transaction, which counts every table afterwards and rolls back
+    /// unless each holds exactly what was read. The endings' triggers do
+    /// not fire (nothing ends: rows are inserted as they were).
+    pub fn import(
+        &mut self,
+        snapshot: &super::transfer::Snapshot,
+    ) -> Result<super::transfer::Counts> {
+        let expected = snapshot.counts();
+        self.write(true, |tx| {
+            let existing: i64 = tx.query_one("SELECT count(*) FROM proxy", &[])?.try_get(0)?;
+            if existing > 0 {
+                return Ok(Err(existing));
+            }
+            let proxy = tx.prepare(
+                "INSERT INTO proxy (alias, alias_compare_hash, modified, dsthost, dstport, dstpath, \
+                 state, jobid, linked_at, ended_at, end_cause, end_kind) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )?;
+            for p in &snapshot.proxy {
+                tx.execute(
+                    &proxy,
+                    &[
+                        &p.alias,
+                        &p.alias_compare_hash,
+                        &p.modified,
+                        &p.dsthost,
+                        &p.dstport,
+                        &p.dstpath,
+                        &p.state,
+                        &p.jobid,
+                        &p.linked_at,
+                        &p.ended_at,
+                        &p.end_cause,
+                        &p.end_kind,
+                    ],
+                )?;
+            }
+            let jobstate =
+                tx.prepare("INSERT INTO jobstates (jobid, state, lastseen) VALUES ($1, $2, $3)")?;
+            for (jobid, state, lastseen) in &snapshot.jobstates {
+                tx.execute(&jobstate, &[jobid, state, lastseen])?;
+            }
+            let detail = tx.prepare(
+                "INSERT INTO jobdetails (jobid, reason, start_time, time_limit, job_user, job_uid, nodes) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )?;
+            for d in &snapshot.jobdetails {
+                tx.execute(
+                    &detail,
+                    &[&d.jobid, &d.reason, &d.start_time, &d.time_limit, &d.job_user, &d.job_uid, &d.nodes],
+                )?;
+            }
+            let route = tx.prepare("INSERT INTO routes (alias, target, expires) VALUES ($1, $2, $3)")?;
+            for (alias, target, expires) in &snapshot.routes {
+                tx.execute(&route, &[alias, target, expires])?;
+            }
+            let ended = tx.prepare("INSERT INTO session_ends (cause, count) VALUES ($1, $2)")?;
+            for (cause, count) in &snapshot.session_ends {
+                tx.execute(&ended, &[cause, count])?;
+            }
+            let debt =
+                tx.prepare("INSERT INTO unknown_answers (client, debt, at) VALUES ($1, $2, $3)")?;
+            for (client, owed, at) in &snapshot.unknown_answers {
+                tx.execute(&debt, &[client, owed, at])?;
+            }
+            let count = |tx: &mut Transaction<'_>, table: &str| -> PgResult<i64> {
+                tx.query_one(&format!("SELECT count(*) FROM {table}"), &[])?
+                    .try_get(0)
+            };
+            let written = super::transfer::Counts {
+                proxy: count(tx, "proxy")?,
+                jobstates: count(tx, "jobstates")?,
+                jobdetails: count(tx, "jobdetails")?,
+                routes: count(tx, "routes")?,
+                session_ends: count(tx, "session_ends")?,
+                unknown_answers: count(tx, "unknown_answers")?,
+            };
+            if written != expected {
+                // An error rolls the whole transaction back: nothing kept.
+                tx.batch_execute(
+                    "DO $$ BEGIN RAISE EXCEPTION 'the rows written differ from the rows read; nothing was kept'; END $$",
+                )?;
+            }
+            Ok(Ok(written))
+        })?
+        .map_err(|tokens| CoreError::NotEmpty {
+            database: self.database.clone(),
+            tokens,
+        })
+    }
+
     /// Connects to a database that has satellite's schema; one without it
     /// is refused (programs that answer requests never create a schema in a
     /// database nobody prepared). `busy_timeout` bounds the wait for the

@@ -50,6 +50,104 @@ pub struct Inspection {
 }
 
 impl SqliteStore {
+    /// Everything a move to another store takes (see `transfer`), read in
+    /// one transaction so that the tables agree.
+    pub fn snapshot(&self) -> Result<super::transfer::Snapshot> {
+        use super::transfer::{JobDetailRecord, ProxyRecord, Snapshot};
+        let tx = self.conn.unchecked_transaction()?;
+        let mut snapshot = Snapshot::default();
+        let mut unreadable = 0;
+        {
+            let mut stmt = tx.prepare(
+                "SELECT alias, alias_compare_hash, modified, dsthost, dstport, dstpath, state, \
+                 jobid, linked_at, ended_at, end_cause, end_kind FROM proxy",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let port: Value = row.get(4)?;
+                let dstport = match port {
+                    Value::Null => None,
+                    Value::Integer(n) => i32::try_from(n).ok(),
+                    Value::Text(ref t) => t.trim().parse().ok(),
+                    _ => None,
+                };
+                if dstport.is_none() && port != Value::Null {
+                    unreadable += 1;
+                }
+                snapshot.proxy.push(ProxyRecord {
+                    alias: text_of(row.get(0)?).unwrap_or_default(),
+                    alias_compare_hash: text_of(row.get(1)?).unwrap_or_default(),
+                    modified: text_of(row.get(2)?),
+                    dsthost: text_of(row.get(3)?),
+                    dstport,
+                    dstpath: text_of(row.get(5)?),
+                    state: text_of(row.get(6)?).unwrap_or_default(),
+                    jobid: text_of(row.get(7)?),
+                    linked_at: text_of(row.get(8)?),
+                    ended_at: text_of(row.get(9)?),
+                    end_cause: text_of(row.get(10)?),
+                    end_kind: text_of(row.get(11)?),
+                });
+            }
+        }
+        {
+            let mut stmt = tx.prepare("SELECT jobid, state, lastseen FROM jobstates")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let seen: Value = row.get(2)?;
+                let lastseen = match seen {
+                    Value::Integer(n) => Some(n),
+                    Value::Real(x) => Some(x as i64),
+                    Value::Text(ref t) => t
+                        .trim()
+                        .parse()
+                        .ok()
+                        .or_else(|| super::parse_sql_timestamp(t).map(|at| at.timestamp())),
+                    _ => None,
+                };
+                if lastseen.is_none() && seen != Value::Null {
+                    unreadable += 1;
+                }
+                snapshot.jobstates.push((
+                    text_of(row.get(0)?).unwrap_or_default(),
+                    text_of(row.get(1)?).unwrap_or_default(),
+                    lastseen,
+                ));
+            }
+        }
+        {
+            let mut stmt = tx.prepare(
+                "SELECT jobid, reason, start_time, time_limit, job_user, job_uid, nodes FROM jobdetails",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                snapshot.jobdetails.push(JobDetailRecord {
+                    jobid: text_of(row.get(0)?).unwrap_or_default(),
+                    reason: text_of(row.get(1)?),
+                    start_time: row.get(2).ok(),
+                    time_limit: row.get(3).ok(),
+                    job_user: text_of(row.get(4)?),
+                    job_uid: row.get(5).ok(),
+                    nodes: text_of(row.get(6)?),
+                });
+            }
+        }
+        snapshot.routes = tx
+            .prepare("SELECT alias, target, expires FROM routes")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        snapshot.session_ends = tx
+            .prepare("SELECT cause, count FROM session_ends")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        snapshot.unknown_answers = tx
+            .prepare("SELECT client, debt, at FROM unknown_answers")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        snapshot.unreadable = unreadable;
+        Ok(snapshot)
+    }
+
     /// Opens an existing database, bringing a legacy schema forward.
     /// A missing file or one without the tables is an error: programs that
     /// answer requests never create a database in a place nobody chose.
@@ -1035,6 +1133,18 @@ fn value_integer(value: Value) -> Option<i64> {
 }
 // The store's semantics are tested on both backends (store/tests.rs);
 // what is here is SQLite's own: legacy files, their migration, its locks.
+/// A value as text, whatever SQLite stored it as (a Perl-era file may
+/// hold numbers in text columns and the other way round).
+fn text_of(value: Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::Integer(n) => Some(n.to_string()),
+        Value::Real(x) => Some(x.to_string()),
+        Value::Text(t) => Some(t),
+        Value::Blob(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::sqlite_schema::{CREATE_INDEXES, CREATE_JOBSTATES, CREATE_PROXY};
