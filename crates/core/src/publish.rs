@@ -264,7 +264,7 @@ pub fn run_command(argv: &[String], what: &str) -> Result<()> {
 
 /// `apache_reload` if configured, else SIGUSR1 (graceful restart) to the
 /// pid in `apache_pidfile`: one process, never a `killall`.
-fn reload_apache(config: &Config) -> Result<()> {
+pub fn reload_apache(config: &Config) -> Result<()> {
     if let Some(command) = &config.apache_reload {
         return run_command(command, "the reload command");
     }

@@ -47,6 +47,9 @@ pub struct Report {
     /// `--watch`: this watcher now leads the site's once-only work (true)
     /// or another one does (false); `None` when that did not change.
     pub leading: Option<bool>,
+    /// `--watch`: why it restarted its Apache gracefully for the database
+    /// (a restart or fail-over of the server, a lost connection).
+    pub apache_reconnected: Option<String>,
 }
 
 impl Report {
@@ -59,6 +62,11 @@ impl Report {
         if let Some(backends) = self.watching {
             lines.push(format!(
                 "watching the database; routes lead to {backends} backend(s)"
+            ));
+        }
+        if let Some(why) = &self.apache_reconnected {
+            lines.push(format!(
+                "{why}: Apache restarted gracefully, so that its route lookups reconnect with their statements"
             ));
         }
         match self.leading {
@@ -192,6 +200,7 @@ pub fn watch(config: &Config, mut on_report: impl FnMut(Result<Report>)) -> Resu
                 ))));
                 // A store that failed may be a broken connection: open anew.
                 watcher.store = None;
+                watcher.reconnecting = true;
                 thread::sleep(pause);
                 pause = (pause * 2).min(WATCH_BACKOFF_MAX);
             }
@@ -238,6 +247,11 @@ pub struct Watcher<'a> {
     /// Whether this watcher led the site's once-only work at its last
     /// run ([`Store::lead`]); reported when it changes.
     leading: Option<bool>,
+    /// The database server's run ([`Store::server_epoch`]) last seen.
+    server_epoch: Option<String>,
+    /// A step failed and the store is opened anew: its server may have
+    /// dropped every connection, Apache's included.
+    reconnecting: bool,
 }
 
 impl<'a> Watcher<'a> {
@@ -255,6 +269,8 @@ impl<'a> Watcher<'a> {
             last_heartbeat: Instant::now(),
             published_through: 0,
             leading: None,
+            server_epoch: None,
+            reconnecting: false,
         }
     }
 
@@ -274,6 +290,7 @@ impl<'a> Watcher<'a> {
                 cursor
             }
         };
+        self.reconnect_apache(on_report)?;
         let ends = self.store_ref().route_ends_after(cursor, ENDS_PER_BATCH)?;
         let version = self.store_ref().change_marker()?;
         let vhost = self.config.routing == satellite_core::config::Routing::Vhost;
@@ -335,6 +352,41 @@ impl<'a> Watcher<'a> {
                 .watcher_advance(&name, cursor, pid, Utc::now())?;
             self.last_heartbeat = Instant::now();
         }
+        Ok(())
+    }
+
+    /// With a database server (PostgreSQL), Apache's kept lookup
+    /// connections lose their prepared statements whenever the server
+    /// drops them (a restart, a fail-over, a network cut), and APR's pgsql
+    /// driver never prepares them again: every lookup on them would fail
+    /// (503) until Apache's children are replaced. So when the server's
+    /// run changes, or this watcher itself had to reconnect, Apache is
+    /// restarted gracefully (open tunnels stay; new children connect anew).
+    fn reconnect_apache(&mut self, on_report: &mut dyn FnMut(Result<Report>)) -> Result<()> {
+        let epoch = self.store_ref().server_epoch()?;
+        let Some(now) = epoch else {
+            self.reconnecting = false;
+            return Ok(());
+        };
+        let why = match &self.server_epoch {
+            Some(seen) if *seen != now => Some(format!(
+                "the database server restarted (or failed over) at {now}"
+            )),
+            Some(_) if self.reconnecting => {
+                Some("the connection to the database was lost and is back".to_owned())
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            satellite_core::publish::reload_apache(self.config)
+                .with_context(|| format!("{why}: restarting Apache gracefully"))?;
+            on_report(Ok(Report {
+                apache_reconnected: Some(why),
+                ..Report::default()
+            }));
+        }
+        self.server_epoch = Some(now);
+        self.reconnecting = false;
         Ok(())
     }
 

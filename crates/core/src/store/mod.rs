@@ -214,6 +214,15 @@ pub trait Store {
         Ok(true)
     }
 
+    /// Which run of the database server this is (PostgreSQL: when it
+    /// started), so that a watcher sees a restart or a fail-over: Apache's
+    /// kept lookup connections then lost their prepared statements, which
+    /// APR's pgsql driver never prepares again. `None`: nothing to watch
+    /// (SQLite has no server).
+    fn server_epoch(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
+
     /// The recorded route ends with an id above `after`, oldest first, at
     /// most `limit` of them: what a watcher has not acted on yet.
     fn route_ends_after(&self, after: i64, limit: usize) -> Result<Vec<RouteEnd>>;

@@ -137,6 +137,26 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Restarts the server the way an admin's `pg_ctl restart -m fast`
+    /// does: every connection is cut, and the cluster answers again once
+    /// this returns. A test that does this runs in a binary of its own,
+    /// since the cluster is shared by the tests of one binary.
+    pub fn restart_fast(&self) -> Result<(), String> {
+        let owner = Owner::for_cluster()?;
+        let pg_ctl = bindir()?.join("pg_ctl");
+        owner.run(
+            Command::new(&pg_ctl)
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .arg("-l")
+                .arg(self.dir.join("log"))
+                .args(["-w", "-t", "60", "-m", "fast", "restart"]),
+            &self.dir,
+        )
+    }
+}
+
 impl Drop for Cluster {
     // Only a cluster that is not the shared static gets here; closing the
     // pipe is what stops it either way.

@@ -822,6 +822,15 @@ impl Store for PgStore {
         Ok(taken)
     }
 
+    fn server_epoch(&self) -> Result<Option<String>> {
+        Ok(Some(
+            self.client
+                .borrow_mut()
+                .query_one("SELECT pg_postmaster_start_time()::text", &[])?
+                .try_get(0)?,
+        ))
+    }
+
     fn change_marker(&self) -> Result<i64> {
         Ok(self
             .client
