@@ -837,3 +837,34 @@ fn no_program_prints_with_the_panicking_macros() {
     }
     assert!(offenders.is_empty(), "{}", offenders.join("\n"));
 }
+
+/// The .deb's postrm runs after package-setup is gone, so it carries its
+/// own copy of the purge list: the two must name the same files (a page
+/// missing from one was left behind by a purge).
+#[test]
+fn the_debian_postrm_purges_the_files_package_setup_purges() {
+    let files = |path: &str| -> std::collections::BTreeSet<String> {
+        let text = std::fs::read_to_string(repo_root().join(path)).unwrap();
+        let purge = &text[text.find("purge").unwrap()..];
+        purge
+            .split('"')
+            .filter(|part| part.starts_with("$prefix/") && part.len() > "$prefix/".len())
+            .map(str::to_owned)
+            .collect()
+    };
+    // What purge deletes: the files init wrote (not the programs, which
+    // remove takes, nor the directories, removed when empty).
+    let purged = |all: std::collections::BTreeSet<String>| -> std::collections::BTreeSet<String> {
+        all.into_iter()
+            .filter(|f| {
+                ["etc/", "var/", "dynconf/", "html/"]
+                    .iter()
+                    .any(|dir| f.starts_with(&format!("$prefix/{dir}")))
+            })
+            .collect()
+    };
+    let setup_files = purged(files("dist/package-setup"));
+    let postrm_files = purged(files("dist/debian/postrm"));
+    assert!(setup_files.contains("$prefix/html/satellite/unavailable.html"));
+    assert_eq!(setup_files, postrm_files);
+}
