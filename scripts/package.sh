@@ -219,8 +219,14 @@ for unit in "${units[@]}"; do
   awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.5) }' || fail "$(basename "$unit") scores $score (over 2.5)"
 done
 
-step "purge the .deb: nothing left but the service user"
+step "purge the .deb: nothing left but the service user, the site disabled"
+# As an admin enables it (admin-guide.md); purge must disable it, or map
+# routing would keep serving the sessions in the database.
+cp /usr/share/satellite/httpd-conf/satellite.conf /etc/apache2/sites-available/satellite.conf
+a2ensite -q satellite
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq satellite >/dev/null
+[ ! -e /etc/apache2/sites-enabled/satellite.conf ] || fail "after purge, the Apache site satellite is still enabled"
+rm -f /etc/apache2/sites-available/satellite.conf
 for path in /usr/bin/satellite /usr/lib/satellite /var/www/satellite /etc/cron.d/satellite \
   /usr/share/doc/satellite /usr/share/satellite /usr/lib/systemd/system/satellite-cron.service \
   /usr/share/man/man1/satellite.1.gz /run/satellite; do
