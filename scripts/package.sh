@@ -219,14 +219,86 @@ for unit in "${units[@]}"; do
   awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.5) }' || fail "$(basename "$unit") scores $score (over 2.5)"
 done
 
-step "purge the .deb: nothing left but the service user, the site disabled"
-# As an admin enables it (admin-guide.md); purge must disable it, or map
-# routing would keep serving the sessions in the database.
-cp /usr/share/satellite/httpd-conf/satellite.conf /etc/apache2/sites-available/satellite.conf
+step "the admin guide's install on the system Apache, check --live, a live session"
+# docs/admin-guide.md's Debian steps as written, on loopback ports (this
+# machine's ports.conf is set aside for it, and put back), with a
+# self-signed wildcard certificate and no systemd needed.
+guide=$(mktemp -d)
+domain=guide.test
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=$domain" \
+  -addext "subjectAltName=DNS:$domain,DNS:*.$domain" \
+  -keyout "$guide/key.pem" -out "$guide/cert.pem" 2>/dev/null
+https_port=$((20000 + RANDOM % 20000))
+http_port=$((https_port + 1))
+cp /etc/apache2/ports.conf "$guide/ports.conf"
+printf 'Listen 127.0.0.1:%s\n<IfModule ssl_module>\n    Listen 127.0.0.1:%s\n</IfModule>\n' \
+  "$http_port" "$https_port" >/etc/apache2/ports.conf
+put_back() {
+  apache2ctl stop >/dev/null 2>&1 || true
+  cp "$guide/ports.conf" /etc/apache2/ports.conf
+  a2ensite -q 000-default >/dev/null 2>&1 || true
+  rm -f /etc/apache2/sites-available/satellite.conf
+  [ -z "${backend_pid:-}" ] || kill "$backend_pid" 2>/dev/null || true
+}
+trap put_back EXIT
+a2enmod -q ssl socache_shmcb rewrite headers proxy proxy_http proxy_wstunnel dbd cgid http2
+a2dissite -q 000-default
+{
+  echo "Define SATELLITE_DOMAIN $domain"
+  echo "Define SATELLITE_PORT $https_port"
+  echo "Define SATELLITE_HTTP_PORT $http_port"
+  echo "Define SATELLITE_CERT $guide/cert.pem"
+  echo "Define SATELLITE_KEY $guide/key.pem"
+  cat /usr/share/satellite/httpd-conf/satellite.conf
+} >/etc/apache2/sites-available/satellite.conf
 a2ensite -q satellite
+toml=/var/www/satellite/etc/satellite.toml
+sed -i "s/^extbasename = .*/extbasename = \"$domain\"/; s/^job_binding = .*/job_binding = \"warn\"/" "$toml"
+apache2ctl -t
+apache2ctl start
+for _ in $(seq 50); do
+  curl -s -o /dev/null --cacert "$guide/cert.pem" --resolve "manage.$domain:$https_port:127.0.0.1" \
+    "https://manage.$domain:$https_port/" && break
+  sleep 0.2
+done
+satellite check --live --cacert "$guide/cert.pem" >"$guide/check.txt" || true
+cat "$guide/check.txt"
+for line in "OK   Apache serves a certificate for \*.$domain and $domain" \
+  "OK   http://check-satellite.$domain/ on 127.0.0.1:$http_port redirects" \
+  "OK   live: redeem from 127.0.0.1" "reached the temporary backend" \
+  "OK   live: after destroy"; do
+  grep -q "$line" "$guide/check.txt" || fail "check --live on the guide's install: no '$line'"
+done
+! grep -q "FAIL live" "$guide/check.txt" || fail "check --live failed on the guide's install"
+# A user's live session, to be gone after the purge.
+backend_port=$((https_port + 2))
+mkdir -p "$guide/www" && echo "the notebook" >"$guide/www/index.html"
+python3 -m http.server --bind 127.0.0.9 --directory "$guide/www" "$backend_port" >/dev/null 2>&1 &
+backend_pid=$!
+manage=(curl -s --cacert "$guide/cert.pem" --resolve "manage.$domain:$https_port:127.0.0.1")
+token=$("${manage[@]}" "https://manage.$domain:$https_port/getlink.cgi" | tail -1)
+for _ in $(seq 50); do
+  ss -ltn | grep -q "127.0.0.9:$backend_port" && break
+  sleep 0.1
+done
+redeemed=$("${manage[@]}" --interface 127.0.0.9 "https://manage.$domain:$https_port/redeemtoken.cgi?token=$token&port=$backend_port")
+[ "$redeemed" = "Success!" ] || fail "redeem on the guide's install: $redeemed"
+user_url=(curl -s --cacert "$guide/cert.pem" --resolve "$token.$domain:$https_port:127.0.0.1" "https://$token.$domain:$https_port/")
+"${user_url[@]}" | grep -q "the notebook" || fail "the live session does not reach its backend"
+echo "the guide's install serves a live session at https://$token.$domain:$https_port/"
+
+step "purge the .deb with that session live: nothing reachable, nothing left but the service user"
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq satellite >/dev/null
 [ ! -e /etc/apache2/sites-enabled/satellite.conf ] || fail "after purge, the Apache site satellite is still enabled"
-rm -f /etc/apache2/sites-available/satellite.conf
+# The purge reloaded Apache gracefully (no systemd needed); wait for the
+# new generation to answer.
+for _ in $(seq 50); do
+  "${user_url[@]}" 2>/dev/null | grep -q "the notebook" || break
+  sleep 0.2
+done
+! "${user_url[@]}" 2>/dev/null | grep -q "the notebook" || fail "after purge, the session still reaches its backend"
+put_back
+trap - EXIT
 for path in /usr/bin/satellite /usr/lib/satellite /var/www/satellite /etc/cron.d/satellite \
   /usr/share/doc/satellite /usr/share/satellite /usr/lib/systemd/system/satellite-cron.service \
   /usr/share/man/man1/satellite.1.gz /run/satellite; do
