@@ -69,21 +69,12 @@ impl Outcome {
     }
 }
 
-fn ask(
-    apache: &Apache,
-    conn: &mut Option<Conn>,
-    host: &str,
-    path: &str,
-) -> std::io::Result<support::client::Response> {
-    apache.client().ask(conn, host, path)
-}
-
 /// getlink, redeem from the node, the first GET on a new connection,
 /// destroy. Returns false when an endpoint failed (the cycle is not
 /// counted).
 fn cycle(apache: &Apache, manage_conn: &mut Option<Conn>, backend: &Backend, out: &Outcome) {
     let manage = apache.host_port("manage");
-    let token = match ask(apache, manage_conn, &manage, "/getlink.cgi") {
+    let token = match apache.client().ask(manage_conn, &manage, "/getlink.cgi") {
         Ok(r) if r.status == 200 => match r.text().strip_prefix("Your token is \n") {
             Some(rest) => rest.trim().to_owned(),
             None => return out.error(format!("getlink: {r}")),
@@ -194,21 +185,25 @@ fn redeem_then_first_request(apache: Apache) {
             while !stop.load(Ordering::Relaxed) {
                 let answer = if kind == 0 {
                     let manage = apache.host_port("manage");
-                    ask(
-                        &apache,
-                        &mut conn,
-                        &manage,
-                        &format!("/tokenjobstate.cgi?token={pending}"),
-                    )
-                    .map(|r| (r.status == 200 && r.text() == "PE", r))
+                    apache
+                        .client()
+                        .ask(
+                            &mut conn,
+                            &manage,
+                            &format!("/tokenjobstate.cgi?token={pending}"),
+                        )
+                        .map(|r| (r.status == 200 && r.text() == "PE", r))
                 } else {
                     let host = apache.host_port(&long_lived);
-                    ask(&apache, &mut conn, &host, "/api/kernels").map(|r| {
-                        (
-                            r.status == 200 && r.header("X-Backend") == Some(expected.as_str()),
-                            r,
-                        )
-                    })
+                    apache
+                        .client()
+                        .ask(&mut conn, &host, "/api/kernels")
+                        .map(|r| {
+                            (
+                                r.status == 200 && r.header("X-Backend") == Some(expected.as_str()),
+                                r,
+                            )
+                        })
                 };
                 match answer {
                     Ok((true, _)) => {

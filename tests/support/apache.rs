@@ -513,8 +513,6 @@ impl Apache {
         );
     }
 
-    /// update-jobs.cgi with a legacy job table (`<jobid> <state>` lines), as
-    /// the scheduler host pushes it; must succeed.
     /// `satellite revoke <alias>` against this install; it must succeed.
     pub fn revoke_ok(&self, alias: &str) {
         let out = Command::new(SATELLITE)
@@ -529,6 +527,8 @@ impl Apache {
         );
     }
 
+    /// update-jobs.cgi with a legacy job table (`<jobid> <state>` lines), as
+    /// the scheduler host pushes it; must succeed.
     pub fn push_jobs_ok(&self, table: &str) {
         let mut request = super::client::Request::post(
             &self.host_port("manage"),

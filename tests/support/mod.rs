@@ -183,7 +183,6 @@ impl Site {
         }
     }
 
-    /// getlink from the login node; returns the token.
     /// `satellite revoke <alias>`, as an admin runs it; it must succeed.
     pub fn revoke_ok(&self, alias: &str) {
         let out = Command::new(program("satellite"))
@@ -198,6 +197,7 @@ impl Site {
         );
     }
 
+    /// getlink from the login node; returns the token.
     pub fn new_token(&self) -> String {
         let answer = self.cgi("getlink").remote(LOGIN_NODE).run();
         assert_eq!(answer.status, 200, "{answer:?}");

@@ -267,6 +267,85 @@ pub trait Store {
     fn gauges(&self, now: DateTime<Utc>, ttl_secs: i64) -> Result<Gauges>;
 }
 
+/// How a conditional write went, the same for every store: it changed
+/// the row, the row refused it (already redeemed, already linked), or
+/// there was no live row.
+pub(crate) enum Written {
+    Applied,
+    Refused,
+    NoSuchRow,
+}
+
+impl From<Written> for RedeemOutcome {
+    fn from(written: Written) -> Self {
+        match written {
+            Written::Applied => RedeemOutcome::Redeemed,
+            Written::Refused => RedeemOutcome::AlreadyRedeemed,
+            Written::NoSuchRow => RedeemOutcome::Unknown,
+        }
+    }
+}
+
+impl From<Written> for LinkOutcome {
+    fn from(written: Written) -> Self {
+        match written {
+            Written::Applied => LinkOutcome::Linked,
+            Written::Refused => LinkOutcome::AlreadyLinked,
+            Written::NoSuchRow => LinkOutcome::Unknown,
+        }
+    }
+}
+
+/// What destroytoken does to the row it found, decided the same way by
+/// every store (see [`Store::destroy`]): the answer, and the cause to end
+/// the session with when there is one to end.
+pub(crate) fn decide_destroy(
+    state: Option<&str>,
+    dsthost: Option<&str>,
+    end_kind: Option<&str>,
+    requester: &str,
+) -> (DestroyOutcome, Option<String>) {
+    let ended = state == Some("ended");
+    let ended_by_request = matches!(
+        end_kind.and_then(EndCause::from_label),
+        Some(EndCause::Destroy | EndCause::Revoke)
+    );
+    let redeemed = dsthost.is_some_and(|host| !host.is_empty());
+    if ended && ended_by_request {
+        (DestroyOutcome::Unknown, None)
+    } else if redeemed && dsthost != Some(requester) {
+        (DestroyOutcome::WrongHost, None)
+    } else if ended {
+        (DestroyOutcome::Destroyed, None)
+    } else if redeemed {
+        (
+            DestroyOutcome::Destroyed,
+            Some(format!(
+                "shut down by its job (destroytoken from {requester})"
+            )),
+        )
+    } else {
+        (
+            DestroyOutcome::Destroyed,
+            Some(format!(
+                "destroyed before its job redeemed it (destroytoken from {requester})"
+            )),
+        )
+    }
+}
+
+/// A job's nodes as stored (`jobdetails.nodes`: names joined by commas).
+pub(crate) fn node_list(stored: Option<String>) -> Vec<String> {
+    stored
+        .map(|n| {
+            n.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A watcher silent for this long is forgotten: route ends it has not
 /// acted on no longer wait for it (its Apache is presumably gone too).
 pub const WATCHER_FORGET_SECS: i64 = 24 * 3600;

@@ -35,10 +35,11 @@ use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Transaction};
 
 use super::postgres_schema;
 use super::{
-    expiry_cutoff, parse_sql_timestamp, route_expiry, sql_timestamp, DestroyOutcome, EndCause,
-    Gauges, JobRecord, LinkOutcome, LinkedSession, Migration, ProxyState, PublishedRoute,
-    RedeemOutcome, RouteEnd, RoutePublication, RouteRow, RouteSync, SessionEnd, Stats, Store,
-    TokenJob, TokenRow, WatcherRow, JOBSTATE_RETENTION_SECS, WATCHER_FORGET_SECS,
+    decide_destroy, expiry_cutoff, node_list, parse_sql_timestamp, route_expiry, sql_timestamp,
+    DestroyOutcome, EndCause, Gauges, JobRecord, LinkOutcome, LinkedSession, Migration, ProxyState,
+    PublishedRoute, RedeemOutcome, RouteEnd, RoutePublication, RouteRow, RouteSync, SessionEnd,
+    Stats, Store, TokenJob, TokenRow, WatcherRow, Written, JOBSTATE_RETENTION_SECS,
+    WATCHER_FORGET_SECS,
 };
 use crate::error::{CoreError, Result};
 use crate::ratelimit::Limits;
@@ -61,12 +62,6 @@ pub struct PgStore {
 /// The advisory lock key of the site's once-only work ("satellit" in
 /// ASCII): one per database, which is one per site.
 const LEADER_LOCK: i64 = 0x7361_7465_6c6c_6974;
-
-enum Written {
-    Applied,
-    Refused,
-    NoSuchRow,
-}
 
 /// Takes the writers' lock (see the module's documentation).
 const WRITE_LOCK: &str = "SELECT 1 FROM satellite_changes FOR UPDATE";
@@ -434,11 +429,7 @@ impl Store for PgStore {
             }
             Ok(updated)
         })?;
-        Ok(match written {
-            Written::Applied => RedeemOutcome::Redeemed,
-            Written::Refused => RedeemOutcome::AlreadyRedeemed,
-            Written::NoSuchRow => RedeemOutcome::Unknown,
-        })
+        Ok(written.into())
     }
 
     fn destroy(
@@ -457,34 +448,17 @@ impl Store for PgStore {
             else {
                 return Ok(DestroyOutcome::Unknown);
             };
-            let state = text(&row, 0)?;
-            let dsthost = text(&row, 1)?;
-            let end_kind = text(&row, 2)?;
-            let ended = state.as_deref() == Some("ended");
-            let ended_by_request = matches!(
-                end_kind.as_deref().and_then(EndCause::from_label),
-                Some(EndCause::Destroy | EndCause::Revoke)
+            let (state, dsthost, end_kind) = (text(&row, 0)?, text(&row, 1)?, text(&row, 2)?);
+            let (outcome, ending) = decide_destroy(
+                state.as_deref(),
+                dsthost.as_deref(),
+                end_kind.as_deref(),
+                requester,
             );
-            let from_its_host = dsthost
-                .as_deref()
-                .is_none_or(|host| host.is_empty() || host == requester);
-            Ok(if ended && ended_by_request {
-                DestroyOutcome::Unknown
-            } else if !from_its_host {
-                DestroyOutcome::WrongHost
-            } else {
-                if !ended {
-                    let cause = if dsthost.as_deref().is_some_and(|h| !h.is_empty()) {
-                        format!("shut down by its job (destroytoken from {requester})")
-                    } else {
-                        format!(
-                            "destroyed before its job redeemed it (destroytoken from {requester})"
-                        )
-                    };
-                    end_rows(tx, &hash, alias, EndCause::Destroy, &cause, now)?;
-                }
-                DestroyOutcome::Destroyed
-            })
+            if let Some(cause) = ending {
+                end_rows(tx, &hash, alias, EndCause::Destroy, &cause, now)?;
+            }
+            Ok(outcome)
         })
     }
 
@@ -504,11 +478,7 @@ impl Store for PgStore {
                 &[&jobid, &hash, &alias, &cutoff, &linked_at],
             )
         })?;
-        Ok(match written {
-            Written::Applied => LinkOutcome::Linked,
-            Written::Refused => LinkOutcome::AlreadyLinked,
-            Written::NoSuchRow => LinkOutcome::Unknown,
-        })
+        Ok(written.into())
     }
 
     fn token_job(
@@ -1204,14 +1174,7 @@ fn job_record(
         time_limit_secs: row.try_get(first + 2)?,
         user: text(row, first + 3)?,
         uid: row.try_get(first + 4)?,
-        nodes: text(row, first + 5)?
-            .map(|n| {
-                n.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        nodes: node_list(text(row, first + 5)?),
     }))
 }
 

@@ -16,10 +16,11 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 
 use super::sqlite_schema::{self, table_exists};
 use super::{
-    expiry_cutoff, parse_sql_timestamp, route_expiry, sql_timestamp, DestroyOutcome, EndCause,
-    Gauges, JobRecord, LinkOutcome, LinkedSession, Migration, ProxyState, PublishedRoute,
-    RedeemOutcome, RouteEnd, RoutePublication, RouteRow, RouteSync, SessionEnd, Stats, Store,
-    TokenJob, TokenRow, WatcherRow, JOBSTATE_RETENTION_SECS, WATCHER_FORGET_SECS,
+    decide_destroy, expiry_cutoff, node_list, parse_sql_timestamp, route_expiry, sql_timestamp,
+    DestroyOutcome, EndCause, Gauges, JobRecord, LinkOutcome, LinkedSession, Migration, ProxyState,
+    PublishedRoute, RedeemOutcome, RouteEnd, RoutePublication, RouteRow, RouteSync, SessionEnd,
+    Stats, Store, TokenJob, TokenRow, WatcherRow, Written, JOBSTATE_RETENTION_SECS,
+    WATCHER_FORGET_SECS,
 };
 use crate::error::{CoreError, Result};
 use crate::ratelimit::Limits;
@@ -28,12 +29,6 @@ use crate::token::alias_compare_hash;
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
-}
-
-enum Written {
-    Applied,
-    Refused,
-    NoSuchRow,
 }
 
 /// What a database file holds, read without writing anything.
@@ -65,28 +60,24 @@ impl SqliteStore {
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
                 let port: Value = row.get(4)?;
-                let dstport = match port {
-                    Value::Null => None,
-                    Value::Integer(n) => i32::try_from(n).ok(),
-                    Value::Text(ref t) => t.trim().parse().ok(),
-                    _ => None,
-                };
-                if dstport.is_none() && port != Value::Null {
+                let stored = port != Value::Null;
+                let dstport = value_integer(port).and_then(|n| i32::try_from(n).ok());
+                if dstport.is_none() && stored {
                     unreadable += 1;
                 }
                 snapshot.proxy.push(ProxyRecord {
-                    alias: text_of(row.get(0)?).unwrap_or_default(),
-                    alias_compare_hash: text_of(row.get(1)?).unwrap_or_default(),
-                    modified: text_of(row.get(2)?),
-                    dsthost: text_of(row.get(3)?),
+                    alias: value_text(row.get(0)?).unwrap_or_default(),
+                    alias_compare_hash: value_text(row.get(1)?).unwrap_or_default(),
+                    modified: value_text(row.get(2)?),
+                    dsthost: value_text(row.get(3)?),
                     dstport,
-                    dstpath: text_of(row.get(5)?),
-                    state: text_of(row.get(6)?).unwrap_or_default(),
-                    jobid: text_of(row.get(7)?),
-                    linked_at: text_of(row.get(8)?),
-                    ended_at: text_of(row.get(9)?),
-                    end_cause: text_of(row.get(10)?),
-                    end_kind: text_of(row.get(11)?),
+                    dstpath: value_text(row.get(5)?),
+                    state: value_text(row.get(6)?).unwrap_or_default(),
+                    jobid: value_text(row.get(7)?),
+                    linked_at: value_text(row.get(8)?),
+                    ended_at: value_text(row.get(9)?),
+                    end_cause: value_text(row.get(10)?),
+                    end_kind: value_text(row.get(11)?),
                 });
             }
         }
@@ -95,22 +86,18 @@ impl SqliteStore {
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
                 let seen: Value = row.get(2)?;
-                let lastseen = match seen {
-                    Value::Integer(n) => Some(n),
-                    Value::Real(x) => Some(x as i64),
-                    Value::Text(ref t) => t
-                        .trim()
-                        .parse()
-                        .ok()
-                        .or_else(|| super::parse_sql_timestamp(t).map(|at| at.timestamp())),
-                    _ => None,
-                };
-                if lastseen.is_none() && seen != Value::Null {
+                let stored = seen != Value::Null;
+                // The Perl service wrote a timestamp's text here.
+                let as_time = value_text(seen.clone())
+                    .and_then(|t| super::parse_sql_timestamp(&t))
+                    .map(|at| at.timestamp());
+                let lastseen = value_integer(seen).or(as_time);
+                if lastseen.is_none() && stored {
                     unreadable += 1;
                 }
                 snapshot.jobstates.push((
-                    text_of(row.get(0)?).unwrap_or_default(),
-                    text_of(row.get(1)?).unwrap_or_default(),
+                    value_text(row.get(0)?).unwrap_or_default(),
+                    value_text(row.get(1)?).unwrap_or_default(),
                     lastseen,
                 ));
             }
@@ -122,13 +109,13 @@ impl SqliteStore {
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
                 snapshot.jobdetails.push(JobDetailRecord {
-                    jobid: text_of(row.get(0)?).unwrap_or_default(),
-                    reason: text_of(row.get(1)?),
-                    start_time: row.get(2).ok(),
-                    time_limit: row.get(3).ok(),
-                    job_user: text_of(row.get(4)?),
-                    job_uid: row.get(5).ok(),
-                    nodes: text_of(row.get(6)?),
+                    jobid: value_text(row.get(0)?).unwrap_or_default(),
+                    reason: value_text(row.get(1)?),
+                    start_time: value_integer(row.get(2)?),
+                    time_limit: value_integer(row.get(3)?),
+                    job_user: value_text(row.get(4)?),
+                    job_uid: value_integer(row.get(5)?),
+                    nodes: value_text(row.get(6)?),
                 });
             }
         }
@@ -410,11 +397,7 @@ impl Store for SqliteStore {
             }
             Ok(updated)
         })?;
-        Ok(match written {
-            Written::Applied => RedeemOutcome::Redeemed,
-            Written::Refused => RedeemOutcome::AlreadyRedeemed,
-            Written::NoSuchRow => RedeemOutcome::Unknown,
-        })
+        Ok(written.into())
     }
 
     fn destroy(
@@ -442,29 +425,15 @@ impl Store for SqliteStore {
         let Some((state, dsthost, end_kind)) = row else {
             return Ok(DestroyOutcome::Unknown);
         };
-        let ended = state.as_deref() == Some("ended");
-        let ended_by_request = matches!(
-            end_kind.as_deref().and_then(EndCause::from_label),
-            Some(EndCause::Destroy | EndCause::Revoke)
+        let (outcome, ending) = decide_destroy(
+            state.as_deref(),
+            dsthost.as_deref(),
+            end_kind.as_deref(),
+            requester,
         );
-        let from_its_host = dsthost
-            .as_deref()
-            .is_none_or(|host| host.is_empty() || host == requester);
-        let outcome = if ended && ended_by_request {
-            DestroyOutcome::Unknown
-        } else if !from_its_host {
-            DestroyOutcome::WrongHost
-        } else {
-            if !ended {
-                let cause = if dsthost.as_deref().is_some_and(|h| !h.is_empty()) {
-                    format!("shut down by its job (destroytoken from {requester})")
-                } else {
-                    format!("destroyed before its job redeemed it (destroytoken from {requester})")
-                };
-                end_rows(&tx, &hash, alias, EndCause::Destroy, &cause, now)?;
-            }
-            DestroyOutcome::Destroyed
-        };
+        if let Some(cause) = ending {
+            end_rows(&tx, &hash, alias, EndCause::Destroy, &cause, now)?;
+        }
         tx.commit()?;
         Ok(outcome)
     }
@@ -484,11 +453,7 @@ impl Store for SqliteStore {
                 params![jobid, hash, alias, cutoff, sql_timestamp(now)],
             )
         })?;
-        Ok(match written {
-            Written::Applied => LinkOutcome::Linked,
-            Written::Refused => LinkOutcome::AlreadyLinked,
-            Written::NoSuchRow => LinkOutcome::Unknown,
-        })
+        Ok(written.into())
     }
 
     fn token_job(
@@ -1101,14 +1066,7 @@ fn job_record(
         time_limit_secs: value_integer(row.get(first + 2)?),
         user: value_text(row.get(first + 3)?),
         uid: value_integer(row.get(first + 4)?),
-        nodes: value_text(row.get(first + 5)?)
-            .map(|n| {
-                n.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        nodes: node_list(value_text(row.get(first + 5)?)),
     }))
 }
 
@@ -1133,18 +1091,6 @@ fn value_integer(value: Value) -> Option<i64> {
 }
 // The store's semantics are tested on both backends (store/tests.rs);
 // what is here is SQLite's own: legacy files, their migration, its locks.
-/// A value as text, whatever SQLite stored it as (a Perl-era file may
-/// hold numbers in text columns and the other way round).
-fn text_of(value: Value) -> Option<String> {
-    match value {
-        Value::Null => None,
-        Value::Integer(n) => Some(n.to_string()),
-        Value::Real(x) => Some(x.to_string()),
-        Value::Text(t) => Some(t),
-        Value::Blob(b) => Some(String::from_utf8_lossy(&b).into_owned()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::sqlite_schema::{CREATE_INDEXES, CREATE_JOBSTATES, CREATE_PROXY};
