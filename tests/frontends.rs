@@ -6,13 +6,21 @@
 
 mod support;
 
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use satellite_core::store::pg_harness;
 use satellite_core::store::PgStore;
-use support::apache::{Apache, Running};
+use support::apache::Apache;
 use support::backend::Backend;
+use support::client::Response;
 
+/// Frontend B's address: frontends of one site are different hosts.
+const SECOND_FRONTEND: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const JUPYTER_WS: &str = "v1.kernel.websocket.jupyter.org";
 
 /// A database with satellite's schema, and its connection string.
@@ -20,6 +28,16 @@ fn shared_database() -> String {
     let url = pg_harness::new_database();
     PgStore::open_or_create(&url, Duration::from_secs(5)).expect("creating the schema");
     url
+}
+
+/// What a watcher says when it leads the site's once-only work, and when
+/// another frontend's does.
+const LEADING: &str = "leading: this watcher expires tokens";
+const FOLLOWING: &str = "another frontend's watcher expires tokens";
+
+/// A frontend on `url` at `ip` whose watcher and health check go by `name`.
+fn named_frontend(url: &str, serving: bool, ip: Ipv4Addr, name: &str) -> Apache {
+    Apache::start_frontend(url, serving, ip, &[("watcher_name", format!("{name:?}"))])
 }
 
 fn reaches(apache: &Apache, alias: &str, backend: &Backend) -> bool {
@@ -34,7 +52,7 @@ fn reaches(apache: &Apache, alias: &str, backend: &Backend) -> bool {
 fn a_session_made_through_one_frontend_is_live_on_every_frontend_at_once() {
     let url = shared_database();
     let a = Apache::start_on_postgres(&url, false);
-    let b = Apache::start_on_postgres(&url, false);
+    let b = Apache::start_on_postgres_at(&url, false, SECOND_FRONTEND);
     let node = Backend::start("node", "127.0.0.3");
 
     let alias = a.getlink();
@@ -56,18 +74,10 @@ fn a_session_made_through_one_frontend_is_live_on_every_frontend_at_once() {
 #[test]
 fn a_websocket_through_one_frontend_is_cut_when_the_session_ends_through_another() {
     let url = shared_database();
-    let a = Apache::start_on_postgres(&url, false);
-    let b = Apache::start_on_postgres(&url, false);
-    let watcher = |apache: &Apache, name: &str| {
-        apache.write_config(&[("watcher_name", format!("{name:?}"))]);
-        let mut cmd = apache.cron_command();
-        cmd.arg("--watch")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        Running(cmd.spawn().expect("starting cron --watch"))
-    };
-    let _watch_a = watcher(&a, "frontend-a");
-    let _watch_b = watcher(&b, "frontend-b");
+    let a = named_frontend(&url, false, Ipv4Addr::LOCALHOST, "frontend-a");
+    let b = named_frontend(&url, false, SECOND_FRONTEND, "frontend-b");
+    let _watch_a = a.run_watcher();
+    let _watch_b = b.run_watcher();
     let node = Backend::start("node", "127.0.0.3");
     let alias = a.getlink();
     a.redeem_ok(&alias, &node.ip(), node.port());
@@ -157,34 +167,12 @@ fn check_says_whether_apache_reads_the_database_satellite_writes() {
 #[test]
 fn the_once_only_work_moves_to_another_frontend_when_its_leader_dies() {
     let url = shared_database();
-    let a = Apache::start_on_postgres(&url, false);
-    let b = Apache::start_on_postgres(&url, false);
-    let watch = |apache: &Apache, name: &str| {
-        apache.write_config(&[("watcher_name", format!("{name:?}"))]);
-        let log = apache.path("watcher.log");
-        let mut cmd = apache.cron_command();
-        cmd.arg("--watch")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::process::Stdio::null());
-        (Running(cmd.spawn().expect("starting cron --watch")), log)
-    };
-    let said = |log: &std::path::Path, what: &str| {
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .contains(what)
-    };
-    let (mut leader, a_log) = watch(&a, "frontend-a");
-    a.eventually("A leading", || {
-        said(&a_log, "leading: this watcher expires tokens")
-            .then_some(())
-            .ok_or("not yet".to_owned())
-    });
-    let (_follower, b_log) = watch(&b, "frontend-b");
-    b.eventually("B following", || {
-        said(&b_log, "another frontend's watcher expires tokens")
-            .then_some(())
-            .ok_or("not yet".to_owned())
-    });
+    let a = named_frontend(&url, false, Ipv4Addr::LOCALHOST, "frontend-a");
+    let b = named_frontend(&url, false, SECOND_FRONTEND, "frontend-b");
+    let mut leader = a.run_watcher();
+    a.await_watcher_saying(LEADING);
+    let _follower = b.run_watcher();
+    b.await_watcher_saying(FOLLOWING);
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(leader.0.id() as i32),
@@ -193,11 +181,7 @@ fn the_once_only_work_moves_to_another_frontend_when_its_leader_dies() {
     .unwrap();
     let _ = leader.0.wait();
     let killed = Instant::now();
-    b.eventually("B leading", || {
-        said(&b_log, "leading: this watcher expires tokens")
-            .then_some(())
-            .ok_or("not yet".to_owned())
-    });
+    b.await_watcher_saying(LEADING);
     let took = killed.elapsed();
     println!("the other frontend led {took:?} after the leader was killed");
 
@@ -373,4 +357,356 @@ fn migrate_to_moves_a_perl_era_database() {
         .unwrap()
         .unwrap();
     assert_eq!((row.state.as_str(), row.dstport), ("proxied", Some(50123)));
+}
+
+/// What the clients were told of one token: the state it must be in, or
+/// either of two when the request that would move it was cut off unanswered
+/// (frontend A killed under it).
+#[derive(Clone, Copy, Debug)]
+struct Told {
+    state: &'static str,
+    or_else: Option<&'static str>,
+}
+
+type Ledger = Arc<Mutex<HashMap<String, Told>>>;
+
+/// One frontend's load: session cycles (getlink, redeem, GET through the
+/// new route, destroy) and GETs of the long-lived sessions, every answer
+/// checked. A refused or cut connection counts as `lost_connections`, a
+/// wrong answer is kept in `wrong`; what the clients were told goes into
+/// the ledger.
+struct Load {
+    answered: AtomicU64,
+    lost_connections: AtomicU64,
+    wrong: Mutex<Vec<String>>,
+}
+
+impl Load {
+    fn new() -> Arc<Load> {
+        Arc::new(Load {
+            answered: AtomicU64::new(0),
+            lost_connections: AtomicU64::new(0),
+            wrong: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// `Some(answer)` when the frontend answered; a lost connection is
+    /// counted and gives `None`.
+    fn ask(&self, apache: &Apache, from: &str, host: &str, target: &str) -> Option<Response> {
+        match apache.client().bind(from).get(host, target) {
+            Ok(answer) => {
+                self.answered.fetch_add(1, Ordering::Relaxed);
+                Some(answer)
+            }
+            Err(_) => {
+                self.lost_connections.fetch_add(1, Ordering::Relaxed);
+                // A client retries, but not in a busy loop.
+                thread::sleep(Duration::from_millis(20));
+                None
+            }
+        }
+    }
+
+    fn wrong(&self, what: String) {
+        self.wrong.lock().unwrap().push(what);
+    }
+
+    /// One session through `apache`, start to end; stops at the first
+    /// request left unanswered.
+    fn cycle(&self, apache: &Apache, ledger: &Ledger, node: &Backend) {
+        let manage = apache.host_port("manage");
+        let record = |alias: &str, state, or_else| {
+            ledger
+                .lock()
+                .unwrap()
+                .insert(alias.to_owned(), Told { state, or_else });
+        };
+        let Some(r) = self.ask(apache, "127.0.0.1", &manage, "/getlink.cgi") else {
+            return;
+        };
+        let Some(alias) = r
+            .text()
+            .strip_prefix("Your token is \n")
+            .map(|rest| rest.trim().to_owned())
+            .filter(|_| r.status == 200)
+        else {
+            return self.wrong(format!("getlink: {r}"));
+        };
+        record(&alias, "pending", Some("proxied"));
+        let redeem = format!("/redeemtoken.cgi?token={alias}&port={}", node.port());
+        let Some(r) = self.ask(apache, &node.ip(), &manage, &redeem) else {
+            return;
+        };
+        if (r.status, r.text().as_str()) != (200, "Success!\n") {
+            return self.wrong(format!("redeem {alias}: {r}"));
+        }
+        record(&alias, "proxied", None);
+
+        let Some(r) = self.ask(apache, "127.0.0.1", &apache.host_port(&alias), "/lab") else {
+            return;
+        };
+        if r.status != 200 || r.header("X-Backend") != Some(node.name.as_str()) {
+            return self.wrong(format!("first GET of {alias}: {r}"));
+        }
+
+        record(&alias, "proxied", Some("ended"));
+        let destroy = format!("/destroytoken.cgi?token={alias}");
+        let Some(r) = self.ask(apache, &node.ip(), &manage, &destroy) else {
+            return;
+        };
+        if (r.status, r.text().as_str()) != (200, "Success! Token destroyed.\n") {
+            return self.wrong(format!("destroy {alias}: {r}"));
+        }
+        record(&alias, "ended", None);
+    }
+
+    /// A GET of a long-lived session: its backend, nothing else.
+    fn visit(&self, apache: &Apache, alias: &str, node: &Backend) {
+        if let Some(r) = self.ask(apache, "127.0.0.1", &apache.host_port(alias), "/lab") {
+            if r.status != 200 || r.header("X-Backend") != Some(node.name.as_str()) {
+                self.wrong(format!("{alias}: {r}"));
+            }
+        }
+    }
+
+    /// The load balancer's health check.
+    fn health(&self, apache: &Apache) {
+        if let Some(r) = self.ask(apache, "127.0.0.1", &apache.host_port("manage"), "/healthz") {
+            if r.status != 200 {
+                self.wrong(format!("/healthz: {r}"));
+            }
+        }
+    }
+}
+
+fn kill9(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// kill -9 of frontend A's Apache (parent and children), its serve and
+/// its watcher (the leader) under load: frontend B, on another address,
+/// answers every request right throughout, health check included; expiry
+/// moves to B; and every token is in the state its clients were told,
+/// with its route present exactly when it is proxied: 0 lost, 0
+/// half-written.
+#[test]
+fn when_one_frontend_is_killed_under_load_the_other_serves_every_session_and_loses_nothing() {
+    let url = shared_database();
+    let a = Arc::new(named_frontend(
+        &url,
+        true,
+        Ipv4Addr::LOCALHOST,
+        "frontend-a",
+    ));
+    let b = Arc::new(named_frontend(&url, true, SECOND_FRONTEND, "frontend-b"));
+    let mut serve_a = a.run_serve();
+    let _serve_b = b.run_serve();
+    let mut watcher_a = a.run_watcher();
+    a.await_watcher_saying(LEADING);
+    let _watcher_b = b.run_watcher();
+    b.await_watcher_saying(FOLLOWING);
+    let node = Arc::new(Backend::start("node", "127.0.0.3"));
+    // Long-lived sessions, made half through each frontend.
+    let live: Arc<Vec<String>> = Arc::new(
+        (0..6)
+            .map(|i| {
+                let (issuer, redeemer) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+                let alias = issuer.getlink();
+                redeemer.redeem_ok(&alias, &node.ip(), node.port());
+                alias
+            })
+            .collect(),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger: Ledger = Arc::new(Mutex::new(HashMap::new()));
+    let (load_a, load_b) = (Load::new(), Load::new());
+    let mut threads = Vec::new();
+    for (apache, load, cycle_ip) in [(&a, &load_a, "127.0.0.4"), (&b, &load_b, "127.0.0.5")] {
+        for kind in ["cycles", "visits", "health"] {
+            let (apache, load, ledger, node, live, stop) = (
+                apache.clone(),
+                load.clone(),
+                ledger.clone(),
+                node.clone(),
+                live.clone(),
+                stop.clone(),
+            );
+            threads.push(thread::spawn(move || {
+                // Each new session of this thread on the ip:port the
+                // previous one's destroy has just freed.
+                let cycle_node = Backend::start("cycles", cycle_ip);
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    n = n.wrapping_add(1);
+                    match kind {
+                        "cycles" => load.cycle(&apache, &ledger, &cycle_node),
+                        "visits" => load.visit(&apache, &live[n % live.len()], &node),
+                        _ => {
+                            load.health(&apache);
+                            thread::sleep(Duration::from_millis(200));
+                        }
+                    }
+                }
+            }));
+        }
+    }
+
+    thread::sleep(Duration::from_secs(3));
+    let apache_a = std::iter::once(a.parent_pid() as u32)
+        .chain(a.children().into_iter().map(|pid| pid as u32));
+    for pid in apache_a
+        .chain([serve_a.0.id(), watcher_a.0.id()])
+        .collect::<Vec<_>>()
+    {
+        kill9(pid);
+    }
+    let _ = serve_a.0.wait();
+    let _ = watcher_a.0.wait();
+    let killed = Instant::now();
+    let answered_by_a = load_a.answered.load(Ordering::Relaxed);
+    b.await_watcher_saying(LEADING);
+    let took_over = killed.elapsed();
+    thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+
+    let wrong_a = load_a.wrong.lock().unwrap();
+    assert!(
+        wrong_a.is_empty(),
+        "frontend A answered wrong:\n{}",
+        wrong_a.join("\n")
+    );
+    let wrong_b = load_b.wrong.lock().unwrap();
+    assert!(
+        wrong_b.is_empty(),
+        "frontend B answered wrong:\n{}",
+        wrong_b.join("\n")
+    );
+    assert_eq!(
+        load_b.lost_connections.load(Ordering::Relaxed),
+        0,
+        "frontend B refused or dropped connections"
+    );
+    assert!(
+        // At most one answer per load thread already on its way.
+        load_a.answered.load(Ordering::Relaxed) <= answered_by_a + 3,
+        "frontend A still answered after kill -9"
+    );
+
+    // Every token is where its clients were told it is, its route with it.
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let ledger = ledger.lock().unwrap();
+    for (alias, told) in ledger.iter() {
+        let row = db
+            .query_opt(
+                "SELECT p.state, r.target FROM proxy p LEFT JOIN routes r USING (alias) WHERE p.alias = $1",
+                &[alias],
+            )
+            .unwrap();
+        let (state, route): (String, Option<String>) = match row {
+            Some(row) => (row.get(0), row.get(1)),
+            None => panic!("{alias} was answered to a client but is not in the database"),
+        };
+        assert!(
+            state == told.state || Some(state.as_str()) == told.or_else,
+            "{alias} is {state}, its clients were told {told:?}"
+        );
+        assert_eq!(
+            route.is_some(),
+            state == "proxied",
+            "{alias} is {state} with route {route:?}"
+        );
+    }
+    for alias in live.iter() {
+        assert!(reaches(&b, alias, &node), "{alias} not routed by B");
+    }
+
+    // Expiry is B's now: a token past its TTL goes.
+    let old = b.getlink();
+    db.execute(
+        "UPDATE proxy SET modified = '2000-01-01 00:00:00' WHERE alias = $1",
+        &[&old],
+    )
+    .unwrap();
+    b.eventually("B expiring the old token", || {
+        let left: i64 = db
+            .query_one("SELECT count(*) FROM proxy WHERE alias = $1", &[&old])
+            .map_err(|e| e.to_string())?
+            .get(0);
+        (left == 0).then_some(()).ok_or("still there".to_owned())
+    });
+    println!(
+        "frontend A killed (-9) under load: B answered {} requests right, 0 refused; A answered {} before and {} connections went unanswered after; B led {took_over:?} after; {} tokens checked, 0 lost",
+        load_b.answered.load(Ordering::Relaxed),
+        answered_by_a,
+        load_a.lost_connections.load(Ordering::Relaxed),
+        ledger.len()
+    );
+}
+
+/// One of Apache's kept lookup connections cut alone (an admin's
+/// `pg_terminate_backend`, a firewall's idle timeout), the server and the
+/// watcher's own connection untouched: APR's pgsql driver reconnects it
+/// without its prepared lookup, so every lookup on it fails. Apache logs
+/// each failed lookup (satellite_lookup_failures.log); the watcher sees
+/// the log grow while the database answers and restarts Apache
+/// gracefully: the route is live again without anyone's hand.
+#[test]
+fn a_lookup_connection_cut_alone_heals_by_itself() {
+    let url = shared_database();
+    let apache = Apache::start_on_postgres(&url, false);
+    let _watcher = apache.run_watcher();
+    let node = Backend::start("node", "127.0.0.3");
+    let alias = apache.getlink();
+    apache.redeem_ok(&alias, &node.ip(), node.port());
+    let reaches = || {
+        apache
+            .client()
+            .get(&apache.host_port(&alias), "/lab")
+            .is_ok_and(|r| r.status == 200 && r.header("X-Backend") == Some(node.name.as_str()))
+    };
+    for _ in 0..20 {
+        assert!(reaches(), "the route before the cut");
+    }
+
+    // Apache's connections are the ones that do not call themselves
+    // satellite (the programs and the watcher do).
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let cut: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND application_name <> 'satellite' AND backend_type = 'client backend') AS cut",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(cut > 0, "no connection of Apache's to cut");
+
+    // Healed is every lookup working, whichever child and connection
+    // answers: a hundred answers in a row.
+    let cut_at = Instant::now();
+    let mut in_a_row = 0;
+    while in_a_row < 100 {
+        assert!(
+            cut_at.elapsed() < support::apache::DEADLINE,
+            "the route is still not live on every connection"
+        );
+        in_a_row = if reaches() { in_a_row + 1 } else { 0 };
+    }
+    let healed = cut_at.elapsed();
+    let said = apache.watcher_said();
+    assert!(
+        said.contains("Apache's route lookups failed while the database answers"),
+        "the watcher said:\n{said}"
+    );
+    println!(
+        "{cut} lookup connection(s) of Apache cut alone: every lookup works again {healed:?} after"
+    );
 }

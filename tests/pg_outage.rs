@@ -28,13 +28,7 @@ fn a_postgresql_restart_under_load_loses_nothing_and_lies_about_nothing() {
     let apache = Arc::new(Apache::start_on_postgres(&url, false));
     // The frontend's watcher, as it runs in production: it restarts Apache
     // gracefully when the database server restarted.
-    let watcher_log = apache.path("watcher.log");
-    let mut watcher = apache.cron_command();
-    watcher
-        .arg("--watch")
-        .stdout(std::fs::File::create(&watcher_log).unwrap())
-        .stderr(std::process::Stdio::null());
-    let _watcher = support::apache::Running(watcher.spawn().unwrap());
+    let _watcher = apache.run_watcher();
     let node = Arc::new(Backend::start("node", "127.0.0.3"));
     let live: Vec<String> = (0..5)
         .map(|_| {
@@ -152,7 +146,7 @@ fn a_postgresql_restart_under_load_loses_nothing_and_lies_about_nothing() {
     }
     let alias = apache.getlink();
     apache.redeem_ok(&alias, &node.ip(), node.port());
-    let said = std::fs::read_to_string(&watcher_log).unwrap_or_default();
+    let said = apache.watcher_said();
     assert!(
         said.contains("the database server restarted (or failed over)"),
         "the watcher said:\n{said}"

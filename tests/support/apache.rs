@@ -12,7 +12,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -72,6 +72,8 @@ impl Routing {
 
 pub struct Apache {
     pub dir: tempfile::TempDir,
+    /// The loopback address it listens on (frontends of one site differ).
+    pub ip: Ipv4Addr,
     pub port: u16,
     /// The plain-HTTP port (its vhost redirects to https).
     pub http_port: u16,
@@ -118,9 +120,9 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// A port that was free on 127.0.0.1 a moment ago.
-fn pick_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+/// A port that was free on `ip` a moment ago.
+fn pick_port(ip: Ipv4Addr) -> u16 {
+    TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -195,22 +197,44 @@ impl Apache {
     /// key=value form): satellite's programs use it (`database_url`) and
     /// Apache's map lookup reads it through APR's pgsql driver.
     pub fn start_on_postgres(url: &str, serving: bool) -> Apache {
+        Self::start_on_postgres_at(url, serving, Ipv4Addr::LOCALHOST)
+    }
+
+    /// [`start_on_postgres`](Self::start_on_postgres) listening on `ip`
+    /// (another loopback address: another host, as far as clients see).
+    pub fn start_on_postgres_at(url: &str, serving: bool, ip: Ipv4Addr) -> Apache {
+        Self::start_frontend(url, serving, ip, &[])
+    }
+
+    /// A frontend on `url` at `ip`, with more satellite.toml `settings`
+    /// kept across every [`write_config`](Self::write_config) (its
+    /// `watcher_name`, which serve's health check and its watcher share).
+    pub fn start_frontend(
+        url: &str,
+        serving: bool,
+        ip: Ipv4Addr,
+        settings: &[(&str, String)],
+    ) -> Apache {
+        let mut all_settings = vec![("database_url", format!("{url:?}"))];
+        all_settings.extend(settings.iter().cloned());
         Self::start_full(
+            ip,
             Routing::Map,
             serving,
             &[
                 ("SATELLITE_DBD_DRIVER", "pgsql"),
                 ("SATELLITE_DBD_PARAMS", url),
             ],
-            &[("database_url", format!("{url:?}"))],
+            &all_settings,
         )
     }
 
     fn start_with(routing: Routing, serving: bool, defines: &[(&str, &str)]) -> Apache {
-        Self::start_full(routing, serving, defines, &[])
+        Self::start_full(Ipv4Addr::LOCALHOST, routing, serving, defines, &[])
     }
 
     fn start_full(
+        ip: Ipv4Addr,
         routing: Routing,
         serving: bool,
         defines: &[(&str, &str)],
@@ -234,6 +258,7 @@ impl Apache {
         let ca_pem = fs::read(&certificate.ca).unwrap();
         let mut apache = Apache {
             dir,
+            ip,
             port: 0,
             http_port: 0,
             routing,
@@ -254,8 +279,8 @@ impl Apache {
         // before Apache binds it: try a few.
         let mut last_error = String::new();
         for _ in 0..5 {
-            apache.port = pick_port();
-            apache.http_port = pick_port();
+            apache.port = pick_port(ip);
+            apache.http_port = pick_port(ip);
             apache.write_config(&[]);
             match apache.launch() {
                 Ok(httpd) => {
@@ -354,6 +379,17 @@ impl Apache {
                 quote(&self.pidfile().display().to_string()),
             ),
             ("apache_user".into(), quote(&PrivateApache::worker_user())),
+            (
+                "apache_lookup_failures_log".into(),
+                quote(
+                    &self
+                        .dir
+                        .path()
+                        .join("satellite_lookup_failures.log")
+                        .display()
+                        .to_string(),
+                ),
+            ),
         ];
         let kept = self.settings.iter().map(|(k, v)| (k.as_str(), v));
         let given = overrides.iter().map(|(k, v)| (*k, v));
@@ -386,6 +422,7 @@ impl Apache {
         let site = Site {
             root: self.root(),
             domain: DOMAIN.into(),
+            listen_ip: self.ip,
             port: self.port,
             http_port: Some(self.http_port),
             cert: self.certificate.cert.clone(),
@@ -435,7 +472,7 @@ impl Apache {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from((self.ip, self.port))
     }
 
     /// A client that trusts this instance's certificate.
@@ -550,6 +587,32 @@ impl Apache {
             "update-jobs: {r}\n{}",
             self.error_log()
         );
+    }
+
+    /// Starts `cron --watch` for this install (stopped when dropped), its
+    /// output in [`watcher_said`](Self::watcher_said).
+    pub fn run_watcher(&self) -> Running {
+        let log = fs::File::create(self.path("watcher.log")).unwrap();
+        let mut cmd = self.cron_command();
+        cmd.arg("--watch")
+            .stdout(log)
+            .stderr(std::process::Stdio::null());
+        Running(cmd.spawn().expect("starting cron --watch"))
+    }
+
+    /// What the watcher of [`run_watcher`](Self::run_watcher) said so far.
+    pub fn watcher_said(&self) -> String {
+        fs::read_to_string(self.path("watcher.log")).unwrap_or_default()
+    }
+
+    /// Waits until the watcher has said `what`.
+    pub fn await_watcher_saying(&self, what: &str) {
+        self.eventually(what, || {
+            self.watcher_said()
+                .contains(what)
+                .then_some(())
+                .ok_or("not yet".to_owned())
+        });
     }
 
     /// A `cron` command for this install (not started).

@@ -124,6 +124,7 @@ impl WebSite {
         let site = ApacheSite {
             root: self.root(),
             domain: DOMAIN.into(),
+            listen_ip: std::net::Ipv4Addr::LOCALHOST,
             port: self.port,
             cert: self.cert.cert.clone(),
             key: self.cert.key.clone(),

@@ -88,6 +88,12 @@ pub struct Config {
     pub apache_configtest: Vec<String>,
     pub apache_reload: Option<Vec<String>>,
     pub apache_pidfile: PathBuf,
+    /// The log Apache writes a line to for each route lookup that failed
+    /// (satellite.conf's `satellite_lookup_failures.log` in
+    /// SATELLITE_LOG_DIR). With a database server, `cron --watch` restarts
+    /// Apache gracefully when it grows while the database answers: a kept
+    /// lookup connection that lost its prepared statement never heals.
+    pub apache_lookup_failures_log: PathBuf,
     /// The user Apache's workers run as, whose connections to a backend
     /// `cron --watch` cuts when its route ends (only theirs: not every
     /// connection of the host to that `ip:port`). Empty: the first of
@@ -269,6 +275,7 @@ impl Config {
             apache_configtest: vec!["/usr/sbin/apachectl".into(), "-t".into()],
             apache_reload: None,
             apache_pidfile: "/var/run/apache2/apache2.pid".into(),
+            apache_lookup_failures_log: "/var/log/apache2/satellite_lookup_failures.log".into(),
             apache_user: String::new(),
             watcher_name: String::new(),
             preserve_host: false,
@@ -352,6 +359,7 @@ impl Config {
             &mut self.wordlist,
             &mut self.syslog_socket,
             &mut self.apache_pidfile,
+            &mut self.apache_lookup_failures_log,
             &mut self.lockfile,
             &mut self.serve_socket,
             &mut self.logkey,

@@ -216,6 +216,10 @@ pub const CUT_DEADLINE: Duration = Duration::from_secs(5);
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 /// Route ends taken in one batch.
 const ENDS_PER_BATCH: usize = 5_000;
+/// At most one graceful restart per this long for failed lookups, doubled
+/// while restarting does not stop them, up to the most.
+const LOOKUP_RESTART_EVERY: Duration = Duration::from_secs(10);
+const LOOKUP_RESTART_MAX: Duration = Duration::from_secs(320);
 
 /// The state of `cron --watch` between two steps.
 ///
@@ -252,6 +256,11 @@ pub struct Watcher<'a> {
     /// A step failed and the store is opened anew: its server may have
     /// dropped every connection, Apache's included.
     reconnecting: bool,
+    /// The size of Apache's log of failed lookups at the last look.
+    lookup_failures_seen: Option<u64>,
+    /// When Apache was last restarted for the database's sake.
+    restarted_for_lookups: Option<Instant>,
+    lookup_restart_every: Duration,
 }
 
 impl<'a> Watcher<'a> {
@@ -271,6 +280,9 @@ impl<'a> Watcher<'a> {
             leading: None,
             server_epoch: None,
             reconnecting: false,
+            lookup_failures_seen: None,
+            restarted_for_lookups: None,
+            lookup_restart_every: LOOKUP_RESTART_EVERY,
         }
     }
 
@@ -362,12 +374,30 @@ impl<'a> Watcher<'a> {
     /// (503) until Apache's children are replaced. So when the server's
     /// run changes, or this watcher itself had to reconnect, Apache is
     /// restarted gracefully (open tunnels stay; new children connect anew).
+    /// A connection of Apache's cut alone (an admin's
+    /// `pg_terminate_backend`, a firewall's idle timeout) shows neither:
+    /// Apache's log of failed lookups growing while the database answers
+    /// (this step just read it) does.
     fn reconnect_apache(&mut self, on_report: &mut dyn FnMut(Result<Report>)) -> Result<()> {
         let epoch = self.store_ref().server_epoch()?;
         let Some(now) = epoch else {
             self.reconnecting = false;
             return Ok(());
         };
+        let failures = file_size(&self.config.apache_lookup_failures_log);
+        let grew = self
+            .lookup_failures_seen
+            .is_some_and(|seen| failures > seen);
+        self.lookup_failures_seen = Some(failures);
+        // The old children's last lookups may still fail just after a
+        // restart; and if restarting does not help, restarts slow down.
+        let settled = self
+            .restarted_for_lookups
+            .is_none_or(|at| at.elapsed() >= self.lookup_restart_every);
+        if settled && !grew {
+            self.lookup_restart_every = LOOKUP_RESTART_EVERY;
+        }
+        let lookups_failed = grew && settled;
         let why = match &self.server_epoch {
             Some(seen) if *seen != now => Some(format!(
                 "the database server restarted (or failed over) at {now}"
@@ -375,9 +405,17 @@ impl<'a> Watcher<'a> {
             Some(_) if self.reconnecting => {
                 Some("the connection to the database was lost and is back".to_owned())
             }
+            _ if lookups_failed => Some(format!(
+                "Apache's route lookups failed while the database answers ({})",
+                self.config.apache_lookup_failures_log.display()
+            )),
             _ => None,
         };
         if let Some(why) = why {
+            if lookups_failed && self.restarted_for_lookups.is_some() {
+                self.lookup_restart_every = (self.lookup_restart_every * 2).min(LOOKUP_RESTART_MAX);
+            }
+            self.restarted_for_lookups = Some(Instant::now());
             satellite_core::publish::reload_apache(self.config)
                 .with_context(|| format!("{why}: restarting Apache gracefully"))?;
             on_report(Ok(Report {
@@ -474,4 +512,10 @@ impl<'a> Watcher<'a> {
         }
         Ok(())
     }
+}
+
+/// A file's size; 0 when it is not there (not written yet, or rotated
+/// away).
+fn file_size(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |meta| meta.len())
 }

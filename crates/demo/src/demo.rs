@@ -120,6 +120,7 @@ pub fn demo(options: &DemoOptions, install: impl FnOnce(&Path, &str) -> Result<(
         &Site {
             root: root.clone(),
             domain: DOMAIN.into(),
+            listen_ip: std::net::Ipv4Addr::LOCALHOST,
             port: options.port,
             http_port: None,
             cert: certificate.cert,

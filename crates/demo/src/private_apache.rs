@@ -117,6 +117,9 @@ pub struct Site {
     /// The install tree (cgi/, etc/, var/, dynconf/, html/).
     pub root: PathBuf,
     pub domain: String,
+    /// The loopback address Apache listens on: frontends of one site sit
+    /// on different addresses, as they would on different hosts.
+    pub listen_ip: std::net::Ipv4Addr,
     pub port: u16,
     /// A plain-HTTP port to listen on as well (the redirect to https).
     pub http_port: Option<u16>,
@@ -144,9 +147,9 @@ impl PrivateApache {
     /// Writes `<dir>/httpd.conf` and starts Apache in the foreground as our
     /// child; returns once it answers on its port.
     pub fn start(install: &ApacheInstall, dir: &Path, site: &Site) -> Result<Self> {
-        let port = site.port;
+        let listening = std::net::SocketAddr::from((site.listen_ip, site.port));
         Self::start_when(install, dir, site, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            std::net::TcpStream::connect(listening).is_ok()
         })
     }
 
@@ -302,9 +305,9 @@ impl PrivateApache {
         }
         conf.push_str("TypesConfig /etc/mime.types\n");
         let _ = writeln!(conf, "ScriptSock \"{}\"", dir.join("cgisock").display());
-        let _ = writeln!(conf, "Listen 127.0.0.1:{} https", site.port);
+        let _ = writeln!(conf, "Listen {}:{} https", site.listen_ip, site.port);
         if let Some(http_port) = site.http_port {
-            let _ = writeln!(conf, "Listen 127.0.0.1:{http_port} http");
+            let _ = writeln!(conf, "Listen {}:{http_port} http", site.listen_ip);
         }
         conf.push_str("ServerName localhost\n");
         let _ = writeln!(
