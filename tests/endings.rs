@@ -53,8 +53,11 @@ struct Watcher {
 
 impl Watcher {
     fn start(apache: &Apache) -> Watcher {
-        let mut child: Child = apache
-            .cron_command()
+        Self::start_command(apache.cron_command())
+    }
+
+    fn start_command(mut command: std::process::Command) -> Watcher {
+        let mut child: Child = command
             .arg("--watch")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -83,14 +86,18 @@ impl Watcher {
 
     /// Waits until the watcher says it is watching (its first run done).
     fn wait_watching(&self) {
+        self.wait_saying("watching the database");
+    }
+
+    fn wait_saying(&self, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self
                 .lines
                 .recv_timeout(left)
-                .expect("the watcher said it is watching");
-            if line.contains("watching the database") {
+                .unwrap_or_else(|_| panic!("the watcher never said {what:?}"));
+            if line.contains(what) {
                 return;
             }
         }
@@ -398,4 +405,40 @@ fn sixty_endings_are_each_cut() {
         ));
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// A watcher started by hand (no service manager to restart it) whose
+/// program an upgrade replaces, as a package does (the new file renamed
+/// over the old): it starts the new program in its own place, same pid,
+/// and that one cuts the next ending's websocket.
+#[test]
+fn a_watcher_whose_program_is_upgraded_runs_the_new_one() {
+    let apache = Apache::start(Routing::Map);
+    let backend = Backend::start("alpha", BACKEND_A);
+    let installed = apache.path("bin/cron");
+    let install = |to: &std::path::Path| {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        let new = to.with_extension("new");
+        std::fs::copy(support::apache::CRON, &new).unwrap();
+        std::fs::rename(&new, to).unwrap();
+    };
+    install(&installed);
+    let mut command = std::process::Command::new(&installed);
+    command.env("SATELLITE_CONFIG", apache.config_file());
+    let mut watcher = Watcher::start_command(command);
+    watcher.wait_watching();
+    let pid = watcher.process.0.id();
+
+    install(&installed);
+    watcher.wait_saying("was replaced (an upgrade): starting the new program");
+    watcher.wait_watching();
+    assert!(watcher.alive(), "the watcher ended instead");
+    let image = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(image, installed, "pid {pid} still runs the old program");
+
+    let mut session = open_session(&apache, &backend, None);
+    let started = Instant::now();
+    end(&apache, &session, Ending::Destroy, "");
+    closed_within(&mut session.ws, started, CUT_WITHIN)
+        .unwrap_or_else(|e| panic!("after the upgrade: {e}\nwatcher: {:?}", watcher.said()));
 }

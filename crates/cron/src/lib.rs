@@ -9,6 +9,7 @@
 pub mod cli;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,9 @@ pub struct Report {
     /// `--watch`: why it restarted its Apache gracefully for the database
     /// (a restart or fail-over of the server, a lost connection).
     pub apache_reconnected: Option<String>,
+    /// `--watch`: its program file was replaced (an upgrade): it starts
+    /// the new one in its place.
+    pub upgraded: Option<PathBuf>,
 }
 
 impl Report {
@@ -62,6 +66,12 @@ impl Report {
         if let Some(backends) = self.watching {
             lines.push(format!(
                 "watching the database; routes lead to {backends} backend(s)"
+            ));
+        }
+        if let Some(program) = &self.upgraded {
+            lines.push(format!(
+                "{} was replaced (an upgrade): starting the new program in this one's place",
+                program.display()
             ));
         }
         if let Some(why) = &self.apache_reconnected {
@@ -187,8 +197,23 @@ pub fn watch(config: &Config, mut on_report: impl FnMut(Result<Report>)) -> Resu
         .map_err(|why| anyhow::anyhow!("{why}"))
         .context("finding whose tunnels to cut")?;
     let mut watcher = Watcher::new(config, owner);
+    let mut own_program = OwnProgram::running();
     let mut pause = WATCH_POLL;
     loop {
+        if let Some(program) = own_program.take_if(|p| p.replaced()) {
+            on_report(Ok(Report {
+                upgraded: Some(program.path.clone()),
+                ..Report::default()
+            }));
+            // Returns only when the new program cannot be started: this
+            // one goes on (and looks no more). The lock and the store's
+            // connections are close-on-exec: the new one takes them anew.
+            let failed = program.exec_again();
+            on_report(Err(anyhow::Error::new(failed).context(format!(
+                "starting the new {}: this watcher goes on with the old program",
+                program.path.display()
+            ))));
+        }
         match watcher.step(&mut on_report) {
             Ok(()) => {
                 pause = WATCH_POLL;
@@ -518,4 +543,46 @@ impl<'a> Watcher<'a> {
 /// away).
 fn file_size(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map_or(0, |meta| meta.len())
+}
+
+/// The program file this process runs, to notice an upgrade replacing it
+/// (a package installs the new file beside it and renames it over): a
+/// watcher started by hand, with no service manager to restart it, would
+/// otherwise run the old program for ever.
+struct OwnProgram {
+    path: PathBuf,
+    running: (u64, u64),
+}
+
+impl OwnProgram {
+    /// `None` when it cannot tell (no /proc, or already replaced).
+    fn running() -> Option<OwnProgram> {
+        use std::os::unix::fs::MetadataExt;
+        let image = std::fs::metadata("/proc/self/exe").ok()?;
+        let path = std::fs::read_link("/proc/self/exe").ok()?;
+        if path.to_string_lossy().ends_with(" (deleted)") {
+            return None;
+        }
+        Some(OwnProgram {
+            path,
+            running: (image.dev(), image.ino()),
+        })
+    }
+
+    /// Another file is at the program's path now. A missing one (the
+    /// package removed) is not an upgrade.
+    fn replaced(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).is_ok_and(|now| (now.dev(), now.ino()) != self.running)
+    }
+
+    /// Runs the new program in this process, with the same arguments
+    /// (and so the same pid, for whoever supervises it). Returns only
+    /// the error that kept it from starting.
+    fn exec_again(&self) -> std::io::Error {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(&self.path)
+            .args(std::env::args_os().skip(1))
+            .exec()
+    }
 }
