@@ -956,6 +956,9 @@ fn check_probes_what_apache_really_does() {
 #[test]
 fn check_live_proves_the_site_end_to_end_and_names_what_is_broken() {
     let apache = Apache::start(Routing::Map);
+    // Its websocket step needs the watcher (tests/check_live.rs).
+    let _watcher = apache.run_watcher();
+    apache.await_watcher_saying("watching the database");
     let ca = apache.path("check-ca.pem");
     std::fs::write(&ca, &apache.ca_pem).unwrap();
     let live = |apache: &Apache, extra: &[&str]| {

@@ -2,7 +2,9 @@
 //! the real Apache, as a user and a job would use it. A token from
 //! getlink, its waiting page, a redeem from a node address to a temporary
 //! backend this process starts there, the token's URL reaching that
-//! backend, destroy, and the URL no longer reaching it. Every step is a
+//! backend, a websocket opened through Apache to it, destroy, the
+//! websocket closed by the watcher, and the URL no longer reaching it.
+//! Every step is a
 //! finding that says what it tried (with the curl command to try it again)
 //! and what to fix; the token is destroyed however the steps end.
 //!
@@ -25,6 +27,11 @@ use crate::check::{fail, ok, warn, ApacheDefines, Finding};
 use crate::subprocess::OutputWithin;
 
 const CURL_TIMEOUT: Duration = Duration::from_secs(20);
+/// The watcher cuts an ended session's tunnels within 2 s (issue 15);
+/// the check gives it more, so that a slow host does not fail it.
+const WEBSOCKET_CUT_WITHIN: Duration = Duration::from_secs(5);
+/// The backend's answer to a websocket upgrade: the start of a tunnel.
+const SWITCHING: &str = "HTTP/1.1 101 Switching Protocols";
 
 /// Where to reach Apache and which address plays the node.
 pub struct LiveOptions {
@@ -123,10 +130,15 @@ impl Live {
                 return;
             }
         };
+        let mut tunnel = None;
         if self.redeem(&manage, &token, backend.port) {
             self.proxied(&host, &backend);
+            tunnel = self.open_websocket(&host);
         }
         self.destroy(&manage, &token, true);
+        if let Some(tunnel) = tunnel {
+            self.websocket_cut(&host, tunnel);
+        }
         match self.get(&host, "/satellite-check", None) {
             Ok(after) if !after.body.contains(&backend.nonce) => self.findings.push(ok(format!(
                 "live: after destroy, https://{host}/ no longer reaches the backend ({})",
@@ -221,6 +233,45 @@ impl Live {
                 "map routing: SATELLITE_DB must be the database satellite writes; vhost routing: is cron --watch running?",
             )),
             Err(err) => self.findings.push(fail(format!("live: the token's URL: {err}"), "try the command by hand")),
+        }
+    }
+
+    /// A websocket through Apache to the temporary backend, as JupyterLab
+    /// keeps its kernels' (openssl s_client carries it: curl cannot keep
+    /// one open). `None` (and a warning) when it cannot be opened.
+    fn open_websocket(&mut self, host: &str) -> Option<Tunnel> {
+        match Tunnel::open(self.connect, host, self.cacert.as_deref()) {
+            Ok(tunnel) => {
+                self.findings.push(ok(format!(
+                    "live: a websocket to https://{host}/ reached the temporary backend through Apache"
+                )));
+                Some(tunnel)
+            }
+            Err(err) => {
+                self.findings.push(warn(
+                    format!("live: could not open a websocket through Apache: {err}"),
+                    "check that mod_proxy_wstunnel (or mod_proxy_http's upgrade) is loaded; the watcher was not tried",
+                ));
+                None
+            }
+        }
+    }
+
+    /// The ended session's websocket must close: the watcher cuts Apache's
+    /// tunnels to a backend whose route ended.
+    fn websocket_cut(&mut self, host: &str, mut tunnel: Tunnel) {
+        match tunnel.closed_within(WEBSOCKET_CUT_WITHIN) {
+            Some(took) => self.findings.push(ok(format!(
+                "live: after destroy, the websocket to https://{host}/ was closed {} ms later (cron --watch cut it)",
+                took.as_millis()
+            ))),
+            None => self.findings.push(fail(
+                format!(
+                    "live: after destroy, the websocket to https://{host}/ was still open {} s later: ended sessions keep their open connections",
+                    WEBSOCKET_CUT_WITHIN.as_secs()
+                ),
+                "run the watcher (systemctl enable --now satellite-cron, or cron --watch under your supervisor) with CAP_NET_ADMIN; see the watcher findings",
+            )),
         }
     }
 
@@ -329,8 +380,98 @@ fn source_address_for(to: SocketAddr) -> std::io::Result<IpAddr> {
     Ok(socket.local_addr()?.ip())
 }
 
-/// A backend for the check: answers every request with a nonce, until
-/// dropped.
+/// A websocket through Apache, carried by `openssl s_client`: open until
+/// Apache closes it (or the value is dropped).
+struct Tunnel {
+    client: std::process::Child,
+    /// Kept open: a closed stdin would end the connection from our side.
+    _stdin: std::process::ChildStdin,
+    /// What the client printed, line by line (its reader thread).
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Tunnel {
+    fn open(
+        connect: SocketAddr,
+        host: &str,
+        cacert: Option<&std::path::Path>,
+    ) -> Result<Tunnel, String> {
+        let mut command = Command::new("openssl");
+        command
+            .args(["s_client", "-quiet", "-connect"])
+            .arg(connect.to_string())
+            .args(["-servername", host]);
+        if let Some(ca) = cacert {
+            command.arg("-CAfile").arg(ca);
+        }
+        let mut client = command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run openssl: {e}"))?;
+        let request = format!(
+            "GET /satellite-check/ws HTTP/1.1\r\nHost: {host}:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: c2F0ZWxsaXRlLWNoZWNrLQ==\r\n\r\n",
+            connect.port()
+        );
+        let mut stdin = client.stdin.take().ok_or("no pipe to openssl")?;
+        let stdout = client.stdout.take().ok_or("no pipe from openssl")?;
+        stdin
+            .write_all(request.as_bytes())
+            .map_err(|e| format!("writing the upgrade request: {e}"))?;
+        let (send, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let Ok(line) = line else { break };
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut tunnel = Tunnel {
+            client,
+            _stdin: stdin,
+            lines,
+        };
+        match tunnel.lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(status) if status.trim_end() == SWITCHING => Ok(tunnel),
+            Ok(status) => {
+                tunnel.close();
+                Err(format!("Apache answered {:?}", status.trim_end()))
+            }
+            Err(_) => {
+                tunnel.close();
+                Err("no answer within 10 s".to_owned())
+            }
+        }
+    }
+
+    /// How long until Apache closed it, if within `limit`.
+    fn closed_within(&mut self, limit: Duration) -> Option<Duration> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if matches!(self.client.try_wait(), Ok(Some(_))) {
+                return Some(started.elapsed());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn close(&mut self) {
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A backend for the check: answers every request with a nonce, and a
+/// websocket upgrade with a tunnel it keeps open, until dropped.
 struct Backend {
     port: u16,
     nonce: String,
@@ -347,13 +488,23 @@ impl Backend {
         let stop = Arc::new(AtomicBool::new(false));
         let (body, done) = (format!("{nonce}\n"), stop.clone());
         let thread = thread::spawn(move || {
+            // Open until the backend stops (or the watcher cuts them).
+            let mut tunnels = Vec::new();
             while !done.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((mut stream, _)) => {
                         let _ = stream.set_nonblocking(false);
                         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                         let mut request = [0u8; 8192];
-                        let _ = stream.read(&mut request);
+                        let read = stream.read(&mut request).unwrap_or(0);
+                        let head = String::from_utf8_lossy(&request[..read]).to_ascii_lowercase();
+                        if head.contains("\r\nupgrade: websocket") {
+                            let _ = stream.write_all(
+                                format!("{SWITCHING}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").as_bytes(),
+                            );
+                            tunnels.push(stream);
+                            continue;
+                        }
                         let answer = format!(
                             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                             body.len()
