@@ -430,5 +430,8 @@ pub mod slurm;
 pub mod store;
 pub mod webdriver;
 
+// Not every test binary uses all of them.
+#[allow(unused_imports)]
 pub(crate) use store::on_both_stores;
+#[allow(unused_imports)]
 pub use store::{epoch_now, utc_text, Db, StoreKind};
