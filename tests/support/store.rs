@@ -38,6 +38,8 @@ impl StoreKind {
 
 /// Makes, for each listed `fn name(store: StoreKind)`, the tests
 /// `sqlite::name` and `postgres::name`.
+// Not every test binary has tests on both stores.
+#[allow(unused_macros)]
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
