@@ -134,6 +134,7 @@ impl Site {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        assert_eq!(site.db.exists(), store == StoreKind::Sqlite, "{store:?}");
         site
     }
 
@@ -283,6 +284,16 @@ impl Site {
             lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
         lines
+    }
+}
+
+/// A site on PostgreSQL ends with no SQLite file: no program fell back to
+/// one.
+impl Drop for Site {
+    fn drop(&mut self) {
+        if self.store == StoreKind::Postgres && !std::thread::panicking() {
+            assert!(!self.db.exists(), "a PostgreSQL site has a SQLite file");
+        }
     }
 }
 

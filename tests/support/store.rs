@@ -124,13 +124,9 @@ impl Db {
             Db::Sqlite(conn) => conn
                 .execute(sql, rusqlite::params_from_iter(params))
                 .unwrap_or_else(|e| panic!("{sql}: {e}")) as u64,
-            Db::Postgres(client) => {
-                let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
-                    params.iter().map(|p| p as _).collect();
-                client
-                    .execute(sql, &params)
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            }
+            Db::Postgres(client) => client
+                .execute(sql, &pg_params(params))
+                .unwrap_or_else(|e| panic!("{sql}: {e}")),
         }
     }
 
@@ -164,20 +160,16 @@ impl Db {
                 }
                 all
             }
-            Db::Postgres(client) => {
-                let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
-                    params.iter().map(|p| p as _).collect();
-                client
-                    .query(sql, &params)
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
-                    .iter()
-                    .map(|row| {
-                        (0..row.len())
-                            .map(|i| pg_value(row, i).unwrap_or_else(|e| panic!("{sql}: {e}")))
-                            .collect()
-                    })
-                    .collect()
-            }
+            Db::Postgres(client) => client
+                .query(sql, &pg_params(params))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|row| {
+                    (0..row.len())
+                        .map(|i| pg_value(row, i).unwrap_or_else(|e| panic!("{sql}: {e}")))
+                        .collect()
+                })
+                .collect(),
         }
     }
 
@@ -210,6 +202,10 @@ impl Db {
             Db::Postgres(_) => self.batch("BEGIN; SELECT 1 FROM satellite_changes FOR UPDATE"),
         }
     }
+}
+
+fn pg_params<'a>(params: &'a [&str]) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+    params.iter().map(|p| p as _).collect()
 }
 
 fn sqlite_value(row: &rusqlite::Row, i: usize) -> Value {
