@@ -740,6 +740,13 @@ impl Apache {
 impl Drop for Apache {
     fn drop(&mut self) {
         self.stop();
+        // On PostgreSQL no program fell back to a SQLite file.
+        if self.database_url().is_some() && !thread::panicking() {
+            assert!(
+                !self.db_file().exists(),
+                "a PostgreSQL frontend has a SQLite file"
+            );
+        }
     }
 }
 
