@@ -513,9 +513,8 @@ fn jobstates_push_posts_squeue_output_to_update_jobs(store: StoreKind) {
     assert_eq!(state.text(), "Q");
 }
 
-#[test]
-fn sigterm_under_load_finishes_what_it_started() {
-    let site = Site::with_config("trusted_proxies = [\"127.0.0.1/32\"]");
+fn sigterm_under_load_finishes_what_it_started(store: StoreKind) {
+    let site = Site::with_config_on(store, "trusted_proxies = [\"127.0.0.1/32\"]");
     let mut serve = Serve::start(&site);
     let port = serve.port;
     let answered = Arc::new(AtomicUsize::new(0));
@@ -1339,5 +1338,6 @@ on_both_stores!(
     jobstates_push_posts_squeue_output_to_update_jobs,
     a_flood_beyond_the_queue_gets_quick_503s_and_nobody_hangs,
     sigterm_answers_the_requests_already_queued_and_takes_no_new_ones,
+    sigterm_under_load_finishes_what_it_started,
     serve_answers_429_after_a_burst_of_unknown_guesses_from_one_address_only,
 );
