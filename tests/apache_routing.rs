@@ -947,14 +947,13 @@ fn check_probes_what_apache_really_does() {
 /// `satellite check --live` proves the site end to end through the real
 /// Apache (getlink, the waiting page, a redeem to a temporary backend the
 /// check starts, the proxied URL, destroy), and names what is broken: an
-/// untrusted certificate (and, below, Apache reading routes from another
-/// database).
+/// untrusted certificate (Apache reading routes from another database:
+/// `check_live_names_apache_reading_another_database`).
 fn check_live_proves_the_site_end_to_end_and_names_what_is_broken(store: StoreKind) {
     let apache = Apache::start_on(store, Routing::Map);
     let ca = apache.path("check-ca.pem");
     std::fs::write(&ca, &apache.ca_pem).unwrap();
-    let live = check_live;
-    let report = live(&apache, &["--cacert", ca.to_str().unwrap()]);
+    let report = check_live(&apache, &["--cacert", ca.to_str().unwrap()]);
     for line in [
         "OK   live: getlink from 127.0.0.1 gave a token",
         "OK   live: https://",
@@ -974,7 +973,7 @@ fn check_live_proves_the_site_end_to_end_and_names_what_is_broken(store: StoreKi
     assert_eq!(live_rows, 0);
 
     // Without the private CA: said, and the steps still run.
-    let report = live(&apache, &[]);
+    let report = check_live(&apache, &[]);
     assert!(
         report.contains(
             "FAIL live: the certificate Apache serves for manage.example.test is not trusted here"
@@ -984,7 +983,7 @@ fn check_live_proves_the_site_end_to_end_and_names_what_is_broken(store: StoreKi
     assert!(report.contains("OK   live: destroy: Success!"), "{report}");
 }
 
-/// `satellite check --live` on the report of a live check.
+/// The report of `satellite check --live` on `apache`'s install.
 fn check_live(apache: &Apache, extra: &[&str]) -> String {
     let out = Command::new(support::apache::SATELLITE)
         .args(["check", "--live", "--config"])
@@ -1000,14 +999,13 @@ fn check_live(apache: &Apache, extra: &[&str]) -> String {
 // SQLite only: the other database is another file (SATELLITE_DB).
 #[test]
 fn check_live_names_apache_reading_another_database() {
-    let live = check_live;
     let elsewhere = tempfile::tempdir().unwrap();
     let wrong = elsewhere.path().join("state.sqlite");
     let misread =
         Apache::start_defining(Routing::Map, &[("SATELLITE_DB", wrong.to_str().unwrap())]);
     let ca = misread.path("check-ca.pem");
     std::fs::write(&ca, &misread.ca_pem).unwrap();
-    let report = live(&misread, &["--cacert", ca.to_str().unwrap()]);
+    let report = check_live(&misread, &["--cacert", ca.to_str().unwrap()]);
     assert!(report.contains("without reaching the backend"), "{report}");
 }
 
