@@ -3,7 +3,10 @@
 //! `httpd-conf/`, the CGI programs installed as in production, backends on
 //! their own loopback addresses, and an HTTPS client. Every scenario that
 //! applies to both routing modes is written once and run for `map` and
-//! `vhost`. The tests fail, not skip, when Apache is missing.
+//! `vhost`. The tests fail, not skip, when Apache is missing. The tests
+//! listed in `on_both_stores!` (at the end) run on SQLite and on
+//! PostgreSQL (Apache's map lookup through APR's pgsql driver); the others
+//! are about Apache alone (mod_qos, check's probes) or a SQLite file.
 //!
 //! No test asserts a timing: where something becomes true eventually (a
 //! graceful reload in vhost routing, `cron --watch`), it is polled for with
@@ -18,6 +21,7 @@ use std::time::Duration;
 use support::apache::{Apache, Routing, Running, DEFAULT_ANSWER};
 use support::backend::{answer_body, Backend, ReservedPort};
 use support::client::{Request, Response};
+use support::{on_both_stores, StoreKind};
 
 const JUPYTER_WS: &str = "v1.kernel.websocket.jupyter.org";
 const BACKEND_A: &str = "127.0.0.3";
@@ -160,8 +164,8 @@ fn sha1_hex(bytes: &[u8]) -> String {
 }
 
 /// The whole life of a proxied session, and two sessions side by side.
-fn proxying(routing: Routing) {
-    let apache = Apache::start(routing);
+fn proxying(store: StoreKind, routing: Routing) {
+    let apache = Apache::start_on(store, routing);
     let a = Backend::start("alpha", BACKEND_A);
     let b = Backend::start("bravo", BACKEND_B);
 
@@ -319,20 +323,18 @@ fn proxying(routing: Routing) {
         .unwrap_or_else(|e| panic!("{other} after destroying {alias}: {e}"));
 }
 
-#[test]
-fn map_mode_proxying() {
-    proxying(Routing::Map);
+fn map_mode_proxying(store: StoreKind) {
+    proxying(store, Routing::Map);
 }
 
-#[test]
-fn vhost_mode_proxying() {
-    proxying(Routing::Vhost);
+fn vhost_mode_proxying(store: StoreKind) {
+    proxying(store, Routing::Vhost);
 }
 
 /// galyleo redeems before Jupyter listens: the retry page, then the
 /// notebook once it starts.
-fn retry_page(routing: Routing) {
-    let apache = Apache::start(routing);
+fn retry_page(store: StoreKind, routing: Routing) {
+    let apache = Apache::start_on(store, routing);
     let alias = apache.getlink();
     let reserved = ReservedPort::on(LATE_BACKEND);
     let port = reserved.port;
@@ -369,21 +371,18 @@ fn retry_page(routing: Routing) {
     });
 }
 
-#[test]
-fn map_mode_retry_page_until_the_backend_listens() {
-    retry_page(Routing::Map);
+fn map_mode_retry_page_until_the_backend_listens(store: StoreKind) {
+    retry_page(store, Routing::Map);
 }
 
-#[test]
-fn vhost_mode_retry_page_until_the_backend_listens() {
-    retry_page(Routing::Vhost);
+fn vhost_mode_retry_page_until_the_backend_listens(store: StoreKind) {
+    retry_page(store, Routing::Vhost);
 }
 
 /// vhost routing: a rendered config that Apache refuses is never left in
 /// place, and the routes Apache has keep working.
-#[test]
-fn vhost_mode_failed_config_test_keeps_the_previous_routes() {
-    let apache = Apache::start(Routing::Vhost);
+fn vhost_mode_failed_config_test_keeps_the_previous_routes(store: StoreKind) {
+    let apache = Apache::start_on(store, Routing::Vhost);
     let a = Backend::start("alpha", BACKEND_A);
     let b = Backend::start("bravo", BACKEND_B);
     let first = apache.getlink();
@@ -449,9 +448,8 @@ fn vhost_mode_failed_config_test_keeps_the_previous_routes() {
 
 /// vhost routing: one cron at a time, and a missing generated file is
 /// recreated.
-#[test]
-fn vhost_mode_cron_lock_and_missing_file() {
-    let apache = Apache::start(Routing::Vhost);
+fn vhost_mode_cron_lock_and_missing_file(store: StoreKind) {
+    let apache = Apache::start_on(store, Routing::Vhost);
     let a = Backend::start("alpha", BACKEND_A);
     let b = Backend::start("bravo", BACKEND_B);
     let alias = apache.getlink();
@@ -572,9 +570,8 @@ fn start_watcher(apache: &Apache) -> (Running, usize) {
     }
 }
 
-#[test]
-fn vhost_mode_cron_watch_publishes_without_a_manual_run() {
-    let apache = Apache::start(Routing::Vhost);
+fn vhost_mode_cron_watch_publishes_without_a_manual_run(store: StoreKind) {
+    let apache = Apache::start_on(store, Routing::Vhost);
     let a = Backend::start("alpha", BACKEND_A);
     let (_watch, _) = start_watcher(&apache);
     let alias = apache.getlink();
@@ -596,9 +593,8 @@ fn vhost_mode_cron_watch_publishes_without_a_manual_run() {
 
 /// map routing: routes come and go with the routes table alone; Apache is
 /// never reloaded, not even with websockets open.
-#[test]
-fn map_mode_routes_change_without_any_reload() {
-    let apache = Apache::start(Routing::Map);
+fn map_mode_routes_change_without_any_reload(store: StoreKind) {
+    let apache = Apache::start_on(store, Routing::Map);
     let a = Backend::start("alpha", BACKEND_A);
     let b = Backend::start("bravo", BACKEND_B);
     let parent = apache.parent_pid();
@@ -672,8 +668,8 @@ fn map_mode_routes_change_without_any_reload() {
 /// The routes table and the tokens never disagree: checked from the
 /// database side, whatever killed whom.
 fn routes_equal_the_database(apache: &Apache) -> Result<(), String> {
-    let conn = rusqlite::Connection::open(apache.db_file()).map_err(|e| e.to_string())?;
-    let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let mut db = apache.sql();
+    let mut count = |sql: &str| db.count(sql, &[]);
     let orphans = count(
         "SELECT count(*) FROM routes r LEFT JOIN proxy p ON p.alias = r.alias \
          WHERE p.alias IS NULL OR p.state <> 'proxied' \
@@ -716,9 +712,8 @@ fn redeem_killed_after(apache: &Apache, token: &str, port: u16, delay: Duration)
 /// others go live and away, and redeems are killed with SIGKILL at every
 /// point of their run. Nothing is reloaded, the busy session never sees an
 /// error, and the routes Apache reads always equal the database.
-#[test]
-fn map_mode_routes_come_and_go_under_load_and_survive_kill_9_of_writers() {
-    let apache = Apache::start(Routing::Map);
+fn map_mode_routes_come_and_go_under_load_and_survive_kill_9_of_writers(store: StoreKind) {
+    let apache = Apache::start_on(store, Routing::Map);
     let a = Backend::start("alpha", BACKEND_A);
     let busy = apache.getlink();
     apache.redeem_ok(&busy, BACKEND_A, a.port());
@@ -952,25 +947,16 @@ fn check_probes_what_apache_really_does() {
 /// `satellite check --live` proves the site end to end through the real
 /// Apache (getlink, the waiting page, a redeem to a temporary backend the
 /// check starts, the proxied URL, destroy), and names what is broken: an
-/// untrusted certificate, Apache reading routes from another database.
-#[test]
-fn check_live_proves_the_site_end_to_end_and_names_what_is_broken() {
-    let apache = Apache::start(Routing::Map);
+/// untrusted certificate (Apache reading routes from another database:
+/// `check_live_names_apache_reading_another_database`).
+fn check_live_proves_the_site_end_to_end_and_names_what_is_broken(store: StoreKind) {
+    let apache = Apache::start_on(store, Routing::Map);
     // Its websocket step needs the watcher (tests/check_live.rs).
     let _watcher = apache.run_watcher();
     apache.await_watcher_saying("watching the database");
     let ca = apache.path("check-ca.pem");
     std::fs::write(&ca, &apache.ca_pem).unwrap();
-    let live = |apache: &Apache, extra: &[&str]| {
-        let out = Command::new(support::apache::SATELLITE)
-            .args(["check", "--live", "--config"])
-            .arg(apache.config_file())
-            .args(extra)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let report = live(&apache, &["--cacert", ca.to_str().unwrap()]);
+    let report = apache.check_live(&["--cacert", ca.to_str().unwrap()]);
     for line in [
         "OK   live: getlink from 127.0.0.1 gave a token",
         "OK   live: https://",
@@ -983,18 +969,14 @@ fn check_live_proves_the_site_end_to_end_and_names_what_is_broken() {
     }
     assert!(!report.contains("FAIL live"), "{report}");
     // Nothing left behind: the check's token is ended.
-    let db = rusqlite::Connection::open(apache.db_file()).unwrap();
-    let live_rows: i64 = db
-        .query_row(
-            "SELECT count(*) FROM proxy WHERE state IN ('pending', 'mapped', 'proxied')",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let live_rows = apache.sql().count(
+        "SELECT count(*) FROM proxy WHERE state IN ('pending', 'mapped', 'proxied')",
+        &[],
+    );
     assert_eq!(live_rows, 0);
 
     // Without the private CA: said, and the steps still run.
-    let report = live(&apache, &[]);
+    let report = apache.check_live(&[]);
     assert!(
         report.contains(
             "FAIL live: the certificate Apache serves for manage.example.test is not trusted here"
@@ -1002,25 +984,28 @@ fn check_live_proves_the_site_end_to_end_and_names_what_is_broken() {
         "{report}"
     );
     assert!(report.contains("OK   live: destroy: Success!"), "{report}");
+}
 
-    // Apache reading another database: the redeem succeeds, the URL does
-    // not reach the backend, and the check says so.
+/// Apache reading another database: the redeem succeeds, the URL does not
+/// reach the backend, and the check says so.
+// SQLite only: the other database is another file (SATELLITE_DB).
+#[test]
+fn check_live_names_apache_reading_another_database() {
     let elsewhere = tempfile::tempdir().unwrap();
     let wrong = elsewhere.path().join("state.sqlite");
     let misread =
         Apache::start_defining(Routing::Map, &[("SATELLITE_DB", wrong.to_str().unwrap())]);
     let ca = misread.path("check-ca.pem");
     std::fs::write(&ca, &misread.ca_pem).unwrap();
-    let report = live(&misread, &["--cacert", ca.to_str().unwrap()]);
+    let report = misread.check_live(&["--cacert", ca.to_str().unwrap()]);
     assert!(report.contains("without reaching the backend"), "{report}");
 }
 
 /// A load balancer's health check of one frontend, through Apache to
 /// serve: 503 until this frontend's watcher has run, 200 while it beats,
 /// 503 again once it has been silent for a minute.
-#[test]
-fn healthz_answers_200_only_with_the_store_and_this_frontends_watcher_alive() {
-    let apache = Apache::start_serving(Routing::Map);
+fn healthz_answers_200_only_with_the_store_and_this_frontends_watcher_alive(store: StoreKind) {
+    let apache = Apache::start_serving_on(store, Routing::Map);
     let _serve = apache.run_serve();
     let health = || {
         let r = apache
@@ -1057,13 +1042,10 @@ fn healthz_answers_200_only_with_the_store_and_this_frontends_watcher_alive() {
 
     // Its watcher dead for a minute: the frontend says it cannot serve.
     drop(watcher);
-    rusqlite::Connection::open(apache.db_file())
-        .unwrap()
-        .execute(
-            "UPDATE watchers SET heartbeat = datetime('now', '-90 seconds')",
-            [],
-        )
-        .unwrap();
+    apache.sql().execute(
+        "UPDATE watchers SET heartbeat = $1",
+        &[&support::utc_text(-90)],
+    );
     let (status, text, _) = health();
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("silent for 9"), "{text}");
@@ -1121,3 +1103,17 @@ fn map_mode_a_flood_of_guesses_is_refused_with_429_never_500() {
         "{statuses:?}"
     );
 }
+
+on_both_stores!(
+    map_mode_proxying,
+    vhost_mode_proxying,
+    map_mode_retry_page_until_the_backend_listens,
+    vhost_mode_retry_page_until_the_backend_listens,
+    vhost_mode_failed_config_test_keeps_the_previous_routes,
+    vhost_mode_cron_lock_and_missing_file,
+    vhost_mode_cron_watch_publishes_without_a_manual_run,
+    map_mode_routes_change_without_any_reload,
+    map_mode_routes_come_and_go_under_load_and_survive_kill_9_of_writers,
+    check_live_proves_the_site_end_to_end_and_names_what_is_broken,
+    healthz_answers_200_only_with_the_store_and_this_frontends_watcher_alive,
+);

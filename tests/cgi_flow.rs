@@ -1,5 +1,7 @@
 //! The endpoint programs run as Apache runs them (CGI), through the flows
-//! real clients use.
+//! real clients use. The tests listed in `on_both_stores!` (at the end)
+//! run on SQLite and on PostgreSQL; the others are about the SQLite file
+//! (each says why) or about no store at all (log keys, syslog).
 
 mod support;
 
@@ -7,9 +9,8 @@ use std::collections::HashSet;
 
 use support::*;
 
-#[test]
-fn getlink_answers_the_exact_bytes_galyleo_parses() {
-    let site = Site::new();
+fn getlink_answers_the_exact_bytes_galyleo_parses(store: StoreKind) {
+    let site = Site::on(store);
     let answer = site.cgi("getlink").remote(LOGIN_NODE).run();
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("Content-Type"), Some("text/plain"));
@@ -30,10 +31,9 @@ fn getlink_answers_the_exact_bytes_galyleo_parses() {
     assert_eq!(site.state_of(token).as_deref(), Some("pending"));
 }
 
-#[test]
-fn the_whole_galyleo_flow() {
+fn the_whole_galyleo_flow(store: StoreKind) {
     // vhost routing: the row stays `mapped` until cron has reloaded Apache.
-    let site = Site::with_config("routing = \"vhost\"");
+    let site = Site::with_config_on(store, "routing = \"vhost\"");
     let token = site.new_token();
     let origin = format!("https://{token}.{EXT}");
     let poll = || {
@@ -98,23 +98,23 @@ fn the_whole_galyleo_flow() {
         .run();
     assert_eq!(redeemed.status_and_text(), (200, "Success!\n".into()));
     assert_eq!(redeemed.header("Content-Type"), Some("text/html"));
-    let (host, port): (String, i64) = site
-        .db()
-        .query_row(
-            "SELECT dsthost, dstport FROM proxy WHERE alias = ?1",
-            [&token],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+    let row = site
+        .sql()
+        .row(
+            "SELECT dsthost, dstport FROM proxy WHERE alias = $1",
+            &[&token],
         )
         .unwrap();
-    assert_eq!((host.as_str(), port), (COMPUTE_NODE, 50123));
+    assert_eq!(
+        (row[0].text(), row[1].int()),
+        (COMPUTE_NODE.to_owned(), 50123)
+    );
     assert_eq!(poll(), "M");
 
-    site.db()
-        .execute(
-            "UPDATE proxy SET state = 'proxied' WHERE alias = ?1",
-            [&token],
-        )
-        .unwrap();
+    site.sql().execute(
+        "UPDATE proxy SET state = 'proxied' WHERE alias = $1",
+        &[&token],
+    );
     assert_eq!(poll(), "PR");
     push("4242 OUT_OF_MEMORY");
     assert_eq!(poll(), "D");
@@ -170,9 +170,10 @@ fn the_whole_galyleo_flow() {
         .any(|l| l.contains(&format!("mapped-to: {COMPUTE_NODE}:50123"))));
 }
 
-#[test]
-fn a_pending_token_can_be_destroyed_from_the_login_node_but_a_redeemed_one_only_from_its_host() {
-    let site = Site::with_config("routing = \"vhost\"");
+fn a_pending_token_can_be_destroyed_from_the_login_node_but_a_redeemed_one_only_from_its_host(
+    store: StoreKind,
+) {
+    let site = Site::with_config_on(store, "routing = \"vhost\"");
     let pending = site.new_token();
     let answer = site
         .cgi("destroytoken")
@@ -216,9 +217,8 @@ fn a_pending_token_can_be_destroyed_from_the_login_node_but_a_redeemed_one_only_
     );
 }
 
-#[test]
-fn a_token_links_once_in_any_state() {
-    let site = Site::new();
+fn a_token_links_once_in_any_state(store: StoreKind) {
+    let site = Site::on(store);
     let token = site.new_token();
     site.cgi("redeemtoken")
         .remote(COMPUTE_NODE)
@@ -240,12 +240,11 @@ fn a_token_links_once_in_any_state() {
     );
 }
 
-#[test]
-fn fifty_concurrent_redeems_of_one_token_make_exactly_one_success() {
+fn fifty_concurrent_redeems_of_one_token_make_exactly_one_success(store: StoreKind) {
     // The test is about atomicity: a long busy timeout, so that fifty
     // processes queueing for the lock on a loaded machine never turn a 409
     // into a 503.
-    let site = Site::with_config("busy_timeout_ms = 120000");
+    let site = Site::with_config_on(store, "busy_timeout_ms = 120000");
     let token = site.new_token();
     let children: Vec<_> = (0..50)
         .map(|i| {
@@ -268,19 +267,14 @@ fn fifty_concurrent_redeems_of_one_token_make_exactly_one_success() {
             (409, "Oops! Unknown nonce or nonce already used\n".into())
         );
     }
-    let rows: i64 = site
-        .db()
-        .query_row("SELECT count(*) FROM proxy", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(rows, 1);
+    assert_eq!(site.sql().count("SELECT count(*) FROM proxy", &[]), 1);
 }
 
 /// The generator's own property (many draws, distinct valid labels) is a
 /// unit test in `satellite-core`'s `token.rs`; this checks the processes:
 /// concurrent getlinks, each with its own CSPRNG seed, store what they answer.
-#[test]
-fn three_hundred_concurrent_getlinks_give_distinct_dns_labels() {
-    let site = Site::new();
+fn three_hundred_concurrent_getlinks_give_distinct_dns_labels(store: StoreKind) {
+    let site = Site::on(store);
     let tokens: Vec<String> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..4)
             .map(|_| scope.spawn(|| (0..75).map(|_| site.new_token()).collect::<Vec<_>>()))
@@ -301,10 +295,9 @@ fn three_hundred_concurrent_getlinks_give_distinct_dns_labels() {
             && w.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())));
     }
-    let rows: i64 = site
-        .db()
-        .query_row("SELECT count(DISTINCT alias) FROM proxy", [], |r| r.get(0))
-        .unwrap();
+    let rows = site
+        .sql()
+        .count("SELECT count(DISTINCT alias) FROM proxy", &[]);
     assert_eq!(rows, 300);
 }
 
@@ -345,19 +338,13 @@ fn legacy_site(variant: &str) -> Site {
     }
     conn.execute(
         "replace into jobstates (jobid,state,lastseen) values('77','OUTOFMEMORY',?)",
-        [chrono_now() - 10],
+        [epoch_now() - 10],
     )
     .unwrap();
     site
 }
 
-fn chrono_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
+// SQLite only: the Perl service's databases are SQLite files, migrated in place.
 #[test]
 fn legacy_databases_are_migrated_in_place_and_keep_working() {
     for variant in ["base", "master", "revssh"] {
@@ -421,7 +408,7 @@ fn legacy_databases_are_migrated_in_place_and_keep_working() {
         let live: i64 = conn
             .query_row(
                 "select count(*) from proxy where (state = 'mapped' or state = 'proxied') and modified >= datetime(?,'unixepoch')",
-                [chrono_now() - 176400],
+                [epoch_now() - 176400],
                 |r| r.get(0),
             )
             .unwrap();
@@ -455,6 +442,7 @@ fn legacy_databases_are_migrated_in_place_and_keep_working() {
     }
 }
 
+// SQLite only: the Perl service's databases are SQLite files, migrated in place.
 #[test]
 fn colliding_legacy_rows_block_the_migration_with_their_names() {
     let site = legacy_site("master");
@@ -484,9 +472,8 @@ fn colliding_legacy_rows_block_the_migration_with_their_names() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("able-acorn-zoo"));
 }
 
-#[test]
-fn legacy_status_200_restores_the_original_statuses() {
-    let site = Site::with_config("legacy_status_200 = true");
+fn legacy_status_200_restores_the_original_statuses(store: StoreKind) {
+    let site = Site::with_config_on(store, "legacy_status_200 = true");
     let answer = site.cgi("getlink").remote(OUTSIDER).run();
     assert_eq!(
         answer.status_and_text(),
@@ -503,9 +490,8 @@ fn legacy_status_200_restores_the_original_statuses() {
     );
 }
 
-#[test]
-fn tokenjobstate_cors_is_an_exact_match_and_answers_preflight() {
-    let site = Site::with_config("extport = 8443");
+fn tokenjobstate_cors_is_an_exact_match_and_answers_preflight(store: StoreKind) {
+    let site = Site::with_config_on(store, "extport = 8443");
     let token = site.new_token();
     let origin_for = |o: &str| {
         site.cgi("tokenjobstate")
@@ -546,9 +532,8 @@ fn tokenjobstate_cors_is_an_exact_match_and_answers_preflight() {
     assert!(preflight.body.is_empty());
 }
 
-#[test]
-fn the_waiting_page_answers_any_path_get_and_head_while_pending() {
-    let site = Site::new();
+fn the_waiting_page_answers_any_path_get_and_head_while_pending(store: StoreKind) {
+    let site = Site::on(store);
     let token = site.new_token();
     for path in ["/", "/lab", "/tree/notebooks/a.ipynb"] {
         let answer = site
@@ -593,18 +578,16 @@ fn the_waiting_page_answers_any_path_get_and_head_while_pending() {
     }
 }
 
-#[test]
-fn in_map_routing_redeem_and_destroy_publish_the_route_before_answering() {
-    let site = Site::new();
+fn in_map_routing_redeem_and_destroy_publish_the_route_before_answering(store: StoreKind) {
+    let site = Site::on(store);
     let token = site.new_token();
     let route = || -> Option<String> {
-        site.db()
-            .query_row(
-                "SELECT target FROM routes WHERE alias = ?1 AND expires >= datetime('now')",
-                [&token],
-                |r| r.get(0),
+        site.sql()
+            .value(
+                "SELECT target FROM routes WHERE alias = $1 AND expires >= datetime('now')",
+                &[&token],
             )
-            .ok()
+            .map(|target| target.text())
     };
     let redeemed = site
         .cgi("redeemtoken")
@@ -633,9 +616,8 @@ fn in_map_routing_redeem_and_destroy_publish_the_route_before_answering() {
 /// A job's end ends its session: the route goes at once, the token stays
 /// as a tombstone that tokenjobstate reports as `D` (and its JSON form as
 /// ended, with when), and the alias cannot be redeemed again.
-#[test]
-fn a_job_reported_ended_ends_its_session_and_keeps_a_tombstone() {
-    let site = Site::new();
+fn a_job_reported_ended_ends_its_session_and_keeps_a_tombstone(store: StoreKind) {
+    let site = Site::on(store);
     let token = site.new_token();
     let linked = site
         .cgi("linktoken")
@@ -666,11 +648,7 @@ fn a_job_reported_ended_ends_its_session_and_keeps_a_tombstone() {
     assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
     push("4242 TIMEOUT\n");
     assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
-    let routes: i64 = site
-        .db()
-        .query_row("SELECT count(*) FROM routes", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(routes, 0);
+    assert_eq!(site.sql().count("SELECT count(*) FROM routes", &[]), 0);
     let poll = site
         .cgi("tokenjobstate")
         .query(format!("token={token}.{EXT}"))
@@ -705,22 +683,21 @@ fn a_job_reported_ended_ends_its_session_and_keeps_a_tombstone() {
 /// job_binding = "enforce": once the scheduler has said where a linked job
 /// runs, a redeem from any other host is refused, with the answer and the
 /// cost of an unknown token (no oracle for a guesser inside tgtipmask).
-#[test]
-fn in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused() {
-    let site = Site::with_config(&format!(
-        "job_binding = \"enforce\"\n[node_addresses]\nnode07 = [\"{COMPUTE_NODE}\"]"
-    ));
+fn in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused(store: StoreKind) {
+    let site = Site::with_config_on(
+        store,
+        &format!("job_binding = \"enforce\"\n[node_addresses]\nnode07 = [\"{COMPUTE_NODE}\"]"),
+    );
     let token = site.new_token();
     site.cgi("linktoken")
         .remote(LOGIN_NODE)
         .query(format!("token={token}&jobid=77"))
         .run();
-    let conn = site.db();
-    conn.execute_batch(
-        "INSERT INTO jobstates (jobid, state, lastseen) VALUES ('77', 'RUNNING', strftime('%s','now')); \
+    site.sql().batch(&format!(
+        "INSERT INTO jobstates (jobid, state, lastseen) VALUES ('77', 'RUNNING', {}); \
          INSERT INTO jobdetails (jobid, nodes, job_user, job_uid) VALUES ('77', 'node07', 'alice', 5001);",
-    )
-    .unwrap();
+        epoch_now()
+    ));
     let stranger = site
         .cgi("redeemtoken")
         .remote(OTHER_COMPUTE_NODE)
@@ -731,14 +708,10 @@ fn in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused() {
         (404, "Oops! Unknown nonce or nonce already used\n".into())
     );
     assert_eq!(site.state_of(&token).as_deref(), Some("pending"));
-    let charged: i64 = site
-        .db()
-        .query_row(
-            "SELECT count(*) FROM unknown_answers WHERE client = ?1",
-            [OTHER_COMPUTE_NODE],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let charged = site.sql().count(
+        "SELECT count(*) FROM unknown_answers WHERE client = $1",
+        &[OTHER_COMPUTE_NODE],
+    );
     assert_eq!(charged, 1, "the refusal counts as an unknown answer");
     let own = site
         .cgi("redeemtoken")
@@ -751,6 +724,7 @@ fn in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused() {
 /// The Perl scripts on a database with `ended` tombstones, of a job end,
 /// a destroy and a revoke: their own statements never route them, never
 /// redeem them, and their expiry removes them.
+// SQLite only: the Perl scripts' statements are SQLite's dialect on its file.
 #[test]
 fn perl_statements_treat_an_ended_tombstone_sensibly() {
     let site = Site::new();
@@ -805,7 +779,7 @@ fn perl_statements_treat_an_ended_tombstone_sensibly() {
     // gone.
     conn.execute(
         "delete from proxy where modified < datetime(?,'unixepoch')",
-        [chrono_now() + 10],
+        [epoch_now() + 10],
     )
     .unwrap();
     for token in [&job_end, &destroyed, &revoked] {
@@ -816,9 +790,8 @@ fn perl_statements_treat_an_ended_tombstone_sensibly() {
 /// A complete snapshot (`complete=1&taken=…`, what `satellite jobstates
 /// push` sends) that no longer lists a linked job ends its session; a
 /// legacy push that does not mention it ends nothing.
-#[test]
-fn a_complete_snapshot_without_the_linked_job_ends_its_session() {
-    let site = Site::new();
+fn a_complete_snapshot_without_the_linked_job_ends_its_session(store: StoreKind) {
+    let site = Site::on(store);
     let token = site.redeemed_token(COMPUTE_NODE, 8888);
     site.cgi("linktoken")
         .remote(LOGIN_NODE)
@@ -826,12 +799,10 @@ fn a_complete_snapshot_without_the_linked_job_ends_its_session() {
         .run();
     // Linked well before the snapshot was taken (a job linked after it
     // may be missing from it without having ended).
-    site.db()
-        .execute(
-            "UPDATE proxy SET linked_at = datetime('now', '-1 hour') WHERE alias = ?1",
-            [&token],
-        )
-        .unwrap();
+    site.sql().execute(
+        "UPDATE proxy SET linked_at = $1 WHERE alias = $2",
+        &[&utc_text(-3600), &token],
+    );
     let push = |body: String| {
         let answer = site
             .cgi("update-jobs")
@@ -842,19 +813,16 @@ fn a_complete_snapshot_without_the_linked_job_ends_its_session() {
     };
     push("jobstates=\n999 RUNNING\n".into());
     assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
-    let now = chrono_now();
+    let now = epoch_now();
     push(format!(
         "jobstates=999+RUNNING+-+{now}+3600+bob+5002+node01%0A&complete=1&taken={now}"
     ));
     assert_eq!(site.state_of(&token).as_deref(), Some("ended"));
-    let cause: String = site
-        .db()
-        .query_row(
-            "SELECT end_cause FROM proxy WHERE alias = ?1",
-            [&token],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let cause = site
+        .sql()
+        .value("SELECT end_cause FROM proxy WHERE alias = $1", &[&token])
+        .unwrap()
+        .text();
     assert_eq!(cause, "job 555 is no longer known to the scheduler");
 }
 
@@ -906,16 +874,15 @@ fn a_missing_syslog_socket_costs_cgi_no_line_in_apaches_log() {
 
 /// A site whose clients may get three unknown-token answers and never get
 /// any back (a refill rate of 0: nothing in the test depends on the clock).
-fn limited_site(extra: &str) -> Site {
-    let site = Site::with_config(&format!(
-        "unknown_token_burst = 3\nunknown_token_rate = 0.0\n{extra}"
-    ));
-    site.db()
-        .execute(
-            "INSERT INTO proxy (alias, alias_compare_hash, state) VALUES ('able-acorn-zoo', ?1, 'pending')",
-            [legacy_hash("able-acorn-zoo")],
-        )
-        .unwrap();
+fn limited_site(store: StoreKind, extra: &str) -> Site {
+    let site = Site::with_config_on(
+        store,
+        &format!("unknown_token_burst = 3\nunknown_token_rate = 0.0\n{extra}"),
+    );
+    site.sql().execute(
+        "INSERT INTO proxy (alias, alias_compare_hash, state) VALUES ('able-acorn-zoo', $1, 'pending')",
+        &[&legacy_hash("able-acorn-zoo")],
+    );
     site
 }
 
@@ -929,9 +896,10 @@ fn jobstate(site: &Site, from: &str, token: &str) -> Answer {
         .run()
 }
 
-#[test]
-fn a_burst_of_unknown_tokenjobstate_guesses_gets_429_after_the_burst_and_only_for_that_address() {
-    let site = limited_site("");
+fn a_burst_of_unknown_tokenjobstate_guesses_gets_429_after_the_burst_and_only_for_that_address(
+    store: StoreKind,
+) {
+    let site = limited_site(store, "");
     let guesser = "203.0.113.9";
     for guess in ["wrong-guess-one", "wrong-guess-two", "not!a!token"] {
         assert_eq!(
@@ -982,36 +950,34 @@ fn a_burst_of_unknown_tokenjobstate_guesses_gets_429_after_the_burst_and_only_fo
     );
 }
 
-#[test]
-fn known_tokens_cost_nothing_and_write_nothing() {
-    let site = limited_site("");
+fn known_tokens_cost_nothing_and_write_nothing(store: StoreKind) {
+    let site = limited_site(store, "");
     for _ in 0..10 {
         assert_eq!(
             jobstate(&site, "198.51.100.7", "able-acorn-zoo").status_and_text(),
             (200, "PE".to_owned())
         );
     }
-    let rows: i64 = site
-        .db()
-        .query_row("SELECT count(*) FROM unknown_answers", [], |r| r.get(0))
-        .unwrap();
+    let rows = site
+        .sql()
+        .count("SELECT count(*) FROM unknown_answers", &[]);
     assert_eq!(rows, 0);
     jobstate(&site, "198.51.100.7", "wrong-guess-one");
-    let debt: f64 = site
-        .db()
-        .query_row(
+    let debt = site
+        .sql()
+        .value(
             "SELECT debt FROM unknown_answers WHERE client = '198.51.100.7'",
-            [],
-            |r| r.get(0),
+            &[],
         )
-        .unwrap();
+        .unwrap()
+        .real();
     assert_eq!(debt, 1.0);
 }
 
-#[test]
 fn unknown_nonces_at_redeem_destroy_and_link_share_one_limit_and_a_known_one_over_it_is_refused_untouched(
+    store: StoreKind,
 ) {
-    let site = limited_site("");
+    let site = limited_site(store, "");
     let unknown_redeem = site
         .cgi("redeemtoken")
         .remote(COMPUTE_NODE)
@@ -1072,9 +1038,8 @@ fn unknown_nonces_at_redeem_destroy_and_link_share_one_limit_and_a_known_one_ove
     assert_eq!(redeemed.status_and_text(), (200, "Success!\n".to_owned()));
 }
 
-#[test]
-fn legacy_status_200_keeps_200_for_the_rate_limit_oops() {
-    let site = limited_site("legacy_status_200 = true");
+fn legacy_status_200_keeps_200_for_the_rate_limit_oops(store: StoreKind) {
+    let site = limited_site(store, "legacy_status_200 = true");
     for guess in ["wrong-guess-one", "wrong-guess-two", "wrong-guess-three"] {
         jobstate(&site, OUTSIDER, guess);
     }
@@ -1083,19 +1048,17 @@ fn legacy_status_200_keeps_200_for_the_rate_limit_oops() {
     assert_eq!(refused.header("Retry-After"), Some("3600"));
 }
 
-#[test]
-fn unknown_token_limit_false_turns_the_limit_off() {
-    let site = limited_site("unknown_token_limit = false");
+fn unknown_token_limit_false_turns_the_limit_off(store: StoreKind) {
+    let site = limited_site(store, "unknown_token_limit = false");
     for _ in 0..6 {
         assert_eq!(
             jobstate(&site, OUTSIDER, "wrong-guess-one").status_and_text(),
             (200, String::new())
         );
     }
-    let rows: i64 = site
-        .db()
-        .query_row("SELECT count(*) FROM unknown_answers", [], |r| r.get(0))
-        .unwrap();
+    let rows = site
+        .sql()
+        .count("SELECT count(*) FROM unknown_answers", &[]);
     assert_eq!(rows, 0);
 }
 
@@ -1104,9 +1067,8 @@ fn unknown_token_limit_false_turns_the_limit_off() {
 /// token. Polling it is no guess: it never counts against the address's
 /// unknown-token limit (shared by everyone behind one NAT). A second
 /// destroy answers as the original did.
-#[test]
-fn destroy_and_revoke_leave_tombstones_whose_polls_never_count_as_unknown() {
-    let site = limited_site("");
+fn destroy_and_revoke_leave_tombstones_whose_polls_never_count_as_unknown(store: StoreKind) {
+    let site = limited_site(store, "");
     let destroyed = site.redeemed_token(COMPUTE_NODE, 8888);
     let revoked = site.redeemed_token(COMPUTE_NODE, 8889);
     let answer = site
@@ -1137,14 +1099,9 @@ fn destroy_and_revoke_leave_tombstones_whose_polls_never_count_as_unknown() {
             assert_eq!(jobstate(&site, "203.0.113.9", token).text(), "D");
         }
         // Its route went with it, and the alias stays taken.
-        let routes: i64 = site
-            .db()
-            .query_row(
-                "SELECT count(*) FROM routes WHERE alias = ?1",
-                [token],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let routes = site
+            .sql()
+            .count("SELECT count(*) FROM routes WHERE alias = $1", &[token]);
         assert_eq!(routes, 0);
         let redeem = site
             .cgi("redeemtoken")
@@ -1177,9 +1134,8 @@ fn destroy_and_revoke_leave_tombstones_whose_polls_never_count_as_unknown() {
 /// counted, get exactly the burst's worth of unknown answers and the rest
 /// the refusal. (Before, each checked then charged in two transactions,
 /// and concurrent guesses all got through.)
-#[test]
-fn fifty_concurrent_guesses_from_one_address_get_no_more_than_the_burst() {
-    let site = limited_site("busy_timeout_ms = 30000");
+fn fifty_concurrent_guesses_from_one_address_get_no_more_than_the_burst(store: StoreKind) {
+    let site = limited_site(store, "busy_timeout_ms = 30000");
     let guesser = "203.0.113.77";
     let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
         let running: Vec<_> = (0..50)
@@ -1205,6 +1161,7 @@ fn fifty_concurrent_guesses_from_one_address_get_no_more_than_the_burst() {
 /// whose row is there), and the log says the disk is full; nothing is
 /// corrupted; everything works again once space
 /// returns. Needs root to mount a small tmpfs on var/ (CI runs as root).
+// SQLite only: the database file and its WAL on a full var/.
 #[test]
 fn a_full_disk_under_var_refuses_writes_clearly_and_recovers() {
     if !nix::unistd::geteuid().is_root() {
@@ -1314,3 +1271,26 @@ fn a_full_disk_under_var_refuses_writes_clearly_and_recovers() {
     assert_eq!(site.state_of(&token).as_deref(), Some("proxied"));
     println!("{refused} of 20 getlinks refused while the disk was full");
 }
+
+on_both_stores!(
+    getlink_answers_the_exact_bytes_galyleo_parses,
+    the_whole_galyleo_flow,
+    a_pending_token_can_be_destroyed_from_the_login_node_but_a_redeemed_one_only_from_its_host,
+    a_token_links_once_in_any_state,
+    fifty_concurrent_redeems_of_one_token_make_exactly_one_success,
+    three_hundred_concurrent_getlinks_give_distinct_dns_labels,
+    legacy_status_200_restores_the_original_statuses,
+    tokenjobstate_cors_is_an_exact_match_and_answers_preflight,
+    the_waiting_page_answers_any_path_get_and_head_while_pending,
+    in_map_routing_redeem_and_destroy_publish_the_route_before_answering,
+    a_job_reported_ended_ends_its_session_and_keeps_a_tombstone,
+    in_enforce_mode_a_redeem_from_outside_the_linked_job_is_refused,
+    a_complete_snapshot_without_the_linked_job_ends_its_session,
+    a_burst_of_unknown_tokenjobstate_guesses_gets_429_after_the_burst_and_only_for_that_address,
+    known_tokens_cost_nothing_and_write_nothing,
+    unknown_nonces_at_redeem_destroy_and_link_share_one_limit_and_a_known_one_over_it_is_refused_untouched,
+    legacy_status_200_keeps_200_for_the_rate_limit_oops,
+    unknown_token_limit_false_turns_the_limit_off,
+    destroy_and_revoke_leave_tombstones_whose_polls_never_count_as_unknown,
+    fifty_concurrent_guesses_from_one_address_get_no_more_than_the_burst,
+);

@@ -4,21 +4,13 @@
 
 mod support;
 
-use std::process::Command;
-
 use support::apache::{Apache, Routing};
 
+/// `check --live` trusting the test's private CA.
 fn check_live(apache: &Apache) -> String {
     let ca = apache.path("check-ca.pem");
     std::fs::write(&ca, &apache.ca_pem).unwrap();
-    let out = Command::new(support::apache::SATELLITE)
-        .args(["check", "--live", "--config"])
-        .arg(apache.config_file())
-        .arg("--cacert")
-        .arg(&ca)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    apache.check_live(&["--cacert", ca.to_str().unwrap()])
 }
 
 /// The watcher is what closes an ended session's websocket: without one,

@@ -1,6 +1,9 @@
 //! `satellite serve` answers exactly as the CGI programs do, cannot be told
 //! a client address by anyone but Apache (its Unix socket or a trusted
 //! proxy), and refuses what a proxy could frame differently.
+//! The tests that go through the store are listed in `on_both_stores!`
+//! (at the end) and run on SQLite and on PostgreSQL; the others are about
+//! HTTP and serve's process, whichever store answers.
 
 mod support;
 
@@ -15,27 +18,25 @@ use support::*;
 
 /// The same rows in every site: a pending token, a redeemed and linked one,
 /// and a job state.
-fn fixture_site(extra: &str) -> Site {
-    let site = Site::with_config(&format!(
-        "routing = \"vhost\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n{extra}"
-    ));
-    let conn = site.db();
-    conn.execute(
-        "INSERT INTO proxy (alias, alias_compare_hash, state) VALUES ('able-acorn-zoo', ?1, 'pending')",
-        [legacy_hash("able-acorn-zoo")],
-    )
-    .unwrap();
-    conn.execute(
+fn fixture_site(store: StoreKind, extra: &str) -> Site {
+    let site = Site::with_config_on(
+        store,
+        &format!("routing = \"vhost\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n{extra}"),
+    );
+    let mut db = site.sql();
+    db.execute(
+        "INSERT INTO proxy (alias, alias_compare_hash, state) VALUES ('able-acorn-zoo', $1, 'pending')",
+        &[&legacy_hash("able-acorn-zoo")],
+    );
+    db.execute(
         "INSERT INTO proxy (alias, alias_compare_hash, state, dsthost, dstport, jobid) \
-         VALUES ('zen-yak-bat', ?1, 'mapped', '10.21.3.4', 8888, '77')",
-        [legacy_hash("zen-yak-bat")],
-    )
-    .unwrap();
-    conn.execute(
-        "INSERT INTO jobstates VALUES ('77', 'RUNNING', strftime('%s','now'))",
-        [],
-    )
-    .unwrap();
+         VALUES ('zen-yak-bat', $1, 'mapped', '10.21.3.4', 8888, '77')",
+        &[&legacy_hash("zen-yak-bat")],
+    );
+    db.batch(&format!(
+        "INSERT INTO jobstates VALUES ('77', 'RUNNING', {})",
+        epoch_now()
+    ));
     site
 }
 
@@ -165,10 +166,9 @@ fn case(
     }
 }
 
-#[test]
-fn serve_answers_the_request_table_byte_for_byte_as_cgi() {
-    let cgi_site = fixture_site("");
-    let serve_site = fixture_site("");
+fn serve_answers_the_request_table_byte_for_byte_as_cgi(store: StoreKind) {
+    let cgi_site = fixture_site(store, "");
+    let serve_site = fixture_site(store, "");
     let serve = Serve::start(&serve_site);
     let mut table = vec![
         case(
@@ -443,13 +443,15 @@ fn idle_connections_do_not_starve_real_clients() {
     drop(stalled);
 }
 
-#[test]
-fn a_database_locked_by_a_long_writer_gets_503_not_a_hang() {
-    let site = Site::with_config("busy_timeout_ms = 200\ntrusted_proxies = [\"127.0.0.1/32\"]");
+fn a_database_locked_by_a_long_writer_gets_503_not_a_hang(store: StoreKind) {
+    let site = Site::with_config_on(
+        store,
+        "busy_timeout_ms = 200\ntrusted_proxies = [\"127.0.0.1/32\"]",
+    );
     let token = site.new_token();
     let serve = Serve::start(&site);
-    let writer = site.db();
-    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut writer = site.sql();
+    writer.begin_holding_the_write_lock();
     let target = format!("/redeemtoken.cgi?token={token}&port=8888");
     let client = [("X-Satellite-Client-Addr", COMPUTE_NODE.to_owned())];
     let (status, headers, body) = serve.request("GET", &target, &client, b"");
@@ -459,14 +461,13 @@ fn a_database_locked_by_a_long_writer_gets_503_not_a_hang() {
         body,
         b"Oops! The service is busy, please try again in a moment.\n"
     );
-    writer.execute_batch("ROLLBACK").unwrap();
+    writer.batch("ROLLBACK");
     let (status, _, body) = serve.request("GET", &target, &client, b"");
     assert_eq!((status, body), (200, b"Success!\n".to_vec()));
 }
 
-#[test]
-fn jobstates_push_posts_squeue_output_to_update_jobs() {
-    let site = Site::with_config("jobstateipmask = [\"127.0.0.1/32\"]");
+fn jobstates_push_posts_squeue_output_to_update_jobs(store: StoreKind) {
+    let site = Site::with_config_on(store, "jobstateipmask = [\"127.0.0.1/32\"]");
     let token = site.new_token();
     site.cgi("linktoken")
         .remote(LOGIN_NODE)
@@ -512,9 +513,8 @@ fn jobstates_push_posts_squeue_output_to_update_jobs() {
     assert_eq!(state.text(), "Q");
 }
 
-#[test]
-fn sigterm_under_load_finishes_what_it_started() {
-    let site = Site::with_config("trusted_proxies = [\"127.0.0.1/32\"]");
+fn sigterm_under_load_finishes_what_it_started(store: StoreKind) {
+    let site = Site::with_config_on(store, "trusted_proxies = [\"127.0.0.1/32\"]");
     let mut serve = Serve::start(&site);
     let port = serve.port;
     let answered = Arc::new(AtomicUsize::new(0));
@@ -568,19 +568,19 @@ fn sigterm_under_load_finishes_what_it_started() {
     assert!(answered > 0);
 }
 
-#[test]
-fn a_flood_beyond_the_queue_gets_quick_503s_and_nobody_hangs() {
+fn a_flood_beyond_the_queue_gets_quick_503s_and_nobody_hangs(store: StoreKind) {
     // One worker, stuck behind a database lock: the bounded queue fills and
     // the readers answer the rest themselves. The lock is released within
     // `deadline`, well inside the busy timeout, so however slow the run the
     // stuck request waits for the lock instead of timing out into a 503.
-    let site = Site::with_config(
+    let site = Site::with_config_on(
+        store,
         "serve_workers = 1\nbusy_timeout_ms = 60000\ntrusted_proxies = [\"127.0.0.1/32\"]",
     );
     let token = site.new_token();
     let serve = Serve::start(&site);
-    let writer = site.db();
-    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut writer = site.sql();
+    writer.begin_holding_the_write_lock();
     let deadline = Instant::now() + Duration::from_secs(30);
     let answered = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..120)
@@ -612,7 +612,7 @@ fn a_flood_beyond_the_queue_gets_quick_503s_and_nobody_hangs() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    writer.execute_batch("ROLLBACK").unwrap();
+    writer.batch("ROLLBACK");
     let answers: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let busy = answers
         .iter()
@@ -1065,17 +1065,16 @@ fn reader_threads(pid: u32) -> usize {
         .count()
 }
 
-#[test]
-fn sigterm_answers_the_requests_already_queued_and_takes_no_new_ones() {
+fn sigterm_answers_the_requests_already_queued_and_takes_no_new_ones(store: StoreKind) {
     // One worker stuck behind a database lock; requests queue up behind it.
     // Every wait below shares one deadline, well inside the busy timeout:
     // however slow the run, the stuck request waits for the lock instead of
     // timing out into a 503.
-    let site = Site::with_config("serve_workers = 1\nbusy_timeout_ms = 60000");
+    let site = Site::with_config_on(store, "serve_workers = 1\nbusy_timeout_ms = 60000");
     let token = site.new_token();
     let mut serve = SocketServe::start(&site, &[]);
-    let writer = site.db();
-    writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut writer = site.sql();
+    writer.begin_holding_the_write_lock();
     let deadline = Instant::now() + Duration::from_secs(30);
     let (read, was_read) = std::sync::mpsc::channel();
     let clients: Vec<_> = (0..5)
@@ -1125,7 +1124,7 @@ fn sigterm_answers_the_requests_already_queued_and_takes_no_new_ones() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(std::os::unix::net::UnixStream::connect(&serve.socket).is_err());
-    writer.execute_batch("ROLLBACK").unwrap();
+    writer.batch("ROLLBACK");
     let answers: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let success = answers
         .iter()
@@ -1254,9 +1253,11 @@ fn serve_socket_group_gives_the_socket_to_apaches_group() {
 
 /// serve keeps its counts in memory, one table for every worker: a burst of
 /// guesses spread over the workers is still one burst.
-#[test]
-fn serve_answers_429_after_a_burst_of_unknown_guesses_from_one_address_only() {
-    let site = fixture_site("unknown_token_burst = 4\nunknown_token_rate = 0.0\nserve_workers = 3");
+fn serve_answers_429_after_a_burst_of_unknown_guesses_from_one_address_only(store: StoreKind) {
+    let site = fixture_site(
+        store,
+        "unknown_token_burst = 4\nunknown_token_rate = 0.0\nserve_workers = 3",
+    );
     let serve = Serve::start(&site);
     let from = |addr: &str| vec![("X-Satellite-Client-Addr", addr.to_owned())];
     let too_many =
@@ -1330,3 +1331,13 @@ fn serve_answers_429_after_a_burst_of_unknown_guesses_from_one_address_only() {
     );
     assert_eq!((status, body), (200, b"Success!\n".to_vec()));
 }
+
+on_both_stores!(
+    serve_answers_the_request_table_byte_for_byte_as_cgi,
+    a_database_locked_by_a_long_writer_gets_503_not_a_hang,
+    jobstates_push_posts_squeue_output_to_update_jobs,
+    a_flood_beyond_the_queue_gets_quick_503s_and_nobody_hangs,
+    sigterm_answers_the_requests_already_queued_and_takes_no_new_ones,
+    sigterm_under_load_finishes_what_it_started,
+    serve_answers_429_after_a_burst_of_unknown_guesses_from_one_address_only,
+);

@@ -26,6 +26,7 @@ use satellite_demo::private_apache::{
 
 use super::client::{Client, Response};
 use super::repo_root;
+use super::store::{Db, StoreKind};
 
 pub const DOMAIN: &str = "example.test";
 /// Apache's answer on a host that is neither proxied nor pending.
@@ -215,11 +216,21 @@ impl Apache {
         ip: Ipv4Addr,
         settings: &[(&str, String)],
     ) -> Apache {
+        Self::start_on_database(url, Routing::Map, serving, ip, settings)
+    }
+
+    fn start_on_database(
+        url: &str,
+        routing: Routing,
+        serving: bool,
+        ip: Ipv4Addr,
+        settings: &[(&str, String)],
+    ) -> Apache {
         let mut all_settings = vec![("database_url", format!("{url:?}"))];
         all_settings.extend(settings.iter().cloned());
         Self::start_full(
             ip,
-            Routing::Map,
+            routing,
             serving,
             &[
                 ("SATELLITE_DBD_DRIVER", "pgsql"),
@@ -227,6 +238,39 @@ impl Apache {
             ],
             &all_settings,
         )
+    }
+
+    /// [`start`](Self::start) on `store`: for PostgreSQL a fresh database,
+    /// its schema made by `satellite migrate` at install.
+    pub fn start_on(store: StoreKind, routing: Routing) -> Apache {
+        Self::start_on_with(store, routing, false)
+    }
+
+    /// [`start_serving`](Self::start_serving) on `store`.
+    pub fn start_serving_on(store: StoreKind, routing: Routing) -> Apache {
+        Self::start_on_with(store, routing, true)
+    }
+
+    fn start_on_with(store: StoreKind, routing: Routing, serving: bool) -> Apache {
+        match store.new_database_url() {
+            Some(url) => Self::start_on_database(&url, routing, serving, Ipv4Addr::LOCALHOST, &[]),
+            None => Self::start_with(routing, serving, &[]),
+        }
+    }
+
+    /// The PostgreSQL database this frontend uses, if it uses one.
+    fn database_url(&self) -> Option<String> {
+        self.settings
+            .iter()
+            .find(|(key, _)| key == "database_url")
+            .map(|(_, quoted)| {
+                serde_json::from_str(quoted).expect("database_url as the harness quoted it")
+            })
+    }
+
+    /// This frontend's database, whichever store it is.
+    pub fn sql(&self) -> Db {
+        Db::connect(&self.db_file(), self.database_url().as_deref())
     }
 
     fn start_with(routing: Routing, serving: bool, defines: &[(&str, &str)]) -> Apache {
@@ -589,6 +633,17 @@ impl Apache {
         );
     }
 
+    /// The report of `satellite check --live` on this install.
+    pub fn check_live(&self, extra: &[&str]) -> String {
+        let out = Command::new(SATELLITE)
+            .args(["check", "--live", "--config"])
+            .arg(self.config_file())
+            .args(extra)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Starts `cron --watch` for this install (stopped when dropped), its
     /// output in [`watcher_said`](Self::watcher_said).
     pub fn run_watcher(&self) -> Running {
@@ -643,14 +698,9 @@ impl Apache {
 
     /// The state column of `alias`'s row, if it has one.
     pub fn state_of(&self, alias: &str) -> Option<String> {
-        let conn = rusqlite::Connection::open(self.db_file()).unwrap();
-        conn.busy_timeout(Duration::from_secs(10)).unwrap();
-        rusqlite::OptionalExtension::optional(conn.query_row(
-            "SELECT state FROM proxy WHERE alias = ?1",
-            [alias],
-            |r| r.get(0),
-        ))
-        .unwrap()
+        self.sql()
+            .value("SELECT state FROM proxy WHERE alias = $1", &[alias])
+            .map(|state| state.text())
     }
 
     pub fn error_log_path(&self) -> PathBuf {
@@ -770,6 +820,13 @@ impl Apache {
 impl Drop for Apache {
     fn drop(&mut self) {
         self.stop();
+        // On PostgreSQL no program fell back to a SQLite file.
+        if self.database_url().is_some() && !thread::panicking() {
+            assert!(
+                !self.db_file().exists(),
+                "a PostgreSQL frontend has a SQLite file"
+            );
+        }
     }
 }
 

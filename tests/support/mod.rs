@@ -89,7 +89,11 @@ pub fn repo_root() -> PathBuf {
 pub struct Site {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// The SQLite file (unused on PostgreSQL).
     pub db: PathBuf,
+    pub store: StoreKind,
+    /// The PostgreSQL database's connection string.
+    database_url: Option<String>,
     syslog: UnixDatagram,
 }
 
@@ -100,7 +104,26 @@ impl Site {
     }
 
     pub fn with_config(extra: &str) -> Site {
-        let site = Self::without_database(extra);
+        Self::with_config_on(StoreKind::Sqlite, extra)
+    }
+
+    /// A site with a created, empty database in `store`.
+    pub fn on(store: StoreKind) -> Site {
+        Self::with_config_on(store, "")
+    }
+
+    /// [`with_config`](Self::with_config) on `store`: for PostgreSQL a
+    /// fresh database named by `database_url`, its schema made by
+    /// `satellite migrate` as an admin makes it.
+    pub fn with_config_on(store: StoreKind, extra: &str) -> Site {
+        let database_url = store.new_database_url();
+        let extra = match &database_url {
+            Some(url) => format!("database_url = {url:?}\n{extra}"),
+            None => extra.to_owned(),
+        };
+        let mut site = Self::without_database(&extra);
+        site.store = store;
+        site.database_url = database_url;
         let out = Command::new(program("satellite"))
             .args(["migrate", "--config"])
             .arg(&site.config)
@@ -111,6 +134,7 @@ impl Site {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        assert_eq!(site.db.exists(), store == StoreKind::Sqlite, "{store:?}");
         site
     }
 
@@ -155,6 +179,8 @@ impl Site {
             dir,
             config,
             db,
+            store: StoreKind::Sqlite,
+            database_url: None,
             syslog,
         }
     }
@@ -220,24 +246,24 @@ impl Site {
         token
     }
 
+    /// The SQLite file itself, for what only SQLite has.
     pub fn db(&self) -> rusqlite::Connection {
+        assert_eq!(self.store, StoreKind::Sqlite, "a SQLite-only step");
         rusqlite::Connection::open(&self.db).unwrap()
+    }
+
+    /// The site's database, whichever store it is.
+    pub fn sql(&self) -> Db {
+        Db::connect(&self.db, self.database_url.as_deref())
     }
 
     /// Every row of both tables, for "the database is as before" checks.
     pub fn snapshot(&self) -> Vec<String> {
-        let conn = self.db();
+        let mut db = self.sql();
         let mut rows = Vec::new();
         for table in ["proxy", "jobstates"] {
-            let mut stmt = conn
-                .prepare(&format!("SELECT * FROM {table} ORDER BY 1"))
-                .unwrap();
-            let n = stmt.column_count();
-            let mut q = stmt.query([]).unwrap();
-            while let Some(row) = q.next().unwrap() {
-                let cols: Vec<String> = (0..n)
-                    .map(|i| format!("{:?}", row.get::<_, rusqlite::types::Value>(i).unwrap()))
-                    .collect();
+            for row in db.rows(&format!("SELECT * FROM {table} ORDER BY 1"), &[]) {
+                let cols: Vec<String> = row.iter().map(|v| format!("{v:?}")).collect();
                 rows.push(format!("{table}: {}", cols.join("|")));
             }
         }
@@ -245,11 +271,9 @@ impl Site {
     }
 
     pub fn state_of(&self, token: &str) -> Option<String> {
-        self.db()
-            .query_row("SELECT state FROM proxy WHERE alias = ?1", [token], |r| {
-                r.get(0)
-            })
-            .ok()
+        self.sql()
+            .value("SELECT state FROM proxy WHERE alias = $1", &[token])
+            .map(|state| state.text())
     }
 
     /// The syslog lines sent since the last call.
@@ -260,6 +284,16 @@ impl Site {
             lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
         lines
+    }
+}
+
+/// A site on PostgreSQL ends with no SQLite file: no program fell back to
+/// one.
+impl Drop for Site {
+    fn drop(&mut self) {
+        if self.store == StoreKind::Postgres && !std::thread::panicking() {
+            assert!(!self.db.exists(), "a PostgreSQL site has a SQLite file");
+        }
     }
 }
 
@@ -404,4 +438,11 @@ pub mod apache;
 pub mod backend;
 pub mod client;
 pub mod slurm;
+pub mod store;
 pub mod webdriver;
+
+// Not every test binary uses all of them.
+#[allow(unused_imports)]
+pub(crate) use store::on_both_stores;
+#[allow(unused_imports)]
+pub use store::{epoch_now, utc_text, Db, StoreKind};

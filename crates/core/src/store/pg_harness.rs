@@ -84,12 +84,15 @@ impl Cluster {
                 .args(["--locale=C", "--no-sync", "--no-instructions"]),
             &dir,
         )?;
+        // max_connections: the integration tests run fifty CGI processes
+        // at once (each its own connection), two such tests in parallel,
+        // besides serve's workers and the Apache children's mod_dbd pools.
         let settings = format!(
             "\n# The tests' private cluster: no TCP at all.\n\
              listen_addresses = ''\n\
              unix_socket_directories = '{}'\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
-             max_connections = 100\nshared_buffers = 16MB\n",
+             max_connections = 300\nshared_buffers = 16MB\n",
             dir.display()
         );
         std::fs::OpenOptions::new()
