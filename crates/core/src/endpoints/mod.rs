@@ -201,6 +201,16 @@ impl Context {
         Ok(self.store.as_deref_mut().expect("opened above"))
     }
 
+    /// Forgets the store's connection when `err` says it is lost (a
+    /// PostgreSQL restart or failover), so that the next request opens a
+    /// new one: a long-lived context (a serve worker) would otherwise
+    /// answer 503 on the dead connection until its process restarts.
+    pub fn store_failed(&mut self, err: &CoreError) {
+        if matches!(err, CoreError::Unreachable { .. }) {
+            self.store = None;
+        }
+    }
+
     /// Redeems `alias` through the route publisher: in map routing the
     /// route is live when this returns `Redeemed`; a route that cannot be
     /// published is an error and changes nothing.
@@ -277,6 +287,9 @@ pub fn handle(ctx: &mut Context, endpoint: Endpoint, request: &Request<Body>) ->
         Endpoint::UpdateJobs => jobs::update_jobs(ctx, request),
         Endpoint::Index => index::index(ctx, request),
     };
+    if let Err(Failure::Internal(err)) = &result {
+        ctx.store_failed(err);
+    }
     let mut response = result.unwrap_or_else(|failure| failure.into_response(ctx, endpoint));
     if request.method() == Method::HEAD {
         response.body_mut().clear();
