@@ -496,3 +496,35 @@ fn short_id(alias: &str) -> String {
     let hash = crate::token::alias_compare_hash(alias.as_bytes());
     crate::token::log_id(&hash)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_lost_connection_is_dropped_and_any_other_store_error_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::SqliteStore::open_or_create(
+            &dir.path().join("state.sqlite"),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        let config = Config::from_toml(
+            "dbfile = \"state.sqlite\"\nsyslog_socket = \"\"\n",
+            dir.path(),
+            &crate::config::EnvOverrides::none(),
+        )
+        .unwrap();
+        let mut ctx = Context::new(config, Syslog::new(Path::new(""), "test"));
+        ctx.store().unwrap();
+        ctx.store_failed(&CoreError::Busy);
+        assert!(ctx.store.is_some(), "a busy database keeps its connection");
+        ctx.store_failed(&CoreError::Unreachable {
+            database: "PostgreSQL".into(),
+            why: "connection closed".into(),
+        });
+        assert!(ctx.store.is_none(), "a lost connection is not used again");
+        ctx.store().unwrap();
+    }
+}
