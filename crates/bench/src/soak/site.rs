@@ -275,7 +275,10 @@ impl SoakSite {
             .unwrap_or_default();
         log.lines()
             .filter(|l| {
-                !l.contains("AH01882") && !l.contains("mod_qos(009)") && !l.contains(":notice]")
+                // Nor serve's socket refusing while serve restarts.
+                ["AH01882", "mod_qos(009)", ":notice]", "AH02454", "AH01114"]
+                    .iter()
+                    .all(|known| !l.contains(known))
             })
             .take(at_most)
             .collect::<Vec<_>>()
