@@ -21,6 +21,10 @@
 //!   `[P]` rewrites reuse backend connections;
 //! - `serve`: a CGI process against `satellite serve` (latency, memory).
 //!
+//! `satellite-bench soak` is the reliability run of issue 18 instead (mixed
+//! load with checked answers and faults, on SQLite or PostgreSQL):
+//! `satellite-bench soak --help`, and `soak/mod.rs`.
+//!
 //! Load comes from threads of our own (`--threads`, 8), each with one
 //! kept-alive rustls connection, for `--seconds` (4) per row; loopback only.
 
@@ -36,6 +40,7 @@ use satellite_core::SqliteStore;
 mod backend;
 mod load;
 mod proxy;
+mod soak;
 mod web;
 mod write_path;
 
@@ -339,7 +344,7 @@ fn parse_args() -> Result<Args> {
             "--seconds" => args.seconds = value("--seconds")?.parse().context("--seconds")?,
             "--help" | "-h" => {
                 println!(
-                    "usage: satellite-bench [--only {}] [--routes N] [--threads N] [--seconds S]",
+                    "usage: satellite-bench [--only {}] [--routes N] [--threads N] [--seconds S]\n       satellite-bench soak --help",
                     PARTS.join(",")
                 );
                 std::process::exit(0);
@@ -351,6 +356,11 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("soak") {
+        let options = soak::Options::parse(std::env::args().skip(2))?;
+        let passed = soak::run(&programs_dir()?, &options)?;
+        std::process::exit(if passed { 0 } else { 1 });
+    }
     let args = parse_args()?;
     let on = |part: &str| args.only.iter().any(|p| p == part);
     let programs = programs_dir()?;

@@ -36,6 +36,29 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The install tree of a site at `root`, as in production: the endpoint
+/// programs as `cgi/<name>.cgi`, the word list, the shipped `html/`, and
+/// empty `etc/`, `var/`, `dynconf/`, `logs/` and `more` directories.
+pub fn install_tree(programs: &Path, root: &Path, more: &[&str]) -> Result<()> {
+    for sub in ["cgi", "etc", "var", "dynconf", "html", "logs"]
+        .iter()
+        .chain(more)
+    {
+        fs::create_dir_all(root.join(sub))?;
+    }
+    for name in satellite_core::Endpoint::ALL.map(satellite_core::Endpoint::name) {
+        // Copies, not links: the tree is given to nobody afterwards.
+        fs::copy(programs.join(name), root.join(format!("cgi/{name}.cgi")))
+            .with_context(|| format!("installing {name}"))?;
+    }
+    fs::copy(
+        repo().join("wordlist/eff_large_wordlist.txt"),
+        root.join("var/eff_large_wordlist.txt"),
+    )?;
+    satellite_demo::private_apache::copy_tree(&repo().join("html"), &root.join("html"))?;
+    Ok(())
+}
+
 impl WebSite {
     /// Installs satellite (map routing) into a new directory; the database
     /// is created and left for the caller to fill before [`start`].
@@ -47,21 +70,7 @@ impl WebSite {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
         let cert = make_certificate(dir.path(), DOMAIN)?;
         let root = dir.path().join("root");
-        for sub in [
-            "cgi", "etc", "var", "dynconf", "html", "logs", "conf", "apache",
-        ] {
-            fs::create_dir_all(root.join(sub))?;
-        }
-        for name in satellite_core::Endpoint::ALL.map(satellite_core::Endpoint::name) {
-            // Copies, not links: the tree is given to nobody below.
-            fs::copy(programs.join(name), root.join(format!("cgi/{name}.cgi")))
-                .with_context(|| format!("installing {name}"))?;
-        }
-        fs::copy(
-            repo().join("wordlist/eff_large_wordlist.txt"),
-            root.join("var/eff_large_wordlist.txt"),
-        )?;
-        satellite_demo::private_apache::copy_tree(&repo().join("html"), &root.join("html"))?;
+        install_tree(programs, &root, &["conf", "apache"])?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();

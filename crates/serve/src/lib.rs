@@ -393,6 +393,7 @@ fn scrape(
     match gauges {
         Ok(gauges) => render_gauges(&mut out, &gauges, now),
         Err(err) => {
+            ctx.store_failed(&err);
             eprintln!("satellite serve: metrics: {err}");
             return internal_error(&ctx.config, &err);
         }
@@ -418,6 +419,9 @@ fn health(ctx: &mut Context) -> http::Response<Body> {
     let name = ctx.config.watcher_name();
     let now = ctx.now();
     let watchers = ctx.store().and_then(|store| store.watchers());
+    if let Err(err) = &watchers {
+        ctx.store_failed(err);
+    }
     let verdict = match watchers {
         Err(err) => Err(format!("the store does not answer: {err}")),
         Ok(watchers) => match watchers.iter().find(|w| w.name == name) {

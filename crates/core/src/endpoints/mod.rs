@@ -201,6 +201,16 @@ impl Context {
         Ok(self.store.as_deref_mut().expect("opened above"))
     }
 
+    /// Forgets the store's connection when `err` says it is lost (a
+    /// PostgreSQL restart or failover), so that the next request opens a
+    /// new one: a long-lived context (a serve worker) would otherwise
+    /// answer 503 on the dead connection until its process restarts.
+    pub fn store_failed(&mut self, err: &CoreError) {
+        if matches!(err, CoreError::Unreachable { .. }) {
+            self.store = None;
+        }
+    }
+
     /// Redeems `alias` through the route publisher: in map routing the
     /// route is live when this returns `Redeemed`; a route that cannot be
     /// published is an error and changes nothing.
@@ -277,6 +287,9 @@ pub fn handle(ctx: &mut Context, endpoint: Endpoint, request: &Request<Body>) ->
         Endpoint::UpdateJobs => jobs::update_jobs(ctx, request),
         Endpoint::Index => index::index(ctx, request),
     };
+    if let Err(Failure::Internal(err)) = &result {
+        ctx.store_failed(err);
+    }
     let mut response = result.unwrap_or_else(|failure| failure.into_response(ctx, endpoint));
     if request.method() == Method::HEAD {
         response.body_mut().clear();
@@ -482,4 +495,36 @@ const FROM_COMPUTE_NODE: &str = ", please try from the compute node running your
 fn short_id(alias: &str) -> String {
     let hash = crate::token::alias_compare_hash(alias.as_bytes());
     crate::token::log_id(&hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_lost_connection_is_dropped_and_any_other_store_error_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::SqliteStore::open_or_create(
+            &dir.path().join("state.sqlite"),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        let config = Config::from_toml(
+            "dbfile = \"state.sqlite\"\nsyslog_socket = \"\"\n",
+            dir.path(),
+            &crate::config::EnvOverrides::none(),
+        )
+        .unwrap();
+        let mut ctx = Context::new(config, Syslog::new(Path::new(""), "test"));
+        ctx.store().unwrap();
+        ctx.store_failed(&CoreError::Busy);
+        assert!(ctx.store.is_some(), "a busy database keeps its connection");
+        ctx.store_failed(&CoreError::Unreachable {
+            database: "PostgreSQL".into(),
+            why: "connection closed".into(),
+        });
+        assert!(ctx.store.is_none(), "a lost connection is not used again");
+        ctx.store().unwrap();
+    }
 }

@@ -17,8 +17,9 @@
 //! interleave with another writer. SERIALIZABLE would do too, but would
 //! turn every conflict into a retry of the whole request; a lock queues
 //! the writers instead, and readers (Apache's map lookups, tokenjobstate
-//! polls) never wait for it. `lock_timeout` bounds the wait by the
-//! configured busy timeout (then [`CoreError::Busy`], a 503); a deadlock
+//! polls) never wait for it. `lock_timeout` bounds the waits of a write
+//! transaction, all together, by the configured busy timeout (then
+//! [`CoreError::Busy`], a 503); a deadlock
 //! or serialization failure with a program outside satellite is retried a
 //! few times, then is `Busy` too. The unknown-answer count takes no lock:
 //! its one upsert is atomic by itself, and a flood of guesses must not
@@ -26,7 +27,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use postgres::error::SqlState;
@@ -57,6 +58,9 @@ pub struct PgStore {
     database: String,
     /// This connection holds the leadership lock ([`Store::lead`]).
     leading: bool,
+    /// What `lock_timeout` was set to: the budget of a write
+    /// transaction's lock waits, all of them together.
+    busy_timeout: Duration,
 }
 
 /// The advisory lock key of the site's once-only work ("satellit" in
@@ -65,6 +69,9 @@ const LEADER_LOCK: i64 = 0x7361_7465_6c6c_6974;
 
 /// Takes the writers' lock (see the module's documentation).
 const WRITE_LOCK: &str = "SELECT 1 FROM satellite_changes FOR UPDATE";
+
+/// A wait for the writers' lock shorter than this counts as none.
+const UNCONTENDED: Duration = Duration::from_millis(20);
 
 /// Tries of a write transaction that lost to a deadlock or a
 /// serialization failure before it is answered `Busy`.
@@ -218,6 +225,7 @@ impl PgStore {
             client: RefCell::new(client),
             database,
             leading: false,
+            busy_timeout,
         })
     }
 
@@ -279,7 +287,22 @@ impl PgStore {
             let attempt = (|| {
                 let mut tx = client.transaction()?;
                 if locked {
+                    let waiting = Instant::now();
                     tx.batch_execute(WRITE_LOCK)?;
+                    // The writers' lock and any lock after it (a table
+                    // another program holds) share one busy timeout, as
+                    // SQLite's one wait at BEGIN IMMEDIATE does: without
+                    // this, a request queued behind a writer stuck on such
+                    // a table waited twice the timeout. An uncontended
+                    // lock leaves the setting alone (no round trip more).
+                    let waited = waiting.elapsed();
+                    if waited > UNCONTENDED {
+                        let left = self.busy_timeout.saturating_sub(waited);
+                        tx.batch_execute(&format!(
+                            "SET LOCAL lock_timeout = {}",
+                            left.as_millis().max(1)
+                        ))?;
+                    }
                 }
                 let value = body(&mut tx)?;
                 tx.commit()?;
