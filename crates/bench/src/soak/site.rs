@@ -106,6 +106,7 @@ impl SoakSite {
         let apache_site = ApacheSite {
             root: site.root(),
             domain: DOMAIN.into(),
+            listen_ip: std::net::Ipv4Addr::LOCALHOST,
             port,
             http_port: None,
             cert: cert.cert.clone(),
