@@ -181,7 +181,12 @@ rpm_script postinstall | grep -q "^/usr/lib/satellite/package-setup site" || fai
 rpm_script preuninstall | grep -q 'if \[ "$1" -eq 0 \]' || fail "the .rpm's preuninstall does not check for an erase"
 rpm_script preuninstall | grep -q "^ */usr/lib/satellite/package-setup remove" || fail "the .rpm's preuninstall does not run package-setup remove"
 rpm_extract=$(mktemp -d)
-(cd "$rpm_extract" && rpm2cpio "$rpm_file" | cpio -idm --quiet ./usr/lib/satellite/package-setup ./etc/satellite/httpd-site.conf)
+# Debian 12's rpm2cpio (rpm 4.18.0) exits 1 after writing a zstd payload
+# whole: the files extracted are what is checked.
+(cd "$rpm_extract" && { rpm2cpio "$rpm_file" || true; } |
+  cpio -idm --quiet ./usr/lib/satellite/package-setup ./etc/satellite/httpd-site.conf)
+[ -s "$rpm_extract/usr/lib/satellite/package-setup" ] && [ -s "$rpm_extract/etc/satellite/httpd-site.conf" ] ||
+  fail "could not extract package-setup and httpd-site.conf from the .rpm"
 grep -q '^rhel_enabled=/etc/httpd/conf.d/satellite.conf$' "$rpm_extract/usr/lib/satellite/package-setup" ||
   fail "the .rpm's package-setup does not manage /etc/httpd/conf.d/satellite.conf"
 sed -n '/^disable_site()/,/^}/p' "$rpm_extract/usr/lib/satellite/package-setup" | grep -q 'rm -f "$rhel_enabled"' ||
@@ -218,10 +223,15 @@ site=/etc/apache2/sites-available/satellite.conf
 satellite_modules="socache_shmcb ssl rewrite headers proxy proxy_http proxy_wstunnel dbd cgid http2"
 guide=$(mktemp -d)
 tar -C / -cf "$guide/apache-state.tar" etc/apache2 var/lib/apache2
+# The certificate goes where the .deb's site expects it, as the guide says.
+guide_cert=/etc/ssl/certs/satellite.pem
+guide_key=/etc/ssl/private/satellite.key
+[ ! -e "$guide_cert" ] && [ ! -e "$guide_key" ] || fail "$guide_cert or $guide_key exists already; package.sh would overwrite it"
 put_back() {
   apache2ctl stop >/dev/null 2>&1 || true
   rm -rf /etc/apache2 /var/lib/apache2
   tar -C / -xf "$guide/apache-state.tar"
+  rm -f "$guide_cert" "$guide_key"
   [ -z "${backend_pid:-}" ] || kill "$backend_pid" 2>/dev/null || true
 }
 trap put_back EXIT
@@ -315,6 +325,8 @@ domain=guide.test
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=$domain" \
   -addext "subjectAltName=DNS:$domain,DNS:*.$domain" \
   -keyout "$guide/key.pem" -out "$guide/cert.pem" 2>/dev/null
+cp "$guide/cert.pem" "$guide_cert"
+install -m 600 "$guide/key.pem" "$guide_key"
 https_port=$((20000 + RANDOM % 20000))
 http_port=$((https_port + 1))
 printf 'Listen 127.0.0.1:%s\n<IfModule ssl_module>\n    Listen 127.0.0.1:%s\n</IfModule>\n' \
@@ -326,8 +338,7 @@ apache2ctl start
 sed -i -e "s|^Define SATELLITE_DOMAIN .*|Define SATELLITE_DOMAIN $domain|" \
   -e "s|^Define SATELLITE_PORT .*|Define SATELLITE_PORT $https_port|" \
   -e "s|^Define SATELLITE_HTTP_PORT .*|Define SATELLITE_HTTP_PORT $http_port|" \
-  -e "s|^Define SATELLITE_CERT .*|Define SATELLITE_CERT $guide/cert.pem|" \
-  -e "s|^Define SATELLITE_KEY .*|Define SATELLITE_KEY $guide/key.pem|" "$site"
+  "$site"
 toml=/var/www/satellite/etc/satellite.toml
 sed -i "s/^extbasename = .*/extbasename = \"$domain\"/; s/^job_binding = .*/job_binding = \"warn\"/" "$toml"
 dpkg-reconfigure satellite >"$guide/reconfigure.txt" 2>&1 || { cat "$guide/reconfigure.txt"; fail "dpkg-reconfigure satellite failed"; }
