@@ -238,13 +238,16 @@ trap put_back EXIT
 for module in $satellite_modules; do
   a2dismod -m -f -q "$module" >/dev/null
 done
+# A fresh host has no state for the site; an earlier run here may have
+# left "disabled by the admin", which the postinst would rightly respect.
+rm -f /var/lib/apache2/site/*/satellite
 # install_deb LOG [apt-get args]: the maintainer scripts' output in LOG.
 install_deb() {
   local log=$1
   shift
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" "$deb" >"$log" 2>&1 ||
     { cat "$log"; fail "apt-get install $* failed"; }
-  grep "^satellite: " "$log" || true
+  grep -e "^satellite: " -e "^    " "$log" || true
 }
 install_deb "$guide/install.txt"
 # No certificate yet and the example domain: the postinst changes nothing
