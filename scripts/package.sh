@@ -330,7 +330,10 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=$domain" \
   -keyout "$guide/key.pem" -out "$guide/cert.pem" 2>/dev/null
 cp "$guide/cert.pem" "$guide_cert"
 install -m 600 "$guide/key.pem" "$guide_key"
-https_port=$((20000 + RANDOM % 20000))
+# Below the kernel's ephemeral range (32768 and up): a client connection
+# of another program may hold a port there, and Apache's graceful restart
+# cannot bind a new Listen on it (it stops instead).
+https_port=$((20000 + RANDOM % 12000))
 http_port=$((https_port + 1))
 printf 'Listen 127.0.0.1:%s\n<IfModule ssl_module>\n    Listen 127.0.0.1:%s\n</IfModule>\n' \
   "$http_port" "$https_port" >/etc/apache2/ports.conf
