@@ -350,7 +350,7 @@ sed -i "s/^extbasename = .*/extbasename = \"$domain\"/; s/^job_binding = .*/job_
 dpkg-reconfigure satellite >"$guide/reconfigure.txt" 2>&1 || { cat "$guide/reconfigure.txt"; fail "dpkg-reconfigure satellite failed"; }
 cat "$guide/reconfigure.txt"
 for line in "satellite: enabled the Apache module ssl" "satellite: enabled the Apache module proxy_wstunnel" \
-  "satellite: enabled the Apache site satellite ($site)" "satellite: reloaded Apache gracefully"; do
+  "satellite: enabled the Apache site satellite ($site)" "satellite: restarted Apache"; do
   grep -qF "$line" "$guide/reconfigure.txt" || fail "dpkg-reconfigure satellite did not say: $line"
 done
 a2query -q -s satellite || fail "dpkg-reconfigure satellite did not enable the site"
