@@ -5,9 +5,14 @@
 # symbol version, then checks the packages on this machine: installs the
 # .deb, runs `satellite --version`, one CGI request, `satellite check` and
 # the demo against the installed files, verifies and scores the systemd
-# units, purges the package and asserts nothing is left but the service
-# user; lists the .rpm's files, scriptlets and requirements and runs
-# rpmlint. Run by .ci/run after the tests, as root (it installs a
+# units; follows the admin guide's Debian steps on the system Apache (the
+# postinst enables nothing until the site passes the config test, then
+# `dpkg-reconfigure satellite` enables the modules and the site) and runs
+# `satellite check --live` and a live session; purges the package with that
+# session live, asserts it is unreachable and nothing is left but the
+# service user, and puts the system Apache's configuration back; lists the
+# .rpm's files, scriptlets and requirements (and reads its site and
+# removal steps) and runs rpmlint. Run by .ci/run after the tests, as root (it installs a
 # package). Everything it builds lands in target/dist/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
