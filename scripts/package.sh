@@ -5,9 +5,14 @@
 # symbol version, then checks the packages on this machine: installs the
 # .deb, runs `satellite --version`, one CGI request, `satellite check` and
 # the demo against the installed files, verifies and scores the systemd
-# units, purges the package and asserts nothing is left but the service
-# user; lists the .rpm's files, scriptlets and requirements and runs
-# rpmlint. Run by .ci/run after the tests, as root (it installs a
+# units; follows the admin guide's Debian steps on the system Apache (the
+# postinst enables nothing until the site passes the config test, then
+# `dpkg-reconfigure satellite` enables the modules and the site) and runs
+# `satellite check --live` and a live session; purges the package with that
+# session live, asserts it is unreachable and nothing is left but the
+# service user, and puts the system Apache's configuration back; lists the
+# .rpm's files, scriptlets and requirements (and reads its site and
+# removal steps) and runs rpmlint. Run by .ci/run after the tests, as root (it installs a
 # package). Everything it builds lands in target/dist/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,6 +99,24 @@ for unit in dist/systemd/*; do
   sed 's/^SocketGroup=www-data$/SocketGroup=apache/' "$unit" >"$dist/rpm-systemd/$(basename "$unit")"
 done
 
+step "the Apache site file of each package (dist/apache-site.conf, each platform's paths)"
+# One template: the values the admin edits (domain, ports, certificate),
+# with Debian's certificate paths and commands in the .deb and RHEL's in
+# the .rpm.
+render_site() { # OUT CONFIGTEST ENABLE LISTEN CERT KEY MODULES-LINE
+  mkdir -p "$(dirname "$1")"
+  sed -e "s|@CONFIGTEST@|$2|" -e "s|@ENABLE@|$3|" -e "s|@LISTEN@|$4|" \
+    -e "s|@CERT@|$5|" -e "s|@KEY@|$6|" -e "s|@INCLUDE_MODULES@|$7|" dist/apache-site.conf |
+    cat -s >"$1"
+  ! grep -n "@[A-Z_]*@" "$1" || fail "$1 keeps a placeholder"
+}
+render_site "$dist/debian-site/satellite.conf" "apache2ctl configtest" "dpkg-reconfigure satellite" \
+  "Debian's ports.conf, with mod_ssl enabled," /etc/ssl/certs/satellite.pem /etc/ssl/private/satellite.key ""
+render_site "$dist/rpm-site/httpd-site.conf" "httpd -t" "/usr/lib/satellite/package-setup site" \
+  "httpd.conf and mod_ssl's ssl.conf" /etc/pki/tls/certs/satellite.crt /etc/pki/tls/private/satellite.key \
+  "Include /usr/share/satellite/httpd-conf/modules-rhel.conf"
+diff "$dist/debian-site/satellite.conf" "$dist/rpm-site/httpd-site.conf" || true
+
 step "cargo deb"
 # --target: the assets' target/release/ becomes target/$host/release/,
 # where the glibc-$min_glibc programs are.
@@ -107,6 +130,12 @@ libc6=$(sed -n 's/.*libc6 (>= \([0-9.]*\)).*/\1/p' <<<"$deb_depends")
 [ -n "$libc6" ] || fail "the .deb does not depend on a libc6 version: $deb_depends"
 [ "$(printf '%s\n%s\n' "$libc6" "$min_glibc" | sort -V | tail -n1)" = "$min_glibc" ] ||
   fail "the .deb wants libc6 >= $libc6, newer than $min_glibc"
+# The site file is a conffile (the admin's edits survive upgrades) with
+# Debian's certificate paths.
+deb_site=etc/apache2/sites-available/satellite.conf
+dpkg-deb --info "$deb" conffiles | grep -qx "/$deb_site" || fail "the .deb's /$deb_site is not a conffile"
+dpkg-deb --fsys-tarfile "$deb" | tar -xO "./$deb_site" | grep -q "^Define SATELLITE_CERT /etc/ssl/certs/" ||
+  fail "the .deb's site does not default to Debian's certificate path"
 
 step "cargo generate-rpm"
 # cargo-deb strips the programs itself; cargo-generate-rpm takes them as
@@ -144,6 +173,33 @@ for must in /usr/lib/satellite/bin/satellite /usr/lib/satellite/bin/getlink \
   grep -qx "$must" <<<"$rpm_files" || fail "the .rpm lacks $must"
 done
 grep -q "package-setup configure" <<<"$rpm_scripts" || fail "the .rpm has no postinstall"
+# RHEL's Apache wiring: postinstall links the site into conf.d only once
+# `httpd -t` passes with it (package-setup site); an erase (preuninstall,
+# $1 = 0) runs package-setup remove, which takes it out of conf.d again (a
+# file of the admin's own there is moved to .rpmsave) and reloads httpd,
+# so no session stays reachable after `rpm -e`. This machine has no httpd
+# to run them on: the scriptlets and the shipped package-setup are read.
+rpm_script() { # NAME: the body of one scriptlet
+  awk -v name="$1" '/^[a-z]+ scriptlet/ { on = index($0, name " scriptlet") == 1; next } on' <<<"$rpm_scripts"
+}
+rpm_script postinstall | grep -q "^/usr/lib/satellite/package-setup site" || fail "the .rpm's postinstall does not enable the site"
+rpm_script preuninstall | grep -q 'if \[ "$1" -eq 0 \]' || fail "the .rpm's preuninstall does not check for an erase"
+rpm_script preuninstall | grep -q "^ */usr/lib/satellite/package-setup remove" || fail "the .rpm's preuninstall does not run package-setup remove"
+rpm_extract=$(mktemp -d)
+# Debian 12's rpm2cpio (rpm 4.18.0) exits 1 after writing a zstd payload
+# whole: the files extracted are what is checked.
+(cd "$rpm_extract" && { rpm2cpio "$rpm_file" || true; } |
+  cpio -idm --quiet ./usr/lib/satellite/package-setup ./etc/satellite/httpd-site.conf)
+[ -s "$rpm_extract/usr/lib/satellite/package-setup" ] && [ -s "$rpm_extract/etc/satellite/httpd-site.conf" ] ||
+  fail "could not extract package-setup and httpd-site.conf from the .rpm"
+grep -q '^rhel_enabled=/etc/httpd/conf.d/satellite.conf$' "$rpm_extract/usr/lib/satellite/package-setup" ||
+  fail "the .rpm's package-setup does not manage /etc/httpd/conf.d/satellite.conf"
+sed -n '/^disable_site()/,/^}/p' "$rpm_extract/usr/lib/satellite/package-setup" | grep -q 'rm -f "$rhel_enabled"' ||
+  fail "the .rpm's package-setup remove does not take the site out of conf.d"
+grep -q "^Define SATELLITE_CERT /etc/pki/tls/certs/" "$rpm_extract/etc/satellite/httpd-site.conf" ||
+  fail "the .rpm's site does not default to RHEL's certificate path"
+grep -q "^cn /etc/satellite/httpd-site.conf$" <<<"$rpm_flags" || fail "/etc/satellite/httpd-site.conf is not %config(noreplace)"
+rm -rf "$rpm_extract"
 grep -q "^cn /etc/cron.d/satellite$" <<<"$rpm_flags" ||
   fail "/etc/cron.d/satellite is not %config(noreplace): $(grep cron.d <<<"$rpm_flags")"
 grep -q "SocketGroup=apache" "$dist/rpm-systemd/satellite-serve.socket"
@@ -164,7 +220,53 @@ case "$(dpkg-query -W -f='${db:Status-Abbrev}' satellite 2>/dev/null || true)" i
 esac
 [ ! -e /var/www/satellite ] || fail "/var/www/satellite exists; the purge check needs a machine without it"
 dpkg-deb --contents "$deb"
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$deb" >/dev/null
+# The system Apache's configuration is put back as it was found, whatever
+# happens below; the modules satellite enables start disabled (in
+# maintainer mode, as a fresh apache2 has them), so that the postinst is
+# seen enabling them.
+site=/etc/apache2/sites-available/satellite.conf
+satellite_modules="socache_shmcb ssl rewrite headers proxy proxy_http proxy_wstunnel dbd cgid http2"
+guide=$(mktemp -d)
+tar -C / -cf "$guide/apache-state.tar" etc/apache2 var/lib/apache2
+# The certificate goes where the .deb's site expects it, as the guide says.
+guide_cert=/etc/ssl/certs/satellite.pem
+guide_key=/etc/ssl/private/satellite.key
+[ ! -e "$guide_cert" ] && [ ! -e "$guide_key" ] || fail "$guide_cert or $guide_key exists already; package.sh would overwrite it"
+put_back() {
+  apache2ctl stop >/dev/null 2>&1 || true
+  rm -rf /etc/apache2 /var/lib/apache2
+  tar -C / -xf "$guide/apache-state.tar"
+  rm -f "$guide_cert" "$guide_key"
+  [ -z "${backend_pid:-}" ] || kill "$backend_pid" 2>/dev/null || true
+}
+trap put_back EXIT
+for module in $satellite_modules; do
+  a2dismod -m -f -q "$module" >/dev/null
+done
+# A fresh host has no state for the site; an earlier run here may have
+# left "disabled by the admin", which the postinst would rightly respect.
+rm -f /var/lib/apache2/site/*/satellite
+# install_deb LOG [apt-get args]: the maintainer scripts' output in LOG.
+install_deb() {
+  local log=$1
+  shift
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" "$deb" >"$log" 2>&1 ||
+    { cat "$log"; fail "apt-get install $* failed"; }
+  grep -e "^satellite: " -e "^    " "$log" || true
+}
+install_deb "$guide/install.txt"
+# No certificate yet and the example domain: the postinst changes nothing
+# in Apache and says what to fix and what to run.
+for line in "satellite: the Apache site satellite is not enabled yet; Apache is unchanged" \
+  "SATELLITE_DOMAIN in $site is still the example satellite.example.org" \
+  "SSLCertificateFile: file '/etc/ssl/certs/satellite.pem' does not exist or is empty" \
+  "then run: dpkg-reconfigure satellite"; do
+  grep -qF "$line" "$guide/install.txt" || fail "the install did not say: $line"
+done
+! a2query -q -s satellite || fail "the install enabled the site satellite before it passes the config test"
+for module in $satellite_modules; do
+  ! a2query -q -m "$module" || fail "the install left the module $module enabled without the site"
+done
 for path in /usr/bin/satellite /var/www/satellite/cgi/getlink.cgi /var/www/satellite/bin/cron \
   /var/www/satellite/etc/satellite.toml /var/www/satellite/var/state.sqlite; do
   [ -e "$path" ] || fail "after install, $path is missing"
@@ -175,7 +277,7 @@ check_glibc /usr/lib/satellite/bin >/dev/null
 
 step "an edited satellite.toml survives a reinstall"
 echo "# edited by package.sh" >>/var/www/satellite/etc/satellite.toml
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --reinstall "$deb" >/dev/null
+install_deb "$guide/reinstall.txt" --reinstall
 tail -n1 /var/www/satellite/etc/satellite.toml | grep -qx "# edited by package.sh" ||
   fail "the reinstall overwrote satellite.toml"
 
@@ -220,42 +322,43 @@ for unit in "${units[@]}"; do
 done
 
 step "the admin guide's install on the system Apache, check --live, a live session"
-# docs/admin-guide.md's Debian steps as written, on loopback ports (this
-# machine's ports.conf is set aside for it, and put back), with a
-# self-signed wildcard certificate and no systemd needed.
-guide=$(mktemp -d)
+# docs/admin-guide.md's Debian steps as written: the certificate, the
+# site's values, `dpkg-reconfigure satellite` (the postinst enables the
+# modules and the site and reloads the running Apache gracefully, no
+# systemd needed). On loopback ports (this machine's ports.conf is set
+# aside for it), with a self-signed wildcard certificate, and a stand-in
+# for Debian's 000-default answering first on the plain-HTTP port: the
+# redirect must still be satellite's.
 domain=guide.test
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=$domain" \
   -addext "subjectAltName=DNS:$domain,DNS:*.$domain" \
   -keyout "$guide/key.pem" -out "$guide/cert.pem" 2>/dev/null
-https_port=$((20000 + RANDOM % 20000))
+cp "$guide/cert.pem" "$guide_cert"
+install -m 600 "$guide/key.pem" "$guide_key"
+# Below the kernel's ephemeral range (32768 and up): a client connection
+# of another program may hold a port there, and Apache's graceful restart
+# cannot bind a new Listen on it (it stops instead).
+https_port=$((20000 + RANDOM % 12000))
 http_port=$((https_port + 1))
-cp /etc/apache2/ports.conf "$guide/ports.conf"
 printf 'Listen 127.0.0.1:%s\n<IfModule ssl_module>\n    Listen 127.0.0.1:%s\n</IfModule>\n' \
   "$http_port" "$https_port" >/etc/apache2/ports.conf
-put_back() {
-  apache2ctl stop >/dev/null 2>&1 || true
-  cp "$guide/ports.conf" /etc/apache2/ports.conf
-  a2ensite -q 000-default >/dev/null 2>&1 || true
-  rm -f /etc/apache2/sites-available/satellite.conf
-  [ -z "${backend_pid:-}" ] || kill "$backend_pid" 2>/dev/null || true
-}
-trap put_back EXIT
-a2enmod -q ssl socache_shmcb rewrite headers proxy proxy_http proxy_wstunnel dbd cgid http2
-a2dissite -q 000-default
-{
-  echo "Define SATELLITE_DOMAIN $domain"
-  echo "Define SATELLITE_PORT $https_port"
-  echo "Define SATELLITE_HTTP_PORT $http_port"
-  echo "Define SATELLITE_CERT $guide/cert.pem"
-  echo "Define SATELLITE_KEY $guide/key.pem"
-  cat /usr/share/satellite/httpd-conf/satellite.conf
-} >/etc/apache2/sites-available/satellite.conf
-a2ensite -q satellite
+printf '<VirtualHost *:%s>\n    DocumentRoot /var/www/html\n</VirtualHost>\n' "$http_port" \
+  >/etc/apache2/sites-available/000-stand-in.conf
+a2ensite -q 000-stand-in
+apache2ctl start
+sed -i -e "s|^Define SATELLITE_DOMAIN .*|Define SATELLITE_DOMAIN $domain|" \
+  -e "s|^Define SATELLITE_PORT .*|Define SATELLITE_PORT $https_port|" \
+  -e "s|^Define SATELLITE_HTTP_PORT .*|Define SATELLITE_HTTP_PORT $http_port|" \
+  "$site"
 toml=/var/www/satellite/etc/satellite.toml
 sed -i "s/^extbasename = .*/extbasename = \"$domain\"/; s/^job_binding = .*/job_binding = \"warn\"/" "$toml"
-apache2ctl -t
-apache2ctl start
+dpkg-reconfigure satellite >"$guide/reconfigure.txt" 2>&1 || { cat "$guide/reconfigure.txt"; fail "dpkg-reconfigure satellite failed"; }
+cat "$guide/reconfigure.txt"
+for line in "satellite: enabled the Apache module ssl" "satellite: enabled the Apache module proxy_wstunnel" \
+  "satellite: enabled the Apache site satellite ($site)" "satellite: restarted Apache"; do
+  grep -qF "$line" "$guide/reconfigure.txt" || fail "dpkg-reconfigure satellite did not say: $line"
+done
+a2query -q -s satellite || fail "dpkg-reconfigure satellite did not enable the site"
 for _ in $(seq 50); do
   curl -s -o /dev/null --cacert "$guide/cert.pem" --resolve "manage.$domain:$https_port:127.0.0.1" \
     "https://manage.$domain:$https_port/" && break
@@ -288,8 +391,12 @@ user_url=(curl -s --cacert "$guide/cert.pem" --resolve "$token.$domain:$https_po
 echo "the guide's install serves a live session at https://$token.$domain:$https_port/"
 
 step "purge the .deb with that session live: nothing reachable, nothing left but the service user"
-DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq satellite >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq satellite >"$guide/purge.txt" 2>&1 ||
+  { cat "$guide/purge.txt"; fail "apt-get purge failed"; }
+grep "^satellite: " "$guide/purge.txt" || true
+grep -qF "satellite: disabled the Apache site satellite" "$guide/purge.txt" || fail "the purge did not say it disabled the site"
 [ ! -e /etc/apache2/sites-enabled/satellite.conf ] || fail "after purge, the Apache site satellite is still enabled"
+[ ! -e "$site" ] || fail "after purge, $site is still there"
 # The purge reloaded Apache gracefully (no systemd needed); wait for the
 # new generation to answer.
 for _ in $(seq 50); do
