@@ -238,6 +238,7 @@ put_back() {
   tar -C / -xf "$guide/apache-state.tar"
   rm -f "$guide_cert" "$guide_key"
   [ -z "${backend_pid:-}" ] || kill "$backend_pid" 2>/dev/null || true
+  [ -z "${watcher_pid:-}" ] || kill "$watcher_pid" 2>/dev/null || true
 }
 trap put_back EXIT
 for module in $satellite_modules; do
@@ -364,12 +365,24 @@ for _ in $(seq 50); do
     "https://manage.$domain:$https_port/" && break
   sleep 0.2
 done
+# The watcher as the guide runs it without systemd (check --live proves
+# it: an ended session's websocket must close).
+setpriv --reuid=satellite --regid=satellite --init-groups \
+  --inh-caps=+net_admin,+kill --ambient-caps=+net_admin,+kill \
+  env SATELLITE_CONFIG=/var/www/satellite/etc/satellite.toml \
+  /var/www/satellite/bin/cron --watch >"$guide/watcher.txt" 2>&1 &
+watcher_pid=$!
+for _ in $(seq 100); do
+  grep -q "watching the database" "$guide/watcher.txt" && break
+  sleep 0.1
+done
+grep -q "watching the database" "$guide/watcher.txt" || { cat "$guide/watcher.txt"; fail "the guide's watcher did not start"; }
 satellite check --live --cacert "$guide/cert.pem" >"$guide/check.txt" || true
 cat "$guide/check.txt"
 for line in "OK   Apache serves a certificate for \*.$domain and $domain" \
   "OK   http://check-satellite.$domain/ on 127.0.0.1:$http_port redirects" \
   "OK   live: redeem from 127.0.0.1" "reached the temporary backend" \
-  "OK   live: after destroy"; do
+  "OK   live: after destroy" "(cron --watch cut it)"; do
   grep -q "$line" "$guide/check.txt" || fail "check --live on the guide's install: no '$line'"
 done
 ! grep -q "FAIL live" "$guide/check.txt" || fail "check --live failed on the guide's install"
@@ -391,6 +404,9 @@ user_url=(curl -s --cacert "$guide/cert.pem" --resolve "$token.$domain:$https_po
 echo "the guide's install serves a live session at https://$token.$domain:$https_port/"
 
 step "purge the .deb with that session live: nothing reachable, nothing left but the service user"
+# The guide: stop a watcher you started yourself before removing.
+kill "$watcher_pid" 2>/dev/null || true
+wait "$watcher_pid" 2>/dev/null || true
 DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq satellite >"$guide/purge.txt" 2>&1 ||
   { cat "$guide/purge.txt"; fail "apt-get purge failed"; }
 grep "^satellite: " "$guide/purge.txt" || true
