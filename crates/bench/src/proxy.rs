@@ -6,13 +6,15 @@
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use satellite_core::Config;
 
 use crate::backend::Backend;
+use crate::frontends;
 use crate::load::{self, Pick, Throughput};
+use crate::stores::StoreKind;
 use crate::web::{WebSite, DOMAIN, STATIC_HOST};
 use crate::write_path::{pending, populate};
 use crate::{ms, Report, Sample};
@@ -48,6 +50,17 @@ struct Run<'a> {
     site: &'a WebSite,
     backends: &'a [Backend; BACKENDS],
     options: &'a Options,
+    /// The store's name in the rows.
+    on: &'static str,
+}
+
+/// The req/s the stores are compared by (issue 16: PostgreSQL's lookup
+/// against SQLite's).
+#[derive(Default, Clone, Copy)]
+pub struct Measured {
+    pub one_host: Option<f64>,
+    pub random_hosts: Option<f64>,
+    pub unknown_hosts: Option<f64>,
 }
 
 impl Run<'_> {
@@ -93,7 +106,7 @@ impl Run<'_> {
 
     /// Static ProxyPass, one routed host, random routed hosts: req/s each,
     /// and backend connections per request of the dynamic rows.
-    fn proxied(&self, label: &str, report: &mut Report, main_rows: bool) {
+    fn proxied(&self, label: &str, report: &mut Report, main_rows: bool) -> (f64, f64) {
         let port = self.site.port;
         let routes = self.options.routes;
         let bodies: Vec<Vec<u8>> = self.backends.iter().map(Backend::body).collect();
@@ -119,6 +132,7 @@ impl Run<'_> {
             200,
         );
         let s = stat.per_second();
+        let on = self.on;
         let per_conn = |(c, r): (u64, u64)| {
             if c == 0 {
                 "-".to_owned()
@@ -135,7 +149,7 @@ impl Run<'_> {
         };
         if main_rows {
             report.line(
-                "static ProxyPass in the same Apache (req/s)",
+                &format!("static ProxyPass in the same Apache (req/s), {on}"),
                 "(ceiling)",
                 "-",
                 format!(
@@ -145,7 +159,7 @@ impl Run<'_> {
                 ),
             );
             report.line(
-                "proxied, one host / static",
+                &format!("proxied, one host / static, {on}"),
                 ">= 0.8",
                 "0.45",
                 format!(
@@ -157,7 +171,7 @@ impl Run<'_> {
                 ),
             );
             report.line(
-                &format!("proxied, random of {routes} hosts / static"),
+                &format!("proxied, random of {routes} hosts / static, {on}"),
                 ">= 0.5",
                 "0.02 (txt), 0.26 (dbm)",
                 format!(
@@ -170,7 +184,7 @@ impl Run<'_> {
             );
         } else {
             report.line(
-                &format!("reuse: {label}"),
+                &format!("reuse: {label}, {on}"),
                 "one host >= 0.8",
                 "-",
                 format!(
@@ -184,9 +198,10 @@ impl Run<'_> {
                 ),
             );
         }
+        (one.per_second(), random.per_second())
     }
 
-    fn floods(&self, report: &mut Report, pending_count: usize) {
+    fn floods(&self, report: &mut Report, pending_count: usize) -> f64 {
         let port = self.site.port;
         let waiting = b"<!DOCTYPE html>".to_vec();
         let (unknown, _) = self.measure(
@@ -211,15 +226,16 @@ impl Run<'_> {
             200,
         );
         let routes = self.options.routes;
+        let on = self.on;
         for (name, t) in [
             ("unknown token hosts", &unknown),
             ("pending token hosts", &pending),
             ("non-token hosts (default message)", &junk),
         ] {
             report.line(
-                &format!("flood of {name}, {routes} routes"),
+                &format!("flood of {name}, {routes} routes, {on}"),
                 ">= 10k req/s",
-                if name.starts_with("non") {
+                if name.starts_with("non") || on != "SQLite" {
                     "-"
                 } else {
                     "107 (txt), 459 (dbm)"
@@ -235,49 +251,7 @@ impl Run<'_> {
                 ),
             );
         }
-    }
-
-    /// Redeems through Apache (TLS, mod_cgid, the CGI process), a fresh
-    /// connection each as galyleo's curl makes.
-    fn redeems(&self, report: &mut Report, tokens: &[String]) -> Result<()> {
-        let port = self.site.port;
-        let manage = format!("manage.{DOMAIN}:{port}");
-        let start = Instant::now();
-        let mut latencies = Vec::new();
-        for token in tokens {
-            let t = Instant::now();
-            let answer = self.site.tls.get_once(
-                &manage,
-                &format!("/redeemtoken.cgi?token={token}&port=50002"),
-            )?;
-            latencies.push(t.elapsed());
-            if answer.status != 200 || answer.body != b"Success!\n" {
-                bail!(
-                    "redeem through Apache: {} {}\n{}",
-                    answer.status,
-                    String::from_utf8_lossy(&answer.body),
-                    self.site.error_log()
-                );
-            }
-        }
-        let mut sample = Sample {
-            latencies,
-            wall: start.elapsed(),
-        };
-        report.line(
-            &format!(
-                "redeem through Apache p50/p95, {} routes",
-                self.options.routes
-            ),
-            "p50 <= 10 ms",
-            "-",
-            format!(
-                "{} / {} ms",
-                ms(sample.percentile(0.5)),
-                ms(sample.percentile(0.95))
-            ),
-        );
-        Ok(())
+        unknown.per_second()
     }
 }
 
@@ -313,8 +287,19 @@ fn reuse_variants(backends: &[Backend; BACKENDS]) -> Vec<(&'static str, String)>
     ]
 }
 
-pub fn run(programs: &Path, options: &Options, report: &mut Report) -> Result<()> {
-    let mut site = WebSite::install(programs)?;
+/// The private Apache on `store`: the proxy and flood rows, redeems
+/// through Apache to the CGI program and then to `satellite serve`, and on
+/// PostgreSQL a second frontend on the same database; the reuse rows on
+/// SQLite only (they are about Apache's workers, not the lookup).
+pub fn run(
+    programs: &Path,
+    options: &Options,
+    store: StoreKind,
+    report: &mut Report,
+) -> Result<Measured> {
+    let on = store.label();
+    let url = store.new_database()?;
+    let mut site = WebSite::install(programs, url.as_deref())?;
     let backends = [
         Backend::start("127.0.0.3")?,
         Backend::start("127.0.0.3")?,
@@ -327,7 +312,7 @@ pub fn run(programs: &Path, options: &Options, report: &mut Report) -> Result<()
         .collect();
     let filled = populate(&config, options.routes, "route", &|i| targets[i % BACKENDS])?;
     eprintln!(
-        "  {} live routes to {}, {} and {} written in {:.1} s",
+        "  {on}: {} live routes to {}, {} and {} written in {:.1} s",
         options.routes,
         backends[0].addr,
         backends[1].addr,
@@ -338,24 +323,54 @@ pub fn run(programs: &Path, options: &Options, report: &mut Report) -> Result<()
     let pending_count = 1000;
     pending(&config, pending_count, "wait")?;
     let redeem_tokens = pending(&config, 100, "redeem")?;
+    let serve_tokens = pending(&config, 100, "serve")?;
+    // Redeemed from 127.0.0.1 (the client's address) for this port.
+    let notebook = Backend::start("127.0.0.1")?;
+    let mut measured = Measured::default();
     site.start(backend, "")?;
-    {
-        let run = Run {
-            site: &site,
-            backends: &backends,
-            options,
-        };
-        if options.proxy {
-            run.proxied("shipped config", report, true);
-        }
-        if options.flood {
-            run.floods(report, pending_count);
-        }
-        if options.redeem {
-            run.redeems(report, &redeem_tokens)?;
-        }
+    let run = Run {
+        site: &site,
+        backends: &backends,
+        options,
+        on,
+    };
+    if options.proxy {
+        let (one, random) = run.proxied("shipped config", report, true);
+        measured.one_host = Some(one);
+        measured.random_hosts = Some(random);
     }
-    if options.reuse {
+    if options.flood {
+        measured.unknown_hosts = Some(run.floods(report, pending_count));
+    }
+    let routes = options.routes;
+    if options.redeem {
+        let sample = frontends::redeem_series(&site, &redeem_tokens, 50002)?;
+        report_redeems(
+            report,
+            &format!("redeem through Apache (CGI) p50/p95, {routes} routes, {on}"),
+            "p50 <= 10 ms",
+            sample,
+        );
+    }
+    let second = match (&url, options.redeem) {
+        (Some(url), true) => {
+            let mut b = WebSite::install(programs, Some(url))?;
+            b.start(backend, "")?;
+            let tokens = pending(&config, 100, "cross")?;
+            let sample = frontends::redeem_to_first_proxied(&site, &b, &notebook, &tokens)?;
+            report_redeems(
+                report,
+                &format!(
+                    "redeem (CGI) on A -> first proxied 200 on B p50/p99, {routes} routes, {on}"
+                ),
+                "p50 <= 10 ms",
+                sample,
+            );
+            Some(b)
+        }
+        _ => None,
+    };
+    if options.reuse && store == StoreKind::Sqlite {
         for (label, extra) in reuse_variants(&backends) {
             if let Err(why) = site.start(backend, &extra) {
                 report.line(
@@ -373,10 +388,80 @@ pub fn run(programs: &Path, options: &Options, report: &mut Report) -> Result<()
                 site: &site,
                 backends: &backends,
                 options,
+                on,
             };
             run.proxied(label, report, false);
         }
     }
+    if options.redeem {
+        // Last: serve runs as root, and on SQLite the files it creates
+        // beside the database would be root's for the CGI programs after.
+        let (_serve, serve_url) = frontends::start_serve(programs, &site)?;
+        site.serve_url = Some(serve_url);
+        site.start(backend, "")?;
+        let sample = frontends::redeem_series(&site, &serve_tokens, 50002)?;
+        report_redeems(
+            report,
+            &format!("redeem through Apache (serve) p50/p95, {routes} routes, {on}"),
+            "p50 <= 5 ms",
+            sample,
+        );
+        if let Some(b) = &second {
+            let tokens = pending(&config, 100, "crossserve")?;
+            let sample = frontends::redeem_to_first_proxied(&site, b, &notebook, &tokens)?;
+            report_redeems(
+                report,
+                &format!(
+                    "redeem (serve) on A -> first proxied 200 on B p50/p99, {routes} routes, {on}"
+                ),
+                "p50 <= 10 ms",
+                sample,
+            );
+        }
+        site.stop();
+    }
+    drop(second);
     site.stop();
-    Ok(())
+    Ok(measured)
+}
+
+/// A row of redeem latencies: p50 and p95, or p99 when the name says so.
+fn report_redeems(report: &mut Report, name: &str, goal: &str, mut sample: Sample) {
+    let tail = if name.contains("p99") { 0.99 } else { 0.95 };
+    report.line(
+        name,
+        goal,
+        "-",
+        format!(
+            "{} / {} ms",
+            ms(sample.percentile(0.5)),
+            ms(sample.percentile(tail))
+        ),
+    );
+}
+
+/// The PostgreSQL lookup against SQLite's, when both ran.
+pub fn compare(sqlite: Measured, postgres: Measured, report: &mut Report) {
+    let ratio = |pg: Option<f64>, lite: Option<f64>| pg.zip(lite).map(|(p, l)| (p / l, p, l));
+    for (name, goal, pair) in [
+        (
+            "proxied, one host: PostgreSQL / SQLite",
+            ">= 0.9",
+            ratio(postgres.one_host, sqlite.one_host),
+        ),
+        (
+            "proxied, random hosts: PostgreSQL / SQLite",
+            ">= 0.9",
+            ratio(postgres.random_hosts, sqlite.random_hosts),
+        ),
+        (
+            "unknown token hosts: PostgreSQL / SQLite",
+            ">= 0.8",
+            ratio(postgres.unknown_hosts, sqlite.unknown_hosts),
+        ),
+    ] {
+        if let Some((r, p, l)) = pair {
+            report.line(name, goal, "-", format!("{r:.2} ({p:.0} / {l:.0} req/s)"));
+        }
+    }
 }
