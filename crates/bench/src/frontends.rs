@@ -4,6 +4,7 @@
 //! frontend B (another Apache on its own port, reading routes from the
 //! same database through its own mod_dbd connections).
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -106,8 +107,17 @@ pub fn redeem_to_first_proxied(
 
 /// `satellite serve` on a loopback port the system picks, with `site`'s
 /// config: the child and the URL Apache sends the endpoints to.
+/// It runs as Apache's workers do, as production runs it beside the CGI
+/// programs: files it creates beside a SQLite database stay theirs.
 pub fn start_serve(programs: &Path, site: &WebSite) -> Result<(ServeChild, String)> {
-    let mut child = Command::new(programs.join("satellite"))
+    let mut command = Command::new(programs.join("satellite"));
+    if nix::unistd::Uid::effective().is_root() {
+        let name = satellite_demo::private_apache::PrivateApache::worker_user();
+        let user = nix::unistd::User::from_name(&name)?
+            .with_context(|| format!("no user {name} to run serve as"))?;
+        command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("SATELLITE_CONFIG", site.config_file())
         .stdout(Stdio::null())

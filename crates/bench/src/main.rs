@@ -391,15 +391,13 @@ fn main() -> Result<()> {
             reuse: on("reuse"),
             redeem: on("redeem"),
         };
-        let measured: Vec<_> = args
+        let sites = args
             .stores
             .iter()
-            .map(|&store| Ok((store, proxy::run(&programs, &options, store, &mut report)?)))
-            .collect::<Result<_>>()?;
-        if let [(stores::StoreKind::Sqlite, sqlite), (stores::StoreKind::Postgres, pg)] =
-            measured[..]
-        {
-            proxy::compare(sqlite, pg, &mut report);
+            .map(|&store| proxy::run(&programs, &options, store, &mut report))
+            .collect::<Result<Vec<_>>>()?;
+        if let ([sqlite, postgres], true) = (&sites[..], options.proxy || options.flood) {
+            proxy::compare(sqlite, postgres, &options, &mut report);
         }
     }
     println!(

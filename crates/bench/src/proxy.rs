@@ -54,13 +54,12 @@ struct Run<'a> {
     on: &'static str,
 }
 
-/// The req/s the stores are compared by (issue 16: PostgreSQL's lookup
-/// against SQLite's).
-#[derive(Default, Clone, Copy)]
-pub struct Measured {
-    pub one_host: Option<f64>,
-    pub random_hosts: Option<f64>,
-    pub unknown_hosts: Option<f64>,
+/// A store's site after its rows, left running (CGI, shipped config) for
+/// [`compare`].
+pub struct Prepared {
+    site: WebSite,
+    backends: [Backend; BACKENDS],
+    on: &'static str,
 }
 
 impl Run<'_> {
@@ -104,23 +103,23 @@ impl Run<'_> {
         (result, backend)
     }
 
-    /// Static ProxyPass, one routed host, random routed hosts: req/s each,
-    /// and backend connections per request of the dynamic rows.
-    fn proxied(&self, label: &str, report: &mut Report, main_rows: bool) -> (f64, f64) {
+    /// Proxied requests for one routed host.
+    fn one_host(&self, label: &str) -> (Throughput, (u64, u64)) {
+        let port = self.site.port;
+        let body = self.backends[0].body();
+        self.measure(
+            &format!("{label}: one routed host"),
+            &|_, _| (format!("route-6-x.{DOMAIN}:{port}"), body.clone()),
+            200,
+        )
+    }
+
+    /// Proxied requests for hosts picked at random among the routes.
+    fn random_hosts(&self, label: &str) -> (Throughput, (u64, u64)) {
         let port = self.site.port;
         let routes = self.options.routes;
         let bodies: Vec<Vec<u8>> = self.backends.iter().map(Backend::body).collect();
-        let (stat, stat_backend) = self.measure(
-            &format!("{label}: static ProxyPass"),
-            &|_, _| (format!("{STATIC_HOST}:{port}"), bodies[0].clone()),
-            200,
-        );
-        let (one, one_backend) = self.measure(
-            &format!("{label}: one routed host"),
-            &|_, _| (format!("route-6-x.{DOMAIN}:{port}"), bodies[0].clone()),
-            200,
-        );
-        let (random, random_backend) = self.measure(
+        self.measure(
             &format!("{label}: random routed hosts"),
             &|t, i| {
                 let n = spread(t, i, routes);
@@ -130,7 +129,34 @@ impl Run<'_> {
                 )
             },
             200,
+        )
+    }
+
+    /// Token-shaped hosts that are not in the database (the waiting page).
+    fn unknown_hosts(&self, label: &str) -> Throughput {
+        let port = self.site.port;
+        let waiting = b"<!DOCTYPE html>".to_vec();
+        self.measure(
+            &format!("{label}: unknown token hosts"),
+            &|t, i| (format!("nope-{t}-{i}-zz.{DOMAIN}:{port}"), waiting.clone()),
+            200,
+        )
+        .0
+    }
+
+    /// Static ProxyPass, one routed host, random routed hosts: req/s each,
+    /// and backend connections per request of the dynamic rows.
+    fn proxied(&self, label: &str, report: &mut Report, main_rows: bool) {
+        let port = self.site.port;
+        let routes = self.options.routes;
+        let bodies: Vec<Vec<u8>> = self.backends.iter().map(Backend::body).collect();
+        let (stat, stat_backend) = self.measure(
+            &format!("{label}: static ProxyPass"),
+            &|_, _| (format!("{STATIC_HOST}:{port}"), bodies[0].clone()),
+            200,
         );
+        let (one, one_backend) = self.one_host(label);
+        let (random, random_backend) = self.random_hosts(label);
         let s = stat.per_second();
         let on = self.on;
         let per_conn = |(c, r): (u64, u64)| {
@@ -198,17 +224,12 @@ impl Run<'_> {
                 ),
             );
         }
-        (one.per_second(), random.per_second())
     }
 
-    fn floods(&self, report: &mut Report, pending_count: usize) -> f64 {
+    fn floods(&self, report: &mut Report, pending_count: usize) {
         let port = self.site.port;
         let waiting = b"<!DOCTYPE html>".to_vec();
-        let (unknown, _) = self.measure(
-            "unknown token hosts",
-            &|t, i| (format!("nope-{t}-{i}-zz.{DOMAIN}:{port}"), waiting.clone()),
-            200,
-        );
+        let unknown = self.unknown_hosts(self.on);
         let (pending, _) = self.measure(
             "pending token hosts",
             &|t, i| {
@@ -251,7 +272,6 @@ impl Run<'_> {
                 ),
             );
         }
-        unknown.per_second()
     }
 }
 
@@ -296,7 +316,7 @@ pub fn run(
     options: &Options,
     store: StoreKind,
     report: &mut Report,
-) -> Result<Measured> {
+) -> Result<Prepared> {
     let on = store.label();
     let url = store.new_database()?;
     let mut site = WebSite::install(programs, url.as_deref())?;
@@ -326,7 +346,6 @@ pub fn run(
     let serve_tokens = pending(&config, 100, "serve")?;
     // Redeemed from 127.0.0.1 (the client's address) for this port.
     let notebook = Backend::start("127.0.0.1")?;
-    let mut measured = Measured::default();
     site.start(backend, "")?;
     let run = Run {
         site: &site,
@@ -335,12 +354,10 @@ pub fn run(
         on,
     };
     if options.proxy {
-        let (one, random) = run.proxied("shipped config", report, true);
-        measured.one_host = Some(one);
-        measured.random_hosts = Some(random);
+        run.proxied("shipped config", report, true);
     }
     if options.flood {
-        measured.unknown_hosts = Some(run.floods(report, pending_count));
+        run.floods(report, pending_count);
     }
     let routes = options.routes;
     if options.redeem {
@@ -394,9 +411,7 @@ pub fn run(
         }
     }
     if options.redeem {
-        // Last: serve runs as root, and on SQLite the files it creates
-        // beside the database would be root's for the CGI programs after.
-        let (_serve, serve_url) = frontends::start_serve(programs, &site)?;
+        let (serve, serve_url) = frontends::start_serve(programs, &site)?;
         site.serve_url = Some(serve_url);
         site.start(backend, "")?;
         let sample = frontends::redeem_series(&site, &serve_tokens, 50002)?;
@@ -418,11 +433,12 @@ pub fn run(
                 sample,
             );
         }
-        site.stop();
+        drop(serve);
+        site.serve_url = None;
     }
     drop(second);
-    site.stop();
-    Ok(measured)
+    site.start(backend, "")?;
+    Ok(Prepared { site, backends, on })
 }
 
 /// A row of redeem latencies: p50 and p95, or p99 when the name says so.
@@ -440,28 +456,57 @@ fn report_redeems(report: &mut Report, name: &str, goal: &str, mut sample: Sampl
     );
 }
 
-/// The PostgreSQL lookup against SQLite's, when both ran.
-pub fn compare(sqlite: Measured, postgres: Measured, report: &mut Report) {
-    let ratio = |pg: Option<f64>, lite: Option<f64>| pg.zip(lite).map(|(p, l)| (p / l, p, l));
-    for (name, goal, pair) in [
-        (
-            "proxied, one host: PostgreSQL / SQLite",
-            ">= 0.9",
-            ratio(postgres.one_host, sqlite.one_host),
-        ),
-        (
-            "proxied, random hosts: PostgreSQL / SQLite",
-            ">= 0.9",
-            ratio(postgres.random_hosts, sqlite.random_hosts),
-        ),
-        (
-            "unknown token hosts: PostgreSQL / SQLite",
-            ">= 0.8",
-            ratio(postgres.unknown_hosts, sqlite.unknown_hosts),
-        ),
-    ] {
-        if let Some((r, p, l)) = pair {
-            report.line(name, goal, "-", format!("{r:.2} ({p:.0} / {l:.0} req/s)"));
-        }
+/// Rounds of [`compare`]: the stores take turns, so that the neighbours'
+/// load, which moves by a factor of 2 within minutes, falls on both.
+const ROUNDS: usize = 3;
+
+/// The PostgreSQL lookup against SQLite's: one host, random hosts and
+/// unknown hosts, on each site in turn, [`ROUNDS`] times; the ratio of
+/// each round and their median.
+pub fn compare(sqlite: &Prepared, postgres: &Prepared, options: &Options, report: &mut Report) {
+    let rates = |p: &Prepared| {
+        let run = Run {
+            site: &p.site,
+            backends: &p.backends,
+            options,
+            on: p.on,
+        };
+        let label = format!("compared, {}", p.on);
+        [
+            run.one_host(&label).0.per_second(),
+            run.random_hosts(&label).0.per_second(),
+            run.unknown_hosts(&label).per_second(),
+        ]
+    };
+    let rounds: Vec<([f64; 3], [f64; 3])> = (0..ROUNDS)
+        .map(|_| {
+            let lite = rates(sqlite);
+            (lite, rates(postgres))
+        })
+        .collect();
+    for (k, (name, goal)) in [
+        ("proxied, one host: PostgreSQL / SQLite", ">= 0.9"),
+        ("proxied, random hosts: PostgreSQL / SQLite", ">= 0.9"),
+        ("unknown token hosts: PostgreSQL / SQLite", ">= 0.8"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut ratios: Vec<f64> = rounds.iter().map(|(l, p)| p[k] / l[k]).collect();
+        let each: Vec<String> = rounds
+            .iter()
+            .map(|(l, p)| format!("{:.2} ({:.0}/{:.0})", p[k] / l[k], p[k], l[k]))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        report.line(
+            &format!("{name}, {} routes, alternating rounds", options.routes),
+            goal,
+            "-",
+            format!(
+                "median {:.2}; rounds {} req/s",
+                ratios[ratios.len() / 2],
+                each.join(", ")
+            ),
+        );
     }
 }

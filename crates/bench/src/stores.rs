@@ -117,3 +117,38 @@ pub fn fill(config: &Config, write: impl FnOnce(&mut SqliteStore) -> Result<()>)
     }
     Ok(())
 }
+
+/// CPU used so far by the private cluster's server processes: the
+/// postmaster's own and that of the backends it has reaped (one per
+/// connection, so per CGI process). `None` before the cluster runs.
+pub fn pg_server_cpu() -> Option<Duration> {
+    let url = pg_harness::cluster().url("postgres");
+    let dir = url.strip_prefix("host=")?.split(" port=").next()?;
+    let pid_file = std::fs::read_to_string(format!("{dir}/data/postmaster.pid")).ok()?;
+    let pid = pid_file.lines().next()?.trim();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses, which may hold spaces:
+    // fields 14 to 17 are utime, stime, cutime and cstime, in clock ticks.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..15)?
+        .iter()
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&t| t > 0)? as u64;
+    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// The PostgreSQL server's CPU per request since `before`, for a row.
+pub fn pg_server_cpu_since(before: Option<Duration>, requests: usize) -> String {
+    match before.zip(pg_server_cpu()) {
+        Some((before, now)) => format!(
+            "; server CPU {} ms",
+            crate::ms(now.saturating_sub(before) / requests.max(1) as u32)
+        ),
+        None => String::new(),
+    }
+}

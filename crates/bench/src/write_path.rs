@@ -229,6 +229,15 @@ pub fn run(
 ) -> Result<()> {
     let on = store.label();
     let sqlite = store == StoreKind::Sqlite;
+    // The PostgreSQL server's CPU is not our children's: read apart.
+    let server_cpu = || (!sqlite).then(stores::pg_server_cpu).flatten();
+    let server_cpu_since = |before, n| {
+        if sqlite {
+            String::new()
+        } else {
+            stores::pg_server_cpu_since(before, n)
+        }
+    };
     let mut ten_route_p50 = None;
     for &live in sizes {
         let needs_site = parts.redeem || (live == 10_000 && (parts.burst || parts.getlink));
@@ -265,7 +274,9 @@ pub fn run(
             let condition = if held { ", db held open" } else { "" };
             if parts.redeem {
                 let tokens = pending(&config, 100, if held { "held" } else { "bench" })?;
+                let server = server_cpu();
                 let (mut sample, cpu) = redeem_series(programs, &site.config, &tokens)?;
+                let server = server_cpu_since(server, tokens.len());
                 let (p50, p95) = (sample.percentile(0.5), sample.percentile(0.95));
                 if live == 10 && !held {
                     ten_route_p50 = Some(p50);
@@ -286,15 +297,17 @@ pub fn run(
                     &format!("redeem CGI p50/p95, {live} live routes, {on}{condition}"),
                     &goal,
                     baseline,
-                    format!("{} / {} ms ({cpu})", ms(p50), ms(p95)),
+                    format!("{} / {} ms ({cpu}{server})", ms(p50), ms(p95)),
                 );
             }
             if live == 10_000 && parts.burst {
                 let tokens = pending(&config, 200, if held { "burstheld" } else { "burst" })?;
                 let before = Usage::now();
+                let server = server_cpu();
                 let (finished, errors, mut sample) =
                     burst(programs, &site.config, &tokens, Duration::from_secs(1));
                 let usage = Usage::now().per_request_since(before, tokens.len());
+                let server = server_cpu_since(server, tokens.len());
                 let p95 = if sample.latencies.is_empty() {
                     "-".to_owned()
                 } else {
@@ -305,7 +318,7 @@ pub fn run(
                     "<= 1.5 s, 0 errors",
                     if held || !sqlite { "-" } else { "6.6 s" },
                     format!(
-                        "{:.2} s, {errors} errors (each: p95 {p95} ms; {usage})",
+                        "{:.2} s, {errors} errors (each: p95 {p95} ms; {usage}{server})",
                         finished.as_secs_f64()
                     ),
                 );
