@@ -472,16 +472,32 @@ pub fn compare(sqlite: &Prepared, postgres: &Prepared, options: &Options, report
             on: p.on,
         };
         let label = format!("compared, {}", p.on);
-        [
-            run.one_host(&label).0.per_second(),
-            run.random_hosts(&label).0.per_second(),
-            run.unknown_hosts(&label).per_second(),
-        ]
+        // The PostgreSQL server's CPU per proxied request: why a lookup
+        // through it costs more than SQLite's in-process read when every
+        // core is busy.
+        let before = (p.on == StoreKind::Postgres.label())
+            .then(crate::stores::pg_server_cpu)
+            .flatten();
+        let one = run.one_host(&label).0;
+        let server = before
+            .zip(crate::stores::pg_server_cpu())
+            .map(|(b, a)| a.saturating_sub(b) / (one.requests.max(1) as u32));
+        (
+            [
+                one.per_second(),
+                run.random_hosts(&label).0.per_second(),
+                run.unknown_hosts(&label).per_second(),
+            ],
+            server,
+        )
     };
+    let mut server_cpu = Vec::new();
     let rounds: Vec<([f64; 3], [f64; 3])> = (0..ROUNDS)
         .map(|_| {
-            let lite = rates(sqlite);
-            (lite, rates(postgres))
+            let (lite, _) = rates(sqlite);
+            let (pg, server) = rates(postgres);
+            server_cpu.extend(server.map(ms));
+            (lite, pg)
         })
         .collect();
     for (k, (name, goal)) in [
@@ -509,4 +525,10 @@ pub fn compare(sqlite: &Prepared, postgres: &Prepared, options: &Options, report
             ),
         );
     }
+    report.line(
+        "PostgreSQL server CPU per proxied request (one host), per round",
+        "-",
+        "-",
+        format!("{} ms", server_cpu.join(", ")),
+    );
 }

@@ -119,27 +119,38 @@ pub fn fill(config: &Config, write: impl FnOnce(&mut SqliteStore) -> Result<()>)
 }
 
 /// CPU used so far by the private cluster's server processes: the
-/// postmaster's own and that of the backends it has reaped (one per
-/// connection, so per CGI process). `None` before the cluster runs.
+/// postmaster, the backends it has reaped (one per connection, so per CGI
+/// process) and the ones still running (Apache's mod_dbd connections).
+/// `None` when it cannot be read.
 pub fn pg_server_cpu() -> Option<Duration> {
     let url = pg_harness::cluster().url("postgres");
     let dir = url.strip_prefix("host=")?.split(" port=").next()?;
     let pid_file = std::fs::read_to_string(format!("{dir}/data/postmaster.pid")).ok()?;
-    let pid = pid_file.lines().next()?.trim();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name in parentheses, which may hold spaces:
-    // fields 14 to 17 are utime, stime, cutime and cstime, in clock ticks.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields
-        .get(11..15)?
-        .iter()
-        .filter_map(|f| f.parse::<u64>().ok())
+    let postmaster: u32 = pid_file.lines().next()?.trim().parse().ok()?;
+    let ticks: u64 = std::iter::once(postmaster)
+        .chain(satellite_demo::private_apache::children_of(postmaster))
+        .filter_map(process_ticks)
         .sum();
     let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .filter(|&t| t > 0)? as u64;
     Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// utime + stime + cutime + cstime of `pid`, in clock ticks.
+fn process_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses, which may hold spaces:
+    // fields 14 to 17 are utime, stime, cutime and cstime.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(
+        fields
+            .get(11..15)?
+            .iter()
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 /// The PostgreSQL server's CPU per request since `before`, for a row.
