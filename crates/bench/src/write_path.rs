@@ -155,6 +155,20 @@ fn burst(
     tokens: &[String],
     window: Duration,
 ) -> (Duration, usize, Sample) {
+    burst_of(tokens, window, |token| {
+        redeem(programs, config, token).is_ok_and(|a| succeeded(&a))
+    })
+}
+
+/// `tokens.len()` calls of `redeem` (true: `Success!`) started evenly
+/// within `window`, each on its own thread: (time from the first start to
+/// the last answer, errors, per-request latencies).
+pub fn burst_of(
+    tokens: &[String],
+    window: Duration,
+    redeem: impl Fn(&str) -> bool + Sync,
+) -> (Duration, usize, Sample) {
+    let redeem = &redeem;
     let start = Instant::now();
     let step = window / tokens.len() as u32;
     let results: Vec<Option<Duration>> = std::thread::scope(|scope| {
@@ -168,10 +182,7 @@ fn burst(
                         std::thread::sleep(wait);
                     }
                     let t = Instant::now();
-                    match redeem(programs, config, token) {
-                        Ok(a) if succeeded(&a) => Some(t.elapsed()),
-                        _ => None,
-                    }
+                    redeem(token).then(|| t.elapsed())
                 })
             })
             .collect();
