@@ -512,10 +512,17 @@ pub fn compare(sqlite: &Prepared, postgres: &Prepared, options: &Options, report
         )
     };
     let mut server_cpu = Vec::new();
+    // Which store goes first alternates too: a load that rises or falls
+    // within a round then favours neither.
     let rounds: Vec<([f64; 3], [f64; 3])> = (0..ROUNDS)
-        .map(|_| {
-            let (lite, _) = rates(sqlite);
-            let (pg, server) = rates(postgres);
+        .map(|round| {
+            let ((lite, _), (pg, server)) = if round % 2 == 0 {
+                let lite = rates(sqlite);
+                (lite, rates(postgres))
+            } else {
+                let pg = rates(postgres);
+                (rates(sqlite), pg)
+            };
             server_cpu.extend(server.map(ms));
             (lite, pg)
         })
