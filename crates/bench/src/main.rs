@@ -21,6 +21,10 @@
 //!   `[P]` rewrites reuse backend connections;
 //! - `serve`: a CGI process against `satellite serve` (latency, memory).
 //!
+//! `--store sqlite|postgres|both` (both by default): the redeem, burst,
+//! getlink, proxy, flood rows on SQLite files and/or on a private
+//! PostgreSQL cluster (issue 16), plus, on PostgreSQL, a second frontend on
+//! the same database (see `frontends.rs`) and the lookups compared.
 //! `satellite-bench soak` is the reliability run of issue 18 instead (mixed
 //! load with checked answers and faults, on SQLite or PostgreSQL):
 //! `satellite-bench soak --help`, and `soak/mod.rs`.
@@ -38,9 +42,11 @@ use anyhow::{bail, Context as _, Result};
 use satellite_core::SqliteStore;
 
 mod backend;
+mod frontends;
 mod load;
 mod proxy;
 mod soak;
+mod stores;
 mod web;
 mod write_path;
 
@@ -319,6 +325,7 @@ struct Args {
     routes: usize,
     threads: usize,
     seconds: f64,
+    stores: Vec<stores::StoreKind>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -327,6 +334,7 @@ fn parse_args() -> Result<Args> {
         routes: 100_000,
         threads: 8,
         seconds: 4.0,
+        stores: stores::StoreKind::parse_list("both")?,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -342,9 +350,10 @@ fn parse_args() -> Result<Args> {
             "--routes" => args.routes = value("--routes")?.parse().context("--routes")?,
             "--threads" => args.threads = value("--threads")?.parse().context("--threads")?,
             "--seconds" => args.seconds = value("--seconds")?.parse().context("--seconds")?,
+            "--store" => args.stores = stores::StoreKind::parse_list(&value("--store")?)?,
             "--help" | "-h" => {
                 println!(
-                    "usage: satellite-bench [--only {}] [--routes N] [--threads N] [--seconds S]\n       satellite-bench soak --help",
+                    "usage: satellite-bench [--only {}] [--routes N] [--threads N] [--seconds S] [--store sqlite|postgres|both]\n       satellite-bench soak --help",
                     PARTS.join(",")
                 );
                 std::process::exit(0);
@@ -376,7 +385,9 @@ fn main() -> Result<()> {
         let mut sizes = vec![10, 10_000, args.routes];
         sizes.sort_unstable();
         sizes.dedup();
-        write_path::run(&programs, &parts, &sizes, &mut report)?;
+        for &store in &args.stores {
+            write_path::run(&programs, &parts, &sizes, store, &mut report)?;
+        }
     }
     if on("proxy") || on("flood") || on("reuse") || on("redeem") {
         eprintln!("private Apache");
@@ -389,7 +400,14 @@ fn main() -> Result<()> {
             reuse: on("reuse"),
             redeem: on("redeem"),
         };
-        proxy::run(&programs, &options, &mut report)?;
+        let sites = args
+            .stores
+            .iter()
+            .map(|&store| proxy::run(&programs, &options, store, &mut report))
+            .collect::<Result<Vec<_>>>()?;
+        if let ([sqlite, postgres], true) = (&sites[..], options.proxy || options.flood) {
+            proxy::compare(sqlite, postgres, &options, &mut report);
+        }
     }
     println!(
         "satellite-bench: {} cores, load average {}, {:.0} s\n",

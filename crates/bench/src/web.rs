@@ -30,6 +30,10 @@ pub struct WebSite {
     apache: Option<PrivateApache>,
     install: ApacheInstall,
     cert: satellite_demo::private_apache::Certificate,
+    /// The Defines naming the store Apache reads routes from.
+    store_defines: Vec<(String, String)>,
+    /// `Some(url)`: the endpoints go to `satellite serve` there.
+    pub serve_url: Option<String>,
 }
 
 fn repo() -> PathBuf {
@@ -60,9 +64,10 @@ pub fn install_tree(programs: &Path, root: &Path, more: &[&str]) -> Result<()> {
 }
 
 impl WebSite {
-    /// Installs satellite (map routing) into a new directory; the database
-    /// is created and left for the caller to fill before [`start`].
-    pub fn install(programs: &Path) -> Result<WebSite> {
+    /// Installs satellite (map routing) into a new directory, on the
+    /// PostgreSQL database `database_url` or else a new SQLite file; the
+    /// database is left for the caller to fill before [`start`].
+    pub fn install(programs: &Path, database_url: Option<&str>) -> Result<WebSite> {
         let install = ApacheInstall::find()?;
         let dir = tempfile::Builder::new()
             .prefix("satellite-bench-")
@@ -74,11 +79,15 @@ impl WebSite {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        // trusted_proxies: Apache tells `satellite serve` (over TCP on
+        // loopback, see frontends.rs) who the client is.
         fs::write(
             root.join("etc/satellite.toml"),
             format!(
                 "extbasename = \"{DOMAIN}\"\ntgtipmask = [\"127.0.0.0/8\"]\n\
-                 extport = {port}\nlistenport = {port}\nsyslog_socket = \"\"\nrouting = \"map\"\n"
+                 extport = {port}\nlistenport = {port}\nsyslog_socket = \"\"\nrouting = \"map\"\n\
+                 trusted_proxies = [\"127.0.0.1/32\"]\n{}",
+                crate::stores::config_lines(database_url)
             ),
         )?;
         satellite_core::SqliteStore::open_or_create(
@@ -94,6 +103,8 @@ impl WebSite {
             apache: None,
             install,
             cert,
+            store_defines: crate::stores::apache_defines(database_url),
+            serve_url: None,
         })
     }
 
@@ -137,7 +148,7 @@ impl WebSite {
             port: self.port,
             cert: self.cert.cert.clone(),
             key: self.cert.key.clone(),
-            serve_url: None,
+            serve_url: self.serve_url.clone(),
             http_port: None,
             routing: Routing::Map,
             conf: SiteConf::Directory(conf_dir),
@@ -146,10 +157,13 @@ impl WebSite {
             // over the waiting-page limit.
             // mod_qos keeps the limit in a signed 16-bit number: 32767 a
             // second is its most.
-            defines: vec![
-                ("SATELLITE_WAITING_LIMIT".into(), "32767".into()),
-                ("SATELLITE_WAITING_PERIOD".into(), "1".into()),
-            ],
+            defines: [
+                ("SATELLITE_WAITING_LIMIT".to_owned(), "32767".to_owned()),
+                ("SATELLITE_WAITING_PERIOD".to_owned(), "1".to_owned()),
+            ]
+            .into_iter()
+            .chain(self.store_defines.iter().cloned())
+            .collect(),
         };
         let tls = self.tls.clone();
         let apache_dir = self.root().join("apache");

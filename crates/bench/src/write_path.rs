@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use satellite_core::publish::Publisher;
-use satellite_core::{Config, SqliteStore, Store};
+use satellite_core::{Config, SqliteStore, Store as _};
 
+use crate::stores::{self, StoreKind};
 use crate::{ms, new_site, Report, Sample};
 
 /// Fills the store with `live` redeemed tokens `<prefix>-<i>-x`, the i-th
-/// routed to `target(i)`, through the same calls redeem makes. The bench's own connection skips fsync while
-/// filling: how the rows got there is not what is measured.
+/// routed to `target(i)`, through the same calls redeem makes (see
+/// [`stores::fill`]).
 pub fn populate(
     config: &Config,
     live: usize,
@@ -25,21 +26,22 @@ pub fn populate(
 ) -> Result<Duration> {
     let started = Instant::now();
     let publisher = Publisher::new(config);
-    let mut store = SqliteStore::open(&config.dbfile, Duration::from_secs(5))?;
-    store.without_fsync()?;
-    let now = chrono::Utc::now();
-    for i in 0..live {
-        let alias = format!("{prefix}-{i}-x");
-        store.insert_pending(&alias, now)?;
-        let (host, port) = target(i);
-        publisher.redeem(&mut store, &alias, host, port, now)?;
-    }
+    stores::fill(config, |store| {
+        let now = chrono::Utc::now();
+        for i in 0..live {
+            let alias = format!("{prefix}-{i}-x");
+            store.insert_pending(&alias, now)?;
+            let (host, port) = target(i);
+            publisher.redeem(store, &alias, host, port, now)?;
+        }
+        Ok(())
+    })?;
     Ok(started.elapsed())
 }
 
 /// Pending tokens `<prefix>-<i>-x` for the requests to redeem.
 pub fn pending(config: &Config, count: usize, prefix: &str) -> Result<Vec<String>> {
-    let mut store = SqliteStore::open(&config.dbfile, Duration::from_secs(5))?;
+    let mut store = stores::open(config)?;
     let now = chrono::Utc::now();
     (0..count)
         .map(|i| {
@@ -153,6 +155,20 @@ fn burst(
     tokens: &[String],
     window: Duration,
 ) -> (Duration, usize, Sample) {
+    burst_of(tokens, window, |token| {
+        redeem(programs, config, token).is_ok_and(|a| succeeded(&a))
+    })
+}
+
+/// `tokens.len()` calls of `redeem` (true: `Success!`) started evenly
+/// within `window`, each on its own thread: (time from the first start to
+/// the last answer, errors, per-request latencies).
+pub fn burst_of(
+    tokens: &[String],
+    window: Duration,
+    redeem: impl Fn(&str) -> bool + Sync,
+) -> (Duration, usize, Sample) {
+    let redeem = &redeem;
     let start = Instant::now();
     let step = window / tokens.len() as u32;
     let results: Vec<Option<Duration>> = std::thread::scope(|scope| {
@@ -166,10 +182,7 @@ fn burst(
                         std::thread::sleep(wait);
                     }
                     let t = Instant::now();
-                    match redeem(programs, config, token) {
-                        Ok(a) if succeeded(&a) => Some(t.elapsed()),
-                        _ => None,
-                    }
+                    redeem(token).then(|| t.elapsed())
                 })
             })
             .collect();
@@ -216,15 +229,37 @@ pub struct Parts {
     pub getlink: bool,
 }
 
-/// Redeem at 10 / 10k / 100k live routes, the burst and getlink at 10k.
-pub fn run(programs: &Path, parts: &Parts, sizes: &[usize], report: &mut Report) -> Result<()> {
+/// Redeem at 10 / 10k / 100k live routes, the burst and getlink at 10k,
+/// on `store`.
+pub fn run(
+    programs: &Path,
+    parts: &Parts,
+    sizes: &[usize],
+    store: StoreKind,
+    report: &mut Report,
+) -> Result<()> {
+    let on = store.label();
+    let sqlite = store == StoreKind::Sqlite;
+    // The PostgreSQL server's CPU is not our children's: read apart.
+    let server_cpu = || (!sqlite).then(stores::pg_server_cpu).flatten();
+    let server_cpu_since = |before, n| {
+        if sqlite {
+            String::new()
+        } else {
+            stores::pg_server_cpu_since(before, n)
+        }
+    };
     let mut ten_route_p50 = None;
     for &live in sizes {
         let needs_site = parts.redeem || (live == 10_000 && (parts.burst || parts.getlink));
         if !needs_site {
             continue;
         }
-        let site = new_site("routing = \"map\"\n")?;
+        let url = store.new_database()?;
+        let site = new_site(&format!(
+            "routing = \"map\"\n{}",
+            stores::config_lines(url.as_deref())
+        ))?;
         let config = Config::load_file(&site.config)?;
         let filled = populate(&config, live, "route", &|i| {
             let host = Ipv4Addr::new(10, 1, (i / 250 % 250) as u8, (i % 250 + 1) as u8);
@@ -239,7 +274,9 @@ pub fn run(programs: &Path, parts: &Parts, sizes: &[usize], report: &mut Report)
         // checkpoints and deletes the WAL every time), and one reader held
         // open, as Apache's mod_dbd holds its connections (DBDKeep) on a
         // site in use.
-        for held in [false, true] {
+        // PostgreSQL has no such difference: its server holds the data.
+        let conditions: &[bool] = if sqlite { &[false, true] } else { &[false] };
+        for &held in conditions {
             let reader = if held {
                 Some(SqliteStore::open(&config.dbfile, Duration::from_secs(5))?)
             } else {
@@ -248,14 +285,16 @@ pub fn run(programs: &Path, parts: &Parts, sizes: &[usize], report: &mut Report)
             let condition = if held { ", db held open" } else { "" };
             if parts.redeem {
                 let tokens = pending(&config, 100, if held { "held" } else { "bench" })?;
+                let server = server_cpu();
                 let (mut sample, cpu) = redeem_series(programs, &site.config, &tokens)?;
+                let server = server_cpu_since(server, tokens.len());
                 let (p50, p95) = (sample.percentile(0.5), sample.percentile(0.95));
                 if live == 10 && !held {
                     ten_route_p50 = Some(p50);
                 }
                 let baseline = match (live, held) {
-                    (10, false) => "19 ms",
-                    (100_000, false) => "395 ms (txt), 810 (dbm)",
+                    (10, false) if sqlite => "19 ms",
+                    (100_000, false) if sqlite => "395 ms (txt), 810 (dbm)",
                     _ => "-",
                 };
                 let goal = match (live, ten_route_p50) {
@@ -266,29 +305,31 @@ pub fn run(programs: &Path, parts: &Parts, sizes: &[usize], report: &mut Report)
                     _ => "p50 <= 10 ms".to_owned(),
                 };
                 report.line(
-                    &format!("redeem CGI p50/p95, {live} live routes{condition}"),
+                    &format!("redeem CGI p50/p95, {live} live routes, {on}{condition}"),
                     &goal,
                     baseline,
-                    format!("{} / {} ms ({cpu})", ms(p50), ms(p95)),
+                    format!("{} / {} ms ({cpu}{server})", ms(p50), ms(p95)),
                 );
             }
             if live == 10_000 && parts.burst {
                 let tokens = pending(&config, 200, if held { "burstheld" } else { "burst" })?;
                 let before = Usage::now();
+                let server = server_cpu();
                 let (finished, errors, mut sample) =
                     burst(programs, &site.config, &tokens, Duration::from_secs(1));
                 let usage = Usage::now().per_request_since(before, tokens.len());
+                let server = server_cpu_since(server, tokens.len());
                 let p95 = if sample.latencies.is_empty() {
                     "-".to_owned()
                 } else {
                     ms(sample.percentile(0.95))
                 };
                 report.line(
-                    &format!("200 redeems started within 1 s, 10k routes (CGI){condition}"),
+                    &format!("200 redeems started within 1 s, 10k routes (CGI), {on}{condition}"),
                     "<= 1.5 s, 0 errors",
-                    if held { "-" } else { "6.6 s" },
+                    if held || !sqlite { "-" } else { "6.6 s" },
                     format!(
-                        "{:.2} s, {errors} errors (each: p95 {p95} ms; {usage})",
+                        "{:.2} s, {errors} errors (each: p95 {p95} ms; {usage}{server})",
                         finished.as_secs_f64()
                     ),
                 );
@@ -300,9 +341,9 @@ pub fn run(programs: &Path, parts: &Parts, sizes: &[usize], report: &mut Report)
                 let per_client = if clients == 1 { 100 } else { 200 / clients };
                 let (mut sample, cpu) = getlink_load(programs, &site.config, clients, per_client)?;
                 report.line(
-                    &format!("getlink CGI wall p50 vs CPU, {clients} concurrent"),
+                    &format!("getlink CGI wall p50 vs CPU, {clients} concurrent, {on}"),
                     "wall near CPU",
-                    if clients == 1 {
+                    if clients == 1 || !sqlite {
                         "-"
                     } else {
                         "24 ms wall, 3.5 ms CPU"
