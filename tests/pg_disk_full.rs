@@ -71,6 +71,8 @@ fn a_full_database_disk_refuses_writes_clearly_and_recovers() {
 
     let filler = Filler::start(disk.join("filler"));
     let mut seen = Observations::default();
+    // Reads first too: the server may not outlive the writes.
+    polls_answer_as_before(&cluster, &site, &proxied, &polls_before, &mut seen);
 
     // getlink until PostgreSQL has refused some (a free slot in a page, or
     // WAL room, lets the first ones through), then some more.
@@ -110,18 +112,7 @@ fn a_full_database_disk_refuses_writes_clearly_and_recovers() {
             destroyed.push(token.clone());
         }
     }
-    // A poll of a known token writes nothing: while the server stays up
-    // (the same postmaster before and after, answering), it answers as
-    // before the disk filled; else it is a refusal to retry.
-    for (token, before) in proxied.iter().zip(&polls_before) {
-        let up_before = server_start(&cluster, &site);
-        let answer = poll(&site, token);
-        let up_after = server_start(&cluster, &site);
-        if up_before.is_some() && up_before == up_after {
-            assert_eq!(&answer.status_and_text(), before, "{answer:?}");
-        }
-        seen.record("tokenjobstate", &answer, "");
-    }
+    polls_answer_as_before(&cluster, &site, &proxied, &polls_before, &mut seen);
     let running_while_full = cluster.is_running();
     println!(
         "while full: {}; the server {} running",
@@ -136,12 +127,23 @@ fn a_full_database_disk_refuses_writes_clearly_and_recovers() {
             .iter()
             .any(|w| l.contains(w))
     }) {
-        let what = line.splitn(4, ' ').nth(3).unwrap_or(line);
+        // Without the time and the process id.
+        let what = line.split_once("] ").map_or(line, |(_, what)| what);
         if !said.contains(&what) {
             said.push(what);
         }
     }
-    println!("PostgreSQL said:\n  {}", said.join("\n  "));
+    let more = said.len().saturating_sub(12);
+    said.truncate(12);
+    println!(
+        "PostgreSQL said:\n  {}{}",
+        said.join("\n  "),
+        if more > 0 {
+            format!("\n  … and {more} more")
+        } else {
+            String::new()
+        }
+    );
 
     filler.stop();
     if !cluster.is_running() {
@@ -284,6 +286,27 @@ impl Observations {
             .map(|((endpoint, kind), n)| format!("{endpoint} {n}x {kind}"))
             .collect::<Vec<_>>()
             .join("; ")
+    }
+}
+
+/// A poll of a known token writes nothing: while the server stays up (the
+/// same postmaster before and after, answering), it answers as before the
+/// disk filled; else it is a refusal to retry.
+fn polls_answer_as_before(
+    cluster: &Cluster,
+    site: &Site,
+    tokens: &[String],
+    before: &[(u16, String)],
+    seen: &mut Observations,
+) {
+    for (token, before) in tokens.iter().zip(before) {
+        let up_before = server_start(cluster, site);
+        let answer = poll(site, token);
+        let up_after = server_start(cluster, site);
+        if up_before.is_some() && up_before == up_after {
+            assert_eq!(&answer.status_and_text(), before, "{answer:?}");
+        }
+        seen.record("tokenjobstate", &answer, "");
     }
 }
 
