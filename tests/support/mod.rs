@@ -116,7 +116,16 @@ impl Site {
     /// fresh database named by `database_url`, its schema made by
     /// `satellite migrate` as an admin makes it.
     pub fn with_config_on(store: StoreKind, extra: &str) -> Site {
-        let database_url = store.new_database_url();
+        Self::with_database(store, store.new_database_url(), extra)
+    }
+
+    /// A site on the existing, empty PostgreSQL database `url` (in a
+    /// cluster of the test's own), its schema made by `satellite migrate`.
+    pub fn on_postgres_url(url: &str) -> Site {
+        Self::with_database(StoreKind::Postgres, Some(url.to_owned()), "")
+    }
+
+    fn with_database(store: StoreKind, database_url: Option<String>, extra: &str) -> Site {
         let extra = match &database_url {
             Some(url) => format!("database_url = {url:?}\n{extra}"),
             None => extra.to_owned(),
@@ -183,6 +192,11 @@ impl Site {
             database_url: None,
             syslog,
         }
+    }
+
+    /// The PostgreSQL database's connection string (None on SQLite).
+    pub fn database_url(&self) -> Option<&str> {
+        self.database_url.as_deref()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

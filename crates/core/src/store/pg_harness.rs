@@ -20,8 +20,11 @@ use std::sync::{Mutex, OnceLock};
 
 /// The shared cluster of this test binary.
 pub struct Cluster {
-    /// The temporary directory: the data directory, the log and the socket.
+    /// The temporary directory: the log and the socket (and the data
+    /// directory of the shared cluster).
     dir: PathBuf,
+    /// The data directory.
+    data: PathBuf,
     /// The write end of the guardian's pipe, and the guardian.
     lifeline: Mutex<Option<(ChildStdin, Child)>>,
 }
@@ -42,21 +45,47 @@ pub fn cluster() -> &'static Cluster {
 
 /// A new, empty database in the shared cluster; its connection string.
 pub fn new_database() -> String {
-    let cluster = cluster();
-    let name = format!(
-        "test_{}_{}",
-        std::process::id(),
-        DATABASES.fetch_add(1, Ordering::Relaxed)
-    );
-    let mut admin = postgres::Client::connect(&cluster.url("postgres"), postgres::NoTls)
-        .unwrap_or_else(|err| panic!("connecting to the test cluster: {err}"));
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap_or_else(|err| panic!("creating database {name}: {err}"));
-    cluster.url(&name)
+    cluster().new_database()
 }
 
 impl Cluster {
+    /// A new, empty database in this cluster; its connection string.
+    pub fn new_database(&self) -> String {
+        let name = format!(
+            "test_{}_{}",
+            std::process::id(),
+            DATABASES.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+            .unwrap_or_else(|err| panic!("connecting to the test cluster: {err}"));
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|err| panic!("creating database {name}: {err}"));
+        self.url(&name)
+    }
+
+    /// A cluster of the caller's own (not the shared one) whose data
+    /// directory is `data`: a path that does not exist yet, in a directory
+    /// the cluster's owner may write (see [`Cluster::give_to_owner`]), for
+    /// instance on a small file system the test mounted. `initdb_args` are
+    /// added to initdb's, `settings` to `postgresql.conf`. Its socket and
+    /// log are in a temporary directory of their own, so that a full data
+    /// disk leaves them be. Dropping it stops the server and removes that
+    /// directory; the data directory is left to the caller.
+    pub fn start_with_data_dir(
+        data: &Path,
+        initdb_args: &[&str],
+        settings: &str,
+    ) -> Result<Self, String> {
+        Self::start_at(Some(data), initdb_args, settings)
+    }
+
+    /// Gives `path` to the user the clusters run as (`nobody` when the
+    /// tests run as root), for a data directory's parent.
+    pub fn give_to_owner(path: &Path) -> Result<(), String> {
+        Owner::for_cluster()?.chown(path)
+    }
+
     /// A libpq connection string for `dbname` over the cluster's socket.
     pub fn url(&self, dbname: &str) -> String {
         format!(
@@ -66,6 +95,12 @@ impl Cluster {
     }
 
     fn start() -> Result<Self, String> {
+        Self::start_at(None, &[], "")
+    }
+
+    /// Initialises and starts a cluster whose data directory is `data`, by
+    /// default in its temporary directory.
+    fn start_at(data: Option<&Path>, initdb_args: &[&str], settings: &str) -> Result<Self, String> {
         let bindir = bindir()?;
         let owner = Owner::for_cluster()?;
         // Short and fixed: a socket path must fit in 107 bytes.
@@ -75,13 +110,14 @@ impl Cluster {
             .map_err(|e| format!("making a temporary directory: {e}"))?
             .keep();
         owner.chown(&dir)?;
-        let data = dir.join("data");
+        let data = data.map_or_else(|| dir.join("data"), Path::to_path_buf);
         owner.run(
             Command::new(bindir.join("initdb"))
                 .arg("-D")
                 .arg(&data)
                 .args(["-U", "postgres", "-A", "trust", "-E", "UTF8"])
-                .args(["--locale=C", "--no-sync", "--no-instructions"]),
+                .args(["--locale=C", "--no-sync", "--no-instructions"])
+                .args(initdb_args),
             &dir,
         )?;
         // max_connections: the integration tests run fifty CGI processes
@@ -92,7 +128,7 @@ impl Cluster {
              listen_addresses = ''\n\
              unix_socket_directories = '{}'\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
-             max_connections = 300\nshared_buffers = 16MB\n",
+             max_connections = 300\nshared_buffers = 16MB\n{settings}\n",
             dir.display()
         );
         std::fs::OpenOptions::new()
@@ -124,18 +160,11 @@ impl Cluster {
             return Err("the guardian has no stdin".into());
         };
         let cluster = Cluster {
-            dir: dir.clone(),
+            dir,
+            data,
             lifeline: Mutex::new(Some((stdin, child))),
         };
-        owner.run(
-            Command::new(&pg_ctl)
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.join("log"))
-                .args(["-w", "-t", "60", "start"]),
-            &dir,
-        )?;
+        cluster.pg_ctl(&["-w", "-t", "60", "start"])?;
         Ok(cluster)
     }
 }
@@ -146,15 +175,37 @@ impl Cluster {
     /// this returns. A test that does this runs in a binary of its own,
     /// since the cluster is shared by the tests of one binary.
     pub fn restart_fast(&self) -> Result<(), String> {
+        self.pg_ctl(&["-w", "-t", "60", "-m", "fast", "restart"])
+    }
+
+    /// Starts the server again after it stopped by itself (a PANIC whose
+    /// crash recovery failed too), as an admin's `pg_ctl start` does.
+    pub fn start_again(&self) -> Result<(), String> {
+        self.pg_ctl(&["-w", "-t", "60", "start"])
+    }
+
+    /// Whether the server runs (`pg_ctl status`): it may still be in crash
+    /// recovery and refuse connections.
+    pub fn is_running(&self) -> bool {
+        self.pg_ctl(&["status"]).is_ok()
+    }
+
+    /// The server's log so far, for a test's messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    /// Runs `pg_ctl` on this cluster as its owner.
+    fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
         let owner = Owner::for_cluster()?;
         let pg_ctl = bindir()?.join("pg_ctl");
         owner.run(
             Command::new(&pg_ctl)
                 .arg("-D")
-                .arg(self.dir.join("data"))
+                .arg(&self.data)
                 .arg("-l")
                 .arg(self.dir.join("log"))
-                .args(["-w", "-t", "60", "-m", "fast", "restart"]),
+                .args(args),
             &self.dir,
         )
     }
