@@ -1057,6 +1057,68 @@ fn healthz_answers_200_only_with_the_store_and_this_frontends_watcher_alive(stor
 /// Requests already read when mod_qos's limit is reached (several at once,
 /// on open connections) are refused with 429, never mod_qos's default 500
 /// (seen under a flood from one address before `QS_ErrorResponseCode`).
+/// The endpoints' answers close their HTTP/1.1 connection, through serve
+/// and as CGI, on the management host and on a token's host (the waiting
+/// page's poll): a websocket tunnel holds a worker of its Apache child for
+/// its life, and a connection kept alive in a child whose every worker
+/// became a tunnel got no answer to its next request (the PostgreSQL soak
+/// saw two polls wait 30 s at its start, when it opens its websockets).
+/// A routed session's own requests and the static pages stay kept alive.
+#[test]
+fn endpoint_answers_close_their_connection_and_sessions_stay_kept_alive() {
+    for serving in [false, true] {
+        let apache = if serving {
+            Apache::start_serving(Routing::Map)
+        } else {
+            Apache::start(Routing::Map)
+        };
+        let _serve = serving.then(|| apache.run_serve());
+        let how = if serving { "serve" } else { "CGI" };
+        let backend = Backend::start("alpha", BACKEND_A);
+        let pending = apache.getlink();
+        let routed = apache.getlink();
+        apache.redeem_ok(&routed, BACKEND_A, backend.port());
+
+        let client = apache.client();
+        let ask = |alias: &str, path: &str| {
+            let mut conn = client.connect(&apache.host(alias)).unwrap();
+            conn.get(&apache.host_port(alias), path).unwrap()
+        };
+        for (alias, path) in [
+            ("manage", format!("/tokenjobstate.cgi?token={pending}")),
+            (
+                pending.as_str(),
+                format!("/tokenjobstate.cgi?token={pending}"),
+            ),
+            ("manage", "/getlink.cgi".to_owned()),
+            ("manage", format!("/linktoken.cgi?token={pending}&jobid=77")),
+        ] {
+            let r = ask(alias, &path);
+            assert_eq!(r.status, 200, "{how}: {alias} {path}: {r}");
+            assert!(
+                r.closes_connection(),
+                "{how}: {alias} {path} kept alive: {r}"
+            );
+        }
+        // A session's requests, endpoint-like paths included, are the
+        // application's: kept alive as the application and Apache agree.
+        for path in ["/lab", "/tokenjobstate.cgi"] {
+            let r = ask(&routed, path);
+            assert_eq!(r.header("X-Backend"), Some("alpha"), "{how}: {path}: {r}");
+            assert!(
+                !r.closes_connection(),
+                "{how}: the session's {path} closed: {r}"
+            );
+        }
+        let waiting = ask(&pending, "/");
+        assert_eq!(waiting.status, 200, "{how}: {waiting}");
+        assert!(
+            !waiting.closes_connection(),
+            "{how}: the waiting page closed: {waiting}"
+        );
+    }
+}
+
 #[test]
 fn map_mode_a_flood_of_guesses_is_refused_with_429_never_500() {
     let apache = Apache::start_defining(

@@ -102,9 +102,7 @@ impl Client {
             let c = conn.as_mut().expect("connected above");
             match c.get(host, target) {
                 Ok(r) => {
-                    if r.header("Connection")
-                        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-                    {
+                    if r.closes_connection() {
                         *conn = None;
                     }
                     return Ok(r);
@@ -180,6 +178,16 @@ impl Response {
 
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The server closes the connection after this answer: `close` among
+    /// the `Connection` header's options (Apache's may read `Upgrade,
+    /// close` when it also offers h2).
+    pub fn closes_connection(&self) -> bool {
+        self.header("Connection").is_some_and(|v| {
+            v.split(',')
+                .any(|option| option.trim().eq_ignore_ascii_case("close"))
+        })
     }
 }
 

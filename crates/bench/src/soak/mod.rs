@@ -41,6 +41,9 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// Open files of serve or the watcher may vary by this much over a run
 /// (a connection opened, a log rotated) without counting as growth.
 const FD_SLACK: i64 = 8;
+/// Where serve's and the watcher's stderr go, in the site's directory.
+const SERVE_LOG: &str = "serve.stderr";
+const WATCHER_LOG: &str = "watcher.stderr";
 
 pub struct Options {
     pub seconds: u64,
@@ -106,12 +109,20 @@ fn raise_open_files_limit() -> Result<()> {
     Ok(())
 }
 
-/// A program of this build with the site's config, output discarded.
-fn program(programs: &Path, name: &str, config: &Path) -> Command {
+/// A program of this build with the site's config; its stderr is added
+/// to `stderr_log` (what it said goes with the wrong answers), its stdout
+/// discarded.
+fn program(programs: &Path, name: &str, config: &Path, stderr_log: &Path) -> Command {
     let mut cmd = Command::new(programs.join(name));
-    cmd.env("SATELLITE_CONFIG", config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.env("SATELLITE_CONFIG", config).stdout(Stdio::null());
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr_log)
+    {
+        Ok(file) => cmd.stderr(file),
+        Err(_) => cmd.stderr(Stdio::null()),
+    };
     cmd
 }
 
@@ -166,16 +177,18 @@ pub fn run(programs: &Path, options: &Options) -> Result<bool> {
     let config = site.config_file();
     let serve = serving.then(|| {
         let (programs, config, socket) = (programs.to_owned(), config.clone(), site.serve_socket());
+        let log = site.log_file(SERVE_LOG);
         Supervised::start(move || {
-            let mut cmd = program(&programs, "satellite", &config);
+            let mut cmd = program(&programs, "satellite", &config, &log);
             cmd.args(["serve", "--socket"]).arg(&socket);
             cmd
         })
     });
     let watcher = {
         let (programs, config) = (programs.to_owned(), config.clone());
+        let log = site.log_file(WATCHER_LOG);
         Supervised::start(move || {
-            let mut cmd = program(&programs, "cron", &config);
+            let mut cmd = program(&programs, "cron", &config, &log);
             cmd.arg("--watch");
             cmd
         })
@@ -309,9 +322,13 @@ pub fn run(programs: &Path, options: &Options) -> Result<bool> {
     print!("{report}");
     if !verdict.wrong_answers.is_empty() {
         eprintln!(
-            "wrong answers:\n{}\nApache's error log:\n{}",
+            "wrong answers:\n{}\nApache's error log:\n{}\nserve said (last lines):\n{}\n\
+             the watcher said (last lines):\n{}\n{}",
             verdict.wrong_answers.join("\n"),
-            site.notable_errors(40)
+            site.notable_errors(40),
+            site.last_lines(SERVE_LOG, 20),
+            site.last_lines(WATCHER_LOG, 20),
+            sample::apache_workers(&site.apache_pids()),
         );
     }
     if let Some(path) = &options.report {

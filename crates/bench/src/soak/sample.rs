@@ -54,6 +54,27 @@ pub fn usage_of(pids: &[u32]) -> Usage {
         .fold(Usage::default(), |a, u| a + u)
 }
 
+/// Each Apache child's threads and open sockets at the end of the run
+/// (`pids`: the parent first): a child holding about two sockets per
+/// worker thread has every worker in a websocket tunnel, and a request on
+/// a connection it kept alive waits for one of them to end.
+pub fn apache_workers(pids: &[u32]) -> String {
+    let mut out = String::from("Apache's children at the end (threads, sockets):");
+    for pid in pids.iter().skip(1) {
+        let sockets = fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |fds| {
+            fds.flatten()
+                .filter(|fd| {
+                    fs::read_link(fd.path())
+                        .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        });
+        let threads = usage(*pid).map_or(0, |u| u.threads);
+        out.push_str(&format!(" {pid}: {threads}, {sockets};"));
+    }
+    out
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Sample {
     pub at_secs: u64,

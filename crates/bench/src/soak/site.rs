@@ -266,6 +266,18 @@ impl SoakSite {
         pids
     }
 
+    /// A log file of the soak's own (serve's or the watcher's stderr).
+    pub fn log_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The last `count` lines of [`log_file`](Self::log_file) `name`.
+    pub fn last_lines(&self, name: &str, count: usize) -> String {
+        let text = fs::read_to_string(self.log_file(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(count)..].join("\n")
+    }
+
     /// What Apache logged that is worth a look (not the notices, nor the
     /// guesses mod_qos counts).
     pub fn notable_errors(&self, at_most: usize) -> String {

@@ -17,9 +17,11 @@
 //! interleave with another writer. SERIALIZABLE would do too, but would
 //! turn every conflict into a retry of the whole request; a lock queues
 //! the writers instead, and readers (Apache's map lookups, tokenjobstate
-//! polls) never wait for it. `lock_timeout` bounds the waits of a write
-//! transaction, all together, by the configured busy timeout (then
-//! [`CoreError::Busy`], a 503); a deadlock
+//! polls) never wait for it. The configured busy timeout bounds the waits
+//! of a write transaction, all together (then [`CoreError::Busy`], a 503):
+//! a statement timeout the writers' lock statement (`lock_timeout` alone
+//! would restart at each writer it queues behind), `lock_timeout` what is
+//! left for the locks after it; a deadlock
 //! or serialization failure with a program outside satellite is retried a
 //! few times, then is `Busy` too. The unknown-answer count takes no lock:
 //! its one upsert is atomic by itself, and a flood of guesses must not
@@ -288,7 +290,17 @@ impl PgStore {
                 let mut tx = client.transaction()?;
                 if locked {
                     let waiting = Instant::now();
-                    tx.batch_execute(WRITE_LOCK)?;
+                    // `lock_timeout` bounds each lock acquisition, not the
+                    // statement: queued behind two writers, the statement
+                    // waits for the first, then for the second, up to the
+                    // timeout each (the soak's lock fault saw 9.5 s). A
+                    // statement timeout bounds it as a whole, set and
+                    // reset in the same round trip.
+                    tx.batch_execute(&format!(
+                        "SET LOCAL statement_timeout = {}; {WRITE_LOCK}; \
+                         SET LOCAL statement_timeout TO DEFAULT",
+                        self.busy_timeout.as_millis().max(1)
+                    ))?;
                     // The writers' lock and any lock after it (a table
                     // another program holds) share one busy timeout, as
                     // SQLite's one wait at BEGIN IMMEDIATE does: without
@@ -1040,6 +1052,10 @@ pub(crate) fn pg_error(err: postgres::Error) -> CoreError {
     if let Some(code) = err.code() {
         let temporary = [
             SqlState::LOCK_NOT_AVAILABLE,
+            // A statement timeout (the writers' lock, see `write`) or a
+            // statement cancelled by an admin: the same request may pass
+            // in a moment.
+            SqlState::QUERY_CANCELED,
             SqlState::T_R_SERIALIZATION_FAILURE,
             SqlState::T_R_DEADLOCK_DETECTED,
         ];
@@ -1445,6 +1461,69 @@ mod tests {
             err.to_string().contains("test_"),
             "names the database: {err}"
         );
+    }
+
+    /// The writers' lock statement waits at most the busy timeout in all,
+    /// also when the lock passes from one holder to another queued before
+    /// it: `lock_timeout` alone restarted its wait at each holder (the
+    /// soak's getlink answered after 9.5 s, with a busy timeout of 5 s).
+    /// Without the statement's own bound, the write gets the lock when
+    /// the second holder lets go (1.5 s after the first, 0.5 s before its
+    /// second wait would end) and succeeds.
+    #[test]
+    fn the_writers_lock_is_waited_for_once_across_holders() {
+        let (url, _) = new_store();
+        let waiting = |pid: i32| {
+            let mut watcher = postgres::Client::connect(&url, NoTls).unwrap();
+            for _ in 0..600 {
+                let row = watcher
+                    .query_one(
+                        "SELECT coalesce(wait_event_type, '') FROM pg_stat_activity WHERE pid = $1",
+                        &[&pid],
+                    )
+                    .unwrap();
+                if row.get::<_, String>(0) == "Lock" {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("backend {pid} never waited for a lock");
+        };
+        let pid_of = |client: &mut Client| -> i32 {
+            client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .unwrap()
+                .get(0)
+        };
+        let mut first = postgres::Client::connect(&url, NoTls).unwrap();
+        first
+            .batch_execute("BEGIN; SELECT 1 FROM satellite_changes FOR UPDATE")
+            .unwrap();
+        // The second holder queues behind the first.
+        let mut second = postgres::Client::connect(&url, NoTls).unwrap();
+        let second_pid = pid_of(&mut second);
+        let (release_second, released) = std::sync::mpsc::channel::<()>();
+        let second_holder = std::thread::spawn(move || {
+            second
+                .batch_execute("BEGIN; SELECT 1 FROM satellite_changes FOR UPDATE")
+                .unwrap();
+            released.recv().unwrap();
+            second.batch_execute("COMMIT").unwrap();
+        });
+        waiting(second_pid);
+        // The store queues behind both.
+        let mut store = PgStore::open(&url, Duration::from_secs(2)).unwrap();
+        let store_pid = pid_of(&mut store.client());
+        let writer =
+            std::thread::spawn(move || store.insert_pending("a-b-c", at("2026-01-01T12:00:00Z")));
+        waiting(store_pid);
+        std::thread::sleep(Duration::from_millis(1500));
+        first.batch_execute("COMMIT").unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        release_second.send(()).unwrap();
+        second_holder.join().unwrap();
+        let written = writer.join().unwrap();
+        assert!(matches!(written, Err(CoreError::Busy)), "{written:?}");
     }
 
     /// What a CGI program pays to reach the store, once per request:
